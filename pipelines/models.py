@@ -1,0 +1,146 @@
+"""The sensing models, each a StagedModel that can be cut at every stage boundary.
+
+Audio (FSDD, log-mel 1x40x101): a DeepEar-scale CNN (about 1.8 M parameters, 86 M MACs per
+window). Its early convolutions produce activations larger than the input (cutting there costs
+bandwidth), the pooled convolutions shrink them, and the fully connected stages are tiny on the
+wire but hold most of the parameters, which is where DeepX-style SVD compression pays.
+
+Inertial (UCI HAR raw windows 9x128 at 50 Hz): a 1-D CNN of the "From Smart to Deep" kind
+(about 1.6 M parameters, 25 M MACs per window) with the same shape of trade-off.
+
+Cut k means the device runs stages [0, k); see pipelines/stages.py.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+from torch import nn
+
+from pipelines import features
+from pipelines.stages import StagedModel
+from splitsense.errors import ModelError
+
+FSDD_SPEAKERS = ("george", "jackson", "lucas", "nicolas", "theo", "yweweler")
+FSDD_DIGITS = tuple(str(d) for d in range(10))
+UCI_HAR_ACTIVITIES = (
+    "walking",
+    "walking_upstairs",
+    "walking_downstairs",
+    "sitting",
+    "standing",
+    "laying",
+)
+
+
+def _conv2d(cin: int, cout: int, pool: bool) -> nn.Sequential:
+    layers: list[nn.Module] = [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU()]
+    if pool:
+        layers.append(nn.MaxPool2d(2))
+    return nn.Sequential(*layers)
+
+
+def _conv1d(cin: int, cout: int, kernel: int, pool: bool) -> nn.Sequential:
+    layers: list[nn.Module] = [
+        nn.Conv1d(cin, cout, kernel, padding=kernel // 2, bias=False),
+        nn.BatchNorm1d(cout),
+        nn.ReLU(),
+    ]
+    if pool:
+        layers.append(nn.MaxPool1d(2))
+    return nn.Sequential(*layers)
+
+
+def _fc(cin: int, cout: int, flatten: bool = False, dropout: float = 0.3) -> nn.Sequential:
+    layers: list[nn.Module] = [nn.Flatten()] if flatten else []
+    layers += [nn.Linear(cin, cout), nn.ReLU(), nn.Dropout(dropout)]
+    return nn.Sequential(*layers)
+
+
+def build_audio_cnn(name: str, class_names: tuple[str, ...]) -> StagedModel:
+    # 40x101 -> conv1 32x40x101 -> conv2 (pool) 48x20x50 -> conv3 (pool) 64x10x25 -> conv4 (pool) 96x5x12
+    stages = [
+        ("conv1", _conv2d(1, 24, pool=False)),
+        ("conv2", _conv2d(24, 48, pool=True)),
+        ("conv3", _conv2d(48, 64, pool=True)),
+        ("conv4", _conv2d(64, 96, pool=True)),
+        ("fc1", _fc(96 * 5 * 12, 256, flatten=True)),
+        ("fc2", _fc(256, 256)),
+        ("classifier", nn.Linear(256, len(class_names))),
+    ]
+    return StagedModel(name, stages, (1, features.N_MELS, features.AUDIO_FRAMES), class_names)
+
+
+def build_imu_cnn(name: str, class_names: tuple[str, ...], channels: int = 9, length: int = 128) -> StagedModel:
+    # 9x128 -> conv1 64x128 -> conv2 (pool) 128x64 -> conv3 (pool) 256x32 -> conv4 (pool) 256x16
+    stages = [
+        ("conv1", _conv1d(channels, 64, 5, pool=False)),
+        ("conv2", _conv1d(64, 128, 7, pool=True)),
+        ("conv3", _conv1d(128, 256, 5, pool=True)),
+        ("conv4", _conv1d(256, 256, 3, pool=True)),
+        ("fc1", _fc(256 * (length // 8), 256, flatten=True)),
+        ("fc2", _fc(256, 128)),
+        ("classifier", nn.Linear(128, len(class_names))),
+    ]
+    return StagedModel(name, stages, (channels, length), class_names)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What a model is trained on and how; `build` makes an untrained StagedModel."""
+
+    name: str
+    modality: Literal["audio", "inertial"]
+    dataset: str
+    task: str
+    class_names: tuple[str, ...]
+    build: Callable[[], StagedModel]
+    epochs: int  # chosen so that training takes a few minutes on 2 CPU cores
+    lr: float
+    window_s: float  # how much sensor time one window covers (audio: one clip; IMU: 128 samples at 50 Hz)
+
+
+MODEL_SPECS: dict[str, ModelSpec] = {
+    "fsdd_speaker": ModelSpec(
+        name="fsdd_speaker",
+        modality="audio",
+        dataset="fsdd",
+        task="speaker identification (6 speakers)",
+        class_names=FSDD_SPEAKERS,
+        build=lambda: build_audio_cnn("fsdd_speaker", FSDD_SPEAKERS),
+        epochs=12,
+        lr=2e-3,
+        window_s=features.WINDOW_SAMPLES / features.SAMPLE_RATE_HZ,
+    ),
+    "fsdd_digit": ModelSpec(
+        name="fsdd_digit",
+        modality="audio",
+        dataset="fsdd",
+        task="spoken digit / keyword (10 digits)",
+        class_names=FSDD_DIGITS,
+        build=lambda: build_audio_cnn("fsdd_digit", FSDD_DIGITS),
+        epochs=16,
+        lr=2e-3,
+        window_s=features.WINDOW_SAMPLES / features.SAMPLE_RATE_HZ,
+    ),
+    "uci_har": ModelSpec(
+        name="uci_har",
+        modality="inertial",
+        dataset="uci_har",
+        task="activity recognition (6 activities)",
+        class_names=UCI_HAR_ACTIVITIES,
+        build=lambda: build_imu_cnn("uci_har", UCI_HAR_ACTIVITIES),
+        epochs=30,
+        lr=1e-3,
+        window_s=128 / 50.0,
+    ),
+}
+
+
+def get_spec(name: str) -> ModelSpec:
+    try:
+        return MODEL_SPECS[name]
+    except KeyError:
+        raise ModelError(f"unknown model {name!r}; known models: {', '.join(MODEL_SPECS)}") from None

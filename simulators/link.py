@@ -1,0 +1,512 @@
+"""Userspace, trace-driven link emulation between a device and the broker.
+
+The kernel here has no ``netem``, so the device's uplink is a TCP proxy in asyncio: a device dials
+``link.address`` instead of the broker, and every byte it sends is held back the way the trace's
+link would hold it. The gRPC client and the broker are unchanged (the same seam a real uplink uses).
+
+Two halves, as everywhere in splitsense: the decision is pure and tested without sockets, the I/O
+wraps it.
+
+* Pure: :class:`ShapingSchedule` maps wall-clock seconds since the link started to the trace's
+  capacity (time offset, time compression, bandwidth scale, scripted outages) and answers
+  ``bytes_between(t0, t1)`` and ``time_to_send(nbytes, now)``; :class:`TokenBucket` queues
+  transfers on it FIFO; :func:`retransmission_delay_s` is the loss model.
+* I/O: :class:`LinkEmulator` is the proxy.
+
+How each impairment is emulated (and why):
+
+bandwidth  Each direction reads at most one *quantum* (about ``quantum_s`` of link time, 1500 B to
+           16 KiB) from its source, reserves it on its :class:`TokenBucket` and sleeps until the
+           bucket says the bytes have been serialised. No per-byte Python: one read, one sleep and
+           one write per chunk. The bucket is a virtual clock: a chunk starts when the previous
+           one finished, or ``catch_up_s`` ago if the link was idle, so a late wake-up of the event
+           loop (up to ``catch_up_s``) costs no capacity. That is a token bucket whose depth is the
+           bytes the trace carries in ``catch_up_s``.
+delay      Every chunk is delivered ``rtt_ms / 2`` after it was serialised, in each direction;
+           chunks are pipelined, so delay does not cut throughput.
+loss       TCP never loses bytes, it resends them. A chunk of ``n`` bytes spans ``ceil(n / 1448)``
+           segments; with segment loss probability ``loss`` at least one is lost with probability
+           ``1 - (1 - loss) ** segments``, and then the chunk (and, in order, everything behind it:
+           head-of-line blocking) arrives one retransmission timeout later. The RTO is ``rto_ms``,
+           by default ``max(200 ms, 2 * rtt)`` (Linux's minimum RTO is 200 ms). Congestion-window
+           effects of loss on throughput are not modelled.
+outages    Scripted ``(start_s, end_s)`` windows, in wall seconds since the link started, plus
+           :meth:`LinkEmulator.set_outage` at run time. A real outage (coverage hole, tunnel) does
+           not reset connections: packets just stop. So during an outage no byte passes in either
+           direction, existing connections stall, and new connections are accepted by the proxy
+           but black-holed (nothing is forwarded, the upstream is not even dialled) until the
+           outage ends. Callers see their deadlines fire (gRPC DEADLINE_EXCEEDED), as on a real
+           phone, not an instant connection refusal. When the outage ends, traffic resumes.
+time       ``time_offset_s`` is the trace time at which the link starts (200 devices can start at
+           200 places of a trace); ``time_scale`` is trace seconds per wall second (2.0 replays the
+           trace twice as fast, at the trace's own Mbit/s); ``bandwidth_scale`` multiplies Mbit/s.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import math
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+from types import TracebackType
+
+from simulators.traces import Trace
+from splitsense.errors import ConfigError
+
+__all__ = [
+    "LinkCounters",
+    "LinkEmulator",
+    "ShapingSchedule",
+    "TokenBucket",
+    "TCP_MIN_RTO_S",
+    "TCP_MSS_BYTES",
+    "default_rto_s",
+    "merge_outages",
+    "outage_end",
+    "retransmission_delay_s",
+]
+
+BYTES_PER_MBIT = 1e6 / 8
+TCP_MSS_BYTES = 1448  # 1500-byte MTU minus IPv4, TCP and timestamp-option headers
+TCP_MIN_RTO_S = 0.2  # Linux TCP_RTO_MIN
+MIN_CHUNK_BYTES = 1500  # one packet
+MAX_CHUNK_BYTES = 16 * 1024
+_QUEUE_CHUNKS = 4096  # chunks in flight per direction and connection (delay x rate / chunk)
+
+Outage = tuple[float, float]
+
+
+def merge_outages(outages: Sequence[Outage]) -> tuple[Outage, ...]:
+    """Outage windows checked, sorted and merged where they overlap or touch."""
+    cleaned: list[Outage] = []
+    for window in outages:
+        if len(window) != 2:
+            raise ConfigError(f"an outage is a (start_s, end_s) pair, got {window!r}")
+        start, end = float(window[0]), float(window[1])
+        if not (math.isfinite(start) and math.isfinite(end) and 0 <= start < end):
+            raise ConfigError(f"outage {window!r} must satisfy 0 <= start_s < end_s (finite seconds)")
+        cleaned.append((start, end))
+    cleaned.sort()
+    merged: list[Outage] = []
+    for start, end in cleaned:
+        if merged and start <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], end))
+        else:
+            merged.append((start, end))
+    return tuple(merged)
+
+
+def outage_end(outages: Sequence[Outage], now_s: float) -> float | None:
+    """End of the (merged) outage that ``now_s`` falls in, or None when the link is up."""
+    for start, end in outages:
+        if start <= now_s < end:
+            return end
+        if start > now_s:
+            break
+    return None
+
+
+def default_rto_s(rtt_s: float) -> float:
+    """Retransmission timeout used for lost segments: ``max(200 ms, 2 * rtt)``."""
+    return max(TCP_MIN_RTO_S, 2.0 * rtt_s)
+
+
+def retransmission_delay_s(nbytes: int, loss: float, rto_s: float, uniform: float) -> float:
+    """Extra delay of a chunk of ``nbytes`` given one uniform draw in [0, 1).
+
+    ``rto_s`` when at least one of its ``ceil(nbytes / TCP_MSS_BYTES)`` segments is lost (each with
+    probability ``loss``), else 0. Several losses in one chunk are recovered in the same RTO.
+    """
+    if not 0.0 <= loss < 1.0:
+        raise ConfigError(f"loss must be in [0, 1), got {loss!r}")
+    if loss == 0.0 or nbytes <= 0:
+        return 0.0
+    segments = math.ceil(nbytes / TCP_MSS_BYTES)
+    p_chunk = 1.0 - (1.0 - loss) ** segments
+    return rto_s if uniform < p_chunk else 0.0
+
+
+@dataclass(frozen=True)
+class ShapingSchedule:
+    """The capacity of one direction of the link on the wall clock (seconds since the link started)."""
+
+    trace: Trace
+    time_offset_s: float = 0.0  # trace time at wall time 0
+    time_scale: float = 1.0  # trace seconds per wall second
+    bandwidth_scale: float = 1.0  # multiplies the trace's Mbit/s
+    outages: tuple[Outage, ...] = ()  # wall-time windows with no capacity
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.time_offset_s)):
+            raise ConfigError(f"time_offset_s must be finite, got {self.time_offset_s!r}")
+        if not (math.isfinite(self.time_scale) and self.time_scale > 0):
+            raise ConfigError(f"time_scale must be > 0 (trace seconds per wall second), got {self.time_scale!r}")
+        if not (math.isfinite(self.bandwidth_scale) and self.bandwidth_scale > 0):
+            raise ConfigError(f"bandwidth_scale must be > 0, got {self.bandwidth_scale!r}")
+        object.__setattr__(self, "outages", merge_outages(self.outages))
+
+    def _trace_time(self, t_s: float) -> float:
+        return self.time_offset_s + self.time_scale * t_s
+
+    def in_outage(self, t_s: float) -> bool:
+        return outage_end(self.outages, t_s) is not None
+
+    def bandwidth_at(self, t_s: float) -> float:
+        """Capacity in Mbit/s at wall time ``t_s`` (0 during an outage)."""
+        if self.in_outage(t_s):
+            return 0.0
+        return self.bandwidth_scale * self.trace.bandwidth_at(self._trace_time(t_s))
+
+    def _raw_bytes(self, t0_s: float, t1_s: float) -> float:
+        carried = self.trace.bytes_deliverable(self._trace_time(t0_s), self._trace_time(t1_s))
+        return carried * self.bandwidth_scale / self.time_scale
+
+    def _raw_finish(self, t0_s: float, nbytes: float) -> float:
+        trace_bytes = nbytes * self.time_scale / self.bandwidth_scale
+        t1 = self.trace.time_to_deliver(self._trace_time(t0_s), trace_bytes)
+        return max((t1 - self.time_offset_s) / self.time_scale, t0_s)
+
+    def bytes_between(self, t0_s: float, t1_s: float) -> float:
+        """Bytes the link can carry between wall times ``t0_s`` and ``t1_s``, outages excluded."""
+        if t1_s < t0_s:
+            raise ValueError(f"bytes_between needs t0_s <= t1_s, got {t0_s} > {t1_s}")
+        total = 0.0
+        cursor = t0_s
+        for start, end in self.outages:
+            if end <= cursor:
+                continue
+            if start >= t1_s:
+                break
+            if start > cursor:
+                total += self._raw_bytes(cursor, start)
+            cursor = min(end, t1_s)
+            if cursor >= t1_s:
+                return total
+        if cursor < t1_s:
+            total += self._raw_bytes(cursor, t1_s)
+        return total
+
+    def time_to_send(self, nbytes: float, now_s: float) -> float:
+        """Seconds from ``now_s`` until ``nbytes`` have been serialised on an otherwise idle link."""
+        if not (math.isfinite(nbytes) and nbytes >= 0):
+            raise ValueError(f"nbytes must be finite and >= 0, got {nbytes!r}")
+        if nbytes == 0:
+            return 0.0
+        cursor = now_s
+        remaining = float(nbytes)
+        for start, end in self.outages:
+            if end <= cursor:
+                continue
+            if start <= cursor:  # inside this outage: nothing moves until it ends
+                cursor = end
+                continue
+            capacity = self._raw_bytes(cursor, start)
+            if capacity >= remaining:
+                break
+            remaining -= capacity
+            cursor = end
+        return self._raw_finish(cursor, remaining) - now_s
+
+    def quantum_bytes(self, t_s: float, quantum_s: float) -> int:
+        """How much to move in one step: about ``quantum_s`` of link time, within [1500 B, 16 KiB]."""
+        ideal = self.bandwidth_at(t_s) * BYTES_PER_MBIT * quantum_s
+        return int(min(MAX_CHUNK_BYTES, max(MIN_CHUNK_BYTES, ideal)))
+
+
+class TokenBucket:
+    """FIFO reservations on a :class:`ShapingSchedule` (pure: the caller passes the time).
+
+    A virtual clock: a reservation starts when the previous one finished, or ``catch_up_s`` before
+    ``now_s`` if the link has been idle longer, and finishes when the schedule has carried its
+    bytes. Equivalent to a token bucket filled by the trace whose depth is the bytes it carries in
+    ``catch_up_s``. Several connections sharing one direction share one bucket.
+    """
+
+    def __init__(self, schedule: ShapingSchedule, catch_up_s: float = 0.02) -> None:
+        if not (math.isfinite(catch_up_s) and catch_up_s >= 0):
+            raise ConfigError(f"catch_up_s must be >= 0, got {catch_up_s!r}")
+        self.schedule = schedule
+        self.catch_up_s = catch_up_s
+        self._busy_until_s = 0.0
+        self.reserved_bytes = 0
+
+    @property
+    def busy_until_s(self) -> float:
+        return self._busy_until_s
+
+    def reserve(self, nbytes: int, now_s: float) -> float:
+        """Queue ``nbytes`` at ``now_s``; returns the wall time at which they have been serialised."""
+        start = max(self._busy_until_s, now_s - self.catch_up_s, 0.0)
+        finish = start + self.schedule.time_to_send(nbytes, start)
+        self._busy_until_s = finish
+        self.reserved_bytes += nbytes
+        return finish
+
+
+@dataclass
+class LinkCounters:
+    """What a :class:`LinkEmulator` has done so far (a snapshot when read from ``link.counters``)."""
+
+    bytes_up: int = 0  # device -> upstream, delivered
+    bytes_down: int = 0  # upstream -> device, delivered
+    connections_total: int = 0
+    connections_active: int = 0
+    connections_failed: int = 0  # the upstream could not be dialled
+    retransmissions: int = 0  # chunks that drew a loss (RTO) delay
+
+
+class LinkEmulator:
+    """A shaping TCP proxy on 127.0.0.1 in front of ``upstream`` (see the module docstring).
+
+    ``async with LinkEmulator(upstream=("127.0.0.1", port), trace=trace, rtt_ms=60) as link:``
+    then dial ``link.address``. Without ``trace`` (and ``uplink_mbps``) the uplink is unshaped;
+    the downlink is shaped by ``downlink_trace`` or ``downlink_mbps`` if given, else unshaped.
+    Delay, loss and outages apply to both directions.
+    """
+
+    def __init__(
+        self,
+        upstream: tuple[str, int],
+        trace: Trace | None = None,
+        *,
+        uplink_mbps: float | None = None,
+        downlink_trace: Trace | None = None,
+        downlink_mbps: float | None = None,
+        rtt_ms: float = 0.0,
+        loss: float = 0.0,
+        rto_ms: float | None = None,
+        outages: Sequence[Outage] = (),
+        time_offset_s: float = 0.0,
+        time_scale: float = 1.0,
+        bandwidth_scale: float = 1.0,
+        quantum_s: float = 0.02,
+        catch_up_s: float = 0.02,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        seed: int | None = 0,
+    ) -> None:
+        if trace is not None and uplink_mbps is not None:
+            raise ConfigError("give the uplink a trace or a fixed uplink_mbps, not both")
+        if downlink_trace is not None and downlink_mbps is not None:
+            raise ConfigError("give the downlink a trace or a fixed downlink_mbps, not both")
+        if not (math.isfinite(rtt_ms) and rtt_ms >= 0):
+            raise ConfigError(f"rtt_ms must be >= 0, got {rtt_ms!r}")
+        if not 0.0 <= loss < 1.0:
+            raise ConfigError(f"loss must be in [0, 1) (a segment loss probability), got {loss!r}")
+        if rto_ms is not None and not (math.isfinite(rto_ms) and rto_ms > 0):
+            raise ConfigError(f"rto_ms must be > 0, got {rto_ms!r}")
+        if not (math.isfinite(quantum_s) and quantum_s > 0):
+            raise ConfigError(f"quantum_s must be > 0, got {quantum_s!r}")
+        self.upstream = (upstream[0], int(upstream[1]))
+        self.outages = merge_outages(outages)
+        self.one_way_s = rtt_ms / 2000.0
+        self.loss = loss
+        self.rto_s = default_rto_s(rtt_ms / 1000.0) if rto_ms is None else rto_ms / 1000.0
+        self.quantum_s = quantum_s
+        self._host = host
+        self._port = port
+        self._rng = random.Random(seed)
+
+        def schedule(t: Trace | None, mbps: float | None) -> ShapingSchedule | None:
+            if t is None and mbps is None:
+                return None
+            shaped = t if t is not None else Trace.constant(float(mbps or 0.0))
+            return ShapingSchedule(
+                shaped,
+                time_offset_s=time_offset_s,
+                time_scale=time_scale,
+                bandwidth_scale=bandwidth_scale,
+                outages=self.outages,
+            )
+
+        self.uplink = schedule(trace, uplink_mbps)
+        self.downlink = schedule(downlink_trace, downlink_mbps)
+        self._up_bucket = TokenBucket(self.uplink, catch_up_s) if self.uplink else None
+        self._down_bucket = TokenBucket(self.downlink, catch_up_s) if self.downlink else None
+        self._counters = LinkCounters()
+        self._manual_outage = False
+        self._link_restored = asyncio.Event()
+        self._link_restored.set()
+        self._server: asyncio.Server | None = None
+        self._handlers: set[asyncio.Task[None]] = set()
+        self._t0 = 0.0
+
+    # --- lifecycle --------------------------------------------------------------------------------
+
+    async def start(self) -> LinkEmulator:
+        if self._server is not None:
+            raise RuntimeError("LinkEmulator already started")
+        self._server = await asyncio.start_server(self._accept, self._host, self._port, backlog=1024)
+        self._port = self._server.sockets[0].getsockname()[1]
+        self._t0 = asyncio.get_running_loop().time()
+        return self
+
+    async def close(self) -> None:
+        server, self._server = self._server, None
+        if server is None:
+            return
+        server.close()
+        handlers = list(self._handlers)
+        for task in handlers:
+            task.cancel()
+        await asyncio.gather(*handlers, return_exceptions=True)
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(server.wait_closed(), timeout=1.0)
+
+    async def __aenter__(self) -> LinkEmulator:
+        return await self.start()
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    # --- what callers read and steer --------------------------------------------------------------
+
+    @property
+    def port(self) -> int:
+        if self._server is None:
+            raise RuntimeError("LinkEmulator is not started: use `async with LinkEmulator(...)`")
+        return self._port
+
+    @property
+    def address(self) -> str:
+        """``host:port`` to dial instead of the upstream."""
+        return f"{self._host}:{self.port}"
+
+    @property
+    def started_at(self) -> float:
+        """Event-loop time (``loop.time()``) at which the link's clock reads 0."""
+        return self._t0
+
+    def elapsed_s(self) -> float:
+        """Seconds on the link's clock (the clock the schedules and outages use)."""
+        return asyncio.get_running_loop().time() - self._t0
+
+    @property
+    def counters(self) -> LinkCounters:
+        return dataclasses.replace(self._counters)
+
+    def set_outage(self, on: bool) -> None:
+        """Start (True) or end (False) an outage now, on top of the scripted ones."""
+        self._manual_outage = on
+        if on:
+            self._link_restored.clear()
+        else:
+            self._link_restored.set()
+
+    @property
+    def outage_active(self) -> bool:
+        return self._manual_outage or outage_end(self.outages, self.elapsed_s()) is not None
+
+    # --- the proxy --------------------------------------------------------------------------------
+
+    async def _wait_link_up(self) -> None:
+        while True:
+            if self._manual_outage:
+                await self._link_restored.wait()
+                continue
+            now = self.elapsed_s()
+            end = outage_end(self.outages, now)
+            if end is None:
+                return
+            await asyncio.sleep(end - now)
+
+    def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        # Our own task (not asyncio's), so that close() can cancel it and collect the result.
+        task = asyncio.create_task(self._handle(reader, writer))
+        self._handlers.add(task)
+        task.add_done_callback(self._handlers.discard)
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._counters.connections_total += 1
+        self._counters.connections_active += 1
+        upstream_writer: asyncio.StreamWriter | None = None
+        try:
+            await self._wait_link_up()  # black-hole new connections during an outage
+            try:
+                upstream_reader, upstream_writer = await asyncio.open_connection(*self.upstream)
+            except OSError:
+                self._counters.connections_failed += 1
+                return
+            up: asyncio.Queue[tuple[float, bytes] | None] = asyncio.Queue(_QUEUE_CHUNKS)
+            down: asyncio.Queue[tuple[float, bytes] | None] = asyncio.Queue(_QUEUE_CHUNKS)
+            tasks = [
+                asyncio.create_task(self._shape(reader, up, self._up_bucket)),
+                asyncio.create_task(self._deliver(up, upstream_writer, upstream=True)),
+                asyncio.create_task(self._shape(upstream_reader, down, self._down_bucket)),
+                asyncio.create_task(self._deliver(down, writer, upstream=False)),
+            ]
+            try:
+                await asyncio.gather(*tasks)
+            except (OSError, asyncio.IncompleteReadError):
+                pass  # one side reset: drop the whole connection, as a middlebox would
+            finally:
+                for t in tasks:
+                    t.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+        finally:
+            for w in (writer, upstream_writer):
+                if w is not None:
+                    w.close()
+            self._counters.connections_active -= 1
+
+    async def _shape(
+        self,
+        src: asyncio.StreamReader,
+        queue: asyncio.Queue[tuple[float, bytes] | None],
+        bucket: TokenBucket | None,
+    ) -> None:
+        loop = asyncio.get_running_loop()
+        last_delivery = 0.0
+        while True:
+            await self._wait_link_up()  # an outage stops reading: the sender's buffers fill, it stalls
+            now = loop.time() - self._t0
+            size = bucket.schedule.quantum_bytes(now, self.quantum_s) if bucket else MAX_CHUNK_BYTES
+            data = await src.read(size)
+            if not data:
+                await queue.put(None)
+                return
+            now = loop.time() - self._t0
+            done = bucket.reserve(len(data), now) if bucket else now
+            if done > now:
+                await asyncio.sleep(done - now)
+            extra = retransmission_delay_s(len(data), self.loss, self.rto_s, self._rng.random())
+            if extra:
+                self._counters.retransmissions += 1
+            # Never before it was read (catch-up recovers capacity, it does not shorten latency);
+            # in order: a chunk held back by a retransmission holds back the ones behind it.
+            last_delivery = max(last_delivery, max(done, now) + self.one_way_s + extra)
+            await queue.put((last_delivery, data))
+
+    async def _deliver(
+        self,
+        queue: asyncio.Queue[tuple[float, bytes] | None],
+        dst: asyncio.StreamWriter,
+        *,
+        upstream: bool,
+    ) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            item = await queue.get()
+            if item is None:
+                if dst.can_write_eof():
+                    dst.write_eof()
+                return
+            at, data = item
+            wait = at - (loop.time() - self._t0)
+            if wait > 0:
+                await asyncio.sleep(wait)
+            await self._wait_link_up()
+            dst.write(data)
+            if upstream:
+                self._counters.bytes_up += len(data)
+            else:
+                self._counters.bytes_down += len(data)
+            await dst.drain()

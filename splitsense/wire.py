@@ -1,0 +1,761 @@
+"""Typed mirrors of the v1 wire messages, and the only conversions to and from them.
+
+Only servicers and clients touch `splitsense.v1.offload_pb2`; everything else works with these
+frozen dataclasses (and with `pipelines.codecs.EncodedTensor` and the `splitsense.plan` classes,
+which travel on the same wire):
+
+    dataclass                      message (splitsense.v1)
+    EncodedTensor                  Tensor                  tensor_to_pb / tensor_from_pb
+    DeviceEstimates                DeviceEstimates
+    OffloadRequest                 OffloadRequest          (OffloadStreamRequest: stream_request_*)
+    Timing                         Timing
+    OffloadResponse                OffloadResponse         (OffloadStreamResponse: stream_response_*,
+    WindowError                    WindowError              its oneof is OffloadResponse | WindowError)
+    TelemetryObservation           TelemetryObservation
+    TelemetryReport                ReportTelemetryRequest
+    PlanRow, Plan, PlanSet         PlanRow, Plan, PlanSet
+
+`to_pb(x)` and `from_pb(msg)` convert any pair of that table (typed per pair). Every dataclass
+checks its values when built, and `from_pb` additionally rejects what proto3 cannot say is missing
+(an unset sub-message, an empty id, an UNSPECIFIED or unknown enum value). Either way the error is a
+`WireError` whose message starts with the path of the field at fault, e.g.
+`OffloadRequest.activation.shape: expected dimensions >= 0, got [1, -3]`; a broker answers it
+with INVALID_ARGUMENT. This module imports protobuf, never grpc.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from enum import Enum, StrEnum
+from typing import Any, Generic, NoReturn, TypeVar, overload
+
+from pipelines.codecs import Codec, EncodedTensor
+from splitsense.errors import CodecError, PlanError, WireError
+from splitsense.plan import BatteryState, Objective, Plan, PlanRow, PlanSet
+from splitsense.v1 import offload_pb2 as pb
+
+__all__ = [
+    "DeviceEstimates",
+    "ExecutionMode",
+    "OffloadRequest",
+    "OffloadResponse",
+    "RadioKind",
+    "TelemetryObservation",
+    "TelemetryReport",
+    "Timing",
+    "WindowError",
+    "from_pb",
+    "stream_request_from_pb",
+    "stream_request_to_pb",
+    "stream_response_from_pb",
+    "stream_response_to_pb",
+    "tensor_from_pb",
+    "tensor_to_pb",
+    "to_pb",
+]
+
+_UINT32_MAX = 2**32 - 1
+_INT64_MAX = 2**63 - 1
+
+
+class RadioKind(StrEnum):
+    """The kind of link a device's uplink uses."""
+
+    WIFI = "wifi"
+    LTE = "lte"
+    THREE_G = "3g"
+
+
+class ExecutionMode(StrEnum):
+    """Where a window's stages ran (also the `mode` metric label)."""
+
+    OFFLOADED = "offloaded"  # the cloud ran stages [cut, N) and answered in time
+    LOCAL = "local"  # the plan chose to run the whole model on the device
+    FALLBACK = "fallback"  # the plan chose to offload, but the device finished the window itself
+
+
+class _FieldError(WireError):
+    """A WireError about one field of one dataclass; `from_pb` re-raises it with the message path."""
+
+    def __init__(self, owner: str, field: str, detail: str) -> None:
+        super().__init__(f"{owner}.{field}: {detail}")
+        self.field = field
+        self.detail = detail
+
+
+def _bad(owner: str, field: str, expected: str, got: Any) -> NoReturn:
+    raise _FieldError(owner, field, f"expected {expected}, got {got!r}")
+
+
+def _check_str(owner: str, field: str, value: Any) -> None:
+    if not isinstance(value, str) or not value:
+        _bad(owner, field, "a non-empty string", value)
+
+
+def _check_int(owner: str, field: str, value: Any, lo: int, hi: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+        _bad(owner, field, f"an int in [{lo}, {hi}]", value)
+
+
+def _check_float(owner: str, field: str, value: Any, lo: float = 0.0, hi: float = math.inf) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not lo <= value <= hi:
+        _bad(owner, field, f"a number in [{lo}, {hi}]", value)
+    if not math.isfinite(value):
+        _bad(owner, field, "a finite number", value)
+    return float(value)
+
+
+def _check_enum(owner: str, field: str, cls: type[Enum], value: Any) -> Any:
+    if isinstance(value, cls):
+        return value
+    try:
+        return cls(value)
+    except ValueError:
+        _bad(owner, field, "one of " + ", ".join(repr(m.value) for m in cls), value)
+
+
+@dataclass(frozen=True)
+class DeviceEstimates:
+    """A device's live estimates of its uplink and battery."""
+
+    bandwidth_mbps: float
+    rtt_ms: float
+    battery_fraction: float  # 0.0 empty .. 1.0 full
+    on_battery: bool  # False when plugged in or without a battery
+    radio: RadioKind
+
+    def __post_init__(self) -> None:
+        o = "DeviceEstimates"
+        object.__setattr__(self, "bandwidth_mbps", _check_float(o, "bandwidth_mbps", self.bandwidth_mbps))
+        object.__setattr__(self, "rtt_ms", _check_float(o, "rtt_ms", self.rtt_ms))
+        object.__setattr__(
+            self, "battery_fraction", _check_float(o, "battery_fraction", self.battery_fraction, 0.0, 1.0)
+        )
+        if not isinstance(self.on_battery, bool):
+            _bad(o, "on_battery", "a bool", self.on_battery)
+        object.__setattr__(self, "radio", _check_enum(o, "radio", RadioKind, self.radio))
+
+
+@dataclass(frozen=True)
+class OffloadRequest:
+    """One window the device asks the cloud to finish from `cut` on."""
+
+    window_id: str
+    model: str
+    cut: int  # the device ran stages [0, cut); the cloud runs [cut, N)
+    device_id: str
+    device_class: str
+    estimates: DeviceEstimates
+    plan_version: int  # 0 when the device has no plan yet
+    activation: EncodedTensor
+    sent_unix_ms: int
+    deadline_ms: int = 0  # from the broker receiving the window; 0: the call's own deadline
+
+    def __post_init__(self) -> None:
+        o = "OffloadRequest"
+        for name in ("window_id", "model", "device_id", "device_class"):
+            _check_str(o, name, getattr(self, name))
+        _check_int(o, "cut", self.cut, 0, _UINT32_MAX)
+        if not isinstance(self.estimates, DeviceEstimates):
+            _bad(o, "estimates", "a DeviceEstimates", self.estimates)
+        _check_int(o, "plan_version", self.plan_version, 0, _INT64_MAX)
+        if not isinstance(self.activation, EncodedTensor):
+            _bad(o, "activation", "a pipelines.codecs.EncodedTensor", self.activation)
+        _check_int(o, "sent_unix_ms", self.sent_unix_ms, 0, _INT64_MAX)
+        _check_int(o, "deadline_ms", self.deadline_ms, 0, _UINT32_MAX)
+
+
+@dataclass(frozen=True)
+class Timing:
+    """Where the cloud spent its time on a window."""
+
+    queue_ms: float
+    compute_ms: float
+    batch_size: int
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "queue_ms", _check_float("Timing", "queue_ms", self.queue_ms))
+        object.__setattr__(self, "compute_ms", _check_float("Timing", "compute_ms", self.compute_ms))
+        _check_int("Timing", "batch_size", self.batch_size, 0, _UINT32_MAX)
+
+
+@dataclass(frozen=True)
+class OffloadResponse:
+    """The cloud's result for one window. Logits travel as float32."""
+
+    window_id: str
+    logits: tuple[float, ...]
+    prediction: int  # index into logits
+    timing: Timing
+
+    def __post_init__(self) -> None:
+        o = "OffloadResponse"
+        _check_str(o, "window_id", self.window_id)
+        if isinstance(self.logits, (str, bytes)) or not isinstance(self.logits, Sequence):
+            _bad(o, "logits", "a sequence of numbers", self.logits)
+        logits = tuple(self.logits)
+        if not logits:
+            _bad(o, "logits", "at least one logit", logits)
+        for x in logits:
+            if isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x):
+                _bad(o, "logits", "finite numbers", logits)
+        object.__setattr__(self, "logits", tuple(float(x) for x in logits))
+        _check_int(o, "prediction", self.prediction, 0, len(logits) - 1)
+        if not isinstance(self.timing, Timing):
+            _bad(o, "timing", "a Timing", self.timing)
+
+
+@dataclass(frozen=True)
+class WindowError:
+    """Why the cloud produced no result for one window of a stream (the stream goes on).
+
+    `code` is the gRPC status code number the unary call would have failed with (1..16, never
+    OK); mapping it to and from `grpc.StatusCode` or our errors is the servicer's and client's job.
+    """
+
+    window_id: str
+    code: int
+    message: str
+    retry_after_ms: int = 0  # 0: no hint
+
+    def __post_init__(self) -> None:
+        _check_str("WindowError", "window_id", self.window_id)
+        _check_int("WindowError", "code", self.code, 1, 16)
+        if not isinstance(self.message, str):
+            _bad("WindowError", "message", "a string", self.message)
+        _check_int("WindowError", "retry_after_ms", self.retry_after_ms, 0, _UINT32_MAX)
+
+
+@dataclass(frozen=True)
+class TelemetryObservation:
+    """The windows of one (model, cut, mode) over a reporting period, as sums that add up across
+    devices. `stage_ms_total[i]` is stage i's on-device time, for the stages that ran on the device
+    (empty when not measured); `failure_count` counts offload attempts that produced no result."""
+
+    model: str
+    cut: int
+    mode: ExecutionMode
+    window_count: int
+    front_ms_total: float
+    latency_ms_total: float
+    bytes_sent: int
+    energy_mj: float
+    failure_count: int = 0
+    stage_ms_total: tuple[float, ...] = ()
+
+    def __post_init__(self) -> None:
+        o = "TelemetryObservation"
+        _check_str(o, "model", self.model)
+        _check_int(o, "cut", self.cut, 0, _UINT32_MAX)
+        object.__setattr__(self, "mode", _check_enum(o, "mode", ExecutionMode, self.mode))
+        _check_int(o, "window_count", self.window_count, 0, _UINT32_MAX)
+        for name in ("front_ms_total", "latency_ms_total", "energy_mj"):
+            object.__setattr__(self, name, _check_float(o, name, getattr(self, name)))
+        _check_int(o, "bytes_sent", self.bytes_sent, 0, 2**64 - 1)
+        _check_int(o, "failure_count", self.failure_count, 0, _UINT32_MAX)
+        if isinstance(self.stage_ms_total, (str, bytes)) or not isinstance(self.stage_ms_total, Sequence):
+            _bad(o, "stage_ms_total", "a sequence of numbers", self.stage_ms_total)
+        object.__setattr__(
+            self, "stage_ms_total", tuple(_check_float(o, "stage_ms_total", x) for x in self.stage_ms_total)
+        )
+
+
+@dataclass(frozen=True)
+class TelemetryReport:
+    """One device's observations for one reporting period (ReportTelemetryRequest)."""
+
+    device_id: str
+    device_class: str
+    estimates: DeviceEstimates
+    plan_version: int
+    period_start_unix_ms: int
+    period_end_unix_ms: int
+    observations: tuple[TelemetryObservation, ...]
+
+    def __post_init__(self) -> None:
+        o = "TelemetryReport"
+        _check_str(o, "device_id", self.device_id)
+        _check_str(o, "device_class", self.device_class)
+        if not isinstance(self.estimates, DeviceEstimates):
+            _bad(o, "estimates", "a DeviceEstimates", self.estimates)
+        _check_int(o, "plan_version", self.plan_version, 0, _INT64_MAX)
+        _check_int(o, "period_start_unix_ms", self.period_start_unix_ms, 0, _INT64_MAX)
+        _check_int(o, "period_end_unix_ms", self.period_end_unix_ms, self.period_start_unix_ms, _INT64_MAX)
+        observations = tuple(self.observations)
+        for x in observations:
+            if not isinstance(x, TelemetryObservation):
+                _bad(o, "observations", "TelemetryObservation items", x)
+        object.__setattr__(self, "observations", observations)
+
+
+# --- enum tables: every member of ours <-> one non-UNSPECIFIED wire value ---------------------
+
+
+_E = TypeVar("_E", bound=Enum)
+_W = TypeVar("_W", bound=int)
+
+
+class _EnumMap(Generic[_E, _W]):
+    def __init__(self, pairs: Mapping[_E, _W], wire_enum: Any) -> None:
+        self.to_wire: dict[_E, _W] = dict(pairs)
+        self.from_wire: dict[int, _E] = {int(v): k for k, v in pairs.items()}
+        self._wire_enum = wire_enum
+
+    def decode(self, path: str, value: int) -> _E:
+        try:
+            return self.from_wire[value]
+        except KeyError:
+            names = ", ".join(self._wire_enum.Name(v) for v in self.from_wire)
+            try:
+                got = f"{self._wire_enum.Name(value)} ({value})"
+            except ValueError:
+                got = f"unknown value {value}"
+            raise WireError(f"{path}: expected one of {names}, got {got}") from None
+
+
+_CODEC = _EnumMap({Codec.FP32: pb.CODEC_FP32, Codec.FP16: pb.CODEC_FP16, Codec.INT8: pb.CODEC_INT8}, pb.Codec)
+_RADIO = _EnumMap(
+    {
+        RadioKind.WIFI: pb.RADIO_KIND_WIFI,
+        RadioKind.LTE: pb.RADIO_KIND_LTE,
+        RadioKind.THREE_G: pb.RADIO_KIND_3G,
+    },
+    pb.RadioKind,
+)
+_BATTERY = _EnumMap(
+    {BatteryState.NORMAL: pb.BATTERY_STATE_NORMAL, BatteryState.LOW: pb.BATTERY_STATE_LOW},
+    pb.BatteryState,
+)
+_OBJECTIVE = _EnumMap(
+    {Objective.LATENCY: pb.OBJECTIVE_LATENCY, Objective.ENERGY: pb.OBJECTIVE_ENERGY},
+    pb.Objective,
+)
+_MODE = _EnumMap(
+    {
+        ExecutionMode.OFFLOADED: pb.EXECUTION_MODE_OFFLOADED,
+        ExecutionMode.LOCAL: pb.EXECUTION_MODE_LOCAL,
+        ExecutionMode.FALLBACK: pb.EXECUTION_MODE_FALLBACK,
+    },
+    pb.ExecutionMode,
+)
+
+
+# --- decoding helpers -------------------------------------------------------------------------
+
+_T = TypeVar("_T")
+
+
+def _build(path: str, cls: Callable[..., _T], **kwargs: Any) -> _T:
+    """cls(**kwargs), with a value error re-raised under the message path of the field."""
+    try:
+        return cls(**kwargs)
+    except _FieldError as e:
+        raise WireError(f"{path}.{e.field}: {e.detail}") from None
+    except (PlanError, CodecError) as e:
+        raise WireError(f"{path}: {e}") from None
+
+
+def _required(path: str, msg: Any, field: str) -> Any:
+    if not msg.HasField(field):
+        raise WireError(f"{path}.{field}: expected a {type(getattr(msg, field)).__name__} message, got none")
+    return getattr(msg, field)
+
+
+def _expect(msg: Any, cls: type) -> None:
+    if not isinstance(msg, cls):
+        raise WireError(f"expected a splitsense.v1.{cls.__name__} message, got {type(msg).__name__}")
+
+
+# --- Tensor <-> EncodedTensor -----------------------------------------------------------------
+
+
+def tensor_to_pb(t: EncodedTensor) -> pb.Tensor:
+    if not isinstance(t, EncodedTensor):
+        raise WireError(f"Tensor: expected a pipelines.codecs.EncodedTensor, got {type(t).__name__}")
+    return pb.Tensor(
+        codec=_CODEC.to_wire[t.codec],
+        shape=list(t.shape),
+        scale=t.scale,
+        zero_point=t.zero_point,
+        data=t.data,
+    )
+
+
+def tensor_from_pb(msg: pb.Tensor, path: str = "Tensor") -> EncodedTensor:
+    """The EncodedTensor of a Tensor message, with its payload checked against shape and codec."""
+    _expect(msg, pb.Tensor)
+    codec = _CODEC.decode(f"{path}.codec", msg.codec)
+    shape = tuple(msg.shape)
+    if any(d < 0 for d in shape):
+        raise WireError(f"{path}.shape: expected dimensions >= 0, got {list(shape)}")
+    t = _build(
+        path,
+        EncodedTensor,
+        codec=codec,
+        shape=shape,
+        data=msg.data,
+        scale=msg.scale,
+        zero_point=msg.zero_point,
+    )
+    try:
+        t.validate()
+    except CodecError as e:
+        raise WireError(f"{path}: {e}") from None
+    return t
+
+
+# --- per-message conversions ------------------------------------------------------------------
+
+
+def _estimates_to_pb(x: DeviceEstimates) -> pb.DeviceEstimates:
+    return pb.DeviceEstimates(
+        bandwidth_mbps=x.bandwidth_mbps,
+        rtt_ms=x.rtt_ms,
+        battery_fraction=x.battery_fraction,
+        on_battery=x.on_battery,
+        radio=_RADIO.to_wire[x.radio],
+    )
+
+
+def _estimates_from_pb(msg: pb.DeviceEstimates, path: str = "DeviceEstimates") -> DeviceEstimates:
+    return _build(
+        path,
+        DeviceEstimates,
+        bandwidth_mbps=msg.bandwidth_mbps,
+        rtt_ms=msg.rtt_ms,
+        battery_fraction=msg.battery_fraction,
+        on_battery=msg.on_battery,
+        radio=_RADIO.decode(f"{path}.radio", msg.radio),
+    )
+
+
+def _request_to_pb(x: OffloadRequest) -> pb.OffloadRequest:
+    return pb.OffloadRequest(
+        window_id=x.window_id,
+        model=x.model,
+        cut=x.cut,
+        device_id=x.device_id,
+        device_class=x.device_class,
+        estimates=_estimates_to_pb(x.estimates),
+        plan_version=x.plan_version,
+        activation=tensor_to_pb(x.activation),
+        sent_unix_ms=x.sent_unix_ms,
+        deadline_ms=x.deadline_ms,
+    )
+
+
+def _request_from_pb(msg: pb.OffloadRequest, path: str = "OffloadRequest") -> OffloadRequest:
+    return _build(
+        path,
+        OffloadRequest,
+        window_id=msg.window_id,
+        model=msg.model,
+        cut=msg.cut,
+        device_id=msg.device_id,
+        device_class=msg.device_class,
+        estimates=_estimates_from_pb(_required(path, msg, "estimates"), f"{path}.estimates"),
+        plan_version=msg.plan_version,
+        activation=tensor_from_pb(_required(path, msg, "activation"), f"{path}.activation"),
+        sent_unix_ms=msg.sent_unix_ms,
+        deadline_ms=msg.deadline_ms,
+    )
+
+
+def _timing_to_pb(x: Timing) -> pb.Timing:
+    return pb.Timing(queue_ms=x.queue_ms, compute_ms=x.compute_ms, batch_size=x.batch_size)
+
+
+def _timing_from_pb(msg: pb.Timing, path: str = "Timing") -> Timing:
+    return _build(path, Timing, queue_ms=msg.queue_ms, compute_ms=msg.compute_ms, batch_size=msg.batch_size)
+
+
+def _response_to_pb(x: OffloadResponse) -> pb.OffloadResponse:
+    return pb.OffloadResponse(
+        window_id=x.window_id, logits=list(x.logits), prediction=x.prediction, timing=_timing_to_pb(x.timing)
+    )
+
+
+def _response_from_pb(msg: pb.OffloadResponse, path: str = "OffloadResponse") -> OffloadResponse:
+    return _build(
+        path,
+        OffloadResponse,
+        window_id=msg.window_id,
+        logits=tuple(msg.logits),
+        prediction=msg.prediction,
+        timing=_timing_from_pb(_required(path, msg, "timing"), f"{path}.timing"),
+    )
+
+
+def _observation_to_pb(x: TelemetryObservation) -> pb.TelemetryObservation:
+    return pb.TelemetryObservation(
+        model=x.model,
+        cut=x.cut,
+        mode=_MODE.to_wire[x.mode],
+        window_count=x.window_count,
+        front_ms_total=x.front_ms_total,
+        stage_ms_total=list(x.stage_ms_total),
+        latency_ms_total=x.latency_ms_total,
+        bytes_sent=x.bytes_sent,
+        energy_mj=x.energy_mj,
+        failure_count=x.failure_count,
+    )
+
+
+def _observation_from_pb(
+    msg: pb.TelemetryObservation, path: str = "TelemetryObservation"
+) -> TelemetryObservation:
+    return _build(
+        path,
+        TelemetryObservation,
+        model=msg.model,
+        cut=msg.cut,
+        mode=_MODE.decode(f"{path}.mode", msg.mode),
+        window_count=msg.window_count,
+        front_ms_total=msg.front_ms_total,
+        stage_ms_total=tuple(msg.stage_ms_total),
+        latency_ms_total=msg.latency_ms_total,
+        bytes_sent=msg.bytes_sent,
+        energy_mj=msg.energy_mj,
+        failure_count=msg.failure_count,
+    )
+
+
+def _report_to_pb(x: TelemetryReport) -> pb.ReportTelemetryRequest:
+    return pb.ReportTelemetryRequest(
+        device_id=x.device_id,
+        device_class=x.device_class,
+        estimates=_estimates_to_pb(x.estimates),
+        plan_version=x.plan_version,
+        period_start_unix_ms=x.period_start_unix_ms,
+        period_end_unix_ms=x.period_end_unix_ms,
+        observations=[_observation_to_pb(o) for o in x.observations],
+    )
+
+
+def _report_from_pb(msg: pb.ReportTelemetryRequest, path: str = "ReportTelemetryRequest") -> TelemetryReport:
+    return _build(
+        path,
+        TelemetryReport,
+        device_id=msg.device_id,
+        device_class=msg.device_class,
+        estimates=_estimates_from_pb(_required(path, msg, "estimates"), f"{path}.estimates"),
+        plan_version=msg.plan_version,
+        period_start_unix_ms=msg.period_start_unix_ms,
+        period_end_unix_ms=msg.period_end_unix_ms,
+        observations=tuple(
+            _observation_from_pb(o, f"{path}.observations[{i}]") for i, o in enumerate(msg.observations)
+        ),
+    )
+
+
+def _row_to_pb(x: PlanRow) -> pb.PlanRow:
+    return pb.PlanRow(
+        min_bandwidth_mbps=x.min_bandwidth_mbps,
+        max_bandwidth_mbps=x.max_bandwidth_mbps,
+        battery=_BATTERY.to_wire[x.battery],
+        cut=x.cut,
+        compression_energy_kept=x.compression_energy_kept,
+        codec=_CODEC.to_wire[x.codec],
+        reason=x.reason,
+        predicted_latency_ms=x.predicted_latency_ms,
+        predicted_energy_mj=x.predicted_energy_mj,
+    )
+
+
+def _row_from_pb(msg: pb.PlanRow, path: str = "PlanRow") -> PlanRow:
+    return _build(
+        path,
+        PlanRow,
+        min_bandwidth_mbps=msg.min_bandwidth_mbps,
+        max_bandwidth_mbps=msg.max_bandwidth_mbps,
+        battery=_BATTERY.decode(f"{path}.battery", msg.battery),
+        cut=msg.cut,
+        compression_energy_kept=msg.compression_energy_kept,
+        codec=_CODEC.decode(f"{path}.codec", msg.codec),
+        reason=msg.reason,
+        predicted_latency_ms=msg.predicted_latency_ms,
+        predicted_energy_mj=msg.predicted_energy_mj,
+    )
+
+
+def _plan_to_pb(x: Plan) -> pb.Plan:
+    return pb.Plan(
+        model=x.model,
+        device_class=x.device_class,
+        rows=[_row_to_pb(r) for r in x.rows],
+        objective=_OBJECTIVE.to_wire[x.objective],
+    )
+
+
+def _plan_from_pb(msg: pb.Plan, path: str = "Plan") -> Plan:
+    return _build(
+        path,
+        Plan,
+        model=msg.model,
+        device_class=msg.device_class,
+        rows=tuple(_row_from_pb(r, f"{path}.rows[{i}]") for i, r in enumerate(msg.rows)),
+        objective=_OBJECTIVE.decode(f"{path}.objective", msg.objective),
+    )
+
+
+def _plan_set_to_pb(x: PlanSet) -> pb.PlanSet:
+    return pb.PlanSet(
+        version=x.version,
+        plans=[_plan_to_pb(p) for p in x.plans],
+        created_unix_ms=x.created_unix_ms,
+        reason=x.reason,
+    )
+
+
+def _plan_set_from_pb(msg: pb.PlanSet, path: str = "PlanSet") -> PlanSet:
+    return _build(
+        path,
+        PlanSet,
+        version=msg.version,
+        plans=tuple(_plan_from_pb(p, f"{path}.plans[{i}]") for i, p in enumerate(msg.plans)),
+        created_unix_ms=msg.created_unix_ms,
+        reason=msg.reason,
+    )
+
+
+# --- streams ----------------------------------------------------------------------------------
+
+
+def stream_request_to_pb(x: OffloadRequest) -> pb.OffloadStreamRequest:
+    return pb.OffloadStreamRequest(request=to_pb(x))
+
+
+def stream_request_from_pb(msg: pb.OffloadStreamRequest) -> OffloadRequest:
+    _expect(msg, pb.OffloadStreamRequest)
+    path = "OffloadStreamRequest"
+    return _request_from_pb(_required(path, msg, "request"), f"{path}.request")
+
+
+def stream_response_to_pb(x: OffloadResponse | WindowError) -> pb.OffloadStreamResponse:
+    """One answer on an OffloadStream: the result, or the error of that one window."""
+    if isinstance(x, OffloadResponse):
+        return pb.OffloadStreamResponse(window_id=x.window_id, result=_response_to_pb(x))
+    if isinstance(x, WindowError):
+        err = pb.WindowError(code=x.code, message=x.message, retry_after_ms=x.retry_after_ms)
+        return pb.OffloadStreamResponse(window_id=x.window_id, error=err)
+    raise WireError(
+        f"OffloadStreamResponse: expected an OffloadResponse or WindowError, got {type(x).__name__}"
+    )
+
+
+def stream_response_from_pb(msg: pb.OffloadStreamResponse) -> OffloadResponse | WindowError:
+    _expect(msg, pb.OffloadStreamResponse)
+    path = "OffloadStreamResponse"
+    if not msg.window_id:
+        raise WireError(f"{path}.window_id: expected a non-empty string, got ''")
+    which = msg.WhichOneof("outcome")
+    if which == "result":
+        result = _response_from_pb(msg.result, f"{path}.result")
+        if result.window_id != msg.window_id:
+            raise WireError(
+                f"{path}.result.window_id: expected the stream entry's window id "
+                f"{msg.window_id!r}, got {result.window_id!r}"
+            )
+        return result
+    if which == "error":
+        e = msg.error
+        return _build(
+            f"{path}.error",
+            WindowError,
+            window_id=msg.window_id,
+            code=e.code,
+            message=e.message,
+            retry_after_ms=e.retry_after_ms,
+        )
+    raise WireError(f"{path}.outcome: expected a result or an error, got neither")
+
+
+# --- the generic pair -------------------------------------------------------------------------
+
+_TO_PB: dict[type, Callable[[Any], Any]] = {
+    EncodedTensor: tensor_to_pb,
+    DeviceEstimates: _estimates_to_pb,
+    OffloadRequest: _request_to_pb,
+    Timing: _timing_to_pb,
+    OffloadResponse: _response_to_pb,
+    TelemetryObservation: _observation_to_pb,
+    TelemetryReport: _report_to_pb,
+    PlanRow: _row_to_pb,
+    Plan: _plan_to_pb,
+    PlanSet: _plan_set_to_pb,
+}
+
+_FROM_PB: dict[type, Callable[[Any], Any]] = {
+    pb.Tensor: tensor_from_pb,
+    pb.DeviceEstimates: _estimates_from_pb,
+    pb.OffloadRequest: _request_from_pb,
+    pb.Timing: _timing_from_pb,
+    pb.OffloadResponse: _response_from_pb,
+    pb.TelemetryObservation: _observation_from_pb,
+    pb.ReportTelemetryRequest: _report_from_pb,
+    pb.PlanRow: _row_from_pb,
+    pb.Plan: _plan_from_pb,
+    pb.PlanSet: _plan_set_from_pb,
+}
+
+
+@overload
+def to_pb(x: EncodedTensor) -> pb.Tensor: ...
+@overload
+def to_pb(x: DeviceEstimates) -> pb.DeviceEstimates: ...
+@overload
+def to_pb(x: OffloadRequest) -> pb.OffloadRequest: ...
+@overload
+def to_pb(x: Timing) -> pb.Timing: ...
+@overload
+def to_pb(x: OffloadResponse) -> pb.OffloadResponse: ...
+@overload
+def to_pb(x: TelemetryObservation) -> pb.TelemetryObservation: ...
+@overload
+def to_pb(x: TelemetryReport) -> pb.ReportTelemetryRequest: ...
+@overload
+def to_pb(x: PlanRow) -> pb.PlanRow: ...
+@overload
+def to_pb(x: Plan) -> pb.Plan: ...
+@overload
+def to_pb(x: PlanSet) -> pb.PlanSet: ...
+def to_pb(x: Any) -> Any:
+    """The wire message of one of our dataclasses (see the table in the module docstring)."""
+    convert = _TO_PB.get(type(x))
+    if convert is None:
+        raise WireError(f"to_pb: no wire message for {type(x).__name__}; known: {_names(_TO_PB)}")
+    return convert(x)
+
+
+@overload
+def from_pb(msg: pb.Tensor) -> EncodedTensor: ...
+@overload
+def from_pb(msg: pb.DeviceEstimates) -> DeviceEstimates: ...
+@overload
+def from_pb(msg: pb.OffloadRequest) -> OffloadRequest: ...
+@overload
+def from_pb(msg: pb.Timing) -> Timing: ...
+@overload
+def from_pb(msg: pb.OffloadResponse) -> OffloadResponse: ...
+@overload
+def from_pb(msg: pb.TelemetryObservation) -> TelemetryObservation: ...
+@overload
+def from_pb(msg: pb.ReportTelemetryRequest) -> TelemetryReport: ...
+@overload
+def from_pb(msg: pb.PlanRow) -> PlanRow: ...
+@overload
+def from_pb(msg: pb.Plan) -> Plan: ...
+@overload
+def from_pb(msg: pb.PlanSet) -> PlanSet: ...
+def from_pb(msg: Any) -> Any:
+    """Our dataclass of a wire message; WireError naming the field if the message is malformed."""
+    convert = _FROM_PB.get(type(msg))
+    if convert is None:
+        raise WireError(f"from_pb: no dataclass for {type(msg).__name__}; known: {_names(_FROM_PB)}")
+    return convert(msg)
+
+
+def _names(table: Mapping[type, Any]) -> str:
+    return ", ".join(t.__name__ for t in table)
