@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from enum import Enum
+from enum import StrEnum
 
 __all__ = [
     "BITS_PER_BYTE",
@@ -54,7 +54,7 @@ BITS_PER_BYTE = 8
 _BITS_PER_MBIT = 1e6
 
 
-class Radio(str, Enum):
+class Radio(StrEnum):
     """The uplink a device class uses."""
 
     WIFI = "wifi"

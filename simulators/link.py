@@ -19,11 +19,13 @@ bandwidth  Each direction reads at most one *quantum* (about ``quantum_s`` of li
            16 KiB) from its source, reserves it on its :class:`TokenBucket` and sleeps until the
            bucket says the bytes have been serialised. No per-byte Python: one read, one sleep and
            one write per chunk. The bucket is a virtual clock: a chunk starts when the previous
-           one finished, or ``catch_up_s`` ago if the link was idle, so a late wake-up of the event
-           loop (up to ``catch_up_s``) costs no capacity. That is a token bucket whose depth is the
-           bytes the trace carries in ``catch_up_s``.
+           one finished if that was at most ``catch_up_s`` ago (a sender that woke up late: its
+           lateness costs no capacity), else now (an idle link gives no head start, so a lone
+           message pays its full serialisation time).
 delay      Every chunk is delivered ``rtt_ms / 2`` after it was serialised, in each direction;
-           chunks are pipelined, so delay does not cut throughput.
+           chunks are pipelined, so delay does not cut throughput. The TCP handshake with the
+           proxy is local, so connection set-up itself pays no RTT; the first bytes (for gRPC, the
+           HTTP/2 preface and SETTINGS exchange) do.
 loss       TCP never loses bytes, it resends them. A chunk of ``n`` bytes spans ``ceil(n / 1448)``
            segments; with segment loss probability ``loss`` at least one is lost with probability
            ``1 - (1 - loss) ** segments``, and then the chunk (and, in order, everything behind it:
@@ -74,6 +76,7 @@ TCP_MSS_BYTES = 1448  # 1500-byte MTU minus IPv4, TCP and timestamp-option heade
 TCP_MIN_RTO_S = 0.2  # Linux TCP_RTO_MIN
 MIN_CHUNK_BYTES = 1500  # one packet
 MAX_CHUNK_BYTES = 16 * 1024
+_WAITED_S = 0.001  # a read that took longer than this waited for its bytes
 _QUEUE_CHUNKS = 4096  # chunks in flight per direction and connection (delay x rate / chunk)
 
 Outage = tuple[float, float]
@@ -137,13 +140,15 @@ class ShapingSchedule:
     time_offset_s: float = 0.0  # trace time at wall time 0
     time_scale: float = 1.0  # trace seconds per wall second
     bandwidth_scale: float = 1.0  # multiplies the trace's Mbit/s
-    outages: tuple[Outage, ...] = ()  # wall-time windows with no capacity
+    outages: Sequence[Outage] = ()  # wall-time windows with no capacity; stored merged, as a tuple
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.time_offset_s)):
             raise ConfigError(f"time_offset_s must be finite, got {self.time_offset_s!r}")
         if not (math.isfinite(self.time_scale) and self.time_scale > 0):
-            raise ConfigError(f"time_scale must be > 0 (trace seconds per wall second), got {self.time_scale!r}")
+            raise ConfigError(
+                f"time_scale must be > 0 (trace seconds per wall second), got {self.time_scale!r}"
+            )
         if not (math.isfinite(self.bandwidth_scale) and self.bandwidth_scale > 0):
             raise ConfigError(f"bandwidth_scale must be > 0, got {self.bandwidth_scale!r}")
         object.__setattr__(self, "outages", merge_outages(self.outages))
@@ -219,10 +224,12 @@ class ShapingSchedule:
 class TokenBucket:
     """FIFO reservations on a :class:`ShapingSchedule` (pure: the caller passes the time).
 
-    A virtual clock: a reservation starts when the previous one finished, or ``catch_up_s`` before
-    ``now_s`` if the link has been idle longer, and finishes when the schedule has carried its
-    bytes. Equivalent to a token bucket filled by the trace whose depth is the bytes it carries in
-    ``catch_up_s``. Several connections sharing one direction share one bucket.
+    A virtual clock: a reservation starts when the previous one finished, if that was at most
+    ``catch_up_s`` before ``now_s`` (the caller slept until then and the event loop woke it late;
+    without this every late wake-up would lose capacity), otherwise at ``now_s`` (an idle link
+    banks nothing). It finishes when the schedule has carried its bytes. In token-bucket terms:
+    tokens accrue from the trace and are kept for at most ``catch_up_s`` of idleness. Several
+    connections sharing one direction share one bucket (FIFO).
     """
 
     def __init__(self, schedule: ShapingSchedule, catch_up_s: float = 0.02) -> None:
@@ -237,9 +244,17 @@ class TokenBucket:
     def busy_until_s(self) -> float:
         return self._busy_until_s
 
-    def reserve(self, nbytes: int, now_s: float) -> float:
-        """Queue ``nbytes`` at ``now_s``; returns the wall time at which they have been serialised."""
-        start = max(self._busy_until_s, now_s - self.catch_up_s, 0.0)
+    def reserve(self, nbytes: int, now_s: float, backlogged: bool = True) -> float:
+        """Queue ``nbytes`` at ``now_s``; returns the wall time at which they have been serialised.
+
+        ``backlogged=False`` says the bytes have just arrived (the caller waited for them), so they
+        cannot have started before ``now_s``: no catch-up.
+        """
+        busy = self._busy_until_s
+        if backlogged and now_s - busy <= self.catch_up_s:
+            start = busy
+        else:
+            start = max(busy, now_s)
         finish = start + self.schedule.time_to_send(nbytes, start)
         self._busy_until_s = finish
         self.reserved_bytes += nbytes
@@ -292,6 +307,11 @@ class LinkEmulator:
             raise ConfigError("give the uplink a trace or a fixed uplink_mbps, not both")
         if downlink_trace is not None and downlink_mbps is not None:
             raise ConfigError("give the downlink a trace or a fixed downlink_mbps, not both")
+        for label, mbps in (("uplink_mbps", uplink_mbps), ("downlink_mbps", downlink_mbps)):
+            if mbps is not None and not (math.isfinite(mbps) and mbps > 0):
+                raise ConfigError(
+                    f"{label} must be > 0 Mbit/s (leave it None for an unshaped link), got {mbps!r}"
+                )
         if not (math.isfinite(rtt_ms) and rtt_ms >= 0):
             raise ConfigError(f"rtt_ms must be >= 0, got {rtt_ms!r}")
         if not 0.0 <= loss < 1.0:
@@ -311,9 +331,12 @@ class LinkEmulator:
         self._rng = random.Random(seed)
 
         def schedule(t: Trace | None, mbps: float | None) -> ShapingSchedule | None:
-            if t is None and mbps is None:
+            if t is not None:
+                shaped = t
+            elif mbps is not None:
+                shaped = Trace.constant(float(mbps))
+            else:
                 return None
-            shaped = t if t is not None else Trace.constant(float(mbps or 0.0))
             return ShapingSchedule(
                 shaped,
                 time_offset_s=time_offset_s,
@@ -467,14 +490,17 @@ class LinkEmulator:
         last_delivery = 0.0
         while True:
             await self._wait_link_up()  # an outage stops reading: the sender's buffers fill, it stalls
-            now = loop.time() - self._t0
-            size = bucket.schedule.quantum_bytes(now, self.quantum_s) if bucket else MAX_CHUNK_BYTES
+            before = loop.time() - self._t0
+            size = bucket.schedule.quantum_bytes(before, self.quantum_s) if bucket else MAX_CHUNK_BYTES
             data = await src.read(size)
             if not data:
                 await queue.put(None)
                 return
             now = loop.time() - self._t0
-            done = bucket.reserve(len(data), now) if bucket else now
+            # Bytes that were already waiting queued behind the previous chunk (catch-up allowed);
+            # bytes we had to wait for start now.
+            backlogged = now - before < _WAITED_S
+            done = bucket.reserve(len(data), now, backlogged) if bucket else now
             if done > now:
                 await asyncio.sleep(done - now)
             extra = retransmission_delay_s(len(data), self.loss, self.rto_s, self._rng.random())

@@ -91,7 +91,9 @@ class Trace:
         object.__setattr__(self, "_cum_bytes", cum)
 
     @classmethod
-    def constant(cls, mbps: float, duration_s: float = 1.0, name: str = "", family: str = "constant") -> Trace:
+    def constant(
+        cls, mbps: float, duration_s: float = 1.0, name: str = "", family: str = "constant"
+    ) -> Trace:
         """A fixed bandwidth, e.g. for an unshaped-but-limited downlink."""
         return cls(
             name=name or f"constant_{mbps:g}mbps",
@@ -265,7 +267,7 @@ def load_trace(path: str | Path, family: str | None = None) -> Trace:
 
 
 def load_trace_dir(directory: str | Path | None = None) -> list[Trace]:
-    """Every trace under ``directory`` (recursively, sorted by path); defaults to :func:`default_trace_dir`."""
+    """Every trace under ``directory``, recursively, sorted by path (default: :func:`default_trace_dir`)."""
     root = Path(directory) if directory is not None else default_trace_dir()
     if not root.is_dir():
         raise DataError(f"{root}: trace directory not found")

@@ -100,6 +100,8 @@ def models_train(
 
             def progress(epoch: int, n: int, loss: float, task: Any = task, bar: Any = bar) -> None:
                 bar.update(task, total=n, completed=epoch, info=f"epoch {epoch}/{n} loss {loss:.3f}")
+                if not err.is_terminal:  # no live bar in logs: one line per epoch instead
+                    err.print(f"train {name}: epoch {epoch}/{n} loss {loss:.3f}")
 
             tm = train_model(name, epochs=epochs, progress=progress)
         path = weights_path(name, out_dir)

@@ -118,7 +118,9 @@ def varied_window(trace: Trace, length_s: float, floor_mbps: float, swing: float
         rates = [trace.bandwidth_at(float(t)) for t in np.arange(start, start + length_s, 0.05)]
         if min(rates) >= floor_mbps and max(rates) >= swing * min(rates):
             return float(start)
-    raise AssertionError(f"no {length_s} s window >= {floor_mbps} Mbit/s with a x{swing} swing in {trace.name}")
+    raise AssertionError(
+        f"no {length_s} s window >= {floor_mbps} Mbit/s with a x{swing} swing in {trace.name}"
+    )
 
 
 async def test_throughput_tracks_a_real_trace() -> None:
@@ -126,9 +128,12 @@ async def test_throughput_tracks_a_real_trace() -> None:
     seconds, scale = 6, 2.0  # 12 s of the trace replayed in 6 s of wall time
     offset = varied_window(trace, seconds * scale, floor_mbps=1.0, swing=2.0)
     sink = Sink()
-    async with serving(sink), LinkEmulator(
-        upstream=("127.0.0.1", sink.port), trace=trace, time_offset_s=offset, time_scale=scale, rtt_ms=20
-    ) as link:
+    async with (
+        serving(sink),
+        LinkEmulator(
+            upstream=("127.0.0.1", sink.port), trace=trace, time_offset_s=offset, time_scale=scale, rtt_ms=20
+        ) as link,
+    ):
         assert link.uplink is not None
         sent_from = await flood(link, seconds + 0.1)
         t0, d = link.started_at, link.one_way_s
@@ -154,9 +159,12 @@ async def test_throughput_tracks_a_real_trace() -> None:
 
 async def test_scripted_outage_stalls_then_resumes() -> None:
     sink = Sink()
-    async with serving(sink), LinkEmulator(
-        upstream=("127.0.0.1", sink.port), uplink_mbps=8.0, rtt_ms=10, outages=[(0.8, 1.8)]
-    ) as link:
+    async with (
+        serving(sink),
+        LinkEmulator(
+            upstream=("127.0.0.1", sink.port), uplink_mbps=8.0, rtt_ms=10, outages=[(0.8, 1.8)]
+        ) as link,
+    ):
         await flood(link, 2.6)
         t0 = link.started_at
         before = sink.bytes_in(t0 + 0.2, t0 + 0.8)
@@ -205,9 +213,12 @@ async def test_rtt_adds_the_configured_delay() -> None:
 
 async def test_loss_shows_as_retransmission_delay() -> None:
     echo = Echo()
-    async with serving(echo), LinkEmulator(
-        upstream=("127.0.0.1", echo.port), uplink_mbps=100.0, rtt_ms=10, loss=0.2, rto_ms=60, seed=1
-    ) as link:
+    async with (
+        serving(echo),
+        LinkEmulator(
+            upstream=("127.0.0.1", echo.port), uplink_mbps=100.0, rtt_ms=10, loss=0.2, rto_ms=60, seed=1
+        ) as link,
+    ):
         reader, writer = await dial(link)
         rtts = [await echo_rtt(reader, writer, b"l" * 1000) for _ in range(30)]
         writer.close()
@@ -270,3 +281,16 @@ async def test_two_hundred_devices_in_one_process() -> None:
     # 4 KiB at >= 0.2 Mbit/s plus 40 ms per round trip; all 200 devices run concurrently.
     assert elapsed < 8.0
     print(f"\n200 devices: 3 echoes each in {elapsed:.2f} s, worst rtt {max(rtts) * 1000:.0f} ms")
+
+
+async def test_a_lone_message_pays_its_serialisation_and_delay() -> None:
+    echo = Echo()
+    async with (
+        serving(echo),
+        LinkEmulator(upstream=("127.0.0.1", echo.port), uplink_mbps=8.0, rtt_ms=50) as link,
+    ):
+        reader, writer = await dial(link)
+        await asyncio.sleep(0.1)  # an idle link banks nothing
+        rtt = await echo_rtt(reader, writer, b"s" * 100_000)  # 0.1 s at 1 MB/s, plus 50 ms
+        writer.close()
+    assert 0.15 <= rtt < 0.2

@@ -32,7 +32,12 @@ def test_published_constants_are_huang_2012() -> None:
     assert (g3.uplink_mw_per_mbps, g3.base_mw, g3.tail_s, g3.tail_mw) == (868.98, 817.88, 8.0882, 803.9)
     assert (g3.tail2_s, g3.tail2_mw) == (0.8242, 601.3)
     wifi = radio_model("wifi")
-    assert (wifi.uplink_mw_per_mbps, wifi.base_mw, wifi.tail_s, wifi.tail_mw) == (283.17, 132.86, 0.2381, 119.3)
+    assert (wifi.uplink_mw_per_mbps, wifi.base_mw, wifi.tail_s, wifi.tail_mw) == (
+        283.17,
+        132.86,
+        0.2381,
+        119.3,
+    )
     assert set(RADIO_MODELS) == set(Radio)
     for model in RADIO_MODELS.values():
         assert "Huang" in model.source

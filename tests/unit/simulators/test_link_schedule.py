@@ -8,6 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from simulators.link import (
+    LinkEmulator,
     ShapingSchedule,
     TokenBucket,
     default_rto_s,
@@ -119,8 +120,11 @@ def test_bucket_catch_up_absorbs_late_wakeups() -> None:
     assert done == pytest.approx(0.01)
     # the caller wakes 5 ms late; the next chunk still starts when the previous one finished
     assert bucket.reserve(10_000, done + 0.005) == pytest.approx(0.02)
-    # after a long idle period, at most catch_up_s of capacity is pre-sent
-    assert bucket.reserve(10_000, 10.0) == pytest.approx(10.0 - 0.02 + 0.01)
+    # bytes that just arrived (not backlogged) never start before they arrived
+    assert bucket.reserve(10_000, 0.025, backlogged=False) == pytest.approx(0.035)
+    # after an idle period nothing is banked: a lone chunk pays its full serialisation
+    assert bucket.reserve(10_000, 10.0) == pytest.approx(10.01)
+    assert bucket.reserve(10_000, 10.05) == pytest.approx(10.06)
 
 
 @given(
@@ -158,3 +162,32 @@ def test_loss_fraction_matches_probability() -> None:
     draws = rng.random(20_000)
     hits = sum(retransmission_delay_s(1448, 0.05, 0.2, float(u)) > 0 for u in draws)
     assert hits / draws.size == pytest.approx(0.05, abs=0.006)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "what"),
+    [
+        ({"uplink_mbps": 0.0}, "uplink_mbps"),
+        ({"downlink_mbps": -1.0}, "downlink_mbps"),
+        ({"trace": Trace.constant(1.0), "uplink_mbps": 1.0}, "not both"),
+        ({"rtt_ms": -5.0}, "rtt_ms"),
+        ({"loss": 1.0}, "loss"),
+        ({"outages": [(3.0, 1.0)]}, "outage"),
+        ({"time_scale": 0.0, "uplink_mbps": 1.0}, "time_scale"),
+    ],
+)
+def test_emulator_checks_its_config_before_opening_sockets(kwargs: dict[str, object], what: str) -> None:
+    with pytest.raises(ConfigError, match=what):
+        LinkEmulator(("127.0.0.1", 1), **kwargs)  # type: ignore[arg-type]
+
+
+def test_emulator_builds_schedules_without_sockets() -> None:
+    link = LinkEmulator(("127.0.0.1", 1), trace=STEP, downlink_mbps=20.0, rtt_ms=80.0, outages=[(1.0, 2.0)])
+    assert link.uplink is not None and link.downlink is not None
+    assert link.uplink.bandwidth_at(2.5) == 4.0 and link.uplink.bandwidth_at(1.5) == 0.0
+    assert link.downlink.bandwidth_at(0.0) == 20.0
+    assert link.one_way_s == pytest.approx(0.04) and link.rto_s == pytest.approx(0.2)
+    unshaped = LinkEmulator(("127.0.0.1", 1))
+    assert unshaped.uplink is None and unshaped.downlink is None
+    with pytest.raises(RuntimeError, match="not started"):
+        _ = unshaped.address
