@@ -149,3 +149,18 @@ def render_eval(out: dict[str, Any], console: Console) -> None:
                 f"  {codec}: worst accuracy {r['worst_accuracy']:.4f} ({r['worst_accuracy_loss_points']:.2f} points lost),"
                 f" worst bytes ratio {r['worst_bytes_ratio']:.3f} of fp32"
             )
+
+
+def build_model_catalog(name: str, repeats: int = 30, trained: TrainedModel | None = None) -> Any:
+    """Measure and return the planner's catalog of a shipped model (accuracies on the test split)."""
+    from pipelines.catalog import build_catalog
+
+    tm = trained or load_trained(name)
+    x, y = test_set(tm)
+    return build_catalog(
+        tm.model.eval(),
+        evaluate=lambda m: accuracy_of(m, x, y),
+        accuracy_with_codec=lambda m, k, c: accuracy_with_codec(m, x, y, k, c),
+        repeats=repeats,
+        window_s=tm.spec.window_s,
+    )

@@ -50,7 +50,7 @@ def load_split(dataset: str, task: str, split: Split) -> SplitTensors:
         return SplitTensors(x=x, y=torch.as_tensor(np.asarray(labels), dtype=torch.long))
     if dataset == "uci_har":
         s = datasets.load_uci_har(split)
-        return SplitTensors(x=torch.tensor(s.x, dtype=torch.float32), y=torch.as_tensor(s.y, dtype=torch.long))
+        return SplitTensors(x=torch.tensor(s.x, dtype=torch.float32), y=torch.tensor(s.y, dtype=torch.long))
     raise ModelError(f"no loader for dataset {dataset!r}")
 
 
