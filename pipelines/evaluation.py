@@ -23,6 +23,14 @@ from splitsense.config import CompressionConfig
 CALIBRATION_WINDOWS = 600
 
 
+def calibration_set(tm: TrainedModel, n: int = CALIBRATION_WINDOWS) -> tuple[torch.Tensor, torch.Tensor]:
+    """A seeded random slice of the training split (the splits are stored sorted by speaker/class,
+    so a plain prefix would cover only a few classes)."""
+    train = split_for(tm.spec, "train")
+    idx = torch.randperm(len(train.x), generator=torch.Generator().manual_seed(0))[:n]
+    return tm.prepare(train.x[idx]), train.y[idx]
+
+
 def compression_cut(model: StagedModel, activation_bytes: list[int]) -> int:
     """The cut the compression report is about: the interior cut with the smallest activation
     (shallowest on ties), i.e. the natural offload point whose front holds the big FC layers."""
@@ -75,8 +83,7 @@ def evaluate_model(
 
     # RLC (DeepX runtime layer compression) under the accuracy budget, ranks chosen on calibration data.
     cut = compression_cut(model, [c["activation_bytes"] for c in cuts])
-    calib = split_for(tm.spec, "train")
-    xc, yc = tm.prepare(calib.x[:CALIBRATION_WINDOWS]), calib.y[:CALIBRATION_WINDOWS]
+    xc, yc = calibration_set(tm)
     log(f"{name}: compressing front at cut {cut} under a {cfg.accuracy_budget_points}-point budget")
     result = compress_front(
         model,

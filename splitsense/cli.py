@@ -1,7 +1,7 @@
 """The `splitsense` command line: one entry point, subcommands per role.
 
     splitsense models train|eval|profile     the sensing models (pipelines/)
-    splitsense cloud up                      Ray Serve tails + gRPC broker (cloud/)
+    splitsense cloud up|token                Ray Serve tails + gRPC broker (cloud/); device tokens
     splitsense edge run                      a device replaying a real recording (edge/)
     splitsense controller run|plan           metrics -> partition plans (cloud/controller)
     splitsense bench serve|plan              benchmarks that print figures and JSON
@@ -29,6 +29,12 @@ from splitsense.errors import SplitsenseError
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="splitsense: adaptive edge-cloud offloading")
 models_app = typer.Typer(no_args_is_help=True, help="Train, evaluate and profile the sensing models.")
 app.add_typer(models_app, name="models")
+cloud_app = typer.Typer(no_args_is_help=True, help="Run the cloud side: Ray Serve tails and the gRPC broker.")
+app.add_typer(cloud_app, name="cloud")
+bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks that print figures (and JSON with --json).")
+app.add_typer(bench_app, name="bench")
+edge_app = typer.Typer(no_args_is_help=True, help="Run a device: a real recording, offloaded or local.")
+app.add_typer(edge_app, name="edge")
 
 err = Console(stderr=True)
 F = TypeVar("F", bound=Callable[..., Any])
@@ -137,6 +143,250 @@ def models_eval(
         emit_json(out)
     else:
         render_eval(out, Console())
+
+
+def _load_config(path: Path | None) -> Any:
+    from splitsense.config import Config
+
+    return Config.from_file(path) if path is not None else Config()
+
+
+def _quiet_ray_logs() -> None:
+    import logging
+
+    import ray.serve  # noqa: F401  (configures its console logger on import: override it after)
+
+    for name in ("ray", "ray.serve"):  # Serve logs every deployment step at INFO on the console
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+@cloud_app.command("up")
+@friendly
+def cloud_up(
+    config: Path = typer.Option(None, "--config", "-c", help="Scenario file (JSON) overriding the defaults."),
+    ray_address: str = typer.Option(None, help="Join this Ray cluster (e.g. 'auto') instead of a local one."),
+    models: str = typer.Option(None, help="Comma-separated models to serve (default: serving.models)."),
+    port: int = typer.Option(None, help="Broker port (default: broker.port; 0 picks a free one)."),
+) -> None:
+    """Start the Ray Serve tails, then the gRPC broker; serve until Ctrl-C or SIGTERM."""
+    import asyncio
+    from dataclasses import replace
+
+    from cloud.backend import ModelRegistry
+    from cloud.broker import Broker, run_broker_forever
+    from cloud.serving import start_serving, stop_serving
+
+    cfg = _load_config(config)
+    serving = cfg.serving
+    if ray_address is not None:
+        serving = replace(serving, ray_address=ray_address)
+    if models is not None:
+        serving = replace(serving, models=tuple(m.strip() for m in models.split(",") if m.strip()))
+    broker_cfg = cfg.broker if port is None else replace(cfg.broker, port=port)
+    _quiet_ray_logs()
+    try:
+        with err.status("starting Ray Serve") as status:
+            backend = start_serving(serving, weights_dir=cfg.paths.weights_dir, progress=status.update)
+        err.print(f"Ray Serve tails running: {', '.join(serving.models)}")
+
+        def started(broker: Broker) -> None:
+            err.print(f"[bold green]broker listening on {broker.address}[/]")
+            if broker_cfg.metrics_port is not None:
+                err.print(f"metrics: http://{broker_cfg.host}:{broker_cfg.metrics_port}/metrics")
+            err.print("Ctrl-C or SIGTERM stops it")
+
+        registry = ModelRegistry(serving.models, cfg.paths.weights_dir)
+        asyncio.run(run_broker_forever(broker_cfg, registry, backend, on_started=started))
+    except KeyboardInterrupt:
+        err.print("interrupted")
+    finally:
+        with err.status("stopping Ray Serve"):
+            stop_serving()
+    err.print("stopped")
+
+
+@cloud_app.command("token")
+@friendly
+def cloud_token(
+    device_id: str = typer.Argument(..., help="The device's id, as it sends it in x-splitsense-device-id."),
+    config: Path = typer.Option(None, "--config", "-c", help="Scenario file (JSON) with broker.auth_secret."),
+) -> None:
+    """Print a device's token: HMAC-SHA256 of its id under broker.auth_secret."""
+    from cloud.auth import device_token
+
+    cfg = _load_config(config)
+    if cfg.broker.uses_dev_secret:
+        err.print("[yellow]warning:[/] broker.auth_secret is the built-in DEVELOPMENT secret: do not deploy")
+    sys.stdout.write(device_token(cfg.broker.auth_secret, device_id) + "\n")
+
+
+@bench_app.command("serve")
+@friendly
+def bench_serve(
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object {config, results, summary}."),
+    devices: str = typer.Option("1,8,64", help="Comma-separated numbers of simulated devices."),
+    requests: int = typer.Option(1000, help="Answered windows per (path, devices) cell, at most."),
+    seconds: float = typer.Option(8.0, help="Wall time per cell, at most."),
+    model: str = typer.Option("uci_har", "--model", "-m", help="Model whose tail is served."),
+    cut: int = typer.Option(None, help="Cut k (default: the middle one, n_stages // 2)."),
+    config: Path = typer.Option(None, "--config", "-c", help="Scenario file (JSON): serving and broker."),
+) -> None:
+    """raw gRPC vs in-process vs naive Ray vs the broker: p50/p99 and throughput per device count."""
+    from cloud.benchmarks.serve import (
+        ServeBenchConfig,
+        parse_devices,
+        render,
+        run_serve_bench,
+        stdout_to_stderr,
+    )
+
+    bench = ServeBenchConfig(
+        model=model, cut=cut, devices=parse_devices(devices), requests=requests, max_seconds=seconds
+    )
+    cfg = _load_config(config)
+    _quiet_ray_logs()
+    with stdout_to_stderr(), err.status("bench serve") as status:
+        result = run_serve_bench(bench, cfg, progress=status.update)
+    if as_json:
+        emit_json(result)
+    else:
+        render(result, Console())
+
+
+@edge_app.command("run")
+@friendly
+def edge_run(
+    model: str = typer.Option(..., "--model", "-m", help="Model to run (its test recording is replayed)."),
+    broker: str = typer.Option(None, help="Broker HOST:PORT (default: edge.broker_address)."),
+    token: str = typer.Option(None, envvar="SPLITSENSE_TOKEN", help="This device's token (`cloud token`)."),
+    device_id: str = typer.Option(None, help="Device id (default: edge.device_id)."),
+    device_class: str = typer.Option(None, help="phone, iot_board or watch: selects plan and power figures."),
+    cut: int = typer.Option(None, help="Cut used until a plan arrives (default: smallest activation)."),
+    codec: str = typer.Option(None, help="fp32, fp16 or int8, used until a plan arrives."),
+    windows: int = typer.Option(None, help="Stop after this many windows (default: the whole recording)."),
+    speed: float = typer.Option(None, help="Replay speed: 1 real time, 0 as fast as possible."),
+    out: Path = typer.Option(None, help="Write one JSON line per window here."),
+    local_only: bool = typer.Option(False, "--local-only", help="No broker: run every window on the device."),
+    as_json: bool = typer.Option(False, "--json", help="Print the summary as one JSON object."),
+    config: Path = typer.Option(None, "--config", "-c", help="Scenario file (JSON) overriding the defaults."),
+) -> None:
+    """Replay a real recording through preprocessing, the front, and offload (or local) per window."""
+    import asyncio
+    from dataclasses import replace
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.table import Table
+
+    from edge.runtime import EdgeDevice
+    from edge.sink import JsonlSink, WindowResult
+    from edge.sources import recorded_windows, source_for_model
+    from edge.transport import GrpcTransport
+    from pipelines.codecs import parse_codec
+    from pipelines.models import get_spec
+    from pipelines.training import load_trained
+    from splitsense.errors import ConfigError
+
+    cfg = _load_config(config)
+    overrides: dict[str, Any] = {"model": model}
+    given = {"broker_address": broker, "token": token, "device_id": device_id, "default_cut": cut}
+    for key, value in given.items():
+        if value is not None:
+            overrides[key] = value
+    if codec is not None:
+        overrides["default_codec"] = parse_codec(codec).value
+    if speed is not None:
+        overrides["replay_speed"] = speed
+    if device_class is not None:
+        overrides["device_class"] = device_class
+        from simulators.devices import DEVICE_CLASSES  # the classes' power figures, if it is one of ours
+
+        known = DEVICE_CLASSES.get(device_class)
+        if known is not None:
+            overrides.update(active_mw=known.active_mw, radio=known.radio.value)
+            overrides["battery_mwh"] = known.battery_mwh
+    ecfg = replace(cfg.edge, **overrides)
+    if not local_only and not ecfg.token:
+        raise ConfigError(
+            "a device needs its token to offload: --token T (or SPLITSENSE_TOKEN; mint one with "
+            "`splitsense cloud token DEVICE_ID`), or run with --local-only"
+        )
+    trained = load_trained(model, cfg.paths.weights_dir)
+    total = sum(1 for _ in recorded_windows(get_spec(model), frame_ms=ecfg.audio_frame_ms))
+    total = min(total, windows) if windows is not None else total
+
+    async def go() -> Any:
+        transport = None
+        if not local_only:
+            transport = GrpcTransport(
+                ecfg.broker_address, ecfg.token, device_id=ecfg.device_id,
+                use_stream=ecfg.use_stream, max_message_bytes=ecfg.max_message_bytes,
+            )  # fmt: skip
+        device = EdgeDevice(ecfg, trained, transport, low_battery_threshold=cfg.planner.low_battery_threshold)
+        source = source_for_model(model, speed=ecfg.replay_speed, limit=windows, frame_ms=ecfg.audio_frame_ms)
+        sink = JsonlSink(out) if out is not None else None
+        counts = {"offloaded": 0, "local": 0, "fallback": 0}
+        columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn())
+        with Progress(*columns, TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=err) as bar:
+            task = bar.add_task(f"{ecfg.device_id} {model}", total=total, info="")
+
+            def progress(r: WindowResult) -> None:
+                counts[r.mode.value] += 1
+                info = " ".join(f"{k} {v}" for k, v in counts.items()) + f" | breaker {device.breaker.state}"
+                bar.update(task, advance=1, info=info)
+
+            try:
+                return await device.run(source, sink, progress)
+            finally:
+                if sink is not None:
+                    sink.close()
+                if transport is not None:
+                    await transport.close()
+
+    summary = asyncio.run(go())
+    if as_json:
+        emit_json(summary.to_dict())
+        return
+    table = Table(title=f"edge run: {model} on {ecfg.device_class} {ecfg.device_id}")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    modes = " / ".join(str(summary.by_mode[m]) for m in ("offloaded", "local", "fallback"))
+    rows = [
+        ("windows", str(summary.windows)),
+        ("offloaded / local / fallback", modes),
+        ("lost", str(summary.lost)),
+        ("accuracy", f"{summary.accuracy:.4f}"),
+        ("latency p50 / p95", f"{summary.latency_p50_ms:.1f} / {summary.latency_p95_ms:.1f} ms"),
+        ("bytes sent", f"{summary.bytes_sent:,}"),
+        ("energy", f"{summary.energy_mj / 1000:.2f} J"),
+        ("battery left", f"{summary.battery_fraction:.2%}"),
+        ("plan version", str(summary.plan_version)),
+    ]
+    if summary.fallbacks_by_reason:
+        reasons = ", ".join(f"{k} {v}" for k, v in summary.fallbacks_by_reason.items())
+        rows.append(("fallbacks by reason", reasons))
+    for row in rows:
+        table.add_row(*row)
+    Console().print(table)
+    if out is not None:
+        err.print(f"per-window results: {out}")
+
+
+@models_app.command("catalog")
+@friendly
+def models_catalog(
+    model: str = typer.Option(None, "--model", "-m", help="Model name (default: all)."),
+    repeats: int = typer.Option(30, help="Timed runs per stage for host latency (median)."),
+) -> None:
+    """Measure the planner's catalog (latency, bytes, accuracy per cut, level and codec) beside the weights."""
+    from pipelines.catalog import save_catalog
+    from pipelines.evaluation import build_model_catalog
+
+    for name in _model_names(model):
+        with err.status(f"measuring the catalog of {name}"):
+            cat = build_model_catalog(name, repeats=repeats)
+        path = save_catalog(cat)
+        err.print(f"{name}: {len(cat.levels)} compression levels x {len(cat.codecs)} codecs x "
+                  f"{cat.n_stages + 1} cuts -> {path}")
 
 
 def main() -> None:

@@ -53,11 +53,386 @@ class CompressionConfig:
             raise ConfigError("compression.accuracy_budget_points must be in [0, 100]")
 
 
+_OBJECTIVES = ("latency", "energy")
+
+
+@dataclass(frozen=True)
+class ClassObjectiveConfig:
+    """What the planner minimises for one device class, and within which budgets."""
+
+    # "latency": least latency within the energy and accuracy budgets (NORMAL battery rows);
+    # "energy": least energy within the deadline and the accuracy budget. LOW battery rows always
+    # use "energy" with this class's deadline.
+    objective: str = "latency"
+    # Average power the device may spend on one model (compute + radio + waiting), so the budget of
+    # one window is this x the model's window period; None: no energy budget.
+    energy_budget_mw: float | None = None
+    deadline_ms: float | None = None  # end-to-end latency of one window ("energy" rows); None: none
+    accuracy_budget_points: float = 1.0  # same meaning as CompressionConfig.accuracy_budget_points
+
+    def __post_init__(self) -> None:
+        if self.objective not in _OBJECTIVES:
+            raise ConfigError(f"planner class objective must be one of {_OBJECTIVES}, got {self.objective!r}")
+        for name in ("energy_budget_mw", "deadline_ms"):
+            value = getattr(self, name)
+            if value is not None:
+                _positive(f"planner class {name}", value)
+        if not 0 <= self.accuracy_budget_points <= 100:
+            raise ConfigError("planner class accuracy_budget_points must be in [0, 100]")
+
+
+def _default_planner_classes() -> dict[str, ClassObjectiveConfig]:
+    return {
+        # A phone spends at most 2% of a Pixel 3 battery (11.2 Wh) per hour on one model: 224 mW.
+        "phone": ClassObjectiveConfig("latency", energy_budget_mw=224.0, deadline_ms=300.0),
+        # A board on a power bank sized for days: latency first, no energy budget.
+        "iot_board": ClassObjectiveConfig("latency", energy_budget_mw=None, deadline_ms=300.0),
+        # A watch's battery (1.6 Wh) is what limits it: least energy, answers within 300 ms.
+        "watch": ClassObjectiveConfig("energy", deadline_ms=300.0),
+    }
+
+
+@dataclass(frozen=True)
+class PlannerConfig:
+    # Bucket edges of a plan's rows: [0, 0.1), [0.1, 0.25), ..., [50, inf). Log-spaced from 3G-edge
+    # rates to fast WiFi: the real traces in pipelines/data/traces span this range.
+    bandwidth_edges_mbps: tuple[float, ...] = (0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 50.0)
+    # A row keeps its previous choice unless the new optimum beats it by more than this fraction
+    # (and the old one is still feasible): estimates move by a few % between periods on noise alone.
+    hysteresis_margin: float = 0.10
+    low_battery_threshold: float = 0.20  # battery fraction below which a device uses its LOW rows
+    min_telemetry_samples: int = 30  # per stage, before measured device latency replaces the profile
+    compression_levels: tuple[float, ...] = (1.0, 0.9, 0.7, 0.5)  # energy kept; catalogs measure these
+    # Per device class; a scenario file replaces the whole table.
+    classes: dict[str, ClassObjectiveConfig] = field(default_factory=_default_planner_classes, hash=False)
+
+    def __post_init__(self) -> None:
+        edges = tuple(float(e) for e in self.bandwidth_edges_mbps)
+        if not edges or edges[0] <= 0 or any(b <= a for a, b in zip(edges, edges[1:], strict=False)):
+            raise ConfigError("planner.bandwidth_edges_mbps must be > 0 and strictly increasing")
+        object.__setattr__(self, "bandwidth_edges_mbps", edges)
+        if not 0 <= self.hysteresis_margin < 1:
+            raise ConfigError("planner.hysteresis_margin must be in [0, 1)")
+        if not 0 <= self.low_battery_threshold <= 1:
+            raise ConfigError("planner.low_battery_threshold must be in [0, 1]")
+        if self.min_telemetry_samples < 1:
+            raise ConfigError("planner.min_telemetry_samples must be >= 1")
+        if not self.compression_levels or not all(0 < e <= 1 for e in self.compression_levels):
+            raise ConfigError("planner.compression_levels must be non-empty, each in (0, 1]")
+        classes = {}
+        for name, value in dict(self.classes).items():
+            if isinstance(value, dict):
+                unknown = set(value) - {f.name for f in dataclasses.fields(ClassObjectiveConfig)}
+                if unknown:
+                    raise ConfigError(f"unknown config keys {sorted(unknown)} in planner.classes.{name}")
+                value = ClassObjectiveConfig(**value)
+            if not isinstance(value, ClassObjectiveConfig):
+                raise ConfigError(f"planner.classes.{name} must be an object")
+            classes[str(name)] = value
+        object.__setattr__(self, "classes", classes)
+
+
+@dataclass(frozen=True)
+class ServingConfig:
+    """Ray Serve tails (cloud/serving.py): one deployment per model, fed batches by the broker."""
+
+    # None: start a local Ray (dashboard off); "auto" or "host:6379": join that cluster, whose nodes
+    # must have splitsense installed (replicas import cloud.serving and load the shipped weights).
+    ray_address: str | None = None
+    models: tuple[str, ...] = ("fsdd_speaker", "fsdd_digit", "uci_har")  # every shipped model
+    # 2 cores here: a replica runs one batch at a time on its pinned threads, so more replicas
+    # than cores only contend. On a real cluster raise it to (cores per model) / replica_threads.
+    num_replicas: int = 1
+    # The broker sends few, large requests (stacked batches, a handful in flight per (model, cut)),
+    # not one per device. 8 is a small multiple of that: the next batches wait queued inside the
+    # replica (already transferred) while one runs, and a burst never queues in Serve's router.
+    # Serve's default (5) is sized for many small requests; left alone under 64 one-request-per-call
+    # clients it collapsed throughput to 19 req/s here.
+    max_ongoing_requests: int = 8
+    replica_threads: int = 1  # torch threads per replica: 2 shared cores, the broker needs the other
+    # Ray's scheduling reservation per replica, not a limit: 3 models x 1 replica fit on 2 cores.
+    replica_cpus: float = 0.5
+    # Backstop for one batch: above every device deadline (300 ms by default), so the broker's own
+    # deadline handling acts first, yet a batch stuck behind a dead replica fails within 1 s.
+    request_timeout_s: float = 1.0
+    startup_timeout_s: float = 120.0  # ray.init 5-12 s + replicas importing torch on busy cores
+    namespace: str = "splitsense"  # Ray namespace of the driver (Serve keeps its own, "serve")
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "models", tuple(self.models))
+        if not self.models:
+            raise ConfigError("serving.models must name at least one model")
+        for name in ("num_replicas", "max_ongoing_requests", "replica_threads"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"serving.{name} must be an int >= 1, got {value!r}")
+        for name in ("replica_cpus", "request_timeout_s", "startup_timeout_s"):
+            _positive(f"serving.{name}", getattr(self, name))
+        if self.ray_address is not None and not str(self.ray_address).strip():
+            raise ConfigError("serving.ray_address must be null (local Ray) or an address such as 'auto'")
+
+
+# Loudly labelled: anyone with the source can mint tokens with it. `splitsense cloud up` warns when
+# it is in use; a real deployment sets broker.auth_secret in its scenario file.
+DEV_AUTH_SECRET = "splitsense-DEV-ONLY-secret-do-not-deploy"
+
+
+@dataclass(frozen=True)
+class BrokerConfig:
+    """The gRPC broker (cloud/broker.py): auth, validation, admission, micro-batching, limits."""
+
+    host: str = "127.0.0.1"  # loopback: serving a real fleet is a deliberate "0.0.0.0"
+    port: int = 50051  # gRPC's customary port; 0 picks a free one (tests)
+    # Throughput comes from batching before the ~8 ms Ray hop; 32 windows of the largest tail
+    # (audio, cut 1: 379 KiB each) stay ~12 MiB per batch, and a tail's batch time grows little.
+    max_batch_size: int = 32
+    # How long a batch may wait to fill while another batch of its (model, cut) is running. An
+    # idle (model, cut) dispatches at once, so a lone device pays nothing for batching.
+    max_batch_wait_ms: float = 2.0
+    # Batches of one (model, cut) running at once: serving.max_ongoing_requests (8) is shared by
+    # the cuts of a model, and 2 keeps one batch filling while the other runs.
+    max_inflight_batches: int = 2
+    max_queue_depth: int = 512  # per (model, cut): a hard cap whatever the deadlines say (memory)
+    # The largest activation of the shipped models is 379 KiB (audio, cut 1); 1 MiB leaves room
+    # for framing and bounds what a broken device can make us buffer. Answers are logits and
+    # plan sets of a few KiB (server reflection descriptors ~20 KiB).
+    max_receive_message_bytes: int = 1 << 20
+    max_send_message_bytes: int = 256 << 10
+    # Used when neither the call nor the request carries a deadline: planner classes' 300 ms.
+    default_deadline_ms: float = 300.0
+    # Backstop for one tail call: a hung replica fails its batch (UNAVAILABLE) within this even when
+    # the windows' deadlines are longer; serving.request_timeout_s (1 s) is the Ray-side twin.
+    backend_timeout_ms: float = 1000.0
+    # Batch service time assumed before the first batch of a (model, cut) is measured: one Ray
+    # handle call (~8 ms p50 here) plus a small tail.
+    initial_batch_service_ms: float = 10.0
+    service_ewma_alpha: float = 0.2  # weight of the newest batch: settles in ~10 batches
+    max_stream_windows_in_flight: int = 64  # per OffloadStream: back-pressure on one device
+    # HMAC-SHA256 key of the per-device tokens (`splitsense cloud token DEVICE_ID`).
+    auth_secret: str = field(default=DEV_AUTH_SECRET, repr=False)  # never printed with the config
+    allowed_device_ids: tuple[str, ...] = ()  # empty: any device with a valid token
+    metrics_port: int | None = 9464  # Prometheus exporter of `cloud up` (OpenTelemetry's port); None: off
+    # The static plan served until the controller publishes one: every model cut at
+    # static_plan_cut (0: send the preprocessed input, the classic cloud-offload baseline) unless
+    # static_plan_cuts names another cut for it, with this codec (fp32: exact), per device class.
+    static_plan_cut: int = 0
+    static_plan_cuts: dict[str, int] = field(default_factory=dict, hash=False)
+    static_plan_codec: str = "fp32"
+    static_plan_device_classes: tuple[str, ...] = ("phone", "iot_board", "watch")  # planner.classes
+    shutdown_grace_s: float = 5.0  # in-flight windows finish; the devices fall back after that
+
+    def __post_init__(self) -> None:
+        for name in ("port", "max_batch_size", "max_inflight_batches", "max_queue_depth"):
+            value = getattr(self, name)
+            lo = 0 if name == "port" else 1
+            if isinstance(value, bool) or not isinstance(value, int) or value < lo:
+                raise ConfigError(f"broker.{name} must be an int >= {lo}, got {value!r}")
+        if self.port > 65535 or (self.metrics_port is not None and not 0 <= self.metrics_port <= 65535):
+            raise ConfigError("broker.port and broker.metrics_port must be in 0..65535")
+        for name in (
+            "max_receive_message_bytes",
+            "max_send_message_bytes",
+            "default_deadline_ms",
+            "backend_timeout_ms",
+            "initial_batch_service_ms",
+            "max_stream_windows_in_flight",
+            "shutdown_grace_s",
+        ):
+            _positive(f"broker.{name}", getattr(self, name))
+        if not self.max_batch_wait_ms >= 0:
+            raise ConfigError(f"broker.max_batch_wait_ms must be >= 0, got {self.max_batch_wait_ms!r}")
+        if not 0 < self.service_ewma_alpha <= 1:
+            raise ConfigError(f"broker.service_ewma_alpha must be in (0, 1], got {self.service_ewma_alpha!r}")
+        if not isinstance(self.auth_secret, str) or len(self.auth_secret) < 16:
+            raise ConfigError("broker.auth_secret must be a string of at least 16 characters")
+        object.__setattr__(self, "allowed_device_ids", tuple(self.allowed_device_ids))
+        object.__setattr__(self, "static_plan_device_classes", tuple(self.static_plan_device_classes))
+        object.__setattr__(self, "static_plan_cuts", dict(self.static_plan_cuts))
+        for name, cut in [("static_plan_cut", self.static_plan_cut), *self.static_plan_cuts.items()]:
+            if isinstance(cut, bool) or not isinstance(cut, int) or cut < 0:
+                raise ConfigError(f"broker static plan cut of {name!r} must be an int >= 0, got {cut!r}")
+        if self.static_plan_codec not in ("fp32", "fp16", "int8"):
+            raise ConfigError(
+                f"broker.static_plan_codec must be fp32, fp16 or int8, got {self.static_plan_codec!r}"
+            )
+
+    @property
+    def uses_dev_secret(self) -> bool:
+        return self.auth_secret == DEV_AUTH_SECRET
+
+
+@dataclass(frozen=True)
+class BreakerConfig:
+    """The edge's circuit breaker (edge/breaker.py); back-off as in gRPC's connection-backoff spec."""
+
+    # One missed deadline is noise (that window is finished locally anyway); three in a row at one
+    # window per second is an outage, and going local then saves each later window its deadline.
+    failure_threshold: int = 3
+    backoff_base_s: float = 1.0  # first fully-local period; gRPC's INITIAL_BACKOFF
+    backoff_factor: float = 1.6  # growth per failed probe; gRPC's MULTIPLIER
+    # Cap: after the cloud returns, a device offloads again within 30 s x (1 + jitter) plus one
+    # window. Shorter than gRPC's 120 s because a probe costs one window's fallback, not a reconnect storm.
+    backoff_max_s: float = 30.0
+    backoff_jitter: float = 0.2  # +-20% (gRPC's JITTER): devices cut off together do not probe together
+
+    def __post_init__(self) -> None:
+        n = self.failure_threshold
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ConfigError(f"edge.breaker.failure_threshold must be an int >= 1, got {n!r}")
+        _positive("edge.breaker.backoff_base_s", self.backoff_base_s)
+        if not self.backoff_factor >= 1:
+            raise ConfigError(f"edge.breaker.backoff_factor must be >= 1, got {self.backoff_factor!r}")
+        if not self.backoff_max_s >= self.backoff_base_s:
+            raise ConfigError("edge.breaker.backoff_max_s must be >= edge.breaker.backoff_base_s")
+        if not 0 <= self.backoff_jitter < 1:
+            raise ConfigError(f"edge.breaker.backoff_jitter must be in [0, 1), got {self.backoff_jitter!r}")
+
+
+@dataclass(frozen=True)
+class EstimatorConfig:
+    """The edge's bandwidth/RTT estimator (edge/estimator.py)."""
+
+    # Believed before any transfer (and after max_sample_age_s without one): a middling 3G/LTE
+    # uplink, the centre of the planner's bucket edges, so a fresh device tries its plan's offload rows.
+    prior_bandwidth_mbps: float = 2.0
+    prior_rtt_ms: float = 50.0  # a typical LTE round trip to a regional cloud
+    window_samples: int = 5  # harmonic mean of the last 5 transfers, as MPC (Yin et al., SIGCOMM 2015)
+    rtt_ewma_alpha: float = 0.125  # RFC 6298's SRTT gain
+    # Below ~3 TCP segments a transfer's time is round trip and slow start, not bandwidth.
+    min_bandwidth_sample_bytes: int = 4096
+    # Evidence older than this is forgotten (the prior returns): a link 30 s ago says little about now.
+    max_sample_age_s: float = 30.0
+
+    def __post_init__(self) -> None:
+        for name in ("prior_bandwidth_mbps", "prior_rtt_ms", "max_sample_age_s"):
+            _positive(f"edge.estimator.{name}", getattr(self, name))
+        if isinstance(self.window_samples, bool) or not isinstance(self.window_samples, int):
+            raise ConfigError(f"edge.estimator.window_samples must be an int, got {self.window_samples!r}")
+        if self.window_samples < 1:
+            raise ConfigError("edge.estimator.window_samples must be >= 1")
+        if not 0 < self.rtt_ewma_alpha <= 1:
+            raise ConfigError(f"edge.estimator.rtt_ewma_alpha must be in (0, 1], got {self.rtt_ewma_alpha!r}")
+        if self.min_bandwidth_sample_bytes < 0:
+            raise ConfigError("edge.estimator.min_bandwidth_sample_bytes must be >= 0")
+
+
+_EDGE_CODECS = ("fp32", "fp16", "int8")
+_EDGE_RADIOS = ("wifi", "lte", "3g")
+
+
+@dataclass(frozen=True)
+class EdgeConfig:
+    """One device (edge/runtime.py, `splitsense edge run`)."""
+
+    broker_address: str = "127.0.0.1:50051"  # broker.host:broker.port
+    device_id: str = "edge-0"
+    device_class: str = "phone"  # a planner.classes name: selects the device's plan
+    token: str = field(default="", repr=False)  # `splitsense cloud token DEVICE_ID`; never printed
+    model: str = "fsdd_digit"
+    deadline_ms: float = 300.0  # planner classes' deadline: after it the window is finished locally
+    # Used until a plan arrives. None: the cut with the smallest activation (least to send).
+    default_cut: int | None = None
+    default_codec: str = "fp32"  # exact: offloaded predictions equal local ones
+    compression_energy_kept: float = 1.0  # front compression until a plan says otherwise; 1.0 = none
+    use_stream: bool = True  # one OffloadStream per device; False: one unary call per window
+    max_message_bytes: int = 1 << 20  # broker.max_receive_message_bytes: the largest activation fits
+    # 1.0 replays the recording at its real rate; 2.0 twice as fast; 0 as fast as possible (tests).
+    replay_speed: float = 1.0
+    audio_frame_ms: float = 80.0  # the microphone delivers 640-sample frames at 8 kHz
+    telemetry_period_s: float = 10.0  # devices push telemetry (NAT: they cannot be scraped)
+    # The device's own power figures; the defaults are the "phone" class of simulators/devices.py
+    # (Pixel 3: ~2 W busy, LTE, 2915 mAh x 3.85 V); `splitsense edge run --device-class` fills them.
+    active_mw: float = 2000.0
+    radio: str = "lte"
+    battery_mwh: float = 11222.75
+    battery_initial_fraction: float = 1.0
+    on_battery: bool = True
+    breaker: BreakerConfig = field(default_factory=BreakerConfig)
+    estimator: EstimatorConfig = field(default_factory=EstimatorConfig)
+
+    def __post_init__(self) -> None:
+        for name in ("broker_address", "device_id", "device_class", "model"):
+            value = getattr(self, name)
+            if not isinstance(value, str) or not value.strip():
+                raise ConfigError(f"edge.{name} must be a non-empty string, got {value!r}")
+        for name in ("deadline_ms", "audio_frame_ms", "telemetry_period_s", "max_message_bytes"):
+            _positive(f"edge.{name}", getattr(self, name))
+        _positive("edge.battery_mwh", self.battery_mwh)
+        cut = self.default_cut
+        if cut is not None and (isinstance(cut, bool) or not isinstance(cut, int) or cut < 0):
+            raise ConfigError(f"edge.default_cut must be null or an int >= 0, got {cut!r}")
+        if self.default_codec not in _EDGE_CODECS:
+            raise ConfigError(f"edge.default_codec must be one of {_EDGE_CODECS}, got {self.default_codec!r}")
+        if self.radio not in _EDGE_RADIOS:
+            raise ConfigError(f"edge.radio must be one of {_EDGE_RADIOS}, got {self.radio!r}")
+        if not 0 < self.compression_energy_kept <= 1:
+            raise ConfigError("edge.compression_energy_kept must be in (0, 1] (1.0 = uncompressed)")
+        if not self.replay_speed >= 0:
+            raise ConfigError(f"edge.replay_speed must be >= 0 (0: fastest), got {self.replay_speed!r}")
+        if not self.active_mw >= 0:
+            raise ConfigError(f"edge.active_mw must be >= 0, got {self.active_mw!r}")
+        if not 0 <= self.battery_initial_fraction <= 1:
+            raise ConfigError("edge.battery_initial_fraction must be in [0, 1]")
+
+
+@dataclass(frozen=True)
+class ControllerConfig:
+    """The controller loop (cloud/controller): metrics in, plans out to Redis."""
+
+    # Prometheus scrapes every 15 s by default (deploy/prometheus) and devices report every 10 s
+    # (edge.telemetry_period_s): replanning faster only re-reads the same numbers.
+    period_s: float = 15.0
+    # None: read the brokers' exporters directly (exporter_urls), the embedded default.
+    prometheus_url: str | None = None
+    # The broker's exporter (broker.metrics_port); a bare host:port gets /metrics appended.
+    exporter_urls: tuple[str, ...] = ("http://127.0.0.1:9464/metrics",)
+    redis_url: str | None = None  # None: start an embedded redis-server for the process
+    # The current and previous plan sets are always kept; a few more let an operator look back
+    # over the last couple of minutes of replanning at the default period.
+    history_versions: int = 10
+    # Range of rate()/increase(): 4 scrape intervals (Prometheus's rule of thumb) and 6 telemetry
+    # reports, so one late report moves a rate by less than 20%.
+    query_window_s: float = 60.0
+    # A class whose offloads fail (or fall back) more often than this goes local-only: past half,
+    # most offloads cost a deadline wait and then a local run anyway.
+    local_only_failure_rate: float = 0.5
+    # ...and only once this many offloads in the window say so: 20 windows make a rate of 0.5 a
+    # real signal (binomial std ~0.11), not one unlucky burst.
+    local_only_min_windows: int = 20
+    # Per request to Prometheus/Redis: a dependency slower than this is treated as down, so a
+    # period never stalls (the devices keep their last plan).
+    prometheus_timeout_s: float = 5.0
+    redis_timeout_s: float = 2.0
+
+    def __post_init__(self) -> None:
+        for name in ("period_s", "query_window_s", "prometheus_timeout_s", "redis_timeout_s"):
+            _positive(f"controller.{name}", getattr(self, name))
+        object.__setattr__(self, "exporter_urls", tuple(self.exporter_urls))
+        if self.prometheus_url is None and not self.exporter_urls:
+            raise ConfigError("controller needs a prometheus_url or at least one of exporter_urls")
+        for name in ("prometheus_url", "redis_url"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or "://" not in value):
+                raise ConfigError(f"controller.{name} must be null or a URL such as 'http://host:port'")
+        for name in ("history_versions", "local_only_min_windows"):
+            value = getattr(self, name)
+            lo = 2 if name == "history_versions" else 1
+            if isinstance(value, bool) or not isinstance(value, int) or value < lo:
+                raise ConfigError(f"controller.{name} must be an int >= {lo}, got {value!r}")
+        if not 0 < self.local_only_failure_rate <= 1:
+            raise ConfigError("controller.local_only_failure_rate must be in (0, 1]")
+
+
 @dataclass(frozen=True)
 class Config:
     paths: PathsConfig = field(default_factory=PathsConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     compression: CompressionConfig = field(default_factory=CompressionConfig)
+    planner: PlannerConfig = field(default_factory=PlannerConfig)
+    serving: ServingConfig = field(default_factory=ServingConfig)
+    broker: BrokerConfig = field(default_factory=BrokerConfig)
+    edge: EdgeConfig = field(default_factory=EdgeConfig)
+    controller: ControllerConfig = field(default_factory=ControllerConfig)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Config:

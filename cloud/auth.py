@@ -1,0 +1,181 @@
+"""Per-device authentication of broker calls, from call metadata.
+
+A device sends two metadata entries on every call of OffloadService and PlanService:
+
+    x-splitsense-device-id: <device id>
+    authorization: Bearer <token>          (or  x-splitsense-token: <token>)
+
+where `token = device_token(secret, device_id)`, the hex HMAC-SHA256 of the device id under the
+broker's secret. The broker recomputes it, so it verifies any device without a table of tokens;
+an optional allow-list narrows the devices further. Whatever is wrong (no id, no token, a token
+of another device or secret, a device not on the list) the call fails with UNAUTHENTICATED before
+any servicer runs. The health and reflection services stay open, so that orchestrators and
+grpcurl-style tools work without a token.
+
+`Authenticator` is the pure decision (unit-tested without sockets); `AuthInterceptor` applies it
+to a grpc.aio server. Servicers read the verified id back with `device_id_of(metadata)`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any
+
+import grpc
+
+from splitsense.errors import ConfigError, RejectedError
+
+__all__ = [
+    "DEVICE_ID_METADATA",
+    "OPEN_SERVICE_PREFIXES",
+    "TOKEN_METADATA",
+    "AuthInterceptor",
+    "Authenticator",
+    "device_id_of",
+    "device_token",
+]
+
+DEVICE_ID_METADATA = "x-splitsense-device-id"
+TOKEN_METADATA = "x-splitsense-token"
+_AUTHORIZATION = "authorization"
+_BEARER = "bearer "
+_MAX_DEVICE_ID_CHARS = 128
+# Methods under these prefixes need no token: grpc.health.v1.Health and server reflection.
+OPEN_SERVICE_PREFIXES = ("/grpc.health.v1.", "/grpc.reflection.")
+
+Metadata = Iterable[tuple[str, str | bytes]]
+
+
+def device_token(secret: str, device_id: str) -> str:
+    """The token of a device: hex HMAC-SHA256(secret, device_id), 64 characters."""
+    if not isinstance(secret, str) or not secret:
+        raise ConfigError("the auth secret must be a non-empty string (broker.auth_secret)")
+    _check_device_id(device_id)
+    return hmac.new(secret.encode(), device_id.encode(), hashlib.sha256).hexdigest()
+
+
+def _check_device_id(device_id: Any) -> None:
+    if not isinstance(device_id, str) or not device_id.strip():
+        raise ConfigError(f"a device id must be a non-empty string, got {device_id!r}")
+    if len(device_id) > _MAX_DEVICE_ID_CHARS:
+        raise ConfigError(
+            f"a device id must be at most {_MAX_DEVICE_ID_CHARS} characters, got {len(device_id)}"
+        )
+
+
+def _first(metadata: Metadata, key: str) -> str | None:
+    for k, v in metadata:
+        if k.lower() == key:
+            return v.decode(errors="replace") if isinstance(v, bytes) else v
+    return None
+
+
+def device_id_of(metadata: Metadata | None) -> str | None:
+    """The device id a call's metadata claims (verified by the interceptor before any servicer)."""
+    return None if metadata is None else _first(metadata, DEVICE_ID_METADATA)
+
+
+def _unauthenticated(message: str) -> RejectedError:
+    return RejectedError(message, code="UNAUTHENTICATED")
+
+
+class Authenticator:
+    """Decides whether a call's metadata authenticates a device; pure (no gRPC calls)."""
+
+    def __init__(self, secret: str, allowed_device_ids: Iterable[str] = ()) -> None:
+        if not isinstance(secret, str) or not secret:
+            raise ConfigError("the auth secret must be a non-empty string (broker.auth_secret)")
+        self._key = secret.encode()
+        self._allowed = frozenset(allowed_device_ids)
+
+    def authenticate(self, metadata: Metadata | None) -> str:
+        """The authenticated device id; RejectedError(code="UNAUTHENTICATED") saying what is wrong."""
+        md = list(metadata or ())
+        device_id = _first(md, DEVICE_ID_METADATA)
+        if not device_id:
+            raise _unauthenticated(
+                f"missing metadata {DEVICE_ID_METADATA!r}: every call names its device, with its token"
+            )
+        if len(device_id) > _MAX_DEVICE_ID_CHARS:
+            raise _unauthenticated(
+                f"metadata {DEVICE_ID_METADATA!r}: expected at most {_MAX_DEVICE_ID_CHARS} characters, "
+                f"got {len(device_id)}"
+            )
+        token = _token_of(md)
+        if token is None:
+            raise _unauthenticated(
+                f"missing token: send metadata '{_AUTHORIZATION}: Bearer <token>' or "
+                f"'{TOKEN_METADATA}: <token>' (get it with `splitsense cloud token DEVICE_ID`)"
+            )
+        expected = hmac.new(self._key, device_id.encode(), hashlib.sha256).hexdigest()
+        if not hmac.compare_digest(token.strip().lower().encode(), expected.encode()):
+            raise _unauthenticated(
+                f"the token is not valid for device {device_id!r} on this broker "
+                "(wrong device id, or a token made with another secret)"
+            )
+        if self._allowed and device_id not in self._allowed:
+            raise _unauthenticated(f"device {device_id!r} is not on this broker's allow-list")
+        return device_id
+
+
+def _token_of(metadata: list[tuple[str, str | bytes]]) -> str | None:
+    auth = _first(metadata, _AUTHORIZATION)
+    if auth is not None and auth[: len(_BEARER)].lower() == _BEARER:
+        return auth[len(_BEARER) :]
+    return _first(metadata, TOKEN_METADATA)
+
+
+def is_open_method(method: str) -> bool:
+    """Whether a full method name ('/pkg.Service/Method') needs no authentication."""
+    return method.startswith(OPEN_SERVICE_PREFIXES)
+
+
+RejectHook = Callable[[RejectedError], None]
+
+
+class AuthInterceptor(grpc.aio.ServerInterceptor):
+    """Rejects unauthenticated calls with UNAUTHENTICATED before their servicer runs."""
+
+    def __init__(self, authenticator: Authenticator, on_reject: RejectHook | None = None) -> None:
+        self._auth = authenticator
+        self._on_reject = on_reject
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        method = handler_call_details.method or ""
+        if is_open_method(method):
+            return await continuation(handler_call_details)
+        try:
+            self._auth.authenticate(handler_call_details.invocation_metadata)
+        except RejectedError as e:
+            if self._on_reject is not None:
+                self._on_reject(e)
+            handler = await continuation(handler_call_details)
+            return _rejecting(handler, str(e))
+        return await continuation(handler_call_details)
+
+
+def _rejecting(handler: grpc.RpcMethodHandler | None, message: str) -> grpc.RpcMethodHandler:
+    """A handler of the same kind as `handler` that fails the call with UNAUTHENTICATED."""
+
+    async def abort(_request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+
+    if handler is None:  # an unknown method: UNAUTHENTICATED too, so probing reveals nothing
+        return grpc.unary_unary_rpc_method_handler(abort)
+    kwargs = {
+        "request_deserializer": handler.request_deserializer,
+        "response_serializer": handler.response_serializer,
+    }
+    if handler.request_streaming and handler.response_streaming:
+        return grpc.stream_stream_rpc_method_handler(abort, **kwargs)
+    if handler.request_streaming:
+        return grpc.stream_unary_rpc_method_handler(abort, **kwargs)
+    if handler.response_streaming:
+        return grpc.unary_stream_rpc_method_handler(abort, **kwargs)
+    return grpc.unary_unary_rpc_method_handler(abort, **kwargs)

@@ -1,0 +1,310 @@
+"""The broker's asyncio micro-batcher: windows of many devices, one backend call per batch.
+
+One lane per (model, cut). A lane dispatches a batch when a backend slot is free (at most
+`max_inflight_batches` batches of a lane run at once) and
+
+    - it holds `max_batch_size` windows, or
+    - no batch of the lane is running (an idle lane never waits: a lone device pays nothing), or
+    - its oldest window has waited `max_batch_wait_ms`.
+
+While the lane's slots are busy, windows pile up and leave together in the next batch: that is
+where throughput comes from when one backend call costs ~8 ms (a Ray Serve hop).
+
+One backend call per batch, on the stacked activations; row i of its result goes back to the
+i-th window. A failed, timed-out or malformed batch fails every waiter of it with
+TailUnavailableError (the broker answers UNAVAILABLE); a waiter that gives up (its deadline, its
+call cancelled) simply is not answered and never breaks the batch it is in; a window whose
+deadline passed before its batch left is failed with OffloadDeadlineError and not sent. A batch
+is given `batch_timeout_ms`, or less when every one of its windows has an earlier deadline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from cloud.admission import Ewma, LaneLoad
+from cloud.backend import TailUnavailableError
+from splitsense.errors import ConfigError, OffloadDeadlineError, WireError
+
+__all__ = ["BatchFn", "BatchReport", "BatchResult", "MicroBatcher"]
+
+log = logging.getLogger(__name__)
+
+BatchFn = Callable[[str, int, np.ndarray], Awaitable[np.ndarray]]
+Clock = Callable[[], float]
+
+
+@dataclass(frozen=True)
+class BatchResult:
+    """What one window gets back from its batch."""
+
+    logits: np.ndarray  # (classes,) float32
+    queue_ms: float  # from submit to its batch leaving
+    compute_ms: float  # the batch's backend call
+    batch_size: int
+
+
+@dataclass(frozen=True)
+class BatchReport:
+    """One finished backend call, for metrics."""
+
+    model: str
+    cut: int
+    size: int
+    compute_s: float
+    ok: bool
+
+
+@dataclass(eq=False)
+class _Item:
+    x: np.ndarray
+    future: asyncio.Future[BatchResult]
+    enqueued: float
+    deadline: float | None
+
+
+@dataclass(eq=False)
+class _Lane:
+    model: str
+    cut: int
+    ewma: Ewma
+    queue: deque[_Item] = field(default_factory=deque)
+    inflight: int = 0
+    wakeup: asyncio.Event = field(default_factory=asyncio.Event)
+    task: asyncio.Task[None] | None = None
+    row_shape: tuple[int, ...] | None = None
+
+
+class MicroBatcher:
+    """Batches `submit`ted windows per (model, cut) into calls of `run_batch(model, cut, stacked)`."""
+
+    def __init__(
+        self,
+        run_batch: BatchFn,
+        *,
+        max_batch_size: int,
+        max_batch_wait_ms: float,
+        max_inflight_batches: int = 1,
+        batch_timeout_ms: float | None = None,
+        ewma_alpha: float = 0.2,
+        initial_service_ms: float = 10.0,
+        on_batch: Callable[[BatchReport], None] | None = None,
+        clock: Clock = time.monotonic,
+    ) -> None:
+        if max_batch_size < 1 or max_inflight_batches < 1:
+            raise ConfigError("max_batch_size and max_inflight_batches must be >= 1")
+        if max_batch_wait_ms < 0:
+            raise ConfigError(f"max_batch_wait_ms must be >= 0, got {max_batch_wait_ms!r}")
+        if batch_timeout_ms is not None and not batch_timeout_ms > 0:
+            raise ConfigError(f"batch_timeout_ms must be > 0 or None, got {batch_timeout_ms!r}")
+        self._run_batch = run_batch
+        self._max_batch = max_batch_size
+        self._wait_s = max_batch_wait_ms / 1000.0
+        self._max_inflight = max_inflight_batches
+        self._timeout_s = None if batch_timeout_ms is None else batch_timeout_ms / 1000.0
+        self._alpha = ewma_alpha
+        self._initial_ms = initial_service_ms
+        self._on_batch = on_batch
+        self._clock = clock
+        self._lanes: dict[tuple[str, int], _Lane] = {}
+        self._dispatches: set[asyncio.Task[None]] = set()
+        self._closed = False
+
+    # --- public -------------------------------------------------------------------------------
+
+    async def submit(self, model: str, cut: int, x: np.ndarray, deadline: float | None = None) -> BatchResult:
+        """Queue one window (x: (1, *shape)) and wait for its row of the batch result.
+
+        `deadline` is on this batcher's clock (time.monotonic by default). Cancelling the caller
+        (e.g. asyncio.wait_for timing out) withdraws the window without disturbing its batch.
+        """
+        if self._closed:
+            raise TailUnavailableError("the broker is shutting down")
+        if x.ndim < 1 or x.shape[0] != 1:
+            raise WireError(f"a window's activation must have batch dimension 1, got shape {list(x.shape)}")
+        lane = self._lane(model, cut)
+        row_shape = tuple(x.shape[1:])
+        if lane.row_shape is None:
+            lane.row_shape = row_shape
+        elif row_shape != lane.row_shape:
+            raise WireError(
+                f"activation shape {list(x.shape)} does not match the batches of model {model!r} at cut "
+                f"{cut} ({[1, *lane.row_shape]})"
+            )
+        fut: asyncio.Future[BatchResult] = asyncio.get_running_loop().create_future()
+        lane.queue.append(_Item(x=x, future=fut, enqueued=self._clock(), deadline=deadline))
+        lane.wakeup.set()
+        if lane.task is None:
+            lane.task = asyncio.create_task(self._run_lane(lane), name=f"batcher-{model}-{cut}")
+        try:
+            return await fut
+        finally:
+            if not fut.done():
+                fut.cancel()  # the caller gave up: the lane skips or ignores this window
+
+    def load(self, model: str, cut: int) -> LaneLoad:
+        """What admission control needs to know about a lane now."""
+        lane = self._lanes.get((model, cut))
+        if lane is None:
+            return LaneLoad(queued=0, inflight_batches=0, batch_service_ms=self._initial_ms)
+        return LaneLoad(
+            queued=len(lane.queue), inflight_batches=lane.inflight, batch_service_ms=lane.ewma.value
+        )
+
+    def queued(self) -> dict[tuple[str, int], int]:
+        """Windows waiting per (model, cut)."""
+        return {key: len(lane.queue) for key, lane in self._lanes.items()}
+
+    async def close(self) -> None:
+        """Stop every lane; windows still queued or in flight fail with TailUnavailableError."""
+        self._closed = True
+        tasks = [lane.task for lane in self._lanes.values() if lane.task is not None]
+        tasks += list(self._dispatches)
+        for t in tasks:
+            t.cancel()
+        for t in tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await t
+        for lane in self._lanes.values():
+            while lane.queue:
+                _fail(lane.queue.popleft(), TailUnavailableError("the broker is shutting down"))
+
+    # --- lanes --------------------------------------------------------------------------------
+
+    def _lane(self, model: str, cut: int) -> _Lane:
+        lane = self._lanes.get((model, cut))
+        if lane is None:
+            lane = _Lane(model=model, cut=cut, ewma=Ewma(self._alpha, self._initial_ms))
+            self._lanes[(model, cut)] = lane
+        return lane
+
+    async def _wait(self, lane: _Lane, timeout: float | None = None) -> None:
+        lane.wakeup.clear()
+        if timeout is None:
+            await lane.wakeup.wait()
+            return
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(max(timeout, 0.0)):
+                await lane.wakeup.wait()
+
+    async def _run_lane(self, lane: _Lane) -> None:
+        while True:
+            _drop_abandoned(lane.queue)
+            if not lane.queue:
+                await self._wait(lane)
+                continue
+            if lane.inflight >= self._max_inflight:
+                await self._wait(lane)  # a finished batch sets the event
+                continue
+            if lane.inflight > 0 and len(lane.queue) < self._max_batch:
+                fill_until = lane.queue[0].enqueued + self._wait_s
+                now = self._clock()
+                if now < fill_until:
+                    await self._wait(lane, fill_until - now)
+                    continue  # re-check everything: more windows, or the fill time is up
+            batch = self._take(lane)
+            if not batch:
+                continue
+            lane.inflight += 1
+            task = asyncio.create_task(self._dispatch(lane, batch), name=f"batch-{lane.model}-{lane.cut}")
+            self._dispatches.add(task)
+            task.add_done_callback(self._dispatches.discard)
+
+    def _take(self, lane: _Lane) -> list[_Item]:
+        now = self._clock()
+        batch: list[_Item] = []
+        while lane.queue and len(batch) < self._max_batch:
+            item = lane.queue.popleft()
+            if item.future.done():
+                continue
+            if item.deadline is not None and item.deadline <= now:
+                late_ms = (now - item.enqueued) * 1000
+                _fail(item, OffloadDeadlineError(f"the deadline passed after {late_ms:.1f} ms in the queue"))
+                continue
+            batch.append(item)
+        return batch
+
+    async def _dispatch(self, lane: _Lane, batch: list[_Item]) -> None:
+        start = self._clock()
+        error: BaseException | None = None
+        timed_out = False
+        out: np.ndarray | None = None
+        timeout = self._batch_timeout(batch, start)
+        try:
+            stacked = np.concatenate([it.x for it in batch], axis=0)
+            async with asyncio.timeout(timeout):
+                out = np.asarray(await self._run_batch(lane.model, lane.cut, stacked))
+            if out.ndim != 2 or out.shape[0] != len(batch):
+                raise TailUnavailableError(
+                    f"the tail of {lane.model!r} at cut {lane.cut} returned shape {list(out.shape)} "
+                    f"for a batch of {len(batch)}; expected [{len(batch)}, classes]"
+                )
+        except TimeoutError:
+            timed_out = True
+            error = TailUnavailableError(
+                f"the tail of {lane.model!r} at cut {lane.cut} did not answer within "
+                f"{(timeout or 0) * 1000:.0f} ms"
+            )
+        except asyncio.CancelledError:
+            error = TailUnavailableError("the broker is shutting down")
+            raise
+        except TailUnavailableError as e:
+            error = e
+        except Exception as e:  # anything from the backend hop: the device falls back locally
+            log.warning("tail of %r at cut %d failed: %s: %s", lane.model, lane.cut, type(e).__name__, e)
+            error = TailUnavailableError(
+                f"the tail of {lane.model!r} at cut {lane.cut} failed: {type(e).__name__}: {e}"
+            )
+        finally:
+            end = self._clock()
+            compute_s = end - start
+            lane.inflight -= 1
+            lane.wakeup.set()
+            if error is None or timed_out:
+                lane.ewma.update(compute_s * 1000)  # a timeout is service time too: admission backs off
+            if error is not None:
+                for it in batch:
+                    _fail(it, TailUnavailableError(str(error)))
+            elif out is not None:
+                compute_ms = compute_s * 1000
+                for i, it in enumerate(batch):
+                    if not it.future.done():
+                        it.future.set_result(
+                            BatchResult(
+                                logits=out[i],
+                                queue_ms=(start - it.enqueued) * 1000,
+                                compute_ms=compute_ms,
+                                batch_size=len(batch),
+                            )
+                        )
+            if self._on_batch is not None:
+                try:
+                    self._on_batch(BatchReport(lane.model, lane.cut, len(batch), compute_s, error is None))
+                except Exception:  # metrics must never break a batch
+                    log.exception("on_batch hook failed")
+
+    def _batch_timeout(self, batch: list[_Item], now: float) -> float | None:
+        deadlines = [it.deadline for it in batch]
+        latest = None if any(d is None for d in deadlines) else max(d for d in deadlines if d is not None)
+        budget = None if latest is None else max(latest - now, 0.0)
+        if self._timeout_s is None:
+            return budget
+        return self._timeout_s if budget is None else min(self._timeout_s, budget)
+
+
+def _drop_abandoned(queue: deque[_Item]) -> None:
+    while queue and queue[0].future.done():
+        queue.popleft()
+
+
+def _fail(item: _Item, error: BaseException) -> None:
+    if not item.future.done():
+        item.future.set_exception(error)

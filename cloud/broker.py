@@ -1,0 +1,679 @@
+"""The broker: a grpc.aio server between the devices and the tails (cloud/backend.py).
+
+One window on OffloadService goes through
+
+    AuthInterceptor      metadata -> device id          UNAUTHENTICATED            (cloud/auth.py)
+    wire.from_pb         message -> dataclasses          INVALID_ARGUMENT
+    identity             request.device_id == caller     PERMISSION_DENIED
+    validate_offload     model, cut, codec, shape, data  NOT_FOUND / INVALID_ARGUMENT (cloud/validation.py)
+    deadline             min(request.deadline_ms, call)  DEADLINE_EXCEEDED
+    admit                queue vs. deadline              RESOURCE_EXHAUSTED + retry hint (cloud/admission.py)
+    MicroBatcher         one tail call per batch         UNAVAILABLE on any backend failure (cloud/batcher.py)
+
+and is answered with its logits, or with the status of the first step that refused it (bytes that
+do not even decode as the message are INVALID_ARGUMENT too, not gRPC's UNKNOWN). Our
+errors are mapped to gRPC status codes only here (`status_of`). The unary call fails with that
+status (a shed also sends trailing metadata `x-splitsense-retry-after-ms`); the stream answers
+the window with a WindowError carrying the same code, message and hint, and goes on with the next
+window. Nothing a device sends can stop the broker serving the others.
+
+Message sizes are capped in both directions by the server options; gRPC itself answers an
+oversize message with RESOURCE_EXHAUSTED. The standard grpc.health.v1 service (SERVING while up,
+NOT_SERVING while stopping) and server reflection are registered and need no token.
+
+PlanService serves the current PlanSet cut down to the caller's device class and models:
+GetPlan once, WatchPlan at once and then on every `set_plans`. Until the controller publishes,
+that is the static set of cloud/plans.py.
+
+`run_broker_forever` is what `splitsense cloud up` runs: the broker and its Prometheus exporter
+until SIGINT/SIGTERM, then a graceful stop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import grpc
+import numpy as np
+from google.protobuf.message import DecodeError
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import CollectorRegistry
+
+from cloud.admission import AdmissionPolicy, admit
+from cloud.auth import Authenticator, AuthInterceptor, device_id_of
+from cloud.backend import ModelInfo, ModelRegistry, TailBackend, TailUnavailableError
+from cloud.batcher import BatchReport, MicroBatcher
+from cloud.metrics import BrokerMetrics, start_exporter
+from cloud.plans import static_plan_set
+from cloud.validation import validate_offload
+from splitsense.config import BrokerConfig
+from splitsense.errors import (
+    ConfigError,
+    DependencyError,
+    ModelError,
+    OffloadDeadlineError,
+    PlanError,
+    RejectedError,
+    ShedError,
+    WireError,
+)
+from splitsense.plan import PlanSet
+from splitsense.v1 import offload_pb2 as pb
+from splitsense.v1 import offload_pb2_grpc as pb_grpc  # servicer base classes (docs, typing)
+from splitsense.wire import (
+    OffloadResponse,
+    TelemetryReport,
+    Timing,
+    WindowError,
+    from_pb,
+    stream_response_to_pb,
+    to_pb,
+)
+
+__all__ = ["RETRY_AFTER_METADATA", "Broker", "run_broker_forever", "status_of"]
+
+log = logging.getLogger(__name__)
+
+RETRY_AFTER_METADATA = "x-splitsense-retry-after-ms"
+SERVICE_NAMES = (
+    pb.DESCRIPTOR.services_by_name["OffloadService"].full_name,
+    pb.DESCRIPTOR.services_by_name["PlanService"].full_name,
+)
+_HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+
+
+def status_of(error: BaseException) -> tuple[grpc.StatusCode, str, int]:
+    """(code, message, retry_after_ms) for an error of ours; INTERNAL for anything else."""
+    if isinstance(error, RejectedError):
+        code = getattr(grpc.StatusCode, error.code, grpc.StatusCode.UNAUTHENTICATED)
+        return code, str(error), 0
+    if isinstance(error, WireError):
+        return grpc.StatusCode.INVALID_ARGUMENT, str(error), 0
+    if isinstance(error, ModelError):
+        return grpc.StatusCode.NOT_FOUND, str(error), 0
+    if isinstance(error, ShedError):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED, str(error), int(error.retry_after_ms)
+    if isinstance(error, OffloadDeadlineError):
+        return grpc.StatusCode.DEADLINE_EXCEEDED, str(error), 0
+    if isinstance(error, DependencyError):
+        return grpc.StatusCode.UNAVAILABLE, str(error), 0
+    return grpc.StatusCode.INTERNAL, f"internal error in the broker ({type(error).__name__}); it is logged", 0
+
+
+class Broker:
+    """The gRPC broker: `await start()`, serve, `await stop()`."""
+
+    def __init__(
+        self,
+        config: BrokerConfig,
+        registry: ModelRegistry,
+        backend: TailBackend,
+        plans: PlanSet | None = None,
+        metrics_registry: CollectorRegistry | None = None,
+    ) -> None:
+        self.config = config
+        self._models: dict[str, ModelInfo] = dict(registry.info)
+        self._backend = backend
+        self._plans: PlanSet = plans if plans is not None else static_plan_set(config, self._models)
+        # A registry of its own by default: several brokers (tests, benchmarks) share a process.
+        self.metrics = BrokerMetrics(
+            CollectorRegistry() if metrics_registry is None else metrics_registry,
+            models={name: info.n_stages for name, info in self._models.items()},
+            device_classes=(*config.static_plan_device_classes, *(p.device_class for p in self._plans.plans)),
+        )
+        self._auth = Authenticator(config.auth_secret, config.allowed_device_ids)
+        self._policy = AdmissionPolicy(
+            max_batch_size=config.max_batch_size,
+            max_batch_wait_ms=config.max_batch_wait_ms,
+            max_inflight_batches=config.max_inflight_batches,
+            max_queue_depth=config.max_queue_depth,
+        )
+        self._batcher = MicroBatcher(
+            backend.run_tail,
+            max_batch_size=config.max_batch_size,
+            max_batch_wait_ms=config.max_batch_wait_ms,
+            max_inflight_batches=config.max_inflight_batches,
+            batch_timeout_ms=config.backend_timeout_ms,
+            ewma_alpha=config.service_ewma_alpha,
+            initial_service_ms=config.initial_batch_service_ms,
+            on_batch=self._on_batch,
+        )
+        self._server: grpc.aio.Server | None = None
+        self._health: Any = None
+        self._port: int | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._closing = asyncio.Event()
+        self._stopped = False
+        self._watchers: set[asyncio.Event] = set()
+
+    # --- lifecycle ----------------------------------------------------------------------------
+
+    async def start(self) -> int:
+        """Bind and serve; returns the bound port (a free one when config.port is 0)."""
+        if self._server is not None or self._stopped:
+            raise ConfigError("a Broker is started once: this one is running or stopped; make a new one")
+        cfg = self.config
+        self._loop = asyncio.get_running_loop()
+        server = grpc.aio.server(
+            interceptors=[AuthInterceptor(self._auth, on_reject=self._on_auth_reject)],
+            options=[
+                ("grpc.max_receive_message_length", cfg.max_receive_message_bytes),
+                ("grpc.max_send_message_length", cfg.max_send_message_bytes),
+                ("grpc.so_reuseport", 0),  # a port already taken fails loudly, never shares silently
+            ],
+        )
+        _add_service(server, "OffloadService", _OffloadServicer(self), self._on_undecodable)
+        _add_service(server, "PlanService", _PlanServicer(self), self._on_undecodable)
+        self._health = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        reflection.enable_server_reflection(
+            (*SERVICE_NAMES, _HEALTH_SERVICE, reflection.SERVICE_NAME), server
+        )
+        address = f"{cfg.host}:{cfg.port}"
+        cause: Exception | None = None
+        try:
+            port = server.add_insecure_port(address)
+        except RuntimeError as e:
+            port, cause = 0, e
+        if not port:
+            raise ConfigError(
+                f"the broker cannot listen on {address} ({cause or 'bind failed'}); is the port taken? "
+                "set broker.port (0 picks a free one) or broker.host"
+            )
+        await server.start()
+        self._server, self._port = server, port
+        for name in ("", *SERVICE_NAMES):
+            await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        if cfg.uses_dev_secret:
+            log.warning(
+                "the broker uses the built-in DEVELOPMENT auth secret: anyone with the source can mint "
+                "device tokens; set broker.auth_secret before serving real devices"
+            )
+        log.info("broker serving %s on %s:%d", ", ".join(self._models), cfg.host, port)
+        return port
+
+    async def stop(self, grace_s: float | None = None) -> None:
+        """Stop serving: health NOT_SERVING, streams end with UNAVAILABLE, in-flight windows get
+        `grace_s` (default config.shutdown_grace_s) to finish, then everything is cancelled."""
+        if self._server is None:
+            return
+        grace = self.config.shutdown_grace_s if grace_s is None else grace_s
+        self._stopped = True
+        self._closing.set()
+        for event in self._watchers:
+            event.set()
+        if self._health is not None:
+            await self._health.enter_graceful_shutdown()
+        await self._server.stop(grace)
+        await self._batcher.close()
+        self._server = None
+        log.info("broker stopped")
+
+    @property
+    def port(self) -> int:
+        if self._port is None:
+            raise ConfigError("the broker is not started: await broker.start() first")
+        return self._port
+
+    @property
+    def address(self) -> str:
+        """host:port to dial (after start)."""
+        return f"{self.config.host}:{self.port}"
+
+    @property
+    def plans(self) -> PlanSet:
+        return self._plans
+
+    def set_plans(self, plans: PlanSet) -> bool:
+        """Serve a newer plan set and push it to every WatchPlan stream; False (and a warning)
+        if it is not newer than the current one. Safe to call from any thread."""
+        if not isinstance(plans, PlanSet):
+            raise PlanError(f"set_plans expects a PlanSet, got {type(plans).__name__}")
+        current = self._plans
+        if plans.version <= current.version:
+            log.warning("ignored plan set version %d: not newer than %d", plans.version, current.version)
+            return False
+        for p in plans.plans:
+            self.metrics.device_class_label(p.device_class)
+        self._plans = plans
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if self._loop is not None and running is not self._loop:
+            self._loop.call_soon_threadsafe(self._wake_watchers)
+        else:
+            self._wake_watchers()
+        return True
+
+    def _wake_watchers(self) -> None:
+        for event in self._watchers:
+            event.set()
+
+    # --- one window ---------------------------------------------------------------------------
+
+    def _budget_s(self, deadline_ms: int, call_remaining_s: float | None) -> float:
+        budgets = [deadline_ms / 1000.0] if deadline_ms > 0 else []
+        if call_remaining_s is not None:
+            budgets.append(call_remaining_s)
+        return min(budgets) if budgets else self.config.default_deadline_ms / 1000.0
+
+    async def offload(
+        self, msg: pb.OffloadRequest, device_id: str | None, call_remaining_s: float | None, received: float
+    ) -> OffloadResponse:
+        """Answer one window, or raise the error of ours that says why not (see `status_of`)."""
+        req = from_pb(msg)
+        if device_id is None or req.device_id != device_id:
+            raise RejectedError(
+                f"OffloadRequest.device_id: expected the authenticated device {device_id!r}, "
+                f"got {req.device_id!r}",
+                code="PERMISSION_DENIED",
+            )
+        valid = validate_offload(req, self._models)
+        model, cut, device_class = req.model, req.cut, req.device_class
+        codec = req.activation.codec.value
+        self.metrics.received(model, device_class, cut, codec, req.activation.nbytes)
+        self.metrics.estimates(device_class, req.estimates)
+
+        budget_s = self._budget_s(req.deadline_ms, call_remaining_s)
+        deadline = received + budget_s
+        remaining_s = deadline - time.monotonic()
+        if remaining_s <= 0:
+            raise OffloadDeadlineError(
+                f"the deadline of {budget_s * 1000:.0f} ms passed before the window was queued"
+            )
+        decision = admit(self._batcher.load(model, cut), remaining_s * 1000, self._policy)
+        if not decision.admitted:
+            self.metrics.shed_window(model, device_class, cut)
+            raise ShedError(f"model {model!r} cut {cut}: {decision.reason}", decision.retry_after_ms)
+
+        try:
+            async with asyncio.timeout(remaining_s):
+                result = await self._batcher.submit(model, cut, valid.activation, deadline=deadline)
+        except TimeoutError:
+            raise OffloadDeadlineError(
+                f"model {model!r} cut {cut}: no answer within the deadline of {budget_s * 1000:.0f} ms"
+            ) from None
+        finally:
+            self.metrics.set_queue_depth(model, cut, self._batcher.load(model, cut).queued)
+        logits = result.logits
+        if logits.shape != (valid.info.num_classes,) or not np.isfinite(logits).all():
+            raise TailUnavailableError(
+                f"the tail of {model!r} at cut {cut} returned {list(logits.shape)} logits "
+                f"(finite: {bool(np.isfinite(logits).all())}); expected {valid.info.num_classes} finite ones"
+            )
+        total_s = time.monotonic() - received
+        self.metrics.answered(
+            model,
+            device_class,
+            cut,
+            codec,
+            queue_s=result.queue_ms / 1000,
+            compute_s=result.compute_ms / 1000,
+            total_s=total_s,
+        )
+        return OffloadResponse(
+            window_id=req.window_id,
+            logits=tuple(logits.tolist()),
+            prediction=int(np.argmax(logits)),
+            timing=Timing(
+                queue_ms=result.queue_ms, compute_ms=result.compute_ms, batch_size=result.batch_size
+            ),
+        )
+
+    def _failed(
+        self, error: BaseException, model: str, device_class: str
+    ) -> tuple[grpc.StatusCode, str, int]:
+        code, message, retry = status_of(error)
+        if code is grpc.StatusCode.INTERNAL:
+            log.error("internal error answering a window", exc_info=error)
+        self.metrics.failed(model, device_class, code.name)
+        return code, message, retry
+
+    def telemetry(self, msg: pb.ReportTelemetryRequest, device_id: str | None) -> int:
+        """Record one telemetry report; returns the current plan set version."""
+        report: TelemetryReport = from_pb(msg)
+        if device_id is None or report.device_id != device_id:
+            raise RejectedError(
+                f"ReportTelemetryRequest.device_id: expected the authenticated device {device_id!r}, "
+                f"got {report.device_id!r}",
+                code="PERMISSION_DENIED",
+            )
+        for i, o in enumerate(report.observations):
+            info = self._models.get(o.model)
+            if info is None:
+                continue  # a model this broker does not serve (e.g. fully local): counted as "unknown"
+            where = f"ReportTelemetryRequest.observations[{i}]"
+            if o.cut > info.n_stages:
+                raise WireError(
+                    f"{where}.cut: expected 0..{info.n_stages} for model {o.model!r}, got {o.cut}"
+                )
+            if len(o.stage_ms_total) > info.n_stages:
+                raise WireError(
+                    f"{where}.stage_ms_total: expected at most {info.n_stages} stages for model {o.model!r}, "
+                    f"got {len(o.stage_ms_total)}"
+                )
+        self.metrics.telemetry(report)
+        return self._plans.version
+
+    def _on_batch(self, report: BatchReport) -> None:
+        self.metrics.batch_done(report.model, report.cut, report.size)
+        self.metrics.set_queue_depth(
+            report.model, report.cut, self._batcher.load(report.model, report.cut).queued
+        )
+
+    def _on_auth_reject(self, error: RejectedError) -> None:
+        self.metrics.failed("", "", error.code or "UNAUTHENTICATED")
+
+    def _on_undecodable(self) -> None:
+        self.metrics.failed("", "", grpc.StatusCode.INVALID_ARGUMENT.name)
+
+
+class _Undecodable:
+    """What a request deserializes to when its bytes are not a valid message of its type."""
+
+    def __init__(self, type_name: str, error: Exception) -> None:
+        self.message = f"{type_name}: the bytes are not a valid splitsense.v1.{type_name} message ({error})"
+
+
+def _deserializer(cls: Any) -> Callable[[bytes], Any]:
+    name = cls.DESCRIPTOR.name
+
+    def deserialize(data: bytes) -> Any:
+        try:
+            return cls.FromString(data)
+        except DecodeError as e:  # answered INVALID_ARGUMENT by the servicer, not UNKNOWN by gRPC
+            return _Undecodable(name, e)
+
+    return deserialize
+
+
+def _add_service(
+    server: grpc.aio.Server, service: str, servicer: Any, on_undecodable: Callable[[], None]
+) -> None:
+    """Register a servicer like the generated add_*_to_server, but with deserializers that turn
+    undecodable bytes into INVALID_ARGUMENT (a stream answers them per message)."""
+    desc = pb.DESCRIPTOR.services_by_name[service]
+    handlers = {}
+    for method in desc.methods:
+        behavior = getattr(servicer, method.name)
+        if not method.client_streaming:
+            behavior = _guarded(behavior, method.server_streaming, on_undecodable)
+        kind = {
+            (False, False): grpc.unary_unary_rpc_method_handler,
+            (False, True): grpc.unary_stream_rpc_method_handler,
+            (True, False): grpc.stream_unary_rpc_method_handler,
+            (True, True): grpc.stream_stream_rpc_method_handler,
+        }[(method.client_streaming, method.server_streaming)]
+        handlers[method.name] = kind(
+            behavior,
+            request_deserializer=_deserializer(getattr(pb, method.input_type.name)),
+            response_serializer=getattr(pb, method.output_type.name).SerializeToString,
+        )
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(desc.full_name, handlers),))
+
+
+def _guarded(behavior: Any, server_streaming: bool, on_undecodable: Callable[[], None]) -> Any:
+    async def reject(request: _Undecodable, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        on_undecodable()
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
+
+    if server_streaming:
+
+        async def stream(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
+            if isinstance(request, _Undecodable):
+                await reject(request, context)
+            async for item in behavior(request, context):
+                yield item
+
+        return stream
+
+    async def unary(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        if isinstance(request, _Undecodable):
+            await reject(request, context)
+        return await behavior(request, context)
+
+    return unary
+
+
+def _caller(context: grpc.aio.ServicerContext[Any, Any]) -> str | None:
+    return device_id_of(context.invocation_metadata())
+
+
+class _OffloadServicer(pb_grpc.OffloadServiceServicer):
+    def __init__(self, broker: Broker) -> None:
+        self._b = broker
+
+    async def Offload(  # noqa: N802 (gRPC method name)
+        self, request: pb.OffloadRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.OffloadResponse:
+        received = time.monotonic()
+        b = self._b
+        with b.metrics.tracking():
+            try:
+                response = await b.offload(request, _caller(context), context.time_remaining(), received)
+            except Exception as e:
+                code, message, retry = b._failed(e, request.model, request.device_class)
+            else:
+                return to_pb(response)
+        trailing = ((RETRY_AFTER_METADATA, str(retry)),) if retry else ()
+        await context.abort(code, message, trailing_metadata=trailing)
+        raise AssertionError("unreachable: abort raises")
+
+    async def OffloadStream(  # noqa: N802
+        self,
+        request_iterator: AsyncIterator[pb.OffloadStreamRequest],
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> AsyncIterator[pb.OffloadStreamResponse]:
+        b = self._b
+        device_id = _caller(context)
+        out: asyncio.Queue[pb.OffloadStreamResponse | None] = asyncio.Queue()
+        slots = asyncio.Semaphore(b.config.max_stream_windows_in_flight)
+        windows: set[asyncio.Task[None]] = set()
+        outstanding = 0
+        shutting_down = False
+
+        async def window(index: int, msg: pb.OffloadStreamRequest, received: float) -> None:
+            nonlocal outstanding
+            try:
+                answer = await self._window(index, msg, device_id, context, received)
+            finally:
+                slots.release()
+                outstanding -= 1
+            out.put_nowait(answer)
+
+        async def reader() -> None:
+            nonlocal outstanding, shutting_down
+            it = aiter(request_iterator)
+            index = 0
+            try:
+                while True:
+                    await slots.acquire()  # at most N windows in flight: flow control pushes back
+                    msg = await anext(it, None)
+                    if msg is None:
+                        slots.release()
+                        break
+                    outstanding += 1
+                    task = asyncio.create_task(window(index, msg, time.monotonic()))
+                    windows.add(task)
+                    task.add_done_callback(windows.discard)
+                    index += 1
+            except asyncio.CancelledError:
+                shutting_down = True  # stop() cancelled the reading (a gone client cancels us all)
+            except Exception as e:  # the request stream broke: answer what was read, then end
+                log.debug("offload stream reading ended: %s: %s", type(e).__name__, e)
+            finally:
+                out.put_nowait(None)  # no more windows will be read
+
+        async def stop_on_close() -> None:
+            await b._closing.wait()
+            reading.cancel()
+
+        reading = asyncio.create_task(reader())
+        closer = asyncio.create_task(stop_on_close())
+        try:
+            done_reading = False
+            while True:
+                item = await out.get()
+                if item is None:
+                    done_reading = True
+                else:
+                    yield item
+                if done_reading and outstanding == 0 and out.empty():
+                    break
+        finally:
+            closer.cancel()
+            reading.cancel()
+            for task in list(windows):
+                task.cancel()
+        if shutting_down:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "the broker is shutting down; offload elsewhere")
+
+    async def _window(
+        self,
+        index: int,
+        msg: pb.OffloadStreamRequest,
+        device_id: str | None,
+        context: grpc.aio.ServicerContext[Any, Any],
+        received: float,
+    ) -> pb.OffloadStreamResponse:
+        """One window of a stream: its result or its WindowError, never an exception."""
+        b = self._b
+        if isinstance(msg, _Undecodable):
+            b._on_undecodable()
+            error = WindowError(
+                window_id=f"#{index}", code=grpc.StatusCode.INVALID_ARGUMENT.value[0], message=msg.message
+            )
+            return stream_response_to_pb(error)
+        has_request = msg.HasField("request")
+        # A window without an id is named by its position in the stream, "#<index>" from 0.
+        window_id = msg.request.window_id if has_request and msg.request.window_id else f"#{index}"
+        with b.metrics.tracking():
+            try:
+                if not has_request:
+                    raise WireError(
+                        "OffloadStreamRequest.request: expected an OffloadRequest message, got none"
+                    )
+                response = await b.offload(msg.request, device_id, context.time_remaining(), received)
+                return stream_response_to_pb(response)
+            except Exception as e:
+                code, message, retry = b._failed(e, msg.request.model, msg.request.device_class)
+                error = WindowError(
+                    window_id=window_id, code=code.value[0], message=message, retry_after_ms=retry
+                )
+                return stream_response_to_pb(error)
+
+    async def ReportTelemetry(  # noqa: N802
+        self, request: pb.ReportTelemetryRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.ReportTelemetryResponse:
+        b = self._b
+        try:
+            version = b.telemetry(request, _caller(context))
+        except Exception as e:
+            code, message, _ = b._failed(e, "", request.device_class)
+        else:
+            return pb.ReportTelemetryResponse(plan_version=version)
+        await context.abort(code, message)
+        raise AssertionError("unreachable: abort raises")
+
+
+class _PlanServicer(pb_grpc.PlanServiceServicer):
+    def __init__(self, broker: Broker) -> None:
+        self._b = broker
+
+    @staticmethod
+    async def _check(request: Any, name: str, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        if not request.device_class:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, f"{name}.device_class: expected a non-empty string, got ''"
+            )
+
+    async def GetPlan(  # noqa: N802
+        self, request: pb.GetPlanRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.GetPlanResponse:
+        await self._check(request, "GetPlanRequest", context)
+        plans = self._b.plans
+        if request.known_version >= plans.version:
+            return pb.GetPlanResponse()  # the caller is up to date: it keeps its plan
+        return pb.GetPlanResponse(plan_set=to_pb(plans.select(request.device_class, request.models)))
+
+    async def WatchPlan(  # noqa: N802
+        self, request: pb.WatchPlanRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[pb.WatchPlanResponse]:
+        await self._check(request, "WatchPlanRequest", context)
+        b = self._b
+        changed = asyncio.Event()
+        b._watchers.add(changed)
+        sent = request.known_version
+        try:
+            while True:
+                changed.clear()  # before reading the plans: a set_plans from now on wakes us
+                plans = b.plans
+                if plans.version > sent:
+                    yield pb.WatchPlanResponse(
+                        plan_set=to_pb(plans.select(request.device_class, request.models))
+                    )
+                    sent = plans.version
+                    continue
+                if b._closing.is_set():
+                    break
+                await changed.wait()
+        finally:
+            b._watchers.discard(changed)
+        await context.abort(grpc.StatusCode.UNAVAILABLE, "the broker is shutting down; watch another one")
+
+
+async def run_broker_forever(
+    config: BrokerConfig,
+    registry: ModelRegistry,
+    backend: TailBackend,
+    plans: PlanSet | None = None,
+    *,
+    metrics_registry: CollectorRegistry | None = None,
+    on_started: Callable[[Broker], None] | None = None,
+) -> None:
+    """Serve until SIGINT or SIGTERM, then stop gracefully (config.shutdown_grace_s).
+
+    Starts the Prometheus exporter on config.host:config.metrics_port (unless None) serving the
+    broker's registry. `on_started(broker)` runs once it listens (e.g. to print its address). The
+    backend is the caller's: it is not closed here.
+    """
+    broker = Broker(config, registry, backend, plans, metrics_registry=metrics_registry)
+    stop_exporter: Callable[[], None] | None = None
+    if config.metrics_port is not None:
+        try:
+            stop_exporter = start_exporter(config.metrics_port, config.host, broker.metrics.registry)
+        except OSError as e:
+            raise ConfigError(
+                f"the metrics exporter cannot listen on {config.host}:{config.metrics_port} ({e}); "
+                "set broker.metrics_port (null turns it off)"
+            ) from None
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    installed: list[signal.Signals] = []
+    try:
+        await broker.start()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                loop.add_signal_handler(sig, stop.set)
+                installed.append(sig)
+            except (NotImplementedError, RuntimeError):  # not the main thread, or no signals here
+                pass
+        if on_started is not None:
+            on_started(broker)
+        await stop.wait()
+        log.info("signal received: stopping the broker")
+    finally:
+        for sig in installed:
+            loop.remove_signal_handler(sig)
+        with contextlib.suppress(Exception):
+            await broker.stop(config.shutdown_grace_s)
+        if stop_exporter is not None:
+            stop_exporter()

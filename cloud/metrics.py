@@ -1,0 +1,316 @@
+"""The broker's Prometheus metrics, and the devices' telemetry it re-exports.
+
+Broker (labels model, device_class, cut, codec where they apply; `code` is a gRPC status name):
+
+    splitsense_broker_request_duration_seconds   histogram  receipt -> answer, answered windows
+    splitsense_broker_queue_duration_seconds     histogram  waiting for a batch
+    splitsense_broker_compute_duration_seconds   histogram  the batch's tail call (cloud compute)
+    splitsense_broker_received_bytes_total       counter    activation payload bytes received
+    splitsense_broker_batch_size                 histogram  windows per tail call {model, cut}
+    splitsense_broker_batches_total              counter    tail calls {model, cut}
+    splitsense_broker_shed_total                 counter    windows shed by admission control
+    splitsense_broker_errors_total               counter    windows/calls not answered, by code
+                                                            {model, device_class, code}
+    splitsense_broker_requests_in_flight         gauge      windows between receipt and answer
+    splitsense_broker_queue_depth                gauge      windows waiting per {model, cut}
+    splitsense_broker_telemetry_reports_total    counter    ReportTelemetry calls {device_class}
+
+Devices, from the estimates every request carries and from ReportTelemetry (they sit behind NAT
+and cannot be scraped); by device_class, never by device id:
+
+    splitsense_device_bandwidth_bytes_per_second   histogram  uplink estimate {device_class}
+    splitsense_device_rtt_seconds                  histogram  RTT estimate {device_class}
+    splitsense_device_battery_ratio                histogram  battery fraction {device_class}
+    splitsense_device_windows_total                counter    {model, device_class, cut, mode}
+    splitsense_device_offload_failures_total       counter    same labels
+    splitsense_device_latency_seconds_total        counter    sum of window latencies, same labels
+    splitsense_device_front_seconds_total          counter    sum of front compute, same labels
+    splitsense_device_sent_bytes_total             counter    same labels
+    splitsense_device_energy_joules_total          counter    same labels
+    splitsense_device_stage_seconds_total          counter    on-device time of one stage
+    splitsense_device_stage_windows_total          counter    windows that measured it
+                                                              {model, device_class, stage}
+
+Label values come from requests, so they are bounded here: a model this broker does not serve is
+"unknown" (and so is a cut or stage outside 0..N of a served model), and only the first
+`max_device_classes` distinct, well-formed device classes get their own label (the plans' classes
+are known up front); any other is "other". Every holder takes `registry=` (None:
+prometheus_client's global REGISTRY), so tests use a fresh CollectorRegistry().
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from collections.abc import Callable, Iterable, Iterator, Mapping
+
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+from splitsense.wire import DeviceEstimates, TelemetryReport
+
+__all__ = ["BrokerMetrics", "start_exporter"]
+
+UNKNOWN = "unknown"
+OTHER = "other"
+_CLASS_RE = re.compile(r"^[A-Za-z0-9_.-]{1,32}$")
+
+_LATENCY_BUCKETS_S = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 1.0, 2.5)
+_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+# The planner's bandwidth bucket edges (0.1 .. 50 Mbit/s and beyond), in bytes per second.
+_BANDWIDTH_BUCKETS = tuple(mbps * 125_000 for mbps in (0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 50, 100, 1000))
+_RTT_BUCKETS_S = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0)
+_BATTERY_BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0)
+
+_REQ = ("model", "device_class", "cut")
+_OBS = ("model", "device_class", "cut", "mode")
+
+
+class BrokerMetrics:
+    """Every metric of the broker, registered on one registry."""
+
+    def __init__(
+        self,
+        registry: CollectorRegistry | None = None,
+        *,
+        models: Mapping[str, int] | None = None,
+        device_classes: Iterable[str] = (),
+        max_device_classes: int = 16,
+    ) -> None:
+        self.registry = REGISTRY if registry is None else registry
+        r = self.registry
+        self._stages = dict(models or {})  # model -> number of stages N
+        self._classes: set[str] = set()
+        self._max_classes = max_device_classes
+        for c in device_classes:
+            self.device_class_label(c)
+
+        self.request_duration = Histogram(
+            "splitsense_broker_request_duration_seconds",
+            "Time from receiving a window to answering it with a result.",
+            (*_REQ, "codec"),
+            buckets=_LATENCY_BUCKETS_S,
+            registry=r,
+        )
+        self.queue_duration = Histogram(
+            "splitsense_broker_queue_duration_seconds",
+            "Time a window waited in the broker's batching queue.",
+            _REQ,
+            buckets=_LATENCY_BUCKETS_S,
+            registry=r,
+        )
+        self.compute_duration = Histogram(
+            "splitsense_broker_compute_duration_seconds",
+            "Time the tail call of the batch that held a window took (cloud compute and the hop).",
+            _REQ,
+            buckets=_LATENCY_BUCKETS_S,
+            registry=r,
+        )
+        self.received_bytes = Counter(
+            "splitsense_broker_received_bytes",
+            "Activation payload bytes received in offload requests.",
+            (*_REQ, "codec"),
+            registry=r,
+        )
+        self.batch_size = Histogram(
+            "splitsense_broker_batch_size",
+            "Windows per tail call.",
+            ("model", "cut"),
+            buckets=_BATCH_BUCKETS,
+            registry=r,
+        )
+        self.batches = Counter(
+            "splitsense_broker_batches", "Tail calls made, by model and cut.", ("model", "cut"), registry=r
+        )
+        self.shed = Counter(
+            "splitsense_broker_shed",
+            "Windows shed by admission control (answered RESOURCE_EXHAUSTED).",
+            _REQ,
+            registry=r,
+        )
+        self.errors = Counter(
+            "splitsense_broker_errors",
+            "Windows and calls not answered with a result, by gRPC status code.",
+            ("model", "device_class", "code"),
+            registry=r,
+        )
+        self.in_flight = Gauge(
+            "splitsense_broker_requests_in_flight",
+            "Windows received and not yet answered.",
+            registry=r,
+        )
+        self.queue_depth = Gauge(
+            "splitsense_broker_queue_depth",
+            "Windows waiting for a batch, by model and cut.",
+            ("model", "cut"),
+            registry=r,
+        )
+        self.telemetry_reports = Counter(
+            "splitsense_broker_telemetry_reports",
+            "ReportTelemetry calls accepted.",
+            ("device_class",),
+            registry=r,
+        )
+        self.device_bandwidth = Histogram(
+            "splitsense_device_bandwidth_bytes_per_second",
+            "Devices' own estimates of their uplink bandwidth.",
+            ("device_class",),
+            buckets=_BANDWIDTH_BUCKETS,
+            registry=r,
+        )
+        self.device_rtt = Histogram(
+            "splitsense_device_rtt_seconds",
+            "Devices' own estimates of their round-trip time to the broker.",
+            ("device_class",),
+            buckets=_RTT_BUCKETS_S,
+            registry=r,
+        )
+        self.device_battery = Histogram(
+            "splitsense_device_battery_ratio",
+            "Devices' remaining battery charge (0..1) while on battery.",
+            ("device_class",),
+            buckets=_BATTERY_BUCKETS,
+            registry=r,
+        )
+        self.device_windows = Counter(
+            "splitsense_device_windows", "Windows devices finished, from telemetry.", _OBS, registry=r
+        )
+        self.device_failures = Counter(
+            "splitsense_device_offload_failures",
+            "Offload attempts that produced no result (the device finished the window itself).",
+            _OBS,
+            registry=r,
+        )
+        self.device_latency = Counter(
+            "splitsense_device_latency_seconds",
+            "Sum of window latencies (ready -> result) reported by devices.",
+            _OBS,
+            registry=r,
+        )
+        self.device_front = Counter(
+            "splitsense_device_front_seconds",
+            "Sum of on-device compute time of the front stages [0, cut).",
+            _OBS,
+            registry=r,
+        )
+        self.device_sent_bytes = Counter(
+            "splitsense_device_sent_bytes", "Activation bytes devices sent.", _OBS, registry=r
+        )
+        self.device_energy = Counter(
+            "splitsense_device_energy_joules", "Energy devices estimate they spent.", _OBS, registry=r
+        )
+        self.device_stage_seconds = Counter(
+            "splitsense_device_stage_seconds",
+            "Sum of on-device compute time of one stage (index `stage`).",
+            ("model", "device_class", "stage"),
+            registry=r,
+        )
+        self.device_stage_windows = Counter(
+            "splitsense_device_stage_windows",
+            "Windows whose on-device time of stage `stage` was measured.",
+            ("model", "device_class", "stage"),
+            registry=r,
+        )
+
+    # --- label hygiene ------------------------------------------------------------------------
+
+    def model_label(self, model: str) -> str:
+        return model if model in self._stages else UNKNOWN
+
+    def cut_label(self, model: str, cut: int) -> str:
+        """str(cut) for a cut 0..N of a served model, else "unknown"."""
+        n = self._stages.get(model)
+        return str(cut) if n is not None and 0 <= cut <= n else UNKNOWN
+
+    def device_class_label(self, device_class: str) -> str:
+        if device_class in self._classes:
+            return device_class
+        if not isinstance(device_class, str) or not _CLASS_RE.match(device_class):
+            return OTHER
+        if len(self._classes) >= self._max_classes:
+            return OTHER
+        self._classes.add(device_class)
+        return device_class
+
+    # --- broker -------------------------------------------------------------------------------
+
+    def received(self, model: str, device_class: str, cut: int, codec: str, nbytes: int) -> None:
+        c = self.device_class_label(device_class)
+        self.received_bytes.labels(self.model_label(model), c, self.cut_label(model, cut), codec).inc(nbytes)
+
+    def answered(
+        self,
+        model: str,
+        device_class: str,
+        cut: int,
+        codec: str,
+        *,
+        queue_s: float,
+        compute_s: float,
+        total_s: float,
+    ) -> None:
+        m, c, k = self.model_label(model), self.device_class_label(device_class), self.cut_label(model, cut)
+        self.request_duration.labels(m, c, k, codec).observe(total_s)
+        self.queue_duration.labels(m, c, k).observe(queue_s)
+        self.compute_duration.labels(m, c, k).observe(compute_s)
+
+    def failed(self, model: str, device_class: str, code: str) -> None:
+        self.errors.labels(self.model_label(model), self.device_class_label(device_class), code).inc()
+
+    def shed_window(self, model: str, device_class: str, cut: int) -> None:
+        c = self.device_class_label(device_class)
+        self.shed.labels(self.model_label(model), c, self.cut_label(model, cut)).inc()
+
+    def batch_done(self, model: str, cut: int, size: int) -> None:
+        m, k = self.model_label(model), self.cut_label(model, cut)
+        self.batch_size.labels(m, k).observe(size)
+        self.batches.labels(m, k).inc()
+
+    def set_queue_depth(self, model: str, cut: int, depth: int) -> None:
+        self.queue_depth.labels(self.model_label(model), self.cut_label(model, cut)).set(depth)
+
+    @contextlib.contextmanager
+    def tracking(self) -> Iterator[None]:
+        """Counts a window in flight for the duration of the block."""
+        self.in_flight.inc()
+        try:
+            yield
+        finally:
+            self.in_flight.dec()
+
+    # --- devices ------------------------------------------------------------------------------
+
+    def estimates(self, device_class: str, e: DeviceEstimates) -> None:
+        c = self.device_class_label(device_class)
+        self.device_bandwidth.labels(c).observe(e.bandwidth_mbps * 125_000)
+        self.device_rtt.labels(c).observe(e.rtt_ms / 1000)
+        if e.on_battery:
+            self.device_battery.labels(c).observe(e.battery_fraction)
+
+    def telemetry(self, report: TelemetryReport) -> None:
+        c = self.device_class_label(report.device_class)
+        self.telemetry_reports.labels(c).inc()
+        self.estimates(report.device_class, report.estimates)
+        for o in report.observations:
+            m = self.model_label(o.model)
+            labels = (m, c, self.cut_label(o.model, o.cut), o.mode.value)
+            self.device_windows.labels(*labels).inc(o.window_count)
+            self.device_failures.labels(*labels).inc(o.failure_count)
+            self.device_latency.labels(*labels).inc(o.latency_ms_total / 1000)
+            self.device_front.labels(*labels).inc(o.front_ms_total / 1000)
+            self.device_sent_bytes.labels(*labels).inc(o.bytes_sent)
+            self.device_energy.labels(*labels).inc(o.energy_mj / 1000)
+            for i, ms in enumerate(o.stage_ms_total[: self._stages.get(o.model, 0)]):
+                self.device_stage_seconds.labels(m, c, str(i)).inc(ms / 1000)
+                self.device_stage_windows.labels(m, c, str(i)).inc(o.window_count)
+
+
+def start_exporter(port: int, host: str, registry: CollectorRegistry) -> Callable[[], None]:
+    """Serve `registry` on http://host:port/metrics in a daemon thread; returns a stop function."""
+    server, thread = start_http_server(port, addr=host, registry=registry)
+
+    def stop() -> None:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
+
+    return stop

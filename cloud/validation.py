@@ -1,0 +1,94 @@
+"""Checks of one offload request against the model it names; pure (no gRPC, no I/O).
+
+`validate_offload` runs after `splitsense.wire.from_pb` (which already rejects what the wire cannot
+carry: an unset activation, an UNSPECIFIED codec, a payload whose length does not match its
+shape) and checks, in this order:
+
+    OffloadRequest.model              a model this broker serves            ModelError  -> NOT_FOUND
+    OffloadRequest.cut                0..N-1 (N is fully local, never sent) WireError   -> INVALID_ARGUMENT
+    OffloadRequest.activation.codec   one of the accepted codecs            WireError   -> INVALID_ARGUMENT
+    OffloadRequest.activation.shape   (1, *activation shape at the cut)     WireError   -> INVALID_ARGUMENT
+    OffloadRequest.activation.data    length, int8 scale/zero point, and    WireError   -> INVALID_ARGUMENT
+                                      only finite numbers once decoded
+
+An unknown model is NOT_FOUND rather than INVALID_ARGUMENT: the request is well formed, but names
+something this broker does not have (another broker, or this one after a deploy, may serve it),
+and a device can tell "my message is broken" from "this cloud lacks my model" by the code alone.
+
+Each message starts with the path of the field at fault and says what was expected and what
+came, e.g. `OffloadRequest.activation.shape: expected [1, 64, 10, 25] for model 'fsdd_digit' at
+cut 3 (one window, batch dimension first), got [1, 48, 20, 50]`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass
+
+import numpy as np
+
+from cloud.backend import ModelInfo
+from pipelines.codecs import Codec, decode
+from splitsense.errors import CodecError, ModelError, WireError
+from splitsense.wire import OffloadRequest
+
+__all__ = ["ValidOffload", "validate_offload"]
+
+_PATH = "OffloadRequest"
+
+
+@dataclass(frozen=True)
+class ValidOffload:
+    """A request that passed every check, with its activation decoded."""
+
+    request: OffloadRequest
+    info: ModelInfo
+    activation: np.ndarray  # float32, shape (1, *info.activation_shape(request.cut)), all finite
+
+
+def validate_offload(
+    request: OffloadRequest,
+    models: Mapping[str, ModelInfo],
+    *,
+    accepted_codecs: Collection[Codec] = tuple(Codec),
+) -> ValidOffload:
+    """The request decoded, or ModelError (unknown model) / WireError (any other field) naming it."""
+    info = models.get(request.model)
+    if info is None:
+        served = ", ".join(repr(m) for m in sorted(models)) or "none"
+        raise ModelError(
+            f"{_PATH}.model: expected a model this broker serves ({served}), got {request.model!r}"
+        )
+
+    n = info.n_stages
+    if not 0 <= request.cut < n:
+        raise WireError(
+            f"{_PATH}.cut: expected 0..{n - 1} for model {info.name!r} (cut {n} runs the whole model on "
+            f"the device and is never offloaded), got {request.cut}"
+        )
+
+    t = request.activation
+    if t.codec not in accepted_codecs:
+        accepted = ", ".join(c.value for c in Codec if c in accepted_codecs)
+        raise WireError(f"{_PATH}.activation.codec: expected one of {accepted}, got {t.codec.value}")
+
+    expected = (1, *info.activation_shape(request.cut))
+    if tuple(t.shape) != expected:
+        raise WireError(
+            f"{_PATH}.activation.shape: expected {list(expected)} for model {info.name!r} at cut "
+            f"{request.cut} (one window, batch dimension first), got {list(t.shape)}"
+        )
+
+    try:
+        x = decode(t)  # checks the payload length and the int8 scale / zero point first
+    except CodecError as e:
+        raise WireError(f"{_PATH}.activation.data: {e}") from None
+    finite = np.isfinite(x)
+    if not finite.all():
+        n_nan = int(np.isnan(x).sum())
+        n_inf = int(x.size - finite.sum()) - n_nan
+        raise WireError(
+            f"{_PATH}.activation.data: expected finite numbers after {t.codec.value} decoding, got "
+            f"{n_nan} NaN and {n_inf} inf among {x.size} values"
+        )
+    return ValidOffload(request=request, info=info, activation=x)

@@ -1,0 +1,153 @@
+"""cloud.metrics: names by the conventions, bounded labels, telemetry re-exported by device class."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+
+import pytest
+from prometheus_client import CollectorRegistry, generate_latest
+
+from cloud.metrics import BrokerMetrics
+from splitsense.wire import DeviceEstimates, ExecutionMode, RadioKind, TelemetryObservation, TelemetryReport
+
+
+def metrics(**kw: object) -> tuple[BrokerMetrics, CollectorRegistry]:
+    reg = CollectorRegistry()
+    return BrokerMetrics(reg, models={"m": 3}, device_classes=("phone",), **kw), reg  # type: ignore[arg-type]
+
+
+EST = DeviceEstimates(
+    bandwidth_mbps=8.0, rtt_ms=40.0, battery_fraction=0.5, on_battery=True, radio=RadioKind.LTE
+)
+
+
+def test_request_metrics() -> None:
+    m, reg = metrics()
+    m.received("m", "phone", 1, "fp32", 1000)
+    m.answered("m", "phone", 1, "fp32", queue_s=0.001, compute_s=0.008, total_s=0.010)
+    m.batch_done("m", 1, 5)
+    m.shed_window("m", "phone", 1)
+    m.failed("m", "phone", "INVALID_ARGUMENT")
+    v = reg.get_sample_value
+    labels = {"model": "m", "device_class": "phone", "cut": "1"}
+    assert v("splitsense_broker_received_bytes_total", {**labels, "codec": "fp32"}) == 1000
+    assert v("splitsense_broker_request_duration_seconds_count", {**labels, "codec": "fp32"}) == 1
+    assert v("splitsense_broker_queue_duration_seconds_sum", labels) == pytest.approx(0.001)
+    assert v("splitsense_broker_compute_duration_seconds_sum", labels) == pytest.approx(0.008)
+    assert v("splitsense_broker_batch_size_sum", {"model": "m", "cut": "1"}) == 5
+    assert v("splitsense_broker_batches_total", {"model": "m", "cut": "1"}) == 1
+    assert v("splitsense_broker_shed_total", labels) == 1
+    assert (
+        v(
+            "splitsense_broker_errors_total",
+            {"model": "m", "device_class": "phone", "code": "INVALID_ARGUMENT"},
+        )
+        == 1
+    )
+
+
+def test_in_flight_gauge() -> None:
+    m, reg = metrics()
+    with m.tracking():
+        assert reg.get_sample_value("splitsense_broker_requests_in_flight") == 1
+    assert reg.get_sample_value("splitsense_broker_requests_in_flight") == 0
+
+
+def test_labels_from_requests_are_bounded() -> None:
+    m, _ = metrics(max_device_classes=3)
+    assert m.model_label("m") == "m"
+    assert m.model_label("evil-model-123") == "unknown"
+    assert (
+        m.cut_label("m", 3) == "3" and m.cut_label("m", 4) == "unknown" and m.cut_label("x", 0) == "unknown"
+    )
+    assert m.device_class_label("phone") == "phone"
+    assert m.device_class_label("watch") == "watch"
+    assert m.device_class_label("board") == "board"
+    assert m.device_class_label("fourth") == "other"  # the cap of 3 is reached
+    assert m.device_class_label("watch") == "watch"
+    assert m.device_class_label("bad class with spaces") == "other"
+    assert m.device_class_label("") == "other"
+
+
+def test_device_estimates_in_base_units() -> None:
+    m, reg = metrics()
+    m.estimates("phone", EST)
+    assert (
+        reg.get_sample_value("splitsense_device_bandwidth_bytes_per_second_sum", {"device_class": "phone"})
+        == 1e6
+    )
+    assert reg.get_sample_value(
+        "splitsense_device_rtt_seconds_sum", {"device_class": "phone"}
+    ) == pytest.approx(0.04)
+    assert reg.get_sample_value("splitsense_device_battery_ratio_sum", {"device_class": "phone"}) == 0.5
+    plugged = DeviceEstimates(
+        bandwidth_mbps=1, rtt_ms=1, battery_fraction=0.1, on_battery=False, radio=RadioKind.WIFI
+    )
+    m.estimates("phone", plugged)
+    assert reg.get_sample_value("splitsense_device_battery_ratio_count", {"device_class": "phone"}) == 1
+
+
+def test_telemetry_counters() -> None:
+    m, reg = metrics()
+    obs = TelemetryObservation(
+        model="m",
+        cut=2,
+        mode=ExecutionMode.OFFLOADED,
+        window_count=10,
+        front_ms_total=50.0,
+        latency_ms_total=900.0,
+        bytes_sent=4096,
+        energy_mj=120.0,
+        failure_count=1,
+        stage_ms_total=(20.0, 30.0, 1.0, 1.0, 1.0),  # more than N = 3: the extra are ignored
+    )
+    report = TelemetryReport(
+        device_id="d",
+        device_class="phone",
+        estimates=EST,
+        plan_version=1,
+        period_start_unix_ms=0,
+        period_end_unix_ms=10_000,
+        observations=(obs,),
+    )
+    m.telemetry(report)
+    v = reg.get_sample_value
+    labels = {"model": "m", "device_class": "phone", "cut": "2", "mode": "offloaded"}
+    assert v("splitsense_device_windows_total", labels) == 10
+    assert v("splitsense_device_offload_failures_total", labels) == 1
+    assert v("splitsense_device_latency_seconds_total", labels) == pytest.approx(0.9)
+    assert v("splitsense_device_front_seconds_total", labels) == pytest.approx(0.05)
+    assert v("splitsense_device_sent_bytes_total", labels) == 4096
+    assert v("splitsense_device_energy_joules_total", labels) == pytest.approx(0.12)
+    assert (
+        v("splitsense_device_stage_seconds_total", {"model": "m", "device_class": "phone", "stage": "1"})
+        == 0.03
+    )
+    assert (
+        v("splitsense_device_stage_windows_total", {"model": "m", "device_class": "phone", "stage": "2"})
+        == 10
+    )
+    assert (
+        v("splitsense_device_stage_windows_total", {"model": "m", "device_class": "phone", "stage": "3"})
+        is None
+    )
+    assert v("splitsense_broker_telemetry_reports_total", {"device_class": "phone"}) == 1
+
+
+def test_every_name_is_namespaced() -> None:
+    _, reg = metrics()
+    for family in reg.collect():
+        assert family.name.startswith(("splitsense_broker_", "splitsense_device_")), family.name
+
+
+@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool is not installed")
+def test_promtool_accepts_the_exposition() -> None:
+    m, reg = metrics()
+    m.received("m", "phone", 1, "fp32", 10)
+    m.answered("m", "phone", 1, "fp32", queue_s=0.001, compute_s=0.002, total_s=0.003)
+    m.estimates("phone", EST)
+    out = subprocess.run(
+        ["promtool", "check", "metrics"], input=generate_latest(reg), capture_output=True, timeout=30
+    )
+    assert out.returncode == 0, out.stdout.decode() + out.stderr.decode()

@@ -1,0 +1,160 @@
+"""cloud.validation: every field of an offload request checked against a (toy) model's profile."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from cloud.backend import ModelInfo
+from cloud.validation import validate_offload
+from pipelines.codecs import Codec, EncodedTensor, encode
+from splitsense.errors import ModelError, WireError
+from splitsense.wire import DeviceEstimates, OffloadRequest, RadioKind
+
+TOY = ModelInfo(
+    name="toy",
+    n_stages=3,
+    num_classes=4,
+    input_shape=(2, 8),
+    activation_shapes=((2, 8), (4, 8), (16,), (4,)),
+)
+MODELS = {"toy": TOY}
+
+
+def request(activation: EncodedTensor, *, model: str = "toy", cut: int = 1) -> OffloadRequest:
+    return OffloadRequest(
+        window_id="w1",
+        model=model,
+        cut=cut,
+        device_id="dev-1",
+        device_class="phone",
+        estimates=DeviceEstimates(
+            bandwidth_mbps=5.0, rtt_ms=20.0, battery_fraction=0.8, on_battery=True, radio=RadioKind.WIFI
+        ),
+        plan_version=1,
+        activation=activation,
+        sent_unix_ms=1,
+    )
+
+
+def act(cut: int = 1, codec: Codec = Codec.FP32, seed: int = 0) -> EncodedTensor:
+    x = np.random.default_rng(seed).standard_normal((1, *TOY.activation_shapes[cut])).astype(np.float32)
+    return encode(x, codec)
+
+
+@pytest.mark.parametrize("codec", list(Codec))
+@pytest.mark.parametrize("cut", [0, 1, 2])
+def test_valid_request_is_decoded(codec: Codec, cut: int) -> None:
+    t = act(cut, codec)
+    v = validate_offload(request(t, cut=cut), MODELS)
+    assert v.info is TOY
+    assert v.activation.dtype == np.float32
+    assert v.activation.shape == (1, *TOY.activation_shapes[cut])
+    assert np.isfinite(v.activation).all()
+
+
+def test_fp32_decodes_exactly() -> None:
+    x = np.arange(32, dtype=np.float32).reshape(1, 4, 8) / 7
+    v = validate_offload(request(encode(x, Codec.FP32)), MODELS)
+    assert np.array_equal(v.activation, x)
+
+
+def test_unknown_model_is_model_error_naming_the_field_and_served_models() -> None:
+    with pytest.raises(ModelError) as e:
+        validate_offload(request(act(), model="nope"), MODELS)
+    msg = str(e.value)
+    assert msg.startswith("OffloadRequest.model:")
+    assert "'toy'" in msg and "'nope'" in msg
+
+
+@pytest.mark.parametrize("cut", [3, 4, 1000])
+def test_cut_out_of_range_names_the_field_and_the_range(cut: int) -> None:
+    with pytest.raises(WireError) as e:
+        validate_offload(request(act(), cut=cut), MODELS)
+    msg = str(e.value)
+    assert msg.startswith("OffloadRequest.cut:")
+    assert "0..2" in msg and f"got {cut}" in msg
+    if cut == 3:
+        assert "never offloaded" in msg
+
+
+def test_wrong_shape_says_what_was_expected() -> None:
+    t = act(cut=2)  # (1, 16) sent as if it were cut 1's (1, 4, 8)
+    with pytest.raises(WireError) as e:
+        validate_offload(request(t, cut=1), MODELS)
+    msg = str(e.value)
+    assert msg.startswith("OffloadRequest.activation.shape:")
+    assert "[1, 4, 8]" in msg and "[1, 16]" in msg and "cut 1" in msg
+
+
+def test_missing_batch_dimension_is_a_shape_error() -> None:
+    x = np.zeros((4, 8), dtype=np.float32)
+    with pytest.raises(WireError, match=r"^OffloadRequest\.activation\.shape: expected \[1, 4, 8\]"):
+        validate_offload(request(encode(x, Codec.FP32)), MODELS)
+
+
+def test_batch_of_two_is_rejected() -> None:
+    x = np.zeros((2, 4, 8), dtype=np.float32)
+    with pytest.raises(WireError, match=r"activation\.shape"):
+        validate_offload(request(encode(x, Codec.FP32)), MODELS)
+
+
+def test_codec_not_accepted() -> None:
+    with pytest.raises(WireError) as e:
+        validate_offload(request(act(codec=Codec.INT8)), MODELS, accepted_codecs={Codec.FP32, Codec.FP16})
+    msg = str(e.value)
+    assert msg.startswith("OffloadRequest.activation.codec:")
+    assert "fp32, fp16" in msg and "got int8" in msg
+
+
+def test_codec_mismatch_with_payload_size_names_the_data() -> None:
+    good = act()  # fp32 bytes
+    lying = EncodedTensor(Codec.FP16, good.shape, good.data)  # says fp16: twice too many bytes
+    with pytest.raises(WireError) as e:
+        validate_offload(request(lying), MODELS)
+    msg = str(e.value)
+    assert msg.startswith("OffloadRequest.activation.data:")
+    assert "fp16 payload is 128 bytes" in msg and "needs 64" in msg
+
+
+def test_truncated_payload() -> None:
+    good = act()
+    with pytest.raises(WireError, match=r"^OffloadRequest\.activation\.data: fp32 payload is 124 bytes"):
+        validate_offload(request(EncodedTensor(Codec.FP32, good.shape, good.data[:-4])), MODELS)
+
+
+def test_nan_payload_is_counted() -> None:
+    x = np.zeros((1, 4, 8), dtype=np.float32)
+    x[0, 0, :3] = np.nan
+    x[0, 1, 0] = np.inf
+    raw = EncodedTensor(Codec.FP32, x.shape, x.astype("<f4").tobytes())  # encode() would refuse
+    with pytest.raises(WireError) as e:
+        validate_offload(request(raw), MODELS)
+    msg = str(e.value)
+    assert msg.startswith("OffloadRequest.activation.data: expected finite numbers after fp32 decoding")
+    assert "3 NaN and 1 inf among 32 values" in msg
+
+
+def test_fp16_inf_payload() -> None:
+    x = np.full((1, 4, 8), np.float16(1.0))
+    x[0, 0, 0] = np.float16(np.inf)
+    raw = EncodedTensor(Codec.FP16, x.shape, x.astype("<f2").tobytes())
+    with pytest.raises(WireError, match=r"0 NaN and 1 inf"):
+        validate_offload(request(raw), MODELS)
+
+
+@pytest.mark.parametrize("scale", [0.0, -1.0, float("nan"), float("inf")])
+def test_int8_bad_scale(scale: float) -> None:
+    good = act(codec=Codec.INT8)
+    raw = EncodedTensor(Codec.INT8, good.shape, good.data, scale=scale, zero_point=good.zero_point)
+    with pytest.raises(WireError, match=r"^OffloadRequest\.activation\.data: int8 scale"):
+        validate_offload(request(raw), MODELS)
+
+
+def test_checks_run_in_order_model_first() -> None:
+    # Everything is wrong: the model is reported, since nothing else can be judged without it.
+    with pytest.raises(ModelError):
+        validate_offload(request(EncodedTensor(Codec.FP16, (3,), b"x"), model="nope", cut=99), MODELS)
+    # Known model, bad cut and bad shape: the cut is reported.
+    with pytest.raises(WireError, match=r"^OffloadRequest\.cut"):
+        validate_offload(request(EncodedTensor(Codec.FP16, (3,), b"x"), cut=99), MODELS)
