@@ -340,7 +340,7 @@ class EdgeConfig:
     replay_speed: float = 1.0
     audio_frame_ms: float = 80.0  # the microphone delivers 640-sample frames at 8 kHz
     telemetry_period_s: float = 10.0  # devices push telemetry (NAT: they cannot be scraped)
-    # The device's own power figures; the defaults are the "phone" class of simulators/devices.py
+    # The device's own power figures; the defaults are the "phone" class of pipelines/devices.py
     # (Pixel 3: ~2 W busy, LTE, 2915 mAh x 3.85 V); `splitsense edge run --device-class` fills them.
     active_mw: float = 2000.0
     radio: str = "lte"

@@ -1,6 +1,6 @@
 """Benchmark: how long replanning the whole fleet takes.
 
-The fleet is every device class of ``simulators.devices`` x every model of ``pipelines.models`` x
+The fleet is every device class of ``pipelines.devices`` x every model of ``pipelines.models`` x
 every bandwidth bucket of ``PlannerConfig`` x both battery states. Catalogs come from
 ``pipelines/weights/{model}.catalog.json`` when present; otherwise they are measured here on a
 freshly built (untrained) model, with accuracy replaced by top-1 agreement with the uncompressed
@@ -76,7 +76,7 @@ def load_or_measure_catalogs(cfg: Config) -> tuple[list[ModelCatalog], dict[str,
 
 def run_plan_bench(repeats: int = 50, cfg: Config | None = None) -> dict[str, Any]:
     """Median ms of one whole-fleet replan, the number of rows, and the configuration used."""
-    from simulators.devices import DEVICE_CLASSES
+    from pipelines.devices import DEVICE_CLASSES
 
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats!r}")

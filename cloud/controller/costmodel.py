@@ -91,7 +91,7 @@ def _finite_nonneg(where: str, value: float) -> float:
 
 @dataclass(frozen=True)
 class DeviceCostProfile:
-    """What the cost model needs to know about a device class (simulators.devices has the figures).
+    """What the cost model needs to know about a device class (pipelines.devices has the figures).
 
     `radio` is a Radio (its published model from pipelines.power) or a RadioPowerModel of your own.
     """

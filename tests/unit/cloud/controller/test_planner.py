@@ -501,7 +501,7 @@ def test_hysteresis_never_keeps_an_infeasible_previous_choice() -> None:
 
 
 def test_inputs_from_config_plans_every_class_of_the_config() -> None:
-    from simulators.devices import DEVICE_CLASSES
+    from pipelines.devices import DEVICE_CLASSES
 
     cfg = PlannerConfig()
     devices = {

@@ -1,4 +1,4 @@
-"""The simulated device classes: how fast they compute, what they draw, which radio and battery they have.
+"""The device classes of the fleet: how fast they compute, what they draw, which radio and battery they have.
 
 These are the *simulated* hardware. The fleet runs on this host (a 2-core x86 server, Intel Xeon
 of the Sapphire Rapids generation under KVM); a device's compute time is the host's time for the
