@@ -26,6 +26,7 @@ from typing import Any
 import grpc
 
 from splitsense.errors import ConfigError, RejectedError
+from splitsense.wire import AUTH_METADATA_KEY, DEVICE_ID_METADATA_KEY, TOKEN_METADATA_KEY
 
 __all__ = [
     "DEVICE_ID_METADATA",
@@ -37,9 +38,9 @@ __all__ = [
     "device_token",
 ]
 
-DEVICE_ID_METADATA = "x-splitsense-device-id"
-TOKEN_METADATA = "x-splitsense-token"
-_AUTHORIZATION = "authorization"
+DEVICE_ID_METADATA = DEVICE_ID_METADATA_KEY
+TOKEN_METADATA = TOKEN_METADATA_KEY
+_AUTHORIZATION = AUTH_METADATA_KEY
 _BEARER = "bearer "
 _MAX_DEVICE_ID_CHARS = 128
 # Methods under these prefixes need no token: grpc.health.v1.Health and server reflection.

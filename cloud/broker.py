@@ -68,6 +68,7 @@ from splitsense.plan import PlanSet
 from splitsense.v1 import offload_pb2 as pb
 from splitsense.v1 import offload_pb2_grpc as pb_grpc  # servicer base classes (docs, typing)
 from splitsense.wire import (
+    RETRY_AFTER_METADATA_KEY,
     OffloadResponse,
     TelemetryReport,
     Timing,
@@ -81,7 +82,7 @@ __all__ = ["RETRY_AFTER_METADATA", "Broker", "run_broker_forever", "status_of"]
 
 log = logging.getLogger(__name__)
 
-RETRY_AFTER_METADATA = "x-splitsense-retry-after-ms"
+RETRY_AFTER_METADATA = RETRY_AFTER_METADATA_KEY
 SERVICE_NAMES = (
     pb.DESCRIPTOR.services_by_name["OffloadService"].full_name,
     pb.DESCRIPTOR.services_by_name["PlanService"].full_name,

@@ -298,7 +298,7 @@ def edge_run(
         overrides["replay_speed"] = speed
     if device_class is not None:
         overrides["device_class"] = device_class
-        from simulators.devices import DEVICE_CLASSES  # the classes' power figures, if it is one of ours
+        from pipelines.devices import DEVICE_CLASSES  # the classes' power figures, if it is one of ours
 
         known = DEVICE_CLASSES.get(device_class)
         if known is not None:

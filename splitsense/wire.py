@@ -60,6 +60,14 @@ _UINT32_MAX = 2**32 - 1
 _INT64_MAX = 2**63 - 1
 
 
+# Call metadata keys of the contract (both sides import these; gRPC status codes are mapped only
+# in the servicers and the edge transport).
+AUTH_METADATA_KEY = "authorization"  # value: "Bearer <token>"
+TOKEN_METADATA_KEY = "x-splitsense-token"  # alternative to authorization: the bare token
+DEVICE_ID_METADATA_KEY = "x-splitsense-device-id"
+RETRY_AFTER_METADATA_KEY = "x-splitsense-retry-after-ms"  # trailing metadata of a shed
+
+
 class RadioKind(StrEnum):
     """The kind of link a device's uplink uses."""
 

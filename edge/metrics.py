@@ -1,0 +1,184 @@
+"""The device's own metrics, and the telemetry reports that carry them to the broker.
+
+A device sits behind NAT and cannot be scraped, so its Prometheus metrics live in a registry of
+its own (pass `registry=` to share one, e.g. to expose it locally while debugging) and what the
+controller needs is pushed: `EdgeMetrics.observe` also adds every window into per-(model, cut,
+mode) sums that `drain_report` turns into a `TelemetryReport` (ReportTelemetry), sums that add
+up across devices and periods.
+
+    splitsense_edge_windows_total{model,device_class,cut,mode}                 counter
+    splitsense_edge_window_latency_seconds{model,device_class,mode}           histogram
+    splitsense_edge_sent_bytes_total{model,device_class,cut,codec}            counter
+    splitsense_edge_fallbacks_total{model,device_class,reason}                counter
+    splitsense_edge_energy_joules_total{model,device_class,mode}              counter
+    splitsense_edge_breaker_state{model,device_class}                         gauge 0 closed, 1 half, 2 open
+    splitsense_edge_estimated_bandwidth_bytes_per_second{model,device_class}  gauge
+    splitsense_edge_estimated_rtt_seconds{model,device_class}                 gauge
+    splitsense_edge_battery_ratio{model,device_class}                         gauge 0..1
+
+Labels are low-cardinality only (never ids): `reason` is a `FailureKind` value of edge/breaker.py or
+"codec" (the activation could not be encoded).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from edge.breaker import BreakerState
+from edge.sink import WindowResult
+from splitsense.wire import DeviceEstimates, ExecutionMode, TelemetryObservation, TelemetryReport
+
+__all__ = ["EdgeMetrics"]
+
+_NS = "splitsense"
+_SUB = "edge"
+# 1 ms .. 5 s: an in-process tail answers in ~1 ms, a deadline is 300 ms, a slow local audio model
+# on a watch-class device takes seconds.
+_LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 1.0, 2.5, 5.0)
+
+
+@dataclass
+class _Sums:
+    windows: int = 0
+    front_ms: float = 0.0
+    latency_ms: float = 0.0
+    bytes_sent: int = 0
+    energy_mj: float = 0.0
+    failures: int = 0
+    stage_ms: list[float] = field(default_factory=list)
+    stage_ok: bool = True  # False once windows with different stage counts were mixed
+
+    def add_stages(self, stage_ms: tuple[float, ...]) -> None:
+        """Add per-stage times (call before counting the windows they belong to)."""
+        if not self.stage_ok:
+            return
+        if self.windows == 0:
+            self.stage_ms = list(stage_ms)
+        elif len(stage_ms) == len(self.stage_ms):
+            self.stage_ms = [a + b for a, b in zip(self.stage_ms, stage_ms, strict=True)]
+        else:
+            self.stage_ok, self.stage_ms = False, []
+
+
+class EdgeMetrics:
+    def __init__(self, model: str, device_class: str, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        self.model = model
+        self.device_class = device_class
+        ids = ("model", "device_class")
+
+        def counter(name: str, doc: str, *labels: str) -> Counter:
+            return Counter(name, doc, [*ids, *labels], namespace=_NS, subsystem=_SUB, registry=self.registry)
+
+        def gauge(name: str, doc: str) -> Gauge:
+            return Gauge(name, doc, ids, namespace=_NS, subsystem=_SUB, registry=self.registry)
+
+        self.windows = counter("windows", "Sensor windows finished, by where they ran.", "cut", "mode")
+        self.latency = Histogram(
+            "window_latency_seconds",
+            "Time from a window being available to its result.",
+            [*ids, "mode"],
+            namespace=_NS,
+            subsystem=_SUB,
+            registry=self.registry,
+            buckets=_LATENCY_BUCKETS_S,
+        )
+        self.sent_bytes = counter(
+            "sent_bytes", "Activation payload bytes sent to the broker.", "cut", "codec"
+        )
+        self.fallbacks = counter(
+            "fallbacks", "Windows whose offload failed and that the device finished itself.", "reason"
+        )
+        self.energy = counter("energy_joules", "Estimated device energy (compute + radio).", "mode")
+        self.breaker_state = gauge(
+            "breaker_state", "Circuit breaker: 0 closed, 1 half-open, 2 open (fully local)."
+        )
+        self.bandwidth = gauge(
+            "estimated_bandwidth_bytes_per_second", "The device's uplink bandwidth estimate."
+        )
+        self.rtt = gauge("estimated_rtt_seconds", "The device's round-trip time estimate to the broker.")
+        self.battery = gauge("battery_ratio", "Remaining battery charge, 0..1.")
+        self._sums: dict[tuple[str, int, ExecutionMode], _Sums] = {}
+
+    # --- per window -------------------------------------------------------------------------
+
+    def observe(self, result: WindowResult, fallback_reason: str | None = None) -> None:
+        """Count one finished window. `fallback_reason` is the low-cardinality label of a
+        fallback (its `result.reason` carries the full text)."""
+        m, dc, mode = self.model, self.device_class, result.mode.value
+        self.windows.labels(m, dc, str(result.cut), mode).inc()
+        self.latency.labels(m, dc, mode).observe(result.latency_ms / 1000.0)
+        self.energy.labels(m, dc, mode).inc(result.energy_mj / 1000.0)
+        if result.bytes_sent:
+            self.sent_bytes.labels(m, dc, str(result.cut), result.codec or "none").inc(result.bytes_sent)
+        if result.mode is ExecutionMode.FALLBACK:
+            self.fallbacks.labels(m, dc, fallback_reason or "error").inc()
+        s = self._sums.setdefault((m, result.cut, result.mode), _Sums())
+        s.add_stages(result.stage_ms)
+        s.windows += 1
+        s.front_ms += result.front_ms
+        s.latency_ms += result.latency_ms
+        s.bytes_sent += result.bytes_sent
+        s.energy_mj += result.energy_mj
+        s.failures += result.mode is ExecutionMode.FALLBACK
+
+    def set_state(self, breaker: BreakerState, estimates: DeviceEstimates) -> None:
+        m, dc = self.model, self.device_class
+        self.breaker_state.labels(m, dc).set(breaker.gauge_value)
+        self.bandwidth.labels(m, dc).set(estimates.bandwidth_mbps * 1e6 / 8)
+        self.rtt.labels(m, dc).set(estimates.rtt_ms / 1000.0)
+        self.battery.labels(m, dc).set(estimates.battery_fraction)
+
+    # --- telemetry --------------------------------------------------------------------------
+
+    def pending_windows(self) -> int:
+        return sum(s.windows for s in self._sums.values())
+
+    def drain_report(
+        self,
+        device_id: str,
+        estimates: DeviceEstimates,
+        plan_version: int,
+        period_start_unix_ms: int,
+        period_end_unix_ms: int,
+    ) -> TelemetryReport:
+        """The sums since the last drain as one report; the sums start again from zero."""
+        observations = tuple(
+            TelemetryObservation(
+                model=model,
+                cut=cut,
+                mode=mode,
+                window_count=s.windows,
+                front_ms_total=s.front_ms,
+                latency_ms_total=s.latency_ms,
+                bytes_sent=s.bytes_sent,
+                energy_mj=s.energy_mj,
+                failure_count=s.failures,
+                stage_ms_total=tuple(s.stage_ms) if s.stage_ok else (),
+            )
+            for (model, cut, mode), s in self._sums.items()
+        )
+        self._sums = {}
+        return TelemetryReport(
+            device_id=device_id,
+            device_class=self.device_class,
+            estimates=estimates,
+            plan_version=plan_version,
+            period_start_unix_ms=period_start_unix_ms,
+            period_end_unix_ms=max(period_end_unix_ms, period_start_unix_ms),
+            observations=observations,
+        )
+
+    def restore(self, report: TelemetryReport) -> None:
+        """Put back the sums of a report that could not be sent, so the next one carries them."""
+        for o in report.observations:
+            s = self._sums.setdefault((o.model, o.cut, o.mode), _Sums())
+            s.add_stages(o.stage_ms_total)
+            s.windows += o.window_count
+            s.front_ms += o.front_ms_total
+            s.latency_ms += o.latency_ms_total
+            s.bytes_sent += o.bytes_sent
+            s.energy_mj += o.energy_mj
+            s.failures += o.failure_count

@@ -1,0 +1,535 @@
+"""The device runtime: every sensor window through preprocessing, the front, and offload or local.
+
+For each window, in order:
+
+1. A plan that arrived since the last window is applied now (never in the middle of a window).
+2. Preprocess (`TrainedModel.prepare_window`) and pick the plan row for the device's live
+   bandwidth estimate and battery (`Plan.lookup`); without a plan, the config's default cut,
+   codec and compression level. Run stages [0, k) on the device (the front compressed at the
+   row's level: `compress_front_at_level`, built once per (cut, level)).
+3. k = N, no transport, or the circuit breaker says no: finish stages [k, N) here (mode local).
+4. Otherwise encode the activation with the row's codec and offload it with the deadline. Any
+   failure at all (unreachable, deadline, shed, rejected, a malformed answer, a bug in the
+   transport) finishes the window here from the activation already computed (mode fallback,
+   with the reason) and tells the breaker; an answer in time is the result (mode offloaded).
+
+So every window ends with exactly one result and none is ever dropped: `run()` counts them
+(`lost` is windows in minus results out, 0 by construction). Since stages [k, N) on the device are
+the very modules the cloud runs, and fp32 encoding is exact, an offloaded window's prediction is
+the one the device would have made by itself.
+
+Energy per window: the device's active power x its measured compute time, plus the radio energy
+of its transfer on the class's radio (`pipelines.power.RadioEnergyMeter`: tails and promotions
+included). The battery drains by that, so a plan's LOW-battery rows take over when it runs low.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import random
+import time
+from collections import Counter, deque
+from collections.abc import AsyncIterable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from edge.breaker import CircuitBreaker, FailureKind
+from edge.estimator import LinkEstimator
+from edge.metrics import EdgeMetrics
+from edge.sink import ResultSink, WindowResult
+from edge.sources import SensorWindow
+from edge.transport import OffloadTransport
+from pipelines.codecs import Codec, EncodedTensor, encode, parse_codec
+from pipelines.compress import compress_front_at_level
+from pipelines.power import RadioEnergyMeter, compute_energy_mj, radio_model
+from pipelines.stages import StagedModel
+from pipelines.training import TrainedModel
+from splitsense.config import EdgeConfig, PlannerConfig
+from splitsense.errors import (
+    BrokerUnavailableError,
+    CodecError,
+    ConfigError,
+    OffloadDeadlineError,
+    OffloadError,
+    RejectedError,
+    ShedError,
+)
+from splitsense.plan import Plan, PlanSet
+from splitsense.wire import DeviceEstimates, ExecutionMode, OffloadRequest, OffloadResponse, RadioKind
+
+__all__ = ["Battery", "EdgeDevice", "RunSummary"]
+
+log = logging.getLogger(__name__)
+
+# How long past its deadline a transport may take to give up before the runtime stops waiting
+# for it: a well-behaved transport raises at the deadline; this only bounds a broken one.
+_TRANSPORT_GRACE_S = 0.05
+_TELEMETRY_TIMEOUT_S = 2.0
+_BYTES_PER_LOGIT = 4  # float32 on the wire
+
+
+class Battery:
+    """Charge left, drained by the energy estimate of each window."""
+
+    def __init__(self, capacity_mwh: float, fraction: float = 1.0, on_battery: bool = True) -> None:
+        if not capacity_mwh > 0:
+            raise ConfigError(f"battery capacity must be > 0 mWh, got {capacity_mwh!r}")
+        if not 0 <= fraction <= 1:
+            raise ConfigError(f"battery fraction must be in [0, 1], got {fraction!r}")
+        self.capacity_mj = capacity_mwh * 3600.0  # 1 mWh = 3.6 J
+        self._left_mj = fraction * self.capacity_mj
+        self.on_battery = on_battery
+
+    @property
+    def fraction(self) -> float:
+        return self._left_mj / self.capacity_mj
+
+    def drain(self, energy_mj: float) -> None:
+        if self.on_battery:
+            self._left_mj = max(0.0, self._left_mj - max(0.0, energy_mj))
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    windows: int
+    by_mode: dict[str, int]
+    lost: int  # windows the source produced that got no result: 0, always
+    accuracy: float  # predictions equal to the recording's labels
+    latency_p50_ms: float
+    latency_p95_ms: float
+    bytes_sent: int
+    energy_mj: float
+    fallbacks_by_reason: dict[str, int]
+    battery_fraction: float
+    plan_version: int
+    wall_s: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "windows": self.windows,
+            "by_mode": dict(self.by_mode),
+            "lost": self.lost,
+            "accuracy": round(self.accuracy, 4),
+            "latency_p50_ms": round(self.latency_p50_ms, 3),
+            "latency_p95_ms": round(self.latency_p95_ms, 3),
+            "bytes_sent": self.bytes_sent,
+            "energy_mj": round(self.energy_mj, 3),
+            "fallbacks_by_reason": dict(self.fallbacks_by_reason),
+            "battery_fraction": round(self.battery_fraction, 6),
+            "plan_version": self.plan_version,
+            "wall_s": round(self.wall_s, 3),
+        }
+
+
+@dataclass(frozen=True)
+class _Choice:
+    """What to do with one window, and why."""
+
+    cut: int
+    codec: Codec
+    level: float  # compression_energy_kept of the front
+    plan_version: int
+    why: str
+
+
+@dataclass(frozen=True)
+class _Attempt:
+    response: OffloadResponse | None
+    kind: FailureKind | None
+    detail: str
+    sent_at: float
+    elapsed_s: float
+
+
+class EdgeDevice:
+    """One device running one model on one sensor stream."""
+
+    def __init__(
+        self,
+        config: EdgeConfig,
+        trained: TrainedModel,
+        transport: OffloadTransport | None = None,
+        plan: PlanSet | None = None,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
+        rng: random.Random | None = None,
+        metrics: EdgeMetrics | None = None,
+        low_battery_threshold: float | None = None,
+    ) -> None:
+        """`clock` (monotonic seconds) times latency, deadlines and the breaker; `wall_clock` (Unix
+        seconds) stamps what goes on the wire. `low_battery_threshold` must be the planner's
+        (`Config.planner.low_battery_threshold`, the default)."""
+        if trained.spec.name != config.model:
+            raise ConfigError(
+                f"edge.model is {config.model!r} but the trained model is {trained.spec.name!r}"
+            )
+        self.config = config
+        self.trained = trained
+        self.model: StagedModel = trained.model
+        self.n_stages = self.model.n_stages
+        self.transport = transport
+        self._clock = clock
+        self._wall = wall_clock
+        self._rng = rng or random.Random()
+        self.low_battery_threshold = (
+            PlannerConfig().low_battery_threshold if low_battery_threshold is None else low_battery_threshold
+        )
+        self.breaker = CircuitBreaker(config.breaker, self._rng)
+        self.estimator = LinkEstimator(config.estimator, clock)
+        self.metrics = metrics or EdgeMetrics(config.model, config.device_class)
+        self.battery = Battery(config.battery_mwh, config.battery_initial_fraction, config.on_battery)
+        self.radio = RadioEnergyMeter(radio_model(config.radio))
+        self._default = self._default_choice()
+        self._plan_set: PlanSet | None = None
+        self._plan: Plan | None = None
+        self._next_plan: PlanSet | None = None
+        self.plan_log: deque[str] = deque(maxlen=100)  # the last plan sets applied or refused, with why
+        self._fronts: dict[tuple[int, float], StagedModel] = {}
+        self._telemetry_task: asyncio.Task[None] | None = None
+        self._period_start_ms = int(self._wall() * 1000)
+        self._period_start_t = clock()
+        if plan is not None:
+            self.apply_plan(plan)
+            self._apply_pending_plan()
+
+    # --- plans ------------------------------------------------------------------------------
+
+    def _default_choice(self) -> _Choice:
+        c = self.config
+        if c.default_cut is None:
+            sizes = [math.prod(self.model.activation_shape(k)) for k in range(self.n_stages)]
+            cut = int(np.argmin(sizes))
+            why = f"no plan yet: default cut {cut}, the smallest activation ({sizes[cut]} values)"
+        else:
+            cut = c.default_cut
+            if cut > self.n_stages:
+                raise ConfigError(
+                    f"edge.default_cut {cut} is out of range for model {c.model!r}: "
+                    f"expected 0..{self.n_stages}"
+                )
+            why = f"no plan yet: the configured default cut {cut}"
+        return _Choice(cut, parse_codec(c.default_codec), c.compression_energy_kept, 0, why)
+
+    @property
+    def plan_version(self) -> int:
+        return self._plan_set.version if self._plan_set is not None else 0
+
+    def apply_plan(self, plan_set: PlanSet) -> None:
+        """Queue a plan set; it takes effect at the start of the next window."""
+        self._next_plan = plan_set
+
+    def _apply_pending_plan(self) -> None:
+        ps, self._next_plan = self._next_plan, None
+        if ps is None or ps.version <= self.plan_version:
+            return
+        plan = ps.get(self.config.model, self.config.device_class)
+        if plan is not None:
+            bad = [r.cut for r in plan.rows if r.cut > self.n_stages]
+            if bad:
+                self.plan_log.append(
+                    f"refused plan set v{ps.version}: cuts {bad} are out of range for model "
+                    f"{self.config.model!r} (0..{self.n_stages}); keeping v{self.plan_version}"
+                )
+                log.warning(self.plan_log[-1])
+                return
+        self._plan_set, self._plan = ps, plan
+        what = "a plan" if plan is not None else "no plan"
+        self.plan_log.append(f"applied plan set v{ps.version} ({what} for this model and class): {ps.reason}")
+
+    def _choose(self) -> _Choice:
+        if self._plan is None:
+            return self._default
+        row = self._plan.lookup(
+            self.estimator.bandwidth_mbps,
+            self.battery.fraction,
+            self.low_battery_threshold,
+            on_battery=self.battery.on_battery,
+        )
+        return _Choice(row.cut, row.codec, row.compression_energy_kept, self.plan_version, row.reason)
+
+    def _front_model(self, cut: int, level: float) -> StagedModel:
+        """The model whose stages [0, cut) are compressed at `level` (its tail is the original)."""
+        if level >= 1.0 or cut == 0:
+            return self.model
+        key = (cut, level)
+        if key not in self._fronts:
+            m = compress_front_at_level(self.model, cut, level)
+            m.eval()
+            self._fronts[key] = m
+        return self._fronts[key]
+
+    # --- estimates --------------------------------------------------------------------------
+
+    def estimates(self) -> DeviceEstimates:
+        return DeviceEstimates(
+            bandwidth_mbps=self.estimator.bandwidth_mbps,
+            rtt_ms=self.estimator.rtt_ms,
+            battery_fraction=min(1.0, max(0.0, self.battery.fraction)),
+            on_battery=self.battery.on_battery,
+            radio=RadioKind(self.config.radio),
+        )
+
+    # --- one window -------------------------------------------------------------------------
+
+    async def process(self, window: SensorWindow) -> WindowResult:
+        """Finish one window: always returns its result, whatever the cloud does."""
+        self._apply_pending_plan()
+        start = self._clock()
+        t_ready = min(window.t_emit, start)
+        choice = self._choose()
+        model = self._front_model(choice.cut, choice.level)
+        stage_ms: list[float] = []
+        with torch.inference_mode():
+            t = time.perf_counter()
+            x = self.trained.prepare_window(window.raw)
+            prep_ms = (time.perf_counter() - t) * 1000.0
+            act = self._run_stages(model, x, 0, choice.cut, stage_ms)
+        front_ms = prep_ms + sum(stage_ms)
+
+        mode, reason, fallback_label = ExecutionMode.LOCAL, "", None
+        encoded: EncodedTensor | None = None
+        attempt: _Attempt | None = None
+        if choice.cut >= self.n_stages:
+            reason = f"plan keeps the whole model on the device: {choice.why}"
+        elif self.transport is None:
+            reason = "no broker: running local only"
+        elif self.breaker.peek(self._clock()):  # encode only when it may be sent
+            try:
+                encoded = encode(act, choice.codec)
+            except CodecError as e:
+                mode, fallback_label, reason = ExecutionMode.FALLBACK, "codec", f"codec: {e}"
+        if encoded is not None and self.breaker.allow_offload(self._clock()):  # may grant the probe
+            attempt = await self._offload(window, choice, encoded)
+            if attempt.response is None:
+                assert attempt.kind is not None
+                mode, fallback_label = ExecutionMode.FALLBACK, attempt.kind.value
+                reason = f"{attempt.kind.value}: {attempt.detail}"
+            else:
+                mode = ExecutionMode.OFFLOADED
+        elif mode is ExecutionMode.LOCAL and not reason:
+            snap = self.breaker.snapshot(self._clock())
+            reason = f"circuit breaker {snap.state.value}: {snap.reason}"
+
+        tail_ms: list[float] = []
+        if mode is ExecutionMode.OFFLOADED:
+            assert attempt is not None and attempt.response is not None
+            prediction = attempt.response.prediction
+        else:
+            with torch.inference_mode():
+                logits = self._run_stages(model, act, choice.cut, self.n_stages, tail_ms)
+            prediction = int(logits.argmax(dim=1)[0])
+
+        compute_s = (front_ms + sum(tail_ms)) / 1000.0
+        energy = compute_energy_mj(self.config.active_mw, compute_s)
+        bytes_sent = 0
+        if attempt is not None and encoded is not None:  # the radio was used, answered or not
+            bytes_sent = encoded.nbytes
+            down = len(attempt.response.logits) * _BYTES_PER_LOGIT if attempt.response else 0
+            # at the bandwidth the device believes it has (the estimate this transfer just updated)
+            mbps = max(self.estimator.bandwidth_mbps, 1e-3)
+            energy += self.radio.record(attempt.sent_at, bytes_sent, mbps, down, mbps)
+        self.battery.drain(energy)
+        result = WindowResult(
+            window_id=window.window_id,
+            label=window.label,
+            prediction=prediction,
+            mode=mode,
+            cut=choice.cut,
+            codec=choice.codec.value if attempt is not None else None,
+            compression_energy_kept=choice.level,
+            latency_ms=(self._clock() - t_ready) * 1000.0,
+            front_ms=front_ms,
+            bytes_sent=bytes_sent,
+            energy_mj=energy,
+            reason=reason,
+            plan_version=choice.plan_version,
+            stage_ms=tuple(stage_ms + tail_ms) if mode is not ExecutionMode.OFFLOADED else tuple(stage_ms),
+        )
+        self.metrics.observe(result, fallback_label)
+        self.metrics.set_state(self.breaker.state, self.estimates())
+        return result
+
+    @staticmethod
+    def _run_stages(model: StagedModel, x: torch.Tensor, start: int, stop: int, times_ms: list[float]) -> Any:
+        for i in range(start, stop):
+            t = time.perf_counter()
+            x = model.stages[i](x)
+            times_ms.append((time.perf_counter() - t) * 1000.0)
+        return x
+
+    async def _offload(self, window: SensorWindow, choice: _Choice, encoded: EncodedTensor) -> _Attempt:
+        assert self.transport is not None
+        c = self.config
+        request = OffloadRequest(
+            window_id=window.window_id,
+            model=c.model,
+            cut=choice.cut,
+            device_id=c.device_id,
+            device_class=c.device_class,
+            estimates=self.estimates(),
+            plan_version=choice.plan_version,
+            activation=encoded,
+            sent_unix_ms=int(self._wall() * 1000),
+            deadline_ms=int(c.deadline_ms),
+        )
+        timeout_s = c.deadline_ms / 1000.0
+        sent = self._clock()
+        retry_after_s = 0.0
+        try:
+            async with asyncio.timeout(timeout_s + _TRANSPORT_GRACE_S):
+                response = await self.transport.offload(request, timeout_s)
+            if not isinstance(response, OffloadResponse):
+                raise BrokerUnavailableError(
+                    f"the transport returned {type(response).__name__}, not an answer"
+                )
+            if response.window_id != window.window_id or len(response.logits) != self.model.num_classes:
+                raise BrokerUnavailableError(
+                    f"answer for window {response.window_id!r} with {len(response.logits)} logits; "
+                    f"expected window {window.window_id!r} with {self.model.num_classes}"
+                )
+        except ShedError as e:
+            kind, detail, retry_after_s = FailureKind.SHED, str(e), e.retry_after_ms / 1000.0
+        except (OffloadDeadlineError, TimeoutError) as e:
+            kind, detail = FailureKind.DEADLINE, str(e) or f"no answer within {c.deadline_ms:.0f} ms"
+        except BrokerUnavailableError as e:
+            kind, detail = FailureKind.UNAVAILABLE, str(e)
+        except RejectedError as e:
+            kind, detail = FailureKind.REJECTED, str(e)
+        except OffloadError as e:
+            kind, detail = FailureKind.ERROR, str(e)
+        except Exception as e:  # a bug in a transport must not cost a window
+            log.exception("transport failed on window %s", window.window_id)
+            kind, detail = FailureKind.ERROR, f"{type(e).__name__}: {e}"
+        else:
+            now = self._clock()
+            elapsed = now - sent
+            self.breaker.record_success(now)
+            t = response.timing
+            self.estimator.record_transfer(
+                encoded.nbytes,
+                len(response.logits) * _BYTES_PER_LOGIT,
+                elapsed,
+                (t.queue_ms + t.compute_ms) / 1000.0,
+            )
+            return _Attempt(response, None, "", sent, elapsed)
+        now = self._clock()
+        self.breaker.record_failure(now, kind, retry_after_s=retry_after_s, detail=detail)
+        return _Attempt(None, kind, detail, sent, now - sent)
+
+    # --- a whole stream ---------------------------------------------------------------------
+
+    async def run(
+        self,
+        source: AsyncIterable[SensorWindow],
+        sink: ResultSink | None = None,
+        progress: Callable[[WindowResult], None] | None = None,
+    ) -> RunSummary:
+        """Process every window of `source` in order; watch plans and push telemetry meanwhile."""
+        self.warm_up()
+        t0 = self._clock()
+        watcher = asyncio.ensure_future(self._watch_plans()) if self.transport is not None else None
+        modes: Counter[str] = Counter()
+        reasons: Counter[str] = Counter()
+        latencies: list[float] = []
+        correct = bytes_sent = windows_in = 0
+        energy = 0.0
+        try:
+            async for window in source:
+                windows_in += 1
+                result = await self.process(window)
+                if sink is not None:
+                    sink.write(result)
+                if progress is not None:
+                    progress(result)
+                modes[result.mode.value] += 1
+                if result.mode is ExecutionMode.FALLBACK:
+                    reasons[result.reason.split(":", 1)[0]] += 1
+                latencies.append(result.latency_ms)
+                correct += result.correct
+                bytes_sent += result.bytes_sent
+                energy += result.energy_mj
+                self._maybe_report()
+        finally:
+            if watcher is not None:
+                watcher.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await watcher
+            await self._final_report()
+        n = sum(modes.values())
+        return RunSummary(
+            windows=n,
+            by_mode={m.value: modes[m.value] for m in ExecutionMode},
+            lost=windows_in - n,
+            accuracy=correct / n if n else 0.0,
+            latency_p50_ms=float(np.percentile(latencies, 50)) if latencies else 0.0,
+            latency_p95_ms=float(np.percentile(latencies, 95)) if latencies else 0.0,
+            bytes_sent=bytes_sent,
+            energy_mj=energy,
+            fallbacks_by_reason=dict(reasons),
+            battery_fraction=self.battery.fraction,
+            plan_version=self.plan_version,
+            wall_s=self._clock() - t0,
+        )
+
+    def warm_up(self) -> None:
+        """One inference on zeros, so that the first real window does not pay torch's lazy set-up."""
+        with torch.inference_mode():
+            self.model(torch.zeros((1, *self.model.input_shape)))
+
+    async def _watch_plans(self) -> None:
+        """Follow the broker's plan watch for as long as the device runs; on any error keep the
+        plan in hand and re-watch after a jittered, growing pause (the breaker's back-off)."""
+        assert self.transport is not None
+        b = self.config.breaker
+        pause = b.backoff_base_s
+        while True:
+            try:
+                async for plan_set in self.transport.watch_plans(
+                    self.config.device_class, [self.config.model], self.plan_version
+                ):
+                    self.apply_plan(plan_set)
+                    pause = b.backoff_base_s
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:
+                log.debug("plan watch ended: %s", e)
+            await asyncio.sleep(pause * self._rng.uniform(1 - b.backoff_jitter, 1 + b.backoff_jitter))
+            pause = min(pause * b.backoff_factor, b.backoff_max_s)
+
+    def _maybe_report(self) -> None:
+        if self.transport is None or (self._telemetry_task is not None and not self._telemetry_task.done()):
+            return
+        if self._clock() - self._period_start_t >= self.config.telemetry_period_s:
+            self._telemetry_task = asyncio.ensure_future(self._send_report())
+
+    async def _send_report(self) -> None:
+        assert self.transport is not None
+        end_ms = int(self._wall() * 1000)
+        report = self.metrics.drain_report(
+            self.config.device_id, self.estimates(), self.plan_version, self._period_start_ms, end_ms
+        )
+        self._period_start_ms, self._period_start_t = end_ms, self._clock()
+        if not report.observations:
+            return
+        try:
+            await self.transport.report_telemetry(report, _TELEMETRY_TIMEOUT_S)
+        except asyncio.CancelledError:
+            self.metrics.restore(report)
+            raise
+        except Exception as e:  # telemetry is best effort; its sums ride on the next report
+            log.debug("telemetry report failed: %s", e)
+            self.metrics.restore(report)
+
+    async def _final_report(self) -> None:
+        if self._telemetry_task is not None and not self._telemetry_task.done():
+            with contextlib.suppress(Exception):
+                await self._telemetry_task
+        if self.transport is not None and self.metrics.pending_windows():
+            await self._send_report()

@@ -1,0 +1,432 @@
+"""The device's one seam for I/O with the cloud, and its gRPC implementation.
+
+`OffloadTransport` is what the runtime talks to; `GrpcTransport` is the real one (grpc.aio), and
+tests or the simulators plug their own in the same place (a fake only has to implement the
+protocol). Every failure comes out as one of the `OffloadError` subclasses of `splitsense.errors`;
+gRPC status codes are mapped to them here and nowhere else:
+
+    status                                                  error
+    UNAVAILABLE, UNKNOWN, INTERNAL, ABORTED, CANCELLED,     BrokerUnavailableError
+    DATA_LOSS, UNIMPLEMENTED; a broken stream; closed
+    DEADLINE_EXCEEDED; no answer within timeout_s           OffloadDeadlineError
+    RESOURCE_EXHAUSTED (a shed)                             ShedError(retry_after_ms)
+    INVALID_ARGUMENT, UNAUTHENTICATED, PERMISSION_DENIED,   RejectedError(code=status name)
+    NOT_FOUND, FAILED_PRECONDITION, OUT_OF_RANGE, ...
+
+A shed's retry-after hint comes from the stream's WindowError.retry_after_ms or, for unary calls,
+from the trailing metadata `x-splitsense-retry-after-ms` (or gRPC's own `grpc-retry-pushback-ms`).
+
+Streaming: one long-lived OffloadStream per device carries every window; several may be in flight
+at once (answers are matched by window id, in any order). If the stream breaks, every window in
+flight on it fails with the mapped error at once and the next offload opens a new stream. A
+broker without OffloadStream (UNIMPLEMENTED) is remembered, and windows go by unary calls from then
+on (the window that found out is retried by unary within its own deadline).
+
+Authentication is call metadata on every call: `authorization: Bearer <token>` and
+`x-splitsense-device-id: <device id>` (constants of splitsense/wire.py, shared with cloud/auth.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Sequence
+from typing import Any, Protocol
+
+import grpc
+import grpc.aio
+
+from splitsense import wire
+from splitsense.errors import (
+    BrokerUnavailableError,
+    ConfigError,
+    OffloadDeadlineError,
+    OffloadError,
+    RejectedError,
+    ShedError,
+    WireError,
+)
+from splitsense.plan import PlanSet
+from splitsense.v1 import offload_pb2 as pb
+from splitsense.v1 import offload_pb2_grpc as pb_grpc
+from splitsense.wire import AUTH_METADATA_KEY, DEVICE_ID_METADATA_KEY, RETRY_AFTER_METADATA_KEY
+
+__all__ = [
+    "AUTH_METADATA_KEY",
+    "DEVICE_ID_METADATA_KEY",
+    "GrpcTransport",
+    "OffloadTransport",
+    "error_from_status",
+]
+
+log = logging.getLogger(__name__)
+
+RETRY_AFTER_METADATA_KEYS = (RETRY_AFTER_METADATA_KEY, "grpc-retry-pushback-ms")
+
+_UNAVAILABLE = frozenset(
+    {
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.UNKNOWN,
+        grpc.StatusCode.INTERNAL,
+        grpc.StatusCode.ABORTED,
+        grpc.StatusCode.CANCELLED,
+        grpc.StatusCode.DATA_LOSS,
+        grpc.StatusCode.UNIMPLEMENTED,
+    }
+)
+_STATUS_BY_NUMBER = {c.value[0]: c for c in grpc.StatusCode}
+
+
+class OffloadTransport(Protocol):
+    """What the edge runtime needs from the cloud. Every method raises OffloadError subclasses."""
+
+    async def offload(self, request: wire.OffloadRequest, timeout_s: float) -> wire.OffloadResponse:
+        """Have the cloud finish one window; an answer or an error within `timeout_s`."""
+        ...
+
+    async def get_plan(
+        self, device_class: str, models: Sequence[str] = (), known_version: int = 0, timeout_s: float = 5.0
+    ) -> PlanSet | None:
+        """The newest plan set, or None when the device's `known_version` is current (or none exists)."""
+        ...
+
+    def watch_plans(
+        self, device_class: str, models: Sequence[str] = (), known_version: int = 0
+    ) -> AsyncIterator[PlanSet]:
+        """Every plan set newer than `known_version`, as it is published; ends with an error."""
+        ...
+
+    async def report_telemetry(self, report: wire.TelemetryReport, timeout_s: float = 5.0) -> int:
+        """Push one telemetry report; returns the newest plan version the broker knows."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+def error_from_status(code: grpc.StatusCode, details: str, retry_after_ms: float = 0.0) -> OffloadError:
+    """The error of our tree for a gRPC status (never OK)."""
+    text = f"{code.name}: {details}" if details else code.name
+    if code is grpc.StatusCode.RESOURCE_EXHAUSTED:
+        return ShedError(f"broker shed the window ({text})", retry_after_ms=max(0.0, retry_after_ms))
+    if code is grpc.StatusCode.DEADLINE_EXCEEDED:
+        return OffloadDeadlineError(f"no answer in time ({text})")
+    if code in _UNAVAILABLE:
+        return BrokerUnavailableError(f"broker unavailable ({text})")
+    return RejectedError(f"broker rejected the window ({text})", code=code.name)
+
+
+def _retry_after_ms(metadata: Any) -> float:
+    for key, value in metadata or ():
+        if key in RETRY_AFTER_METADATA_KEYS:
+            try:
+                return max(0.0, float(value))
+            except (TypeError, ValueError):
+                return 0.0
+    return 0.0
+
+
+def _from_rpc_error(e: grpc.aio.AioRpcError) -> OffloadError:
+    return error_from_status(e.code(), e.details() or "", _retry_after_ms(e.trailing_metadata()))
+
+
+def _from_window_error(e: wire.WindowError) -> OffloadError:
+    code = _STATUS_BY_NUMBER.get(e.code, grpc.StatusCode.UNKNOWN)
+    return error_from_status(code, e.message, float(e.retry_after_ms))
+
+
+class _StreamUnsupported(BrokerUnavailableError):
+    """The broker answered OffloadStream with UNIMPLEMENTED: use unary calls."""
+
+
+class _Stream:
+    """One open OffloadStream call, its reader and the windows waiting on it."""
+
+    def __init__(self, call: Any) -> None:
+        self.call = call
+        self.pending: dict[str, asyncio.Future[wire.OffloadResponse]] = {}
+        self.write_lock = asyncio.Lock()
+        self.broken = False
+        self.reader: asyncio.Task[None] | None = None
+
+    def fail_all(self, error: BaseException) -> None:
+        self.broken = True
+        for fut in self.pending.values():
+            if not fut.done():
+                fut.set_exception(error)
+        self.pending.clear()
+
+
+class GrpcTransport:
+    """OffloadTransport over one grpc.aio channel (created on first use, in the running loop)."""
+
+    def __init__(
+        self,
+        address: str,
+        token: str,
+        *,
+        device_id: str | None = None,
+        use_stream: bool = True,
+        max_message_bytes: int = 1 << 20,
+        tls: grpc.ChannelCredentials | None = None,
+        reconnect_backoff_max_ms: int = 1000,
+        channel_options: Sequence[tuple[str, Any]] = (),
+    ) -> None:
+        """`reconnect_backoff_max_ms` caps the channel's own reconnect back-off: the circuit breaker
+        decides when to try the cloud again, and the channel must then be ready to connect, not
+        still waiting out a back-off of its own (gRPC's default grows to 120 s)."""
+        if not address or not isinstance(address, str):
+            raise ConfigError(f"broker address must be 'host:port', got {address!r}")
+        if max_message_bytes < 1:
+            raise ValueError(f"max_message_bytes must be >= 1, got {max_message_bytes}")
+        self.address = address
+        self.use_stream = use_stream
+        self.max_message_bytes = max_message_bytes
+        self._metadata: tuple[tuple[str, str], ...] = ((AUTH_METADATA_KEY, f"Bearer {token}"),)
+        if device_id:
+            self._metadata += ((DEVICE_ID_METADATA_KEY, device_id),)
+        self._tls = tls
+        self._options = [
+            ("grpc.max_send_message_length", max_message_bytes),
+            ("grpc.max_receive_message_length", max_message_bytes),
+            ("grpc.initial_reconnect_backoff_ms", min(1000, reconnect_backoff_max_ms)),
+            ("grpc.max_reconnect_backoff_ms", reconnect_backoff_max_ms),
+            *channel_options,
+        ]
+        self._channel: grpc.aio.Channel | None = None
+        self._offload_stub: pb_grpc.OffloadServiceStub | None = None
+        self._plan_stub: pb_grpc.PlanServiceStub | None = None
+        self._stream: _Stream | None = None
+        self._stream_supported = True
+        self._closed = False
+
+    # --- channel ----------------------------------------------------------------------------
+
+    def _stubs(self) -> tuple[pb_grpc.OffloadServiceStub, pb_grpc.PlanServiceStub]:
+        if self._closed:
+            raise BrokerUnavailableError("transport is closed")
+        if self._channel is None:
+            if self._tls is None:
+                self._channel = grpc.aio.insecure_channel(self.address, options=self._options)
+            else:
+                self._channel = grpc.aio.secure_channel(self.address, self._tls, options=self._options)
+            self._offload_stub = pb_grpc.OffloadServiceStub(self._channel)
+            self._plan_stub = pb_grpc.PlanServiceStub(self._channel)
+        assert self._offload_stub is not None and self._plan_stub is not None
+        return self._offload_stub, self._plan_stub
+
+    async def close(self) -> None:
+        self._closed = True
+        stream, self._stream = self._stream, None
+        if stream is not None:
+            stream.fail_all(BrokerUnavailableError("transport closed"))
+            stream.call.cancel()
+            if stream.reader is not None:
+                stream.reader.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await stream.reader
+        if self._channel is not None:
+            await self._channel.close()
+            self._channel = None
+
+    # --- offload ----------------------------------------------------------------------------
+
+    async def offload(self, request: wire.OffloadRequest, timeout_s: float) -> wire.OffloadResponse:
+        if not timeout_s > 0:
+            raise OffloadDeadlineError(f"window {request.window_id}: no time left before its deadline")
+        msg = wire.to_pb(request)
+        size = msg.ByteSize()
+        if size > self.max_message_bytes:
+            raise RejectedError(
+                f"window {request.window_id}: request is {size} bytes, over the "
+                f"{self.max_message_bytes}-byte message limit; choose a later cut or a smaller codec",
+                code="INVALID_ARGUMENT",
+            )
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        if self.use_stream and self._stream_supported:
+            try:
+                return await self._offload_stream(request.window_id, msg, timeout_s)
+            except _StreamUnsupported:
+                log.info("broker at %s has no OffloadStream; using unary calls", self.address)
+        return await self._offload_unary(request.window_id, msg, deadline - loop.time())
+
+    async def _offload_unary(
+        self, window_id: str, msg: pb.OffloadRequest, timeout_s: float
+    ) -> wire.OffloadResponse:
+        if not timeout_s > 0:
+            raise OffloadDeadlineError(f"window {window_id}: no time left before its deadline")
+        stub, _ = self._stubs()
+        try:
+            resp = await stub.Offload(msg, timeout=timeout_s, metadata=self._metadata)
+        except grpc.aio.AioRpcError as e:
+            raise _from_rpc_error(e) from None
+        return self._checked(window_id, resp)
+
+    @staticmethod
+    def _checked(window_id: str, resp: pb.OffloadResponse) -> wire.OffloadResponse:
+        try:
+            out = wire.from_pb(resp)
+        except WireError as e:
+            raise BrokerUnavailableError(
+                f"window {window_id}: malformed answer from the broker: {e}"
+            ) from None
+        if out.window_id != window_id:
+            raise BrokerUnavailableError(
+                f"window {window_id}: the broker answered for window {out.window_id!r}"
+            )
+        return out
+
+    async def _offload_stream(
+        self, window_id: str, msg: pb.OffloadRequest, timeout_s: float
+    ) -> wire.OffloadResponse:
+        stream = self._open_stream()
+        if window_id in stream.pending:
+            raise RejectedError(
+                f"window {window_id} is already in flight on this stream", code="ALREADY_EXISTS"
+            )
+        fut: asyncio.Future[wire.OffloadResponse] = asyncio.get_running_loop().create_future()
+        stream.pending[window_id] = fut
+        # The write runs in its own task: a write cancelled half-way cancels the whole call in
+        # grpc.aio, so a window's deadline must not cancel it; a late write only makes a late answer.
+        write = asyncio.ensure_future(self._write(stream, pb.OffloadStreamRequest(request=msg)))
+        write.add_done_callback(_consume_exception)
+        try:
+            async with asyncio.timeout(timeout_s):
+                await asyncio.shield(write)
+                return await fut
+        except TimeoutError:
+            raise OffloadDeadlineError(
+                f"window {window_id}: no answer within its deadline of {timeout_s * 1000:.0f} ms"
+            ) from None
+        finally:
+            stream.pending.pop(window_id, None)
+            if not fut.done():
+                fut.cancel()
+            elif not fut.cancelled():
+                fut.exception()  # seen: the error that reached the caller came from the write
+
+    async def _write(self, stream: _Stream, req: pb.OffloadStreamRequest) -> None:
+        async with stream.write_lock:
+            if stream.broken:
+                raise BrokerUnavailableError("the offload stream broke before this window was sent")
+            try:
+                await stream.call.write(req)
+            except grpc.aio.AioRpcError as e:
+                err = self._stream_error(e)
+            except (asyncio.InvalidStateError, grpc.aio.UsageError) as e:
+                err = BrokerUnavailableError(f"the offload stream is closed ({e})")
+            else:
+                return
+        self._break(stream, err)
+        raise err
+
+    def _open_stream(self) -> _Stream:
+        if self._stream is not None and not self._stream.broken:
+            return self._stream
+        stub, _ = self._stubs()
+        stream = _Stream(stub.OffloadStream(metadata=self._metadata))
+        stream.reader = asyncio.ensure_future(self._read(stream))
+        self._stream = stream
+        return stream
+
+    def _stream_error(self, e: grpc.aio.AioRpcError) -> OffloadError:
+        if e.code() is grpc.StatusCode.UNIMPLEMENTED:
+            self._stream_supported = False
+            return _StreamUnsupported(f"OffloadStream is not implemented by the broker ({e.details()})")
+        return _from_rpc_error(e)
+
+    def _break(self, stream: _Stream, error: OffloadError) -> None:
+        stream.fail_all(error)
+        if self._stream is stream:
+            self._stream = None
+        stream.call.cancel()
+
+    async def _read(self, stream: _Stream) -> None:
+        error: OffloadError
+        try:
+            while True:
+                msg = await stream.call.read()
+                if msg is grpc.aio.EOF:
+                    error = BrokerUnavailableError("the broker closed the offload stream")
+                    break
+                self._deliver(stream, msg)
+        except grpc.aio.AioRpcError as e:
+            error = self._stream_error(e)
+        except asyncio.CancelledError:
+            stream.fail_all(BrokerUnavailableError("transport closed"))
+            raise
+        except Exception as e:  # never leave windows waiting on a dead reader
+            error = BrokerUnavailableError(f"offload stream reader failed: {type(e).__name__}: {e}")
+        self._break(stream, error)
+
+    @staticmethod
+    def _deliver(stream: _Stream, msg: pb.OffloadStreamResponse) -> None:
+        try:
+            out = wire.stream_response_from_pb(msg)
+        except WireError as e:
+            fut = stream.pending.get(msg.window_id)
+            if fut is not None and not fut.done():
+                fut.set_exception(BrokerUnavailableError(f"malformed answer from the broker: {e}"))
+            return
+        fut = stream.pending.get(out.window_id)
+        if fut is None or fut.done():
+            return  # an answer after its window's deadline: the window was finished locally
+        if isinstance(out, wire.OffloadResponse):
+            fut.set_result(out)
+        else:
+            fut.set_exception(_from_window_error(out))
+
+    # --- plans and telemetry ----------------------------------------------------------------
+
+    async def get_plan(
+        self, device_class: str, models: Sequence[str] = (), known_version: int = 0, timeout_s: float = 5.0
+    ) -> PlanSet | None:
+        _, stub = self._stubs()
+        req = pb.GetPlanRequest(device_class=device_class, models=list(models), known_version=known_version)
+        try:
+            resp = await stub.GetPlan(req, timeout=timeout_s, metadata=self._metadata)
+        except grpc.aio.AioRpcError as e:
+            raise _from_rpc_error(e) from None
+        if not resp.HasField("plan_set"):
+            return None
+        return _plan_set(resp.plan_set)
+
+    async def watch_plans(
+        self, device_class: str, models: Sequence[str] = (), known_version: int = 0
+    ) -> AsyncIterator[PlanSet]:
+        _, stub = self._stubs()
+        req = pb.WatchPlanRequest(device_class=device_class, models=list(models), known_version=known_version)
+        call = stub.WatchPlan(req, metadata=self._metadata)
+        try:
+            while True:
+                resp = await call.read()
+                if resp is grpc.aio.EOF:
+                    raise BrokerUnavailableError("the broker ended the plan watch")
+                if resp.HasField("plan_set"):
+                    yield _plan_set(resp.plan_set)
+        except grpc.aio.AioRpcError as e:
+            raise _from_rpc_error(e) from None
+        finally:
+            call.cancel()
+
+    async def report_telemetry(self, report: wire.TelemetryReport, timeout_s: float = 5.0) -> int:
+        stub, _ = self._stubs()
+        try:
+            resp = await stub.ReportTelemetry(wire.to_pb(report), timeout=timeout_s, metadata=self._metadata)
+        except grpc.aio.AioRpcError as e:
+            raise _from_rpc_error(e) from None
+        return int(resp.plan_version)
+
+
+def _plan_set(msg: pb.PlanSet) -> PlanSet:
+    try:
+        return wire.from_pb(msg)
+    except WireError as e:
+        raise BrokerUnavailableError(f"malformed plan set from the broker: {e}") from None
+
+
+def _consume_exception(task: asyncio.Future[Any]) -> None:
+    """Mark a background write's exception as seen (its window already got the error)."""
+    if not task.cancelled():
+        task.exception()

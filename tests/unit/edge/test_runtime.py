@@ -1,0 +1,447 @@
+"""The edge runtime with the real shipped weights and real test windows, and a fake transport.
+
+The fake transport is the cloud's twin: it decodes the activation and runs stages [cut, N) of
+its own copy of the model (loaded separately, as the cloud would), or fails as each test scripts.
+No sockets anywhere.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import math
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import replace
+from functools import cache
+from io import StringIO
+from typing import Any
+
+import pytest
+import torch
+
+from edge.breaker import BreakerState
+from edge.metrics import EdgeMetrics
+from edge.runtime import EdgeDevice
+from edge.sink import JsonlSink, MemorySink
+from edge.sources import SensorWindow, recorded_windows
+from pipelines.codecs import Codec, decode
+from pipelines.models import get_spec
+from pipelines.training import TrainedModel, load_trained
+from splitsense.config import BreakerConfig, EdgeConfig
+from splitsense.errors import BrokerUnavailableError, ShedError
+from splitsense.plan import BatteryState, Objective, Plan, PlanRow, PlanSet
+from splitsense.wire import ExecutionMode, OffloadRequest, OffloadResponse, TelemetryReport, Timing
+
+MODEL = "uci_har"  # small and fast; the audio model is checked too where it matters
+N = 7  # stages of every shipped model
+
+
+@cache
+def trained(name: str) -> TrainedModel:
+    return load_trained(name)
+
+
+@cache
+def cloud_copy(name: str) -> TrainedModel:
+    return load_trained(name)  # its own modules, like the cloud's replica
+
+
+@cache
+def recording(name: str, n: int) -> tuple[tuple[str, int, Any], ...]:
+    return tuple((w.window_id, w.label, w.raw) for w in itertools.islice(recorded_windows(get_spec(name)), n))
+
+
+def windows(name: str, n: int, t_emit: float = 0.0) -> list[SensorWindow]:
+    return [
+        SensorWindow(wid, i, label, raw, t_emit) for i, (wid, label, raw) in enumerate(recording(name, n))
+    ]
+
+
+async def source(ws: Sequence[SensorWindow]) -> AsyncIterator[SensorWindow]:
+    for w in ws:
+        yield w
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = 0.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+class FakeTransport:
+    """Runs the tail in process; `fail(request)` may raise instead, `hook(request)` sees each call."""
+
+    def __init__(self, name: str = MODEL) -> None:
+        self.model = cloud_copy(name).model
+        self.requests: list[OffloadRequest] = []
+        self.reports: list[TelemetryReport] = []
+        self.fail: Callable[[OffloadRequest], None] | None = None
+        self.hook: Callable[[OffloadRequest], None] | None = None
+        self.logits_override: tuple[float, ...] | None = None
+
+    async def offload(self, request: OffloadRequest, timeout_s: float) -> OffloadResponse:
+        self.requests.append(request)
+        if self.hook is not None:
+            self.hook(request)
+        if self.fail is not None:
+            self.fail(request)
+        x = torch.from_numpy(decode(request.activation))
+        with torch.inference_mode():
+            y = self.model.run(x, request.cut, self.model.n_stages)[0]
+        if self.logits_override is not None:
+            return OffloadResponse(request.window_id, self.logits_override, 0, Timing(0.1, 0.4, 1))
+        return OffloadResponse(
+            request.window_id, tuple(float(v) for v in y), int(y.argmax()), Timing(0.1, 0.4, 1)
+        )
+
+    async def get_plan(self, *args: Any, **kwargs: Any) -> PlanSet | None:
+        return None
+
+    async def watch_plans(self, *args: Any, **kwargs: Any) -> AsyncIterator[PlanSet]:
+        return
+        yield  # an async generator that ends at once
+
+    async def report_telemetry(self, report: TelemetryReport, timeout_s: float = 5.0) -> int:
+        self.reports.append(report)
+        return 0
+
+    async def close(self) -> None:
+        pass
+
+
+def config(name: str = MODEL, **kw: Any) -> EdgeConfig:
+    kw.setdefault("replay_speed", 0)
+    kw.setdefault("breaker", BreakerConfig(backoff_jitter=0.0))
+    return EdgeConfig(model=name, **kw)
+
+
+def plan_set(version: int, *rows: PlanRow, model: str = MODEL) -> PlanSet:
+    plan = Plan(model=model, device_class="phone", rows=rows, objective=Objective.LATENCY)
+    return PlanSet(version=version, plans=(plan,), created_unix_ms=0, reason=f"test plan v{version}")
+
+
+def row(
+    cut: int, codec: Codec = Codec.FP32, battery: BatteryState = BatteryState.NORMAL, **kw: Any
+) -> PlanRow:
+    return PlanRow(
+        min_bandwidth_mbps=0.0,
+        max_bandwidth_mbps=math.inf,
+        battery=battery,
+        cut=cut,
+        codec=codec,
+        reason=kw.pop("reason", f"cut {cut} for the test"),
+        predicted_latency_ms=1.0,
+        predicted_energy_mj=1.0,
+        **kw,
+    )
+
+
+async def run_local(name: str, ws: list[SensorWindow], **kw: Any) -> list[int]:
+    sink = MemorySink()
+    await EdgeDevice(config(name, **kw), trained(name), None).run(source(ws), sink)
+    return [r.prediction for r in sink.results]
+
+
+# --- correctness ----------------------------------------------------------------------------
+
+
+async def test_whole_imu_recording_offloaded_at_fp32_equals_local() -> None:
+    ws = windows(MODEL, 10_000)  # the whole test recording
+    transport = FakeTransport()
+    sink = MemorySink()
+    device = EdgeDevice(config(default_cut=3), trained(MODEL), transport)
+    summary = await device.run(source(ws), sink)
+    assert summary.windows == len(ws) == 950 and summary.lost == 0
+    assert summary.by_mode == {"offloaded": 950, "local": 0, "fallback": 0}
+    assert [r.window_id for r in sink.results] == [w.window_id for w in ws]
+    local = await run_local(MODEL, ws)
+    assert [r.prediction for r in sink.results] == local
+    assert summary.accuracy == pytest.approx(
+        sum(p == w.label for p, w in zip(local, ws, strict=True)) / len(ws)
+    )
+    assert summary.accuracy > 0.85
+
+
+@pytest.mark.parametrize("cut", [0, 1, 4, 6])
+async def test_audio_offloaded_at_fp32_equals_local(cut: int) -> None:
+    ws = windows("fsdd_digit", 12)
+    sink = MemorySink()
+    device = EdgeDevice(
+        config("fsdd_digit", default_cut=cut), trained("fsdd_digit"), FakeTransport("fsdd_digit")
+    )
+    summary = await device.run(source(ws), sink)
+    assert summary.by_mode["offloaded"] == 12 and summary.lost == 0
+    assert [r.prediction for r in sink.results] == await run_local("fsdd_digit", ws)
+    assert all(r.cut == cut and r.codec == "fp32" and r.bytes_sent > 0 for r in sink.results)
+
+
+async def test_int8_codec_keeps_accuracy_close() -> None:
+    ws = windows(MODEL, 200)
+    sink = MemorySink()
+    device = EdgeDevice(config(default_cut=4, default_codec="int8"), trained(MODEL), FakeTransport())
+    summary = await device.run(source(ws), sink)
+    local = await run_local(MODEL, ws)
+    local_acc = sum(p == w.label for p, w in zip(local, ws, strict=True)) / len(ws)
+    assert summary.by_mode["offloaded"] == 200
+    assert abs(summary.accuracy - local_acc) <= 0.02
+    fp32_bytes = math.prod(trained(MODEL).model.activation_shape(4)) * 4
+    assert sink.results[0].bytes_sent == fp32_bytes // 4
+
+
+async def test_compressed_front_offloaded_equals_the_same_front_run_locally() -> None:
+    ws = windows(MODEL, 20)
+    plans = plan_set(1, row(4, compression_energy_kept=0.5))
+    sink = MemorySink()
+    await EdgeDevice(config(), trained(MODEL), FakeTransport(), plans).run(source(ws), sink)
+    assert all(r.mode is ExecutionMode.OFFLOADED and r.compression_energy_kept == 0.5 for r in sink.results)
+    local = MemorySink()
+    await EdgeDevice(config(), trained(MODEL), None, plans).run(source(ws), local)
+    assert [r.prediction for r in sink.results] == [r.prediction for r in local.results]
+
+
+# --- faults ---------------------------------------------------------------------------------
+
+
+async def test_failures_mid_run_fall_back_then_local_until_a_probe_succeeds() -> None:
+    clock = Clock()
+    transport = FakeTransport()
+    down = False
+
+    def fail(request: OffloadRequest) -> None:
+        if down:
+            raise BrokerUnavailableError("broker unavailable (UNAVAILABLE: connection refused)")
+
+    transport.fail = fail
+    breaker = BreakerConfig(failure_threshold=2, backoff_base_s=4.0, backoff_factor=1.6, backoff_jitter=0.0)
+    device = EdgeDevice(config(default_cut=5, breaker=breaker), trained(MODEL), transport, clock=clock)
+    ws = windows(MODEL, 18)
+    modes, calls = [], []
+    for t, w in enumerate(ws):  # one window per second
+        clock.t = float(t)
+        down = 2 <= t < 10
+        before = len(transport.requests)
+        result = await device.process(replace(w, t_emit=clock.t))
+        modes.append(result.mode.value[0])  # o / l / f
+        calls.append(len(transport.requests) - before)
+        if result.mode is ExecutionMode.FALLBACK:
+            assert result.reason.startswith("unavailable: ")
+        if result.mode is ExecutionMode.LOCAL:
+            assert result.reason.startswith("circuit breaker open")
+    # t: 0 1 | 2 3: fail, open until 3 + 4 = 7 | 7: probe fails, open until 7 + 6.4 = 13.4 | 14: probe ok
+    assert "".join(modes) == "oo" + "ff" + "lll" + "f" + "llllll" + "oooo"
+    assert calls == [1, 1, 1, 1, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1]
+    assert device.breaker.state is BreakerState.CLOSED
+    assert device.metrics.pending_windows() == 18  # every window counted for telemetry
+
+
+async def test_missed_deadline_finishes_locally_within_the_deadline() -> None:
+    transport = FakeTransport()
+
+    async def hang(request: OffloadRequest, timeout_s: float) -> OffloadResponse:
+        await asyncio.sleep(3600)  # a broken transport that ignores its timeout
+        raise AssertionError
+
+    transport.offload = hang  # type: ignore[method-assign]
+    device = EdgeDevice(config(default_cut=5, deadline_ms=80.0), trained(MODEL), transport)
+    loop = asyncio.get_running_loop()
+    w = windows(MODEL, 1, t_emit=loop.time())[0]
+    t0 = loop.time()
+    result = await device.process(w)
+    elapsed = loop.time() - t0
+    assert result.mode is ExecutionMode.FALLBACK and result.reason.startswith("deadline")
+    assert 0.08 <= elapsed < 0.08 + 0.5  # deadline + grace + the local tail on busy cores
+    assert result.prediction == (await run_local(MODEL, [w]))[0]
+
+
+async def test_shed_honours_retry_after_without_tripping_the_breaker() -> None:
+    clock = Clock()
+    transport = FakeTransport()
+
+    def shed(request: OffloadRequest) -> None:
+        raise ShedError("queue full", retry_after_ms=1500)
+
+    transport.fail = shed
+    device = EdgeDevice(
+        config(default_cut=5, breaker=BreakerConfig(failure_threshold=1, backoff_jitter=0.0)),
+        trained(MODEL),
+        transport,
+        clock=clock,
+    )
+    ws = windows(MODEL, 3)
+    r0 = await device.process(ws[0])
+    assert r0.mode is ExecutionMode.FALLBACK and r0.reason.startswith("shed")
+    assert device.breaker.state is BreakerState.CLOSED
+    transport.fail = None
+    clock.t = 1.0
+    r1 = await device.process(ws[1])
+    assert r1.mode is ExecutionMode.LOCAL and "shed" in r1.reason and len(transport.requests) == 1
+    clock.t = 1.5
+    r2 = await device.process(ws[2])
+    assert r2.mode is ExecutionMode.OFFLOADED
+
+
+@pytest.mark.parametrize(
+    "breakage",
+    ["wrong number of logits", "transport bug", "wrong window"],
+)
+async def test_bad_answers_and_transport_bugs_are_fallbacks(breakage: str) -> None:
+    transport = FakeTransport()
+    if breakage == "wrong number of logits":
+        transport.logits_override = (1.0, 2.0)
+    elif breakage == "transport bug":
+
+        def bug(request: OffloadRequest) -> None:
+            raise ZeroDivisionError("division by zero")
+
+        transport.fail = bug
+    else:
+        original = transport.offload
+
+        async def other(request: OffloadRequest, timeout_s: float) -> OffloadResponse:
+            return replace(await original(request, timeout_s), window_id="someone-else")
+
+        transport.offload = other  # type: ignore[method-assign]
+    device = EdgeDevice(config(default_cut=5), trained(MODEL), transport)
+    ws = windows(MODEL, 2)
+    results = [await device.process(w) for w in ws]
+    assert all(r.mode is ExecutionMode.FALLBACK for r in results)
+    assert [r.prediction for r in results] == await run_local(MODEL, ws)
+    expected = "error: ZeroDivisionError" if breakage == "transport bug" else "unavailable: answer for window"
+    assert results[0].reason.startswith(expected)
+
+
+# --- plans, battery -------------------------------------------------------------------------
+
+
+async def test_plan_change_is_applied_between_windows_never_during_one() -> None:
+    transport = FakeTransport()
+    device = EdgeDevice(config(), trained(MODEL), transport, plan_set(1, row(2)))
+
+    def mid_window_update(request: OffloadRequest) -> None:
+        if len(transport.requests) == 2:  # while window 1 is in the cloud, v2 arrives
+            device.apply_plan(plan_set(2, row(5, Codec.FP16)))
+
+    transport.hook = mid_window_update
+    sink = MemorySink()
+    await device.run(source(windows(MODEL, 4)), sink)
+    assert [(r.cut, r.codec, r.plan_version) for r in sink.results] == [
+        (2, "fp32", 1),
+        (2, "fp32", 1),
+        (5, "fp16", 2),
+        (5, "fp16", 2),
+    ]
+    assert [r.cut for r in transport.requests] == [2, 2, 5, 5]
+    assert [r.plan_version for r in transport.requests] == [1, 1, 2, 2]
+    assert device.plan_version == 2 and len(device.plan_log) == 2
+
+
+async def test_older_and_out_of_range_plans_are_refused() -> None:
+    device = EdgeDevice(config(), trained(MODEL), FakeTransport(), plan_set(3, row(2)))
+    device.apply_plan(plan_set(2, row(5)))  # older
+    await device.process(windows(MODEL, 1)[0])
+    device.apply_plan(plan_set(4, row(N + 1)))  # a cut this model does not have
+    result = await device.process(windows(MODEL, 1)[0])
+    assert device.plan_version == 3 and result.cut == 2
+    assert "out of range" in device.plan_log[-1]
+
+
+async def test_cut_n_runs_locally_without_the_transport() -> None:
+    transport = FakeTransport()
+    plans = plan_set(1, row(N, reason="the link is too slow for any cut"))
+    sink = MemorySink()
+    summary = await EdgeDevice(config(), trained(MODEL), transport, plans).run(
+        source(windows(MODEL, 5)), sink
+    )
+    assert summary.by_mode["local"] == 5 and transport.requests == []
+    assert all(r.bytes_sent == 0 and r.codec is None for r in sink.results)
+    assert "the link is too slow" in sink.results[0].reason
+
+
+async def test_no_transport_means_local_only() -> None:
+    summary = await EdgeDevice(config(), trained(MODEL), None).run(source(windows(MODEL, 3)))
+    assert summary.by_mode == {"offloaded": 0, "local": 3, "fallback": 0} and summary.bytes_sent == 0
+
+
+async def test_low_battery_rows_take_over_as_the_battery_drains() -> None:
+    transport = FakeTransport()
+    plans = plan_set(1, row(5), row(N, battery=BatteryState.LOW, reason="low battery: stay local"))
+    # a 1 mWh (3.6 J) battery at 25%: the first transfer's LTE promotion alone (~0.3 J) drains it
+    # below the 20% threshold
+    cfg = config(battery_mwh=1.0, battery_initial_fraction=0.25)
+    sink = MemorySink()
+    summary = await EdgeDevice(cfg, trained(MODEL), transport, plans).run(source(windows(MODEL, 4)), sink)
+    assert [r.mode for r in sink.results] == [ExecutionMode.OFFLOADED] + [ExecutionMode.LOCAL] * 3
+    assert "low battery" in sink.results[1].reason
+    assert summary.battery_fraction < 0.2
+    assert sink.results[0].energy_mj > 300  # promotion 1210.7 mW x 0.26 s + transfer + compute
+
+
+def test_default_cut_is_the_smallest_activation() -> None:
+    device = EdgeDevice(config(), trained(MODEL), None)
+    model = trained(MODEL).model
+    sizes = [math.prod(model.activation_shape(k)) for k in range(N)]
+    assert device._default.cut == sizes.index(min(sizes))
+    with pytest.raises(Exception, match="out of range"):
+        EdgeDevice(config(default_cut=N + 1), trained(MODEL), None)
+
+
+# --- telemetry, metrics, sink ---------------------------------------------------------------
+
+
+async def test_telemetry_reports_add_up_to_the_windows_and_metrics_count_modes() -> None:
+    from prometheus_client import CollectorRegistry
+
+    registry = CollectorRegistry()
+    transport = FakeTransport()
+
+    def fail(request: OffloadRequest) -> None:
+        if len(transport.requests) in (4, 5):  # the 4th and 5th calls
+            raise BrokerUnavailableError("down")
+
+    transport.fail = fail
+    metrics = EdgeMetrics(MODEL, "phone", registry=registry)
+    device = EdgeDevice(
+        config(default_cut=5, telemetry_period_s=1e-6), trained(MODEL), transport, metrics=metrics
+    )
+    summary = await device.run(source(windows(MODEL, 10)))
+    assert summary.by_mode == {"offloaded": 8, "local": 0, "fallback": 2}
+    assert summary.fallbacks_by_reason == {"unavailable": 2}
+    obs = [o for r in transport.reports for o in r.observations]
+    assert sum(o.window_count for o in obs) == 10
+    assert sum(o.failure_count for o in obs) == 2
+    assert all(len(o.stage_ms_total) == (5 if o.mode is ExecutionMode.OFFLOADED else N) for o in obs)
+    assert {r.device_id for r in transport.reports} == {"edge-0"}
+
+    def value(name: str, **labels: str) -> float:
+        return registry.get_sample_value(name, {"model": MODEL, "device_class": "phone", **labels}) or 0.0
+
+    assert value("splitsense_edge_windows_total", cut="5", mode="offloaded") == 8
+    assert value("splitsense_edge_fallbacks_total", reason="unavailable") == 2
+    assert value("splitsense_edge_breaker_state") == 0
+    assert value("splitsense_edge_window_latency_seconds_count", mode="offloaded") == 8
+    assert value("splitsense_edge_sent_bytes_total", cut="5", codec="fp32") == summary.bytes_sent
+
+
+async def test_jsonl_sink_writes_one_parseable_line_per_window() -> None:
+    buf = StringIO()
+    sink = JsonlSink(buf)
+    await EdgeDevice(config(default_cut=5), trained(MODEL), FakeTransport()).run(
+        source(windows(MODEL, 3)), sink
+    )
+    lines = [json.loads(line) for line in buf.getvalue().splitlines()]
+    assert len(lines) == 3 == sink.count
+    keys = {
+        "window_id",
+        "label",
+        "prediction",
+        "mode",
+        "cut",
+        "codec",
+        "latency_ms",
+        "bytes_sent",
+        "energy_mj",
+    }
+    assert keys <= set(lines[0]) and lines[0]["mode"] == "offloaded"
