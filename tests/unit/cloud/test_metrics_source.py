@@ -77,7 +77,7 @@ splitsense_broker_queue_duration_seconds_sum{cut="2",device_class="phone",model=
 # TYPE splitsense_broker_shed counter
 splitsense_broker_shed_total{cut="2",device_class="phone",model="uci_har"} 10.0
 splitsense_broker_shed_total{cut="unknown",device_class="phone",model="unknown"} 1.0
-"""
+"""  # noqa: E501
 
 
 def _scrape(text: str = RECORDED) -> DirectExporterSource:
@@ -159,7 +159,9 @@ def test_exporters_are_summed() -> None:
     parse_exposition(RECORDED, 1, both)
     snap = src.snapshot_of(both, 0.0)
     phone = snap.device_class("phone")
-    assert phone is not None and phone.offload_windows == 200 and phone.bandwidth_mean_mbps == pytest.approx(2.5)
+    assert (
+        phone is not None and phone.offload_windows == 200 and phone.bandwidth_mean_mbps == pytest.approx(2.5)
+    )
 
 
 def test_bucket_quantile_matches_prometheus() -> None:
@@ -169,7 +171,9 @@ def test_bucket_quantile_matches_prometheus() -> None:
     assert bucket_quantile(0.99, [(1.0, 0.0), (2.0, 5.0), (inf, 10.0)]) == 2.0  # +Inf bucket: its lower edge
     assert bucket_quantile(0.5, [(1.0, 0.0), (inf, 0.0)]) is None  # no observations: NaN
     assert bucket_quantile(0.5, [(1.0, 3.0)]) is None  # no +Inf bucket
-    assert bucket_quantile(0.5, [(1.0, 6.0), (2.0, 4.0), (inf, 10.0)]) == pytest.approx(5 / 6)  # monotonic fix
+    assert bucket_quantile(0.5, [(1.0, 6.0), (2.0, 4.0), (inf, 10.0)]) == pytest.approx(
+        5 / 6
+    )  # monotonic fix
     assert bucket_quantile(1.5, [(1.0, 1.0), (inf, 1.0)]) == inf
 
 
@@ -193,7 +197,9 @@ def test_bad_snapshot_files_are_data_errors(tmp_path: Path) -> None:
     (tmp_path / "bad.json").write_text("{")
     with pytest.raises(DataError, match="not valid JSON"):
         snapshot_from_file(tmp_path / "bad.json")
-    (tmp_path / "odd.json").write_text(json.dumps({"taken_unix_ms": 1, "source": "x", "window_s": 1, "nope": 2}))
+    (tmp_path / "odd.json").write_text(
+        json.dumps({"taken_unix_ms": 1, "source": "x", "window_s": 1, "nope": 2})
+    )
     with pytest.raises(DataError, match=r"odd.json.*unknown keys \['nope'\]"):
         snapshot_from_file(tmp_path / "odd.json")
     (tmp_path / "list.json").write_text("[]")
