@@ -82,7 +82,7 @@ def evaluate_model(
         )
 
     # RLC (DeepX runtime layer compression) under the accuracy budget, ranks chosen on calibration data.
-    cut = compression_cut(model, [c["activation_bytes"] for c in cuts])
+    cut = compression_cut(model, [prof.activation_bytes(k) for k in range(n + 1)])
     xc, yc = calibration_set(tm)
     log(f"{name}: compressing front at cut {cut} under a {cfg.accuracy_budget_points}-point budget")
     result = compress_front(
@@ -153,7 +153,8 @@ def render_eval(out: dict[str, Any], console: Console) -> None:
         )
         for codec, r in e["codecs"].items():
             console.print(
-                f"  {codec}: worst accuracy {r['worst_accuracy']:.4f} ({r['worst_accuracy_loss_points']:.2f} points lost),"
+                f"  {codec}: worst accuracy {r['worst_accuracy']:.4f}"
+                f" ({r['worst_accuracy_loss_points']:.2f} points lost),"
                 f" worst bytes ratio {r['worst_bytes_ratio']:.3f} of fp32"
             )
 

@@ -104,7 +104,7 @@ def models_train(
         ) as bar:
             task = bar.add_task(f"train {name}", total=None, info="loading data")
 
-            def progress(epoch: int, n: int, loss: float, task: Any = task, bar: Any = bar) -> None:
+            def progress(epoch: int, n: int, loss: float, task: Any = task, bar: Any = bar, name: str = name) -> None:
                 bar.update(task, total=n, completed=epoch, info=f"epoch {epoch}/{n} loss {loss:.3f}")
                 if not err.is_terminal:  # no live bar in logs: one line per epoch instead
                     err.print(f"train {name}: epoch {epoch}/{n} loss {loss:.3f}")
