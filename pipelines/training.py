@@ -123,7 +123,7 @@ def load_trained(name: str, weights_dir: Path | None = None) -> TrainedModel:
     return TrainedModel(spec=spec, model=model, standardizer=std, meta=meta)
 
 
-def _augment(spec: ModelSpec, xb: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+def augment(spec: ModelSpec, xb: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     if spec.modality == "audio":
         # Random time shift of up to 8 frames (80 ms) and one frequency mask (SpecAugment-lite).
         shift = int(torch.randint(-8, 9, (1,), generator=gen))
@@ -178,7 +178,7 @@ def train_model(
         total = 0.0
         for i in range(0, len(x), cfg.batch_size):
             idx = perm[i : i + cfg.batch_size]
-            xb = _augment(spec, x[idx], gen)
+            xb = augment(spec, x[idx], gen)
             loss = loss_fn(model(xb), y[idx])
             opt.zero_grad()
             loss.backward()

@@ -1,0 +1,55 @@
+"""`models eval` on the shipped inertial model: the issue's numbers hold, and the JSON has its shape."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+
+from pipelines import codecs
+from pipelines.evaluation import accuracy_with_codec, compression_cut, evaluate_model
+from pipelines.training import load_trained, test_set
+
+
+@pytest.fixture(scope="module")
+def report() -> dict[str, Any]:
+    return evaluate_model("uci_har", repeats=3)
+
+
+def test_accuracy_and_cut_table(report: dict[str, Any]) -> None:
+    assert report["accuracy"] >= 0.93 and report["n_test"] == 950
+    cuts = report["cuts"]
+    assert [c["index"] for c in cuts] == list(range(8))
+    for c in cuts:
+        assert set(c) >= {"index", "name", "activation_bytes", "front_macs", "front_params", "host_latency_ms"}
+    assert cuts[0]["front_macs"] == 0 and cuts[-1]["front_macs"] == report["total_macs"]
+
+
+def test_rlc_halves_the_front_within_one_point(report: dict[str, Any]) -> None:
+    c = report["compressed"]
+    assert c["front_params"] * 2 <= c["front_params_uncompressed"]
+    assert report["accuracy"] - c["accuracy"] <= 0.01 + 1e-9
+
+
+def test_int8_codec_budget(report: dict[str, Any]) -> None:
+    int8 = report["codecs"]["int8"]
+    assert int8["worst_bytes_ratio"] <= 0.26
+    assert report["accuracy"] - int8["worst_accuracy"] <= 0.005 + 1e-9
+    assert report["codecs"]["fp16"]["worst_bytes_ratio"] == 0.5
+
+
+def test_fp32_codec_is_exact_at_every_cut() -> None:
+    tm = load_trained("uci_har")
+    x, y = test_set(tm)
+    x, y = x[:64], y[:64]
+    with torch.no_grad():
+        full = (tm.model(x).argmax(1) == y).float().mean().item()
+    for k in range(tm.model.n_stages):
+        assert accuracy_with_codec(tm.model, x, y, k, codecs.Codec.FP32) == pytest.approx(full)
+
+
+def test_compression_cut_is_the_smallest_interior_activation() -> None:
+    m = load_trained("uci_har").model
+    # Index 7 is fully local (nothing crosses) and never chosen; ties go to the shallowest cut.
+    assert compression_cut(m, [100, 50, 10, 10, 10, 10, 10, 1]) == 2
