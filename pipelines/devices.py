@@ -4,19 +4,23 @@ These are the *simulated* hardware. The fleet runs on this host (a 2-core x86 se
 of the Sapphire Rapids generation under KVM); a device's compute time is the host's time for the
 same work stretched by ``speed_factor``, and its energy is its power times that stretched time.
 
-How the speed factors were chosen. A factor is the ratio of single-thread CPU performance of one
-host core to one core of the device, from published Geekbench 5 single-core scores (rounded; the
-scores vary by a few percent between runs and OS builds):
+How the speed factors were chosen. A factor is the ratio of sustained dense-DNN throughput (float32
+multiply-accumulates per second on convolution/GEMM kernels, the work our stages do) of this host
+to the device. A general CPU mix such as Geekbench understates it: the host's kernels run on AVX-512,
+the devices' on 128-bit NEON (or less), at lower clocks and under thermal limits.
 
-    host: cloud Xeon (Sapphire Rapids / Ice Lake class, 2.6-3 GHz)   ~1100-1300
-    phone: Google Pixel 3, Snapdragon 845 (Cortex-A75 @ 2.8 GHz)     ~500-520     -> ~2x slower
-    iot_board: Raspberry Pi 4 Model B, Cortex-A72 @ 1.5 GHz (64-bit)  ~230-260     -> ~5x slower
-    watch: Snapdragon 400 / Wear 2100 class, Cortex-A7 @ 1.2 GHz      ~80-100      -> ~12-15x slower
+    host: measured here, the shipped audio CNN (85.8 M MACs) in 1.46 ms on 2 threads  ~58 GMAC/s
+    phone: Pixel 3, Snapdragon 845 (4x A75 + 4x A55): MobileNet-v1 1.0/224 (569 M MACs) float in
+        ~24-30 ms on 4 CPU threads in the TensorFlow Lite performance benchmarks     ~20 GMAC/s  -> 3x
+    iot_board: Raspberry Pi 4 B (4x A72 @ 1.5 GHz): MobileNet-v1 float in ~90-110 ms with
+        TensorFlow Lite on 4 threads (published RPi 4 TFLite benchmarks)               ~6 GMAC/s  -> 10x
+    watch: Snapdragon 400 / Wear 2100 (4x A7 @ 1.2 GHz): an A7 core peaks at ~1.2 GMAC/s float32
+        NEON (2 lanes x FMA) and sustains about half; a watch app's inference runs on one core
+        (thermal and scheduling limits; Bhattacharya & Lane, SenSys 2016, ran their watch DNNs on
+        this class)                                                                   ~0.6 GMAC/s -> 100x
 
-Geekbench is a general CPU mix; dense DNN kernels on the host also use AVX-512 (and AMX), which
-the devices' NEON units do not match, so these factors are, if anything, kind to the devices.
-The same number of threads is assumed on both sides (the host profiles use the threads of
-``TrainConfig.threads``; every device here has at least 2 cores).
+These are approximations with a factor-of-2 uncertainty; the watch is the least certain. They are
+the simulated hardware: the fleet runs each front for real on this host and stretches its time.
 
 Power figures: ``active_mw`` is the whole device's draw while it runs a model (CPU busy), and
 ``idle_mw`` its draw with the screen off and the CPU idle; the radio's own power is modelled apart
@@ -69,7 +73,7 @@ class DeviceClass:
 DEVICE_CLASSES: dict[str, DeviceClass] = {
     "phone": DeviceClass(
         name="phone",
-        speed_factor=2.0,
+        speed_factor=3.0,
         # Snapdragon 845: one Cortex-A75 core busy plus memory/uncore draws ~1.5-2.5 W (AnandTech's
         # SPEC2006 power measurements of the Snapdragon 845 reference device, 2018); 2 W is the middle.
         active_mw=2000.0,
@@ -79,7 +83,7 @@ DEVICE_CLASSES: dict[str, DeviceClass] = {
         # Google Pixel 3 spec sheet: 2915 mAh at 3.85 V nominal = 11,223 mWh.
         battery_mwh=2915 * 3.85,
         source=(
-            "Pixel 3 / Snapdragon 845 class. Speed: Geekbench 5 single-core ~510 vs host ~1100-1300. "
+            "Pixel 3 / Snapdragon 845 class. Speed: ~20 GMAC/s (TFLite MobileNet-v1 float, 4 threads) vs host ~58. "
             "Active ~2 W: AnandTech Snapdragon 845 SPEC2006 per-core power (1.5-2.5 W), estimate. "
             "Idle 11.4 mW: Huang et al. MobiSys 2012 Table 3 (screen-off base). "
             "Battery: Pixel 3 spec, 2915 mAh x 3.85 V. Radio: LTE."
@@ -87,7 +91,7 @@ DEVICE_CLASSES: dict[str, DeviceClass] = {
     ),
     "iot_board": DeviceClass(
         name="iot_board",
-        speed_factor=5.0,
+        speed_factor=10.0,
         # Raspberry Pi 4 Model B, bare board: 540 mA idle (2.7 W) and 1280 mA (6.4 W) with all four
         # cores under stress-ng, measured at 5.1 V (Jeff Geerling's and RasPi.TV's published
         # measurements; the Raspberry Pi documentation gives 600 mA "typical bare-board active").
@@ -98,14 +102,14 @@ DEVICE_CLASSES: dict[str, DeviceClass] = {
         # power bank = 37,000 mWh. This is a scenario assumption, not a measurement.
         battery_mwh=10_000 * 3.7,
         source=(
-            "Raspberry Pi 4 Model B (Cortex-A72 @ 1.5 GHz). Speed: Geekbench 5 single-core ~250 vs "
-            "host ~1100-1300. Power: 2.7 W idle / 6.4 W full load (Geerling, RasPi.TV measurements; "
+            "Raspberry Pi 4 Model B (Cortex-A72 @ 1.5 GHz). Speed: ~6 GMAC/s (TFLite MobileNet-v1 float, "
+            "4 threads) vs host ~58. Power: 2.7 W idle / 6.4 W full load (Geerling, RasPi.TV measurements; "
             "RPi docs 600 mA typical active). Battery: assumed 10,000 mAh x 3.7 V power bank. Radio: WiFi."
         ),
     ),
     "watch": DeviceClass(
         name="watch",
-        speed_factor=15.0,
+        speed_factor=100.0,
         # Snapdragon 400 / Wear 2100 (4x Cortex-A7 @ 1.2 GHz), the smartwatch SoC of LG Watch Urbane-
         # class watches used for inertial models in Bhattacharya & Lane, "From Smart to Deep",
         # SenSys 2016. A Cortex-A7 core draws ~0.1-0.2 W at 1.2 GHz (ARM's published A7 figures);
@@ -119,7 +123,7 @@ DEVICE_CLASSES: dict[str, DeviceClass] = {
         battery_mwh=410 * 3.8,
         source=(
             "LG Watch Urbane / Snapdragon 400-Wear 2100 class (Cortex-A7 @ 1.2 GHz), as in Bhattacharya "
-            "& Lane SenSys 2016. Speed: Geekbench 5 single-core ~80-100 vs host ~1100-1300. "
+            "& Lane SenSys 2016. Speed: ~0.6 GMAC/s sustained NEON on one A7 core vs host ~58, estimate. "
             "Active ~400 mW and idle ~25 mW: estimates (ARM Cortex-A7 per-core power; battery life). "
             "Battery: LG Watch Urbane spec, 410 mAh x 3.8 V. Radio: WiFi."
         ),
