@@ -17,7 +17,7 @@ from pipelines import codecs
 from pipelines.compress import compress_front, count_params
 from pipelines.profile import profile_model
 from pipelines.stages import StagedModel
-from pipelines.training import TrainedModel, accuracy_of, augment, load_trained, split_for, test_set
+from pipelines.training import TrainedModel, accuracy_of, augment, load_trained, split_for, held_out_set
 from splitsense.config import CompressionConfig
 
 CALIBRATION_WINDOWS = 800
@@ -70,7 +70,7 @@ def evaluate_model(
     cfg = cfg or CompressionConfig()
     tm = trained or load_trained(name)
     model = tm.model.eval()
-    x, y = test_set(tm)
+    x, y = held_out_set(tm)
     acc = accuracy_of(model, x, y)
     log(f"{name}: accuracy {acc:.4f} on {len(x)} test windows; profiling stages")
     prof = profile_model(model, repeats=repeats)
@@ -172,7 +172,7 @@ def build_model_catalog(name: str, repeats: int = 30, trained: TrainedModel | No
     from pipelines.catalog import build_catalog
 
     tm = trained or load_trained(name)
-    x, y = test_set(tm)
+    x, y = held_out_set(tm)
     return build_catalog(
         tm.model.eval(),
         evaluate=lambda m: accuracy_of(m, x, y),

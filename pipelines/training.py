@@ -202,7 +202,7 @@ def train_model(
     return TrainedModel(spec=spec, model=model, standardizer=std, meta=meta)
 
 
-def test_set(tm: TrainedModel) -> tuple[torch.Tensor, torch.Tensor]:
+def held_out_set(tm: TrainedModel) -> tuple[torch.Tensor, torch.Tensor]:
     """Standardised test inputs and labels of a trained model's dataset."""
     test = split_for(tm.spec, "test")
     return tm.prepare(test.x), test.y

@@ -55,7 +55,7 @@ def windows(registry: ModelRegistry) -> dict[str, torch.Tensor]:
     """A few real, preprocessed test windows per model (spread over the test set)."""
     out = {}
     for name in MODELS:
-        x, _ = training.test_set(registry.trained(name))  # not imported bare: pytest would collect it
+        x, _ = training.held_out_set(registry.trained(name))  # not imported bare: pytest would collect it
         idx = torch.linspace(0, len(x) - 1, WINDOWS_PER_MODEL).long()
         out[name] = x[idx]
     return out

@@ -9,7 +9,7 @@ import torch
 
 from pipelines import codecs
 from pipelines.evaluation import accuracy_with_codec, compression_cut, evaluate_model
-from pipelines.training import load_trained, test_set
+from pipelines.training import load_trained, held_out_set
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +41,7 @@ def test_int8_codec_budget(report: dict[str, Any]) -> None:
 
 def test_fp32_codec_is_exact_at_every_cut() -> None:
     tm = load_trained("uci_har")
-    x, y = test_set(tm)
+    x, y = held_out_set(tm)
     x, y = x[:64], y[:64]
     with torch.no_grad():
         full = (tm.model(x).argmax(1) == y).float().mean().item()
