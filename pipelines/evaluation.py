@@ -17,7 +17,7 @@ from pipelines import codecs
 from pipelines.compress import compress_front, count_params
 from pipelines.profile import profile_model
 from pipelines.stages import StagedModel
-from pipelines.training import TrainedModel, accuracy_of, augment, load_trained, split_for, held_out_set
+from pipelines.training import TrainedModel, accuracy_of, augment, held_out_set, load_trained, split_for
 from splitsense.config import CompressionConfig
 
 CALIBRATION_WINDOWS = 800

@@ -9,7 +9,7 @@ import torch
 
 from pipelines import codecs
 from pipelines.evaluation import accuracy_with_codec, compression_cut, evaluate_model
-from pipelines.training import load_trained, held_out_set
+from pipelines.training import held_out_set, load_trained
 
 
 @pytest.fixture(scope="module")
