@@ -35,6 +35,8 @@ bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks that print figure
 app.add_typer(bench_app, name="bench")
 edge_app = typer.Typer(no_args_is_help=True, help="Run a device: a real recording, offloaded or local.")
 app.add_typer(edge_app, name="edge")
+controller_app = typer.Typer(no_args_is_help=True, help="Replan the fleet: metrics in, plans out to Redis.")
+app.add_typer(controller_app, name="controller")
 
 err = Console(stderr=True)
 F = TypeVar("F", bound=Callable[..., Any])
@@ -230,6 +232,7 @@ def bench_serve(
     model: str = typer.Option("uci_har", "--model", "-m", help="Model whose tail is served."),
     cut: int = typer.Option(None, help="Cut k (default: the middle one, n_stages // 2)."),
     config: Path = typer.Option(None, "--config", "-c", help="Scenario file (JSON): serving and broker."),
+    broker_transport: str = typer.Option("stream", help="Broker path: 'stream' (as devices do) or 'unary'."),
 ) -> None:
     """raw gRPC vs in-process vs naive Ray vs the broker: p50/p99 and throughput per device count."""
     from cloud.benchmarks.serve import (
@@ -241,7 +244,12 @@ def bench_serve(
     )
 
     bench = ServeBenchConfig(
-        model=model, cut=cut, devices=parse_devices(devices), requests=requests, max_seconds=seconds
+        model=model,
+        cut=cut,
+        devices=parse_devices(devices),
+        requests=requests,
+        max_seconds=seconds,
+        broker_transport=broker_transport,
     )
     cfg = _load_config(config)
     _quiet_ray_logs()
@@ -387,6 +395,309 @@ def models_catalog(
         path = save_catalog(cat)
         err.print(f"{name}: {len(cat.levels)} compression levels x {len(cat.codecs)} codecs x "
                   f"{cat.n_stages + 1} cuts -> {path}")
+
+
+def _controller_config(config: Path | None, **overrides: Any) -> Any:
+    from dataclasses import replace
+
+    cfg = _load_config(config)
+    given = {k: v for k, v in overrides.items() if v is not None}
+    return replace(cfg, controller=replace(cfg.controller, **given)) if given else cfg
+
+
+def _cli_logging(verbose: bool) -> None:
+    import logging
+
+    from rich.logging import RichHandler
+
+    handler = RichHandler(console=err, show_path=False, rich_tracebacks=False)
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, handlers=[handler], format="%(message)s")
+
+
+@controller_app.command("run")
+@friendly
+def controller_run(
+    prometheus: str = typer.Option(
+        None, help="Prometheus URL (default: controller.prometheus_url; none: read controller.exporter_urls directly)."
+    ),
+    redis: str = typer.Option(
+        None,
+        help="Plan store URL, e.g. redis://host:6379/0 (default: controller.redis_url; "
+        "none: an embedded redis-server only this process sees).",
+    ),
+    period: float = typer.Option(None, help="Seconds between passes (default: controller.period_s)."),
+    metrics_port: int = typer.Option(9465, help="This controller's Prometheus exporter (0: a free port, -1: off)."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Log every publication and recovery (INFO)."),
+    config: Path = typer.Option(None, "--config", "-c", help="Scenario file (JSON) overriding the defaults."),
+) -> None:
+    """Replan every period until Ctrl-C: a live status line per pass, a summary on exit."""
+    import asyncio
+
+    from rich.table import Table
+
+    from cloud.controller.loop import PassReport
+    from cloud.stack import run_controller_forever
+
+    cfg = _controller_config(config, prometheus_url=prometheus, redis_url=redis, period_s=period)
+    _cli_logging(verbose)
+    live = err.status("controller starting") if err.is_terminal else None
+
+    def started(_: Any, info: dict[str, str]) -> None:
+        err.print("[bold green]controller running[/] " + " | ".join(f"{k}: {v}" for k, v in info.items()))
+        err.print("Ctrl-C or SIGTERM stops it")
+        if live is not None:
+            live.start()
+
+    def on_pass(r: PassReport) -> None:
+        deps = " ".join(f"{k} {'up' if v else 'DOWN'}" for k, v in r.dependencies.items())
+        line = (
+            f"v{r.version if r.version is not None else '-'} {r.outcome} | {deps} | "
+            f"{r.duration_s * 1000:.0f} ms | {len(r.missing)} missing"
+        )
+        if r.outcome == "published":
+            err.print(f"[green]v{r.version}[/] published ({r.changed_rows} rows changed): {r.reason}")
+        elif r.outcome in ("no-metrics", "store-down", "refused", "error") and live is None:
+            err.print(f"[yellow]{r.outcome}[/]: {r.reason}")
+        if live is not None:
+            live.update(line)
+        else:
+            err.print(line)
+
+    port = None if metrics_port < 0 else metrics_port
+    try:
+        controller = asyncio.run(run_controller_forever(cfg, metrics_port=port, on_started=started, on_pass=on_pass))
+    finally:
+        if live is not None:
+            live.stop()
+    summary = controller.summary()
+    table = Table(title="controller summary")
+    table.add_column("what")
+    table.add_column("value")
+    table.add_row("passes", str(summary["passes"]))
+    table.add_row("outcomes", ", ".join(f"{k} {v}" for k, v in summary["outcomes"].items() if v))
+    table.add_row("published versions", ", ".join(map(str, summary["published_versions"])) or "none")
+    table.add_row("last version", str(summary["last_version"]))
+    for name, d in summary["dependencies"].items():
+        table.add_row(f"{name}", {True: "up", False: f"DOWN: {d['error']}", None: "never reached"}[d["up"]])
+    err.print(table)
+
+
+@controller_app.command("plan")
+@friendly
+def controller_plan(
+    as_json: bool = typer.Option(False, "--json", help="Print {source, missing, inputs, plan_set} as JSON."),
+    snapshot: Path = typer.Option(None, help="Plan from a saved fleet snapshot (JSON) instead of live metrics."),
+    prometheus: str = typer.Option(
+        None,
+        help="Plan from this Prometheus (default: controller.prometheus_url, "
+        "else the exporters of controller.exporter_urls).",
+    ),
+    save_snapshot: Path = typer.Option(None, help="Also write the snapshot read to this file."),
+    config: Path = typer.Option(None, "--config", "-c", help="Scenario file (JSON) overriding the defaults."),
+) -> None:
+    """One planning pass (nothing is stored): every row of every plan with its reason."""
+    import asyncio
+    import time
+
+    from rich.table import Table
+
+    from cloud.controller.inputs import plan_from_snapshot
+    from cloud.controller.metrics_source import DirectExporterSource, FileSource, MetricsSource, PrometheusSource
+    from cloud.stack import load_catalogs, planner_devices
+    from splitsense.errors import ConfigError
+
+    if snapshot is not None and prometheus is not None:
+        raise ConfigError("--snapshot and --prometheus are alternatives: give one of them")
+    cfg = _controller_config(config, prometheus_url=prometheus)
+    c = cfg.controller
+    devices = planner_devices(cfg)
+    source: MetricsSource
+    if snapshot is not None:
+        source = FileSource(snapshot)
+    elif c.prometheus_url is not None:
+        source = PrometheusSource(
+            c.prometheus_url, window_s=c.query_window_s, timeout_s=c.prometheus_timeout_s, device_classes=tuple(devices)
+        )
+    else:
+        source = DirectExporterSource(
+            c.exporter_urls, window_s=c.query_window_s, timeout_s=c.prometheus_timeout_s, device_classes=tuple(devices)
+        )
+    catalogs = load_catalogs(tuple(cfg.serving.models), cfg.paths.weights_dir)
+    with err.status("reading the fleet"):
+        snap = asyncio.run(source.snapshot())
+    if save_snapshot is not None:
+        err.print(f"snapshot saved to {snap.save(save_snapshot)}")
+    plan, inputs = plan_from_snapshot(cfg, snap, catalogs, devices, now_unix_ms=int(time.time() * 1000))
+    if as_json:
+        emit_json({
+            "source": snap.source, "taken_unix_ms": snap.taken_unix_ms, "window_s": snap.window_s,
+            "missing": list(snap.missing), "inputs": inputs.to_dict(), "stored": False, "plan_set": plan.to_dict(),
+        })  # fmt: skip
+        return
+    out = Console()
+    out.print(f"[bold]{snap.source}[/] (window {snap.window_s or 'since start'} s): {plan.reason}")
+    for item in snap.missing:
+        err.print(f"[yellow]missing:[/] {item}")
+    for d in inputs.classes:
+        out.print(
+            f"{d.device_class}: rtt {d.rtt_ms:.3g} ms ({d.rtt_source})"
+            + (f"; local only: {d.local_only_reason}" if d.local_only_reason else "")
+            + (f"; saves energy: {d.battery_saving_reason}" if d.battery_saving_reason else "")
+        )
+    out.print(
+        f"cloud: queue {inputs.cloud.queue_ms:.3g} ms, overhead {inputs.cloud.overhead_ms:.3g} ms "
+        f"({inputs.cloud.source})"
+    )
+    for p in plan.plans:
+        table = Table(title=f"{p.model} on {p.device_class} (minimise {p.objective.value})", show_lines=False)
+        for col in ("battery", "Mbit/s", "cut", "level", "codec", "ms", "mJ", "reason"):
+            table.add_column(col, overflow="fold")
+        for r in p.rows:
+            hi = "inf" if r.max_bandwidth_mbps == float("inf") else f"{r.max_bandwidth_mbps:g}"
+            table.add_row(r.battery.value, f"[{r.min_bandwidth_mbps:g}, {hi})", str(r.cut),
+                          f"{r.compression_energy_kept:g}", r.codec.value, f"{r.predicted_latency_ms:.1f}",
+                          f"{r.predicted_energy_mj:.1f}", r.reason)  # fmt: skip
+        out.print(table)
+
+
+@bench_app.command("plan")
+@friendly
+def bench_plan(
+    as_json: bool = typer.Option(False, "--json", help='Print {"replan_ms", "rows", "config"} as JSON.'),
+    repeats: int = typer.Option(50, help="Timed replans of the whole fleet (the median is reported)."),
+    config: Path = typer.Option(None, "--config", "-c", help="Scenario file (JSON): planner classes and buckets."),
+) -> None:
+    """How long replanning the whole fleet takes (every class x model x bucket x battery state)."""
+    from rich.table import Table
+
+    from cloud.benchmarks.plan import run_plan_bench
+    from splitsense.errors import ConfigError
+
+    if repeats < 1:
+        raise ConfigError(f"--repeats must be >= 1, got {repeats}")
+    with err.status(f"replanning the fleet {repeats} times"):
+        result = run_plan_bench(repeats=repeats, cfg=_load_config(config))
+    if as_json:
+        emit_json(result)
+        return
+    table = Table(title="bench plan")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    table.add_row("replan (median)", f"{result['replan_ms']:.2f} ms")
+    table.add_row("rows", str(result["rows"]))
+    table.add_row("device classes", ", ".join(result["config"]["device_classes"]))
+    table.add_row("models", ", ".join(result["config"]["models"]))
+    table.add_row("repeats", str(repeats))
+    Console().print(table)
+
+
+def _run_fleet(cfg: Any, *, as_json: bool, report_dir: Path | None, with_ray: bool, what: str) -> None:
+    """Start the cloud, run the fleet of `cfg.simulator`, write the report, print the summary
+    (stdout: one JSON object with --json, the table on stderr); stop everything, on Ctrl-C too."""
+    import asyncio
+    import contextlib
+    import time
+
+    from cloud.benchmarks.serve import stdout_to_stderr
+    from simulators.fleet import simulate
+    from simulators.report import ConsoleProgress, render_summary, summarize, write_report
+
+    out_dir = report_dir or cfg.paths.reports_dir / time.strftime("%Y%m%d-%H%M%S")
+    if with_ray:
+        _quiet_ray_logs()
+    sim = cfg.simulator
+    err.print(
+        f"{what}: {sim.devices} devices x {sim.duration_s:g} s x {len(sim.policies)} policies "
+        f"({', '.join(sim.policies)}), {'Ray Serve' if with_ray else 'in-process'} tails"
+    )
+    with stdout_to_stderr() if as_json else contextlib.nullcontext():
+
+        def stack_step(step: str) -> None:
+            err.print(f"[dim]cloud:[/] {step}", highlight=False)
+
+        try:
+            result = asyncio.run(
+                simulate(cfg, with_ray=with_ray, progress=ConsoleProgress(err), stack_progress=stack_step)
+            )
+        except KeyboardInterrupt:
+            err.print("interrupted: the fleet and the cloud were stopped")
+            raise typer.Exit(130) from None
+        path = write_report(result, out_dir)
+    render_summary(result, err if as_json else Console(), path)
+    if as_json:
+        emit_json(summarize(result, path))
+    else:
+        err.print(
+            f"report: {path} (report.json, windows.jsonl, latency_cdf.png, energy_per_window.png, device_timeline.png)"
+        )
+
+
+@app.command("simulate")
+@friendly
+def simulate_cmd(
+    devices: int = typer.Option(None, "--devices", "-n", help="Devices in the fleet (default: simulator.devices)."),
+    duration: float = typer.Option(None, "--duration", "-d", help="Seconds per policy (default: simulator.duration_s)"),
+    policy: str = typer.Option(
+        "all",
+        "--policy",
+        "-p",
+        help="adaptive, all_local, all_cloud, fixed_cut, oracle, a comma-separated list, or all.",
+    ),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object on stdout (the table goes to stderr)."),
+    traces: Path = typer.Option(None, "--traces", help="Folder of traces (two-column or Mahimahi) to use instead."),
+    families: str = typer.Option(None, help="Comma-separated trace families (sub-folders) to use."),
+    outages: str = typer.Option(None, help="Scripted outages on every link, START+DURATION seconds, e.g. '10+6,40+2'."),
+    report_dir: Path = typer.Option(None, help="Report folder (default: reports/<timestamp>/)."),
+    scenario: str = typer.Option(
+        None,
+        "--scenario",
+        "-s",
+        help="A named scenario (smoke, demo, outage, benchmark, scale) or a JSON scenario file.",
+    ),
+    seed: int = typer.Option(None, help="Seed of traces, offsets, recordings and jitter (default: simulator.seed)."),
+    in_process: bool = typer.Option(False, "--in-process", help="Run the tails in this process instead of Ray Serve."),
+) -> None:
+    """A fleet of simulated devices on real network traces, under every policy, against the real cloud."""
+    from simulators.scenario import load_scenario, parse_outages
+
+    over: dict[str, Any] = {}
+    if devices is not None:
+        over["devices"] = devices
+    if duration is not None:
+        over["duration_s"] = duration
+    if policy.strip() != "all":
+        over["policies"] = [p.strip() for p in policy.split(",") if p.strip()]
+    if traces is not None:
+        over["traces_dir"] = str(traces)
+    if families is not None:
+        over["trace_families"] = [f.strip() for f in families.split(",") if f.strip()]
+    if outages is not None:
+        over["outages"] = [list(o) for o in parse_outages(outages)]
+    if seed is not None:
+        over["seed"] = seed
+    cfg = load_scenario(scenario, {"simulator": over} if over else None)
+    _run_fleet(cfg, as_json=as_json, report_dir=report_dir, with_ray=not in_process, what="simulate")
+
+
+@app.command("demo")
+@friendly
+def demo_cmd(
+    devices: int = typer.Option(None, "--devices", "-n", help="Devices (default 12: 4 phones, 4 boards, 4 watches)."),
+    duration: float = typer.Option(None, "--duration", "-d", help="Seconds per policy (default 20)."),
+    report_dir: Path = typer.Option(None, help="Report folder (default: reports/<timestamp>/)."),
+    in_process: bool = typer.Option(False, "--in-process", help="Run the tails in this process instead of Ray Serve."),
+) -> None:
+    """The main job: the whole stack on embedded defaults (local Ray, broker, controller, embedded
+    Redis), a fleet on real traces under every policy, the summary and the report."""
+    from simulators.scenario import load_scenario
+
+    over: dict[str, Any] = {}
+    if devices is not None:
+        over["devices"] = devices
+    if duration is not None:
+        over["duration_s"] = duration
+    cfg = load_scenario("demo", {"simulator": over} if over else None)
+    _run_fleet(cfg, as_json=False, report_dir=report_dir, with_ray=not in_process, what="demo")
 
 
 def main() -> None:

@@ -1,0 +1,570 @@
+"""The whole cloud side in one process: what `splitsense demo`, `simulate` and the integration
+tests start, on embedded defaults.
+
+    async with CloudStack(config, progress=print) as stack:
+        stack.broker_address      host:port the devices dial (stack.token_for(device_id) to log in)
+        stack.metrics_url         the broker's (and the controller's) Prometheus exporter
+        stack.redis_url           the plan store
+
+Started in this order, stopped in the reverse one (each step logged, also on cancellation or
+Ctrl-C, and after a start that failed half-way):
+
+    1. models        the served models' weights (ModelRegistry) and the planner's catalogs
+    2. tails         Ray Serve (start_serving: a local Ray, dashboard off; 5-12 s cold), or the
+                     in-process twin (`with_ray=False`), or a backend the caller brings
+    3. Redis         controller.redis_url, else a real redis-server of our own (EmbeddedRedis)
+    4. broker        gRPC on broker.host:broker.port (0: a free port), static plan until step 6
+    5. exporter      the broker's and controller's metrics on broker.host:broker.metrics_port
+                     (None or 0: a free port; the embedded metrics source reads it)
+    6. plan feed     PlanSubscriber: the store's watch -> Broker.set_plans -> WatchPlan pushes
+    7. controller    metrics source (PrometheusSource on controller.prometheus_url, else the
+                     exporter of step 5 read directly) -> Controller.run_forever
+
+`PlanSubscriber` is the broker's side of the plan store, usable on its own (a broker in another
+process than the controller): on a Redis outage the broker keeps serving its last plan, and on
+reconnection the store's watch re-reads the current plan, so the broker catches up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import replace
+from types import TracebackType
+from typing import Any, TypeVar
+
+from prometheus_client import CollectorRegistry, start_http_server
+
+from cloud.auth import device_token
+from cloud.backend import InProcessTailBackend, ModelRegistry, TailBackend
+from cloud.broker import Broker
+from cloud.controller.loop import Controller, PassReport
+from cloud.controller.metrics_source import DirectExporterSource, MetricsSource, PrometheusSource
+from cloud.planstore import EmbeddedRedis, PlanStore, redact_url
+from pipelines.catalog import ModelCatalog, load_catalog
+from pipelines.devices import DEVICE_CLASSES, DeviceClass
+from splitsense.config import Config
+from splitsense.errors import ConfigError, ModelError, PlanError
+from splitsense.plan import PlanSet
+
+__all__ = [
+    "CONTROLLER_METRICS_PORT",
+    "CloudStack",
+    "PlanSubscriber",
+    "load_catalogs",
+    "planner_devices",
+    "run_controller_forever",
+    "with_ports",
+]
+
+log = logging.getLogger(__name__)
+
+ProgressFn = Callable[[str], None]
+T = TypeVar("T")
+CONTROLLER_METRICS_PORT = 9465  # next to the broker's 9464; deploy/prometheus scrapes it
+
+
+def _noop(_: str) -> None:
+    pass
+
+
+async def _finish_in_thread(fn: Callable[..., T], *args: Any) -> T:
+    """`fn(*args)` in a worker thread. A thread cannot be interrupted: when the caller is cancelled
+    this waits for `fn` to finish before the cancellation goes on, so that whatever `fn` started
+    exists by the time the shutdown that follows looks for it."""
+    work = asyncio.ensure_future(asyncio.to_thread(fn, *args))
+    try:
+        return await asyncio.shield(work)
+    except asyncio.CancelledError:
+        with contextlib.suppress(BaseException):
+            await work
+        raise
+
+
+def load_catalogs(models: tuple[str, ...] | list[str], weights_dir: Any = None) -> dict[str, ModelCatalog]:
+    """The planner's catalog of every model (ModelError saying how to build a missing one)."""
+    out = {}
+    for name in models:
+        try:
+            out[name] = load_catalog(name, weights_dir)
+        except ModelError as e:
+            raise ModelError(f"{e} (or run: splitsense models catalog --model {name})") from None
+    return out
+
+
+def planner_devices(config: Config) -> dict[str, DeviceClass]:
+    """The device classes the planner plans for: those of planner.classes that pipelines.devices
+    describes (ConfigError naming any it does not)."""
+    unknown = sorted(set(config.planner.classes) - set(DEVICE_CLASSES))
+    if unknown:
+        raise ConfigError(
+            f"planner.classes names device classes with no hardware figures in pipelines.devices: {unknown}; "
+            f"known: {', '.join(sorted(DEVICE_CLASSES))}"
+        )
+    return {name: DEVICE_CLASSES[name] for name in config.planner.classes}
+
+
+# ---------------------------------------------------------------------------------------------
+# Store -> broker
+
+
+class PlanSubscriber:
+    """Follows the plan store and serves every new plan set from the broker (which pushes it to
+    its WatchPlan streams). Never raises for an outage: the store's watch retries with back-off."""
+
+    def __init__(
+        self,
+        store: PlanStore,
+        broker: Broker,
+        *,
+        poll_s: float = 1.0,
+        retry_initial_s: float = 0.1,
+        retry_max_s: float = 5.0,
+    ) -> None:
+        self.store = store
+        self.broker = broker
+        self.poll_s = poll_s
+        self.retry_initial_s = retry_initial_s
+        self.retry_max_s = retry_max_s
+        self.applied: list[int] = []  # versions handed to the broker
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.create_task(self.run(), name="plan-subscriber")
+
+    async def run(self) -> None:
+        """Until cancelled: every plan set newer than the broker's goes to `broker.set_plans`."""
+        while True:
+            try:
+                async for plan_set in self.store.watch(
+                    since_version=self.broker.plans.version,
+                    poll_s=self.poll_s,
+                    retry_initial_s=self.retry_initial_s,
+                    retry_max_s=self.retry_max_s,
+                ):
+                    self._apply(plan_set)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # a bug in the watch: say so, start it again after a pause
+                log.exception("plan subscriber: the store watch failed; restarting it")
+                await asyncio.sleep(self.retry_max_s)
+
+    def _apply(self, plan_set: PlanSet) -> None:
+        try:
+            if self.broker.set_plans(plan_set):
+                self.applied.append(plan_set.version)
+                log.info("broker serves plan set v%d from the plan store", plan_set.version)
+        except PlanError as e:
+            log.error("plan subscriber: refused plan set v%d: %s", plan_set.version, e)
+
+    async def stop(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+
+# ---------------------------------------------------------------------------------------------
+# The stack
+
+
+class CloudStack:
+    """Ray Serve tails, broker, exporter, Redis, plan feed and controller; see the module docstring.
+
+    `with_ray=False` uses the in-process tails (tests, quick demos); `backend=` uses the caller's
+    TailBackend instead (not closed here). `catalogs=` overrides the shipped catalogs, `devices=`
+    the device classes planned for (default: planner.classes, figures from pipelines.devices);
+    `with_controller=False` starts everything but the controller loop (it is still built: tests
+    call `stack.controller.run_once()`). `progress(step)` is told each start-up step (Ray's from a
+    worker thread), e.g. for a CLI status line.
+    """
+
+    def __init__(
+        self,
+        config: Config | None = None,
+        *,
+        with_ray: bool = True,
+        backend: TailBackend | None = None,
+        catalogs: Mapping[str, ModelCatalog] | None = None,
+        devices: Mapping[str, DeviceClass] | None = None,
+        with_controller: bool = True,
+        progress: ProgressFn | None = None,
+        metrics_registry: CollectorRegistry | None = None,
+    ) -> None:
+        self.config = config or Config()
+        self.with_ray = with_ray and backend is None
+        self._given_backend = backend
+        self._given_catalogs = dict(catalogs) if catalogs is not None else None
+        self.devices = dict(devices) if devices is not None else planner_devices(self.config)
+        self.with_controller = with_controller
+        self._say = progress or _noop
+        self.registry = CollectorRegistry() if metrics_registry is None else metrics_registry
+        self.models: ModelRegistry | None = None
+        self.catalogs: dict[str, ModelCatalog] = {}
+        self.backend: TailBackend | None = None
+        self._ray_started = False
+        self._redis: EmbeddedRedis | None = None
+        self._redis_url: str | None = None
+        self.store: PlanStore | None = None
+        self._broker: Broker | None = None
+        self._exporter: tuple[Any, Any] | None = None
+        self._metrics_port: int | None = None
+        self.source: MetricsSource | None = None
+        self.subscriber: PlanSubscriber | None = None
+        self._controller: Controller | None = None
+        self._controller_stop = asyncio.Event()
+        self._controller_task: asyncio.Task[None] | None = None
+        self._started = False
+
+    # --- what callers use ----------------------------------------------------------------------
+
+    @property
+    def broker(self) -> Broker:
+        if self._broker is None:
+            raise ConfigError("the cloud stack is not started: use `async with CloudStack(...)`")
+        return self._broker
+
+    @property
+    def controller(self) -> Controller:
+        if self._controller is None:
+            raise ConfigError("the cloud stack is not started: use `async with CloudStack(...)`")
+        return self._controller
+
+    @property
+    def broker_address(self) -> str:
+        return self.broker.address
+
+    @property
+    def metrics_address(self) -> str:
+        """host:port of the exporter (a Prometheus scrape target)."""
+        if self._metrics_port is None:
+            raise ConfigError("the cloud stack is not started: use `async with CloudStack(...)`")
+        return f"{self.config.broker.host}:{self._metrics_port}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://{self.metrics_address}/metrics"
+
+    @property
+    def redis_url(self) -> str:
+        if self._redis_url is None:
+            raise ConfigError("the cloud stack is not started: use `async with CloudStack(...)`")
+        return self._redis_url
+
+    def token_for(self, device_id: str) -> str:
+        """The token device `device_id` logs in with (HMAC under broker.auth_secret)."""
+        return device_token(self.config.broker.auth_secret, device_id)
+
+    # --- life cycle ------------------------------------------------------------------------------
+
+    async def __aenter__(self) -> CloudStack:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.stop()
+
+    async def start(self) -> None:
+        """Start every part in order; on any failure (or cancellation) stop what was started."""
+        if self._started:
+            raise ConfigError("a CloudStack is started once; make a new one")
+        self._started = True
+        t0 = time.monotonic()
+        try:
+            await self._start()
+        except BaseException:
+            log.warning("cloud stack start-up failed after %.1f s; stopping what was started", time.monotonic() - t0)
+            await self.stop()
+            raise
+        self._say(f"cloud stack ready in {time.monotonic() - t0:.1f} s")
+        log.info(
+            "cloud stack ready in %.1f s: broker %s, metrics %s, redis %s",
+            time.monotonic() - t0,
+            self.broker_address,
+            self.metrics_url,
+            redact_url(self.redis_url),
+        )
+
+    async def _step(self, what: str, fn: Callable[[], Awaitable[Any]]) -> Any:
+        self._say(what)
+        log.info("cloud stack: %s", what)
+        return await fn()
+
+    async def _start(self) -> None:
+        cfg = self.config
+        models = tuple(cfg.serving.models)
+        weights = cfg.paths.weights_dir
+
+        # 1. models and catalogs
+        self.models = await self._step(
+            f"loading models: {', '.join(models)}", lambda: _finish_in_thread(ModelRegistry, models, weights)
+        )
+        if self._given_catalogs is not None:
+            self.catalogs = self._given_catalogs
+        else:
+            self.catalogs = await asyncio.to_thread(load_catalogs, models, weights)
+
+        # 2. tails
+        if self._given_backend is not None:
+            self.backend = self._given_backend
+        elif self.with_ray:
+            self.backend = await self._step("starting Ray Serve tails (Ray cold start: 5-12 s)", self._start_ray)
+        else:
+            self.backend = InProcessTailBackend(self.models)
+
+        # 3. Redis and the plan store
+        c = cfg.controller
+        if c.redis_url is not None:
+            self._redis_url = c.redis_url
+        else:
+            redis = self._redis = EmbeddedRedis()
+            self._redis_url = await self._step("starting an embedded Redis", lambda: _finish_in_thread(redis.start))
+        self.store = PlanStore(self._redis_url, history_versions=c.history_versions, timeout_s=c.redis_timeout_s)
+
+        # 4. broker
+        broker = Broker(cfg.broker, self.models, self.backend, metrics_registry=self.registry)
+        port = await self._step(f"starting the broker on {cfg.broker.host}:{cfg.broker.port}", broker.start)
+        self._broker = broker
+        log.info("cloud stack: broker listening on %s:%d", cfg.broker.host, port)
+
+        # 5. exporter (broker and controller share the registry)
+        want = cfg.broker.metrics_port or 0
+        self._say(f"starting the metrics exporter on {cfg.broker.host}:{want}")
+        try:
+            server, thread = start_http_server(want, addr=cfg.broker.host, registry=self.registry)
+        except OSError as e:
+            raise ConfigError(
+                f"the metrics exporter cannot listen on {cfg.broker.host}:{want} ({e}); "
+                "set broker.metrics_port (null or 0 picks a free port)"
+            ) from None
+        self._exporter = (server, thread)
+        self._metrics_port = int(server.server_port)
+        log.info("cloud stack: metrics on %s", self.metrics_url)
+
+        # 6. store -> broker
+        self.subscriber = PlanSubscriber(self.store, broker)
+        self.subscriber.start()
+
+        # 7. controller
+        classes = tuple(self.devices)
+        if c.prometheus_url is not None:
+            self.source = PrometheusSource(
+                c.prometheus_url, window_s=c.query_window_s, timeout_s=c.prometheus_timeout_s, device_classes=classes
+            )
+        else:
+            self.source = DirectExporterSource(
+                [self.metrics_url], window_s=c.query_window_s, timeout_s=c.prometheus_timeout_s, device_classes=classes
+            )
+        self._controller = Controller(cfg, self.source, self.store, self.catalogs, self.devices, registry=self.registry)
+        if self.with_controller:
+            self._say(f"starting the controller (every {c.period_s:g} s)")
+            self._controller_task = asyncio.create_task(
+                self._controller.run_forever(self._controller_stop), name="controller"
+            )
+
+    async def _start_ray(self) -> TailBackend:
+        from cloud.serving import start_serving, stop_serving
+
+        work = asyncio.ensure_future(
+            asyncio.to_thread(start_serving, self.config.serving, self.config.paths.weights_dir, self._say)
+        )
+        try:
+            backend = await asyncio.shield(work)
+        except asyncio.CancelledError:
+            # The thread cannot be interrupted: let it finish, then undo what it started.
+            with contextlib.suppress(BaseException):
+                await work
+            await asyncio.to_thread(stop_serving)
+            raise
+        self._ray_started = True
+        return backend
+
+    async def stop(self) -> None:
+        """Stop everything that was started, in reverse order; safe to call twice."""
+        steps: list[tuple[str, Callable[[], Awaitable[Any]]]] = [
+            ("stopping the controller", self._stop_controller),
+            ("stopping the plan feed", self._stop_subscriber),
+            ("stopping the broker", self._stop_broker),
+            ("stopping the metrics exporter", self._stop_exporter),
+            ("closing the plan store", self._close_store),
+            ("stopping the embedded Redis", self._stop_redis),
+            ("stopping the tails", self._stop_backend),
+        ]
+        for what, fn in steps:
+            try:
+                await fn()
+            except asyncio.CancelledError:  # a second Ctrl-C: finish the shutdown anyway
+                log.warning("cloud stack: %s was interrupted; going on with the shutdown", what)
+            except Exception:
+                log.exception("cloud stack: %s failed", what)
+
+    async def _stop_controller(self) -> None:
+        task, self._controller_task = self._controller_task, None
+        if task is None:
+            return
+        log.info("cloud stack: stopping the controller")
+        self._controller_stop.set()
+        try:
+            await asyncio.wait_for(asyncio.shield(task), timeout=self.config.controller.prometheus_timeout_s + 1)
+        except TimeoutError:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def _stop_subscriber(self) -> None:
+        if self.subscriber is not None:
+            log.info("cloud stack: stopping the plan feed")
+            await self.subscriber.stop()
+            self.subscriber = None
+
+    async def _stop_broker(self) -> None:
+        broker, self._broker = self._broker, None
+        if broker is not None:
+            log.info("cloud stack: stopping the broker")
+            await broker.stop(self.config.broker.shutdown_grace_s)
+
+    async def _stop_exporter(self) -> None:
+        exporter, self._exporter = self._exporter, None
+        if exporter is not None:
+            log.info("cloud stack: stopping the metrics exporter")
+            server, thread = exporter
+
+            def shut() -> None:
+                server.shutdown()
+                server.server_close()
+                thread.join(timeout=5)
+
+            await asyncio.to_thread(shut)
+
+    async def _close_store(self) -> None:
+        store, self.store = self.store, None
+        if store is not None:
+            log.info("cloud stack: closing the plan store")
+            await store.aclose()
+
+    async def _stop_redis(self) -> None:
+        redis, self._redis = self._redis, None
+        if redis is not None:
+            log.info("cloud stack: stopping the embedded Redis")
+            await asyncio.to_thread(redis.stop)
+
+    async def _stop_backend(self) -> None:
+        backend, self.backend = self.backend, None
+        if backend is not None and backend is not self._given_backend:
+            log.info("cloud stack: closing the tail backend")
+            await backend.close()
+        if self._ray_started:
+            from cloud.serving import stop_serving
+
+            self._ray_started = False
+            log.info("cloud stack: stopping Ray Serve")
+            await asyncio.to_thread(stop_serving)
+
+
+def with_ports(config: Config, *, broker_port: int = 0, metrics_port: int | None = 0) -> Config:
+    """`config` with the broker and its exporter on these ports (0: free ones), for tests and demos
+    that must not collide with a `cloud up` running on the defaults."""
+    return replace(config, broker=replace(config.broker, port=broker_port, metrics_port=metrics_port))
+
+
+# ---------------------------------------------------------------------------------------------
+# The controller on its own (`splitsense controller run`)
+
+
+async def run_controller_forever(
+    config: Config,
+    *,
+    catalogs: Mapping[str, ModelCatalog] | None = None,
+    devices: Mapping[str, DeviceClass] | None = None,
+    metrics_port: int | None = CONTROLLER_METRICS_PORT,
+    on_started: Callable[[Controller, dict[str, str]], None] | None = None,
+    on_pass: Callable[[PassReport], None] | None = None,
+    stop: asyncio.Event | None = None,
+) -> Controller:
+    """The controller loop of its own process until SIGINT/SIGTERM (or `stop`); returns it, for
+    its summary. Reads controller.prometheus_url (else the brokers' controller.exporter_urls),
+    writes controller.redis_url (else an embedded redis-server: only this process sees it, so set
+    a URL whenever brokers run elsewhere) and exports its metrics on broker.host:`metrics_port`
+    (None: off; 0: a free port)."""
+    c = config.controller
+    catalogs = (
+        dict(catalogs)
+        if catalogs is not None
+        else await asyncio.to_thread(load_catalogs, tuple(config.serving.models), config.paths.weights_dir)
+    )
+    devices = dict(devices) if devices is not None else planner_devices(config)
+    embedded: EmbeddedRedis | None = None
+    exporter: tuple[Any, Any] | None = None
+    store: PlanStore | None = None
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    installed: list[signal.Signals] = []
+    try:
+        if c.redis_url is None:
+            embedded = EmbeddedRedis()
+            redis_url = await asyncio.to_thread(embedded.start)
+            log.warning(
+                "no controller.redis_url: plans go to an embedded Redis (%s) that only this process sees",
+                redis_url,
+            )
+        else:
+            redis_url = c.redis_url
+        store = PlanStore(redis_url, history_versions=c.history_versions, timeout_s=c.redis_timeout_s)
+        classes = tuple(devices)
+        source: MetricsSource
+        if c.prometheus_url is not None:
+            source = PrometheusSource(
+                c.prometheus_url, window_s=c.query_window_s, timeout_s=c.prometheus_timeout_s, device_classes=classes
+            )
+        else:
+            source = DirectExporterSource(
+                c.exporter_urls, window_s=c.query_window_s, timeout_s=c.prometheus_timeout_s, device_classes=classes
+            )
+        registry = CollectorRegistry()
+        info = {
+            "metrics source": c.prometheus_url or "exporters " + ", ".join(c.exporter_urls),
+            "plan store": redact_url(redis_url) + (" (embedded)" if embedded is not None else ""),
+            "period": f"{c.period_s:g} s",
+        }
+        if metrics_port is not None:
+            host = config.broker.host
+            try:
+                server, thread = start_http_server(metrics_port, addr=host, registry=registry)
+            except OSError as e:
+                raise ConfigError(
+                    f"the controller's metrics exporter cannot listen on {host}:{metrics_port} ({e}); "
+                    "pass another --metrics-port (0 picks a free one)"
+                ) from None
+            exporter = (server, thread)
+            info["metrics"] = f"http://{host}:{server.server_port}/metrics"
+        controller = Controller(config, source, store, catalogs, devices, registry=registry)
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                loop.add_signal_handler(sig, stop.set)
+                installed.append(sig)
+            except (NotImplementedError, RuntimeError):  # not the main thread
+                pass
+        if on_started is not None:
+            on_started(controller, info)
+        await controller.run_forever(stop, on_pass)
+        return controller
+    finally:
+        for sig in installed:
+            loop.remove_signal_handler(sig)
+        if store is not None:
+            await store.aclose()
+        if exporter is not None:
+            server, thread = exporter
+            server.shutdown()
+            server.server_close()
+            thread.join(timeout=5)
+        if embedded is not None:
+            await asyncio.to_thread(embedded.stop)
