@@ -185,6 +185,7 @@ def cloud_up(
     if models is not None:
         serving = replace(serving, models=tuple(m.strip() for m in models.split(",") if m.strip()))
     broker_cfg = cfg.broker if port is None else replace(cfg.broker, port=port)
+    registry = ModelRegistry(serving.models, cfg.paths.weights_dir)  # missing weights: fail before Ray
     _quiet_ray_logs()
     try:
         with err.status("starting Ray Serve") as status:
@@ -197,7 +198,6 @@ def cloud_up(
                 err.print(f"metrics: http://{broker_cfg.host}:{broker_cfg.metrics_port}/metrics")
             err.print("Ctrl-C or SIGTERM stops it")
 
-        registry = ModelRegistry(serving.models, cfg.paths.weights_dir)
         asyncio.run(run_broker_forever(broker_cfg, registry, backend, on_started=started))
     except KeyboardInterrupt:
         err.print("interrupted")

@@ -144,11 +144,14 @@ class ServingConfig:
     # 2 cores here: a replica runs one batch at a time on its pinned threads, so more replicas
     # than cores only contend. On a real cluster raise it to (cores per model) / replica_threads.
     num_replicas: int = 1
-    # The broker sends few, large requests (stacked batches, a handful in flight per (model, cut)),
-    # not one per device. 8 is a small multiple of that: the next batches wait queued inside the
-    # replica (already transferred) while one runs, and a burst never queues in Serve's router.
-    # Serve's default (5) is sized for many small requests; left alone under 64 one-request-per-call
-    # clients it collapsed throughput to 19 req/s here.
+    # Per replica. The broker sends few, large requests: stacked batches, at most
+    # broker.max_inflight_batches (2) per (model, cut) lane, so one broker with two cuts in use
+    # keeps <= 4 in flight per model. 8 is a small multiple of that: the next batch waits inside
+    # the replica (already transferred) while one runs. Not larger: excess requests should wait in
+    # Serve's router, which hands them to whichever replica frees first (and to a live one after a
+    # crash), not pile up behind one replica. Rule: >= brokers x cuts in use x 2, else add replicas.
+    # Callers sending one window per call overrun it: 64 such clients collapsed to ~30 req/s here
+    # (router back-off; 19 req/s with Serve's default of 5), while 64 gave them ~370 req/s.
     max_ongoing_requests: int = 8
     replica_threads: int = 1  # torch threads per replica: 2 shared cores, the broker needs the other
     # Ray's scheduling reservation per replica, not a limit: 3 models x 1 replica fit on 2 cores.
@@ -428,10 +431,12 @@ _SIM_POLICIES = ("adaptive", "all_local", "all_cloud", "fixed_cut", "oracle")
 
 
 def _default_sim_models() -> dict[str, str]:
-    # Each class runs the model of its own sensor, as in the work the project builds on: keyword
-    # spotting on a phone's microphone (DeepEar), speaker identification on a smart-speaker-like
-    # board, activity recognition on a watch's IMU ("From Smart to Deep").
-    return {"phone": "fsdd_digit", "iot_board": "fsdd_speaker", "watch": "uci_har"}
+    # Each class runs the model of a sensor it has: activity recognition on a phone's IMU (UCI HAR
+    # was recorded on a waist-worn smartphone), speaker identification on a smart-speaker-like
+    # board, keyword spotting on a watch's microphone (a wake word). The watch is where the choice
+    # moves with the link: its local audio model (~150 ms at 100x) is beaten by offloading above
+    # about 1 Mbit/s of WiFi; the others' models are fast enough locally on these traces.
+    return {"phone": "uci_har", "iot_board": "fsdd_speaker", "watch": "fsdd_digit"}
 
 
 def _default_sim_rtt_ms() -> dict[str, float]:
@@ -465,6 +470,12 @@ class SimulatorConfig:
     # the one thread that ran it (the stretch to the device's speed is taken on it) and the
     # devices, broker and tails do not oversubscribe the 2 cores.
     torch_threads: int = 1
+    # How a device's compute time is simulated. "reference": each stage's host time from the
+    # model's catalog (measured on this host, uncontended: the basis the classes' speed factors are
+    # defined on) x the speed factor, so that a fleet sharing 2 cores does not slow down its own
+    # simulated hardware; "measured": the CPU time the window actually took here x the speed factor.
+    # Either way the stages run for real and the device waits out the simulated time.
+    compute_time: str = "reference"
     # A device's first Neurosurgeon probe (fixed_cut): mean bandwidth of the trace over this long
     # from the device's start, what a short probe transfer would measure.
     probe_s: float = 1.0
@@ -507,6 +518,8 @@ class SimulatorConfig:
                 raise ConfigError(f"simulator.outages: {window!r} must be [start_s, end_s] with 0 <= start < end")
             outages.append((float(window[0]), float(window[1])))
         object.__setattr__(self, "outages", tuple(outages))
+        if self.compute_time not in ("reference", "measured"):
+            raise ConfigError(f"simulator.compute_time must be 'reference' or 'measured', got {self.compute_time!r}")
         if isinstance(self.torch_threads, bool) or not isinstance(self.torch_threads, int) or self.torch_threads < 1:
             raise ConfigError(f"simulator.torch_threads must be an int >= 1, got {self.torch_threads!r}")
 

@@ -1,0 +1,673 @@
+"""Benchmark: one offloaded window through four paths, side by side, at several device counts.
+
+    raw_grpc     a grpc.aio echo of the same request bytes (generic handler, no model): the wire floor
+    in_process   run_tail_sync on the window, in this process: the compute floor
+    naive_ray    one Ray Serve handle call per window (batch of 1), same deployment and config
+    broker       edge-style client -> gRPC broker (auth, validation, admission, micro-batcher) ->
+                 RayTailBackend -> the same deployment
+
+Each cell (path, n devices) runs n asyncio tasks, each sending its next window when the previous
+one is answered, until `requests` windows are answered or `max_seconds` pass. The workload is
+real: test windows of the model's dataset, run through stages [0, cut) and encoded with the
+codec, exactly what a device sends. The gRPC servers (echo and broker) run in a separate process
+joined to the same Ray cluster, as a broker would in production, so that the simulated devices do
+not share an interpreter with the server they load. Figures: p50/p99 latency per window and
+throughput (answered windows per second of the cell's wall time).
+
+    python -m cloud.benchmarks.serve [--devices 1,8,64] [--requests N]  ->  {"config", "results", "summary"}
+    splitsense bench serve --json
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import asdict, dataclass, replace
+from typing import Any
+
+import numpy as np
+
+from splitsense.config import Config
+from splitsense.errors import ConfigError, DependencyError
+
+PATHS = ("raw_grpc", "in_process", "naive_ray", "broker")
+ECHO_METHOD = "/splitsense.bench.v1.EchoService/Echo"
+OFFLOAD_METHOD = "/splitsense.v1.OffloadService/Offload"
+OFFLOAD_STREAM_METHOD = "/splitsense.v1.OffloadService/OffloadStream"
+BROKER_TRANSPORTS = ("stream", "unary")
+BENCH_SECRET = "splitsense-bench-secret"  # the server process's broker authenticates with this
+# Targets of issue 3: batching must pay at load and cost (almost) nothing alone.
+TARGET_THROUGHPUT_RATIO = 4.0  # broker / naive_ray throughput ...
+TARGET_THROUGHPUT_DEVICES = 64  # ... at 64 devices
+TARGET_P50_OVERHEAD_MS = 1.0  # broker p50 - naive_ray p50 ...
+TARGET_P50_DEVICES = 1  # ... with one device
+
+Progress = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class ServeBenchConfig:
+    model: str = "uci_har"
+    cut: int | None = None  # None: the middle stage boundary, n_stages // 2
+    devices: tuple[int, ...] = (1, 8, 64)
+    requests: int = 1000  # answered windows per cell, at most
+    max_seconds: float = 8.0  # wall time per cell, at most
+    codec: str = "fp32"
+    windows: int = 256  # distinct real test windows the devices cycle through
+    windows_per_device: int = 8  # pre-serialised requests per device (device id is in the request)
+    call_timeout_s: float = 10.0  # gRPC deadline of one call; a miss counts as an error
+    server_start_timeout_s: float = 120.0
+    paths: tuple[str, ...] = PATHS  # a subset measures fewer paths (the JSON says which)
+    # How the broker path's devices call: "stream", as edge/transport.py does (one OffloadStream per
+    # device, token checked once per stream), or "unary" (one Offload call per window).
+    broker_transport: str = "stream"
+
+    def __post_init__(self) -> None:
+        paths = tuple(self.paths)
+        if not paths or any(p not in PATHS for p in paths):
+            raise ConfigError(f"paths must be a non-empty subset of {', '.join(PATHS)}, got {self.paths!r}")
+        object.__setattr__(self, "paths", paths)
+        if self.broker_transport not in BROKER_TRANSPORTS:
+            raise ConfigError(f"broker_transport must be one of {BROKER_TRANSPORTS}, got {self.broker_transport!r}")
+        devices = tuple(int(d) for d in self.devices)
+        if not devices or any(d < 1 for d in devices):
+            raise ConfigError(f"devices must be positive ints, got {self.devices!r}")
+        object.__setattr__(self, "devices", devices)
+        if self.requests < 1 or self.windows < 1 or self.windows_per_device < 1:
+            raise ConfigError("requests, windows and windows_per_device must be >= 1")
+        if not self.max_seconds > 0 or not self.call_timeout_s > 0:
+            raise ConfigError("max_seconds and call_timeout_s must be > 0")
+
+
+@dataclass(frozen=True)
+class Cell:
+    path: str
+    devices: int
+    p50_ms: float
+    p99_ms: float
+    throughput_rps: float
+    ok: int
+    errors: int
+    seconds: float
+    first_error: str = ""
+    broker_timing: dict[str, float] | None = None  # broker path: means of the answers' Timing
+
+    def row(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self).items() if v or k not in ("first_error", "broker_timing")}
+
+
+@dataclass
+class Workload:
+    model: str
+    cut: int
+    cut_name: str
+    activation_shape: tuple[int, ...]
+    arrays: list[np.ndarray]  # (1, *shape) float32, decoded from the wire bytes
+    payloads: list[list[bytes]]  # [device][j]: a serialised splitsense.v1.OffloadRequest
+    stream_payloads: list[list[bytes]]  # the same, wrapped in an OffloadStreamRequest
+    metadata: list[tuple[tuple[str, str], ...]]  # [device]: id + bearer token
+    payload_bytes: int
+    n_stages: int
+
+
+# --- the workload -----------------------------------------------------------------------------
+
+
+def _device_id(d: int) -> str:
+    return f"bench-{d:04d}"
+
+
+def build_workload(bench: ServeBenchConfig, max_devices: int) -> tuple[Workload, Any]:
+    """Real test windows through the front [0, cut), encoded as devices send them."""
+    import torch
+
+    from cloud.auth import DEVICE_ID_METADATA, device_token
+    from pipelines.codecs import decode, encode
+    from pipelines.training import held_out_set, load_trained
+    from splitsense.v1 import offload_pb2 as pb
+    from splitsense.wire import DeviceEstimates, OffloadRequest, RadioKind, to_pb
+
+    tm = load_trained(bench.model)
+    m = tm.model
+    cut = m.n_stages // 2 if bench.cut is None else m.check_cut(bench.cut)
+    if cut >= m.n_stages:
+        raise ConfigError(f"cut {cut} runs {bench.model} fully on the device: nothing to offload")
+    x, _ = held_out_set(tm)
+    x = x[: bench.windows]
+    with torch.inference_mode():
+        acts = m.run(x, 0, cut).numpy()
+    encoded = [encode(a[None], bench.codec) for a in acts]
+    arrays = [decode(e) for e in encoded]
+    estimates = DeviceEstimates(
+        bandwidth_mbps=20.0, rtt_ms=20.0, battery_fraction=0.8, on_battery=True, radio=RadioKind.WIFI
+    )
+    now_ms = int(time.time() * 1000)
+    payloads: list[list[bytes]] = []
+    stream_payloads: list[list[bytes]] = []
+    metadata: list[tuple[tuple[str, str], ...]] = []
+    for d in range(max_devices):
+        dev = _device_id(d)
+        token = device_token(BENCH_SECRET, dev)
+        metadata.append(((DEVICE_ID_METADATA, dev), ("authorization", f"Bearer {token}")))
+        row, stream_row = [], []
+        for j in range(bench.windows_per_device):
+            w = (d * bench.windows_per_device + j) % len(encoded)
+            req = OffloadRequest(
+                window_id=f"{dev}-w{w}",
+                model=bench.model,
+                cut=cut,
+                device_id=dev,
+                device_class="phone",
+                estimates=estimates,
+                plan_version=0,
+                activation=encoded[w],
+                sent_unix_ms=now_ms,
+            )
+            msg = to_pb(req)
+            row.append(msg.SerializeToString())
+            stream_row.append(pb.OffloadStreamRequest(request=msg).SerializeToString())
+        payloads.append(row)
+        stream_payloads.append(stream_row)
+    wl = Workload(
+        model=bench.model,
+        cut=cut,
+        cut_name=m.cut_name(cut),
+        activation_shape=tuple(m.activation_shape(cut)),
+        arrays=arrays,
+        payloads=payloads,
+        stream_payloads=stream_payloads,
+        metadata=metadata,
+        payload_bytes=len(payloads[0][0]),
+        n_stages=m.n_stages,
+    )
+    return wl, m
+
+
+# --- the load driver --------------------------------------------------------------------------
+
+Call = Callable[[int, int], Awaitable[None]]  # (device, request index of that device)
+
+
+async def drive(path: str, devices: int, call: Call, requests: int, max_seconds: float) -> Cell:
+    """n closed-loop devices; each sends its next request when the previous one is answered."""
+    latencies: list[float] = []
+    errors: list[str] = []
+    issued = 0
+    start = time.perf_counter()
+    stop_at = start + max_seconds
+
+    async def device(d: int) -> None:
+        nonlocal issued
+        i = 0
+        while issued < requests and time.perf_counter() < stop_at:
+            issued += 1
+            t = time.perf_counter()
+            try:
+                await call(d, i)
+            except Exception as e:  # counted, never fatal: the cell reports its errors
+                errors.append(f"{type(e).__name__}: {str(e)[:200]}")
+            else:
+                latencies.append(time.perf_counter() - t)
+            i += 1
+            await asyncio.sleep(0)  # let the other devices in (matters for the synchronous path)
+
+    await asyncio.gather(*(device(d) for d in range(devices)))
+    seconds = time.perf_counter() - start
+    lat_ms = np.asarray(latencies) * 1000.0
+    return Cell(
+        path=path,
+        devices=devices,
+        p50_ms=round(float(np.percentile(lat_ms, 50)), 3) if len(lat_ms) else float("nan"),
+        p99_ms=round(float(np.percentile(lat_ms, 99)), 3) if len(lat_ms) else float("nan"),
+        throughput_rps=round(len(latencies) / seconds, 1) if seconds > 0 else 0.0,
+        ok=len(latencies),
+        errors=len(errors),
+        seconds=round(seconds, 2),
+        first_error=errors[0] if errors else "",
+    )
+
+
+# --- the paths --------------------------------------------------------------------------------
+
+
+class _Channels:
+    """One gRPC channel per simulated device, as real devices each hold their own connection."""
+
+    def __init__(self, port: int, devices: int) -> None:
+        import grpc
+
+        opts = [("grpc.max_send_message_length", 16 << 20), ("grpc.max_receive_message_length", 16 << 20)]
+        self.channels = [grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=opts) for _ in range(devices)]
+
+    async def ready(self, timeout_s: float) -> None:
+        async with asyncio.timeout(timeout_s):
+            await asyncio.gather(*(c.channel_ready() for c in self.channels))
+
+    async def close(self) -> None:
+        await asyncio.gather(*(c.close() for c in self.channels))
+
+
+async def _measure_cell(
+    path: str, n: int, bench: ServeBenchConfig, wl: Workload, model: Any, backend: Any, ports: dict[str, int]
+) -> Cell:
+    import grpc
+
+    from cloud.backend import run_tail_sync
+    from splitsense.v1 import offload_pb2 as pb
+
+    k = bench.windows_per_device
+    channels: _Channels | None = None
+    timings: list[tuple[int, float, float]] = []
+    cleanup: Callable[[], None] | None = None  # broker answers: (batch size, queue ms, compute ms)
+    if path == "in_process":
+        arrays = wl.arrays
+
+        async def call(d: int, i: int) -> None:
+            run_tail_sync(model, wl.cut, arrays[(d * k + i) % len(arrays)])
+
+    elif path == "naive_ray":
+        arrays = wl.arrays
+
+        async def call(d: int, i: int) -> None:
+            await backend.run_tail(wl.model, wl.cut, arrays[(d * k + i) % len(arrays)])
+
+    elif path == "raw_grpc":
+        channels = _Channels(ports["echo"], n)
+        echo = [c.unary_unary(ECHO_METHOD) for c in channels.channels]
+
+        async def call(d: int, i: int) -> None:
+            payload = wl.payloads[d][i % k]
+            out = await echo[d](payload, timeout=bench.call_timeout_s)
+            if len(out) != len(payload):
+                raise RuntimeError("echo answered other bytes")
+
+    elif path == "broker" and bench.broker_transport == "stream":
+        channels = _Channels(ports["broker"], n)
+        open_stream = [
+            c.stream_stream(OFFLOAD_STREAM_METHOD, response_deserializer=pb.OffloadStreamResponse.FromString)
+            for c in channels.channels
+        ]
+        streams: list[Any] = [None] * n
+
+        async def call(d: int, i: int) -> None:
+            if streams[d] is None:
+                streams[d] = open_stream[d](metadata=wl.metadata[d])
+            stream = streams[d]
+            try:
+                await stream.write(wl.stream_payloads[d][i % k])
+                async with asyncio.timeout(bench.call_timeout_s):
+                    msg = await stream.read()
+            except BaseException:
+                streams[d] = None  # a late answer must not pair with the next window
+                stream.cancel()
+                raise
+            if msg is grpc.aio.EOF:
+                streams[d] = None
+                raise RuntimeError("the broker ended the stream")
+            if msg.WhichOneof("outcome") != "result":
+                raise RuntimeError(f"window refused: code {msg.error.code}: {msg.error.message}")
+            t = msg.result.timing
+            timings.append((t.batch_size, t.queue_ms, t.compute_ms))
+
+        def close_streams() -> None:
+            for st in streams:
+                if st is not None:
+                    st.cancel()
+
+        cleanup = close_streams
+
+    elif path == "broker":
+        channels = _Channels(ports["broker"], n)
+        offload = [
+            c.unary_unary(OFFLOAD_METHOD, response_deserializer=pb.OffloadResponse.FromString)
+            for c in channels.channels
+        ]
+
+        async def call(d: int, i: int) -> None:
+            resp = await offload[d](wl.payloads[d][i % k], metadata=wl.metadata[d], timeout=bench.call_timeout_s)
+            timings.append((resp.timing.batch_size, resp.timing.queue_ms, resp.timing.compute_ms))
+            if not resp.logits:
+                raise RuntimeError("the broker answered without logits")
+
+    else:
+        raise ConfigError(f"unknown path {path!r}; paths: {', '.join(PATHS)}")
+    try:
+        if channels is not None:
+            await channels.ready(bench.call_timeout_s)
+        # Warm-up, untimed: one window per device (connections, lazy kernels, Serve routing).
+        await asyncio.gather(*(call(d, 0) for d in range(n)), return_exceptions=True)
+        timings.clear()
+        cell = await drive(path, n, call, bench.requests, bench.max_seconds)
+        if timings:
+            batch, queue, compute = (round(float(v), 3) for v in np.mean(np.asarray(timings), axis=0))
+            timing = {"batch_size": batch, "queue_ms": queue, "compute_ms": compute}
+            cell = replace(cell, broker_timing=timing)
+        return cell
+    finally:
+        if cleanup is not None:
+            cleanup()
+        if channels is not None:
+            await channels.close()
+
+
+# --- the server process -----------------------------------------------------------------------
+
+
+class ServerProcess:
+    """`python -m cloud.benchmarks.serve --server`: echo + broker, joined to our Ray cluster."""
+
+    def __init__(self, spec: dict[str, Any], timeout_s: float) -> None:
+        self._log = tempfile.NamedTemporaryFile("w+", prefix="splitsense-bench-server-", suffix=".log")  # noqa: SIM115
+        env = dict(os.environ)
+        env.setdefault("OMP_NUM_THREADS", "1")
+        self._proc = subprocess.Popen(
+            [sys.executable, "-m", "cloud.benchmarks.serve", "--server"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self._log,
+            text=True,
+            env=env,
+        )
+        assert self._proc.stdin is not None and self._proc.stdout is not None
+        self._proc.stdin.write(json.dumps(spec) + "\n")
+        self._proc.stdin.flush()
+        self.ports = self._read_ports(timeout_s)
+
+    def _read_ports(self, timeout_s: float) -> dict[str, int]:
+        import selectors
+
+        assert self._proc.stdout is not None
+        sel = selectors.DefaultSelector()
+        sel.register(self._proc.stdout, selectors.EVENT_READ)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if sel.select(timeout=0.5):
+                line = self._proc.stdout.readline()
+                if not line:
+                    break
+                msg = json.loads(line)
+                if "error" in msg:
+                    self.close()
+                    raise DependencyError(f"benchmark server: {msg['error']}")
+                return {"echo": int(msg["echo_port"]), "broker": int(msg["broker_port"])}
+            if self._proc.poll() is not None:
+                break
+        tail = self.log_tail()
+        self.close()
+        raise DependencyError(f"the benchmark server process did not start; its log ends:\n{tail}")
+
+    def log_tail(self, chars: int = 2000) -> str:
+        self._log.flush()
+        self._log.seek(0)
+        return self._log.read()[-chars:]
+
+    def close(self) -> None:
+        if self._proc.poll() is None:
+            with contextlib.suppress(Exception):
+                assert self._proc.stdin is not None
+                self._proc.stdin.close()  # EOF: the server stops gracefully
+            try:
+                self._proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait(timeout=5)
+        self._log.close()
+
+
+async def _echo(request: bytes, context: Any) -> bytes:
+    return request
+
+
+async def _serve_main(spec: dict[str, Any]) -> None:
+    import grpc
+
+    from cloud.backend import ModelRegistry
+    from cloud.broker import Broker
+    from cloud.serving import connect_serving
+
+    cfg = Config.from_dict(spec["config"])
+    opts = [("grpc.max_send_message_length", 16 << 20), ("grpc.max_receive_message_length", 16 << 20)]
+    echo = grpc.aio.server(options=opts)
+    echo.add_generic_rpc_handlers(
+        (
+            grpc.method_handlers_generic_handler(
+                ECHO_METHOD.split("/")[1], {"Echo": grpc.unary_unary_rpc_method_handler(_echo)}
+            ),
+        )
+    )
+    echo_port = echo.add_insecure_port("127.0.0.1:0")
+    await echo.start()
+    backend = connect_serving(cfg.serving)
+    broker = None
+    broker_port = 0
+    if spec.get("broker", True):
+        broker = Broker(cfg.broker, ModelRegistry(cfg.serving.models, cfg.paths.weights_dir), backend)
+        broker_port = await broker.start()
+    print(json.dumps({"echo_port": echo_port, "broker_port": broker_port}), flush=True)
+    loop = asyncio.get_running_loop()
+    await loop.run_in_executor(None, sys.stdin.read)  # until the parent closes our stdin
+    if broker is not None:
+        await broker.stop(1.0)
+    await echo.stop(0.5)
+    await backend.close()
+
+
+def server_main() -> None:
+    spec = json.loads(sys.stdin.readline())
+    try:
+        asyncio.run(_serve_main(spec))
+    except Exception as e:
+        print(json.dumps({"error": f"{type(e).__name__}: {e}"}), flush=True)
+        raise SystemExit(1) from None
+
+
+# --- the whole run ----------------------------------------------------------------------------
+
+
+def _bench_config(cfg: Config, bench: ServeBenchConfig) -> Config:
+    """This model only; a broker on a free loopback port, with the bench secret and no exporter."""
+    serving = replace(cfg.serving, models=(bench.model,))
+    broker = replace(cfg.broker, host="127.0.0.1", port=0, auth_secret=BENCH_SECRET, metrics_port=None)
+    return replace(cfg, serving=serving, broker=broker)
+
+
+def summarize(cells: list[Cell], devices: tuple[int, ...]) -> dict[str, Any]:
+    """The two ratios (at the most and the fewest devices), and a verdict on each target whose
+    device count was measured (64 for throughput, 1 for p50)."""
+    by = {(c.path, c.devices): c for c in cells}
+    hi, lo = max(devices), min(devices)
+    out: dict[str, Any] = {}
+    b, n = by.get(("broker", hi)), by.get(("naive_ray", hi))
+    if b and n and n.throughput_rps > 0:
+        ratio = round(b.throughput_rps / n.throughput_rps, 2)
+        out[f"broker_vs_naive_throughput_at_{hi}"] = ratio
+        if hi == TARGET_THROUGHPUT_DEVICES:
+            out["throughput_target"] = {
+                "devices": hi,
+                "ratio": ratio,
+                "min_ratio": TARGET_THROUGHPUT_RATIO,
+                "met": ratio >= TARGET_THROUGHPUT_RATIO,
+            }
+    b, n = by.get(("broker", lo)), by.get(("naive_ray", lo))
+    if b and n:
+        diff = round(b.p50_ms - n.p50_ms, 3)
+        out[f"broker_minus_naive_p50_ms_at_{lo}"] = diff
+        if lo == TARGET_P50_DEVICES:
+            out["p50_target"] = {
+                "devices": lo,
+                "overhead_ms": diff,
+                "max_overhead_ms": TARGET_P50_OVERHEAD_MS,
+                "met": diff <= TARGET_P50_OVERHEAD_MS,
+            }
+    return out
+
+
+def run_serve_bench(
+    bench: ServeBenchConfig | None = None, cfg: Config | None = None, progress: Progress | None = None
+) -> dict[str, Any]:
+    """Run every (path, devices) cell once and return {"config", "results", "summary"}."""
+    import ray
+    import torch
+
+    from cloud.serving import start_serving, stop_serving
+
+    bench = bench or ServeBenchConfig()
+    say = progress or (lambda _m: None)
+    cfg = _bench_config(cfg or Config(), bench)
+    torch.set_num_threads(1)  # the in_process row is one window at a time, like a replica's thread
+    say(f"preparing {bench.model} windows")
+    wl, model = build_workload(bench, max(bench.devices))
+    backend = start_serving(cfg.serving, weights_dir=cfg.paths.weights_dir, progress=say)
+    server: ServerProcess | None = None
+    try:
+        full = cfg.to_dict()
+        spec_cfg = {k: full[k] for k in ("paths", "serving", "broker")}
+        spec_cfg["serving"]["ray_address"] = ray.get_runtime_context().gcs_address
+        say("starting the echo and broker server process")
+        spec = {"config": spec_cfg, "broker": "broker" in bench.paths}
+        server = ServerProcess(spec, bench.server_start_timeout_s)
+        cells: list[Cell] = []
+
+        async def all_cells() -> None:
+            for n in bench.devices:
+                for path in bench.paths:
+                    say(f"measuring {path} with {n} device(s)")
+                    assert server is not None
+                    cells.append(await _measure_cell(path, n, bench, wl, model, backend, server.ports))
+
+        asyncio.run(all_cells())
+    finally:
+        if server is not None:
+            server.close()
+        stop_serving()
+    return {
+        "config": {
+            "model": wl.model,
+            "cut": wl.cut,
+            "cut_name": wl.cut_name,
+            "n_stages": wl.n_stages,
+            "activation_shape": list(wl.activation_shape),
+            "codec": bench.codec,
+            "request_bytes": wl.payload_bytes,
+            "devices": list(bench.devices),
+            "requests_per_cell": bench.requests,
+            "max_seconds_per_cell": bench.max_seconds,
+            "windows": min(bench.windows, len(wl.arrays)),
+            "paths": list(bench.paths),
+            "broker_transport": bench.broker_transport,
+            "serving": _jsonable(asdict(cfg.serving)),
+            "broker": _jsonable({k: v for k, v in asdict(cfg.broker).items() if k != "auth_secret"}),
+            "host_cpus": os.cpu_count(),
+            "torch_threads_in_process": torch.get_num_threads(),
+        },
+        "results": [c.row() for c in cells],
+        "summary": summarize(cells, bench.devices),
+    }
+
+
+@contextlib.contextmanager
+def stdout_to_stderr() -> Iterator[None]:
+    """Send file descriptor 1 to stderr for a while: Ray's raylet and workers print to stdout,
+    which must carry nothing but the JSON object when `--json` is asked for."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        os.dup2(2, 1)
+        yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
+def _jsonable(obj: Any) -> Any:
+    return json.loads(json.dumps(obj, default=str))
+
+
+def render(result: dict[str, Any], console: Any) -> None:
+    """A rich table of the cells and the two ratios of the summary."""
+    from rich.table import Table
+
+    c = result["config"]
+    title = f"bench serve: {c['model']} cut {c['cut']} ({c['cut_name']}), {c['request_bytes']} B per request"
+    table = Table(title=title)
+    for col in ("path", "devices", "p50 ms", "p99 ms", "throughput req/s", "ok", "errors"):
+        table.add_column(col, justify="left" if col == "path" else "right")
+    for r in sorted(result["results"], key=lambda r: (r["devices"], PATHS.index(r["path"]))):
+        table.add_row(
+            r["path"],
+            str(r["devices"]),
+            f"{r['p50_ms']:.2f}",
+            f"{r['p99_ms']:.2f}",
+            f"{r['throughput_rps']:.0f}",
+            str(r["ok"]),
+            str(r["errors"]),
+        )
+    console.print(table)
+    s = result["summary"]
+
+    def verdict(key: str) -> str:
+        t = s.get(key)
+        if not t:
+            return ""
+        bound = f">= {t['min_ratio']:g}x" if "min_ratio" in t else f"<= {t['max_overhead_ms']:g} ms"
+        return f" (target {bound}: {'[green]met[/]' if t['met'] else '[red]missed[/]'})"
+
+    for key, value in s.items():
+        if key.startswith("broker_vs_naive_throughput_at_"):
+            n = key.rsplit("_", 1)[1]
+            console.print(f"broker / naive_ray throughput at {n} devices: {value:.2f}x{verdict('throughput_target')}")
+        elif key.startswith("broker_minus_naive_p50_ms_at_"):
+            n = key.rsplit("_", 1)[1]
+            console.print(f"broker p50 - naive_ray p50 at {n} device(s): {value:+.2f} ms{verdict('p50_target')}")
+    for r in result["results"]:
+        if r.get("first_error"):
+            console.print(f"[yellow]{r['path']} x{r['devices']}: {r['errors']} errors, e.g. {r['first_error']}")
+
+
+def parse_devices(text: str) -> tuple[int, ...]:
+    try:
+        out = tuple(int(p) for p in text.split(",") if p.strip())
+    except ValueError:
+        raise ConfigError(f"--devices must be a comma-separated list of ints, got {text!r}") from None
+    if not out or any(d < 1 for d in out):
+        raise ConfigError(f"--devices must list positive ints, got {text!r}")
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--server", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--devices", default="1,8,64")
+    parser.add_argument("--requests", type=int, default=ServeBenchConfig.requests)
+    parser.add_argument("--model", default=ServeBenchConfig.model)
+    parser.add_argument("--cut", type=int, default=None)
+    parser.add_argument("--paths", default=",".join(PATHS))
+    parser.add_argument("--broker-transport", choices=BROKER_TRANSPORTS, default="stream")
+    args = parser.parse_args(argv)
+    if args.server:
+        server_main()
+        return
+    bench = ServeBenchConfig(
+        model=args.model,
+        cut=args.cut,
+        devices=parse_devices(args.devices),
+        requests=args.requests,
+        paths=tuple(args.paths.split(",")),
+        broker_transport=args.broker_transport,
+    )
+    with stdout_to_stderr():
+        result = run_serve_bench(bench, progress=lambda m: print(m, file=sys.stderr))
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,121 @@
+"""Ray Serve tails with real Ray: same logits as in-process, a killed replica fails fast and
+recovers, and `bench serve` runs end to end. One Ray for the whole session (tests/integration/conftest.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Callable, Iterator
+
+import numpy as np
+import pytest
+import torch
+
+from cloud.backend import TailUnavailableError, run_tail_sync
+from cloud.benchmarks.serve import PATHS, ServeBenchConfig, run_serve_bench
+from cloud.serving import RayTailBackend, replica_actor_names, start_serving, stop_serving
+from pipelines.training import TrainedModel, held_out_set, load_trained
+from splitsense.config import ServingConfig
+from splitsense.errors import ModelError
+
+pytestmark = pytest.mark.integration
+
+MODEL = "uci_har"  # the smallest shipped model: the quickest replica to start
+TIMEOUT_S = 1.0
+
+
+@pytest.fixture(scope="module")
+def trained() -> TrainedModel:
+    return load_trained(MODEL)
+
+
+@pytest.fixture(scope="module")
+def tails(ray_cluster: str) -> Iterator[RayTailBackend]:
+    backend = start_serving(ServingConfig(models=(MODEL,), request_timeout_s=TIMEOUT_S))
+    yield backend
+    stop_serving()
+
+
+async def test_ray_logits_equal_in_process_logits_at_every_cut(tails: RayTailBackend, trained: TrainedModel) -> None:
+    m = trained.model
+    x, _ = held_out_set(trained)
+    x = x[:16]
+    for cut in range(m.n_stages):
+        with torch.inference_mode():
+            activation = m.run(x, 0, cut).numpy()
+        expected = run_tail_sync(m, cut, activation)
+        got = await tails.run_tail(MODEL, cut, activation)
+        assert got.shape == (16, m.num_classes)
+        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5, err_msg=f"cut {cut}")
+        assert (got.argmax(1) == expected.argmax(1)).all()
+
+
+async def test_unknown_model_and_misshapen_batch_are_model_errors(tails: RayTailBackend) -> None:
+    with pytest.raises(ModelError, match="unknown model"):
+        await tails.run_tail("no_such_model", 1, np.zeros((1, 4), np.float32))
+    # The replica refuses it; the error comes back as ours, not as a Ray traceback.
+    with pytest.raises(ModelError, match="expected a batch of shape"):
+        await tails.run_tail(MODEL, 3, np.zeros((2, 5, 5), np.float32))
+
+
+async def test_killed_replica_fails_within_the_timeout_then_recovers(
+    tails: RayTailBackend, trained: TrainedModel, record_property: Callable[[str, object], None]
+) -> None:
+    import ray
+
+    m = trained.model
+    cut = m.n_stages - 2
+    batch = np.zeros((1, *m.activation_shape(cut)), np.float32)
+    await tails.run_tail(MODEL, cut, batch)  # healthy first
+    (name,) = replica_actor_names(MODEL)
+    actor = ray.get_actor(name, namespace="serve")
+    killed_at = time.monotonic()
+    ray.kill(actor, no_restart=True)
+    for _ in range(50):  # ray.kill is asynchronous: wait until the process is really gone
+        try:
+            await asyncio.wait_for(actor.__ray_ready__.remote(), 0.2)
+        except (ray.exceptions.RayActorError, TimeoutError):
+            break
+        await asyncio.sleep(0.1)
+
+    started = time.monotonic()
+    with pytest.raises(TailUnavailableError):
+        await tails.run_tail(MODEL, cut, batch)
+    failed_after_s = time.monotonic() - started
+    assert failed_after_s <= TIMEOUT_S + 0.5, "a dead replica must fail fast, not hang"
+
+    recovered_s = None
+    while time.monotonic() - killed_at < 30:
+        try:
+            out = await tails.run_tail(MODEL, cut, batch)
+        except TailUnavailableError:
+            await asyncio.sleep(0.2)
+            continue
+        recovered_s = time.monotonic() - killed_at
+        assert out.shape == (1, m.num_classes)
+        break
+    assert recovered_s is not None, "Serve did not replace the killed replica within 30 s"
+    assert replica_actor_names(MODEL) != [name]
+    record_property("replica_recovery_s", round(recovered_s, 2))
+    print(f"\nafter ray.kill: TailUnavailableError in {failed_after_s:.2f} s, recovered in {recovered_s:.2f} s")
+
+
+def test_bench_serve_runs_end_to_end_and_prints_its_schema(ray_cluster: str) -> None:
+    # Last in this module: the bench redeploys the same app and stops Serve when it is done.
+    bench = ServeBenchConfig(model=MODEL, devices=(1, 2), requests=6, max_seconds=3.0, windows=8, windows_per_device=2)
+    result = run_serve_bench(bench)
+    json.dumps(result)  # one JSON object, as `--json` prints it
+    assert set(result) == {"config", "results", "summary"}
+    assert result["config"]["model"] == MODEL and result["config"]["devices"] == [1, 2]
+    rows = result["results"]
+    assert sorted((r["path"], r["devices"]) for r in rows) == sorted((p, n) for p in PATHS for n in (1, 2))
+    for r in rows:
+        assert {"path", "devices", "p50_ms", "p99_ms", "throughput_rps"} <= set(r)
+        assert r["errors"] == 0, r
+        assert r["ok"] >= 1 and r["throughput_rps"] > 0
+        assert 0 < r["p50_ms"] <= r["p99_ms"]
+    summary = result["summary"]
+    assert "broker_vs_naive_throughput_at_2" in summary and "broker_minus_naive_p50_ms_at_1" in summary
+    assert "throughput_target" not in summary, "the throughput target is judged at 64 devices only"
+    assert summary["p50_target"]["devices"] == 1 and isinstance(summary["p50_target"]["met"], bool)
