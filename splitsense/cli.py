@@ -192,10 +192,23 @@ def cloud_up(
             backend = start_serving(serving, weights_dir=cfg.paths.weights_dir, progress=status.update)
         err.print(f"Ray Serve tails running: {', '.join(serving.models)}")
 
+        subscribers: list[Any] = []
+
         def started(broker: Broker) -> None:
             err.print(f"[bold green]broker listening on {broker.address}[/]")
             if broker_cfg.metrics_port is not None:
                 err.print(f"metrics: http://{broker_cfg.host}:{broker_cfg.metrics_port}/metrics")
+            if cfg.controller.redis_url:
+                # The controller runs apart (`splitsense controller run`): follow its plans in Redis.
+                from cloud.planstore import PlanStore, redact_url
+                from cloud.stack import PlanSubscriber
+
+                sub = PlanSubscriber(PlanStore(cfg.controller.redis_url), broker)
+                sub.start()
+                subscribers.append(sub)
+                err.print(f"plans: following {redact_url(cfg.controller.redis_url)}")
+            else:
+                err.print("plans: static (set controller.redis_url to follow a controller)")
             err.print("Ctrl-C or SIGTERM stops it")
 
         asyncio.run(run_broker_forever(broker_cfg, registry, backend, on_started=started))
