@@ -4,7 +4,7 @@
     splitsense cloud up|token                Ray Serve tails + gRPC broker (cloud/); device tokens
     splitsense edge run                      a device replaying a real recording (edge/)
     splitsense controller run|plan           metrics -> partition plans (cloud/controller)
-    splitsense bench serve|plan              benchmarks that print figures and JSON
+    splitsense bench serve|plan|planner      benchmarks that print figures and JSON
     splitsense simulate / demo               fleets on real network traces (simulators/)
 
 Heavy modules are imported inside each command so that `splitsense --help` is instant and a
@@ -602,6 +602,51 @@ def bench_plan(
     table.add_row("models", ", ".join(result["config"]["models"]))
     table.add_row("repeats", str(repeats))
     Console().print(table)
+
+
+@bench_app.command("planner")
+@friendly
+def bench_planner(
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object {config, cells, summary}."),
+    bandwidths: str = typer.Option("0.1,0.5,1,2,5,10,20,50", help="Comma-separated Mbit/s of the grid."),
+    classes: str = typer.Option("phone,iot_board,watch", help="Comma-separated device classes of the grid."),
+    model: str = typer.Option("fsdd_speaker", "--model", "-m", help="Model whose cuts are measured."),
+    windows: int = typer.Option(8, help="Measured windows per choice (the median is reported)."),
+    in_process: bool = typer.Option(False, "--in-process", help="Run the tails in this process instead of Ray Serve."),
+    exhaustive: bool = typer.Option(False, help="Measure every candidate, even those a lower bound rules out (slow)."),
+    promotion: str = typer.Option("add", help="Radio promotion: 'add' the modelled delay to offloads, or 'exclude'."),
+    compute_time: str = typer.Option("measured", help="Device compute: 'measured' here x speed, or 'reference'."),
+    config: Path = typer.Option(None, "--config", "-c", help="Scenario file (JSON): planner, simulator.rtt_ms."),
+) -> None:
+    """Latency of the planned choice vs the best of every cut, measured through the real path."""
+    from cloud.benchmarks.planner import (
+        PlannerBenchConfig,
+        parse_bandwidths,
+        parse_classes,
+        render,
+        run_planner_bench,
+    )
+    from cloud.benchmarks.serve import stdout_to_stderr
+
+    bench = PlannerBenchConfig(
+        model=model,
+        device_classes=parse_classes(classes),
+        bandwidths_mbps=parse_bandwidths(bandwidths),
+        windows=windows,
+        with_ray=not in_process,
+        exhaustive=exhaustive,
+        promotion=promotion,
+        compute_time=compute_time,
+    )
+    cfg = _load_config(config)
+    if not in_process:
+        _quiet_ray_logs()
+    with stdout_to_stderr(), err.status("bench planner") as status:
+        result = run_planner_bench(bench, cfg, progress=status.update)
+    if as_json:
+        emit_json(result)
+    else:
+        render(result, Console())
 
 
 def _run_fleet(cfg: Any, *, as_json: bool, report_dir: Path | None, with_ray: bool, what: str) -> None:
