@@ -88,6 +88,17 @@ def admit(load: LaneLoad, remaining_ms: float, policy: AdmissionPolicy) -> Admis
             policy,
             f"queue full ({inputs}; limit {policy.max_queue_depth})",
         )
+    if idle and remaining_ms > 0:
+        # Nothing queued or running: trying costs no other window anything, and it refreshes an
+        # estimate that may be stale (batches that timed out during an outage inflate it; with no
+        # decay, an idle lane that shed on it would never run a batch to correct it).
+        return Admission(
+            admitted=True,
+            predicted_ms=predicted,
+            remaining_ms=remaining_ms,
+            retry_after_ms=0,
+            reason=f"idle lane: admitted as a probe (estimate {predicted:.1f} ms, {remaining_ms:.1f} ms left)",
+        )
     if predicted > remaining_ms:
         return _shed(
             predicted,
