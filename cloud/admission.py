@@ -97,7 +97,8 @@ def admit(load: LaneLoad, remaining_ms: float, policy: AdmissionPolicy) -> Admis
             predicted_ms=predicted,
             remaining_ms=remaining_ms,
             retry_after_ms=0,
-            reason=f"idle lane: admitted as a probe (estimate {predicted:.1f} ms, {remaining_ms:.1f} ms left)",
+            reason=f"idle lane, admitted as a probe: predicted {predicted:.1f} ms, "
+            f"{remaining_ms:.1f} ms left ({inputs})",
         )
     if predicted > remaining_ms:
         return _shed(
