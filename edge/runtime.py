@@ -63,7 +63,7 @@ from splitsense.errors import (
 from splitsense.plan import Plan, PlanSet
 from splitsense.wire import DeviceEstimates, ExecutionMode, OffloadRequest, OffloadResponse, RadioKind
 
-__all__ = ["Battery", "EdgeDevice", "RunSummary"]
+__all__ = ["Battery", "EdgeDevice", "ForcedChoice", "RunSummary"]
 
 log = logging.getLogger(__name__)
 
@@ -128,6 +128,16 @@ class RunSummary:
 
 
 @dataclass(frozen=True)
+class ForcedChoice:
+    """A choice imposed on a window from outside the plan (the simulators' baseline policies)."""
+
+    cut: int
+    codec: Codec = Codec.FP32
+    level: float = 1.0  # compression_energy_kept of the front
+    why: str = "forced by the caller"
+
+
+@dataclass(frozen=True)
 class _Choice:
     """What to do with one window, and why."""
 
@@ -162,10 +172,25 @@ class EdgeDevice:
         rng: random.Random | None = None,
         metrics: EdgeMetrics | None = None,
         low_battery_threshold: float | None = None,
+        speed_factor: float = 1.0,
+        compute_clock: Callable[[], float] = time.perf_counter,
+        device_time_ms: Callable[[int, float, float], float] | None = None,
+        choose: Callable[[], ForcedChoice | None] | None = None,
+        front_cache: dict[tuple[int, float], StagedModel] | None = None,
     ) -> None:
         """`clock` (monotonic seconds) times latency, deadlines and the breaker; `wall_clock` (Unix
         seconds) stamps what goes on the wire. `low_battery_threshold` must be the planner's
-        (`Config.planner.low_battery_threshold`, the default)."""
+        (`Config.planner.low_battery_threshold`, the default).
+
+        Hooks for simulated hardware (simulators/fleet.py; the defaults change nothing):
+        `speed_factor` stretches every on-device compute time, measured on `compute_clock`, to the
+        simulated device's (device s = host s x speed_factor), and the window waits out the
+        difference on `clock`, so its latency and energy are the device's; `device_time_ms(stage,
+        level, host_ms)` replaces that stretch (stage -1 is preprocessing; level the compression of
+        the stage, 1.0 uncompressed); `choose` may impose a window's choice (None from it: the plan
+        decides); `front_cache` shares compressed fronts between devices running the same model."""
+        if not (math.isfinite(speed_factor) and speed_factor > 0):
+            raise ConfigError(f"speed_factor must be > 0, got {speed_factor!r}")
         if trained.spec.name != config.model:
             raise ConfigError(
                 f"edge.model is {config.model!r} but the trained model is {trained.spec.name!r}"
@@ -191,7 +216,11 @@ class EdgeDevice:
         self._plan: Plan | None = None
         self._next_plan: PlanSet | None = None
         self.plan_log: deque[str] = deque(maxlen=100)  # the last plan sets applied or refused, with why
-        self._fronts: dict[tuple[int, float], StagedModel] = {}
+        self._fronts: dict[tuple[int, float], StagedModel] = {} if front_cache is None else front_cache
+        self.speed_factor = speed_factor
+        self._compute_clock = compute_clock
+        self._device_time_ms = device_time_ms
+        self._choose_hook = choose
         self._telemetry_task: asyncio.Task[None] | None = None
         self._period_start_ms = int(self._wall() * 1000)
         self._period_start_t = clock()
@@ -244,6 +273,12 @@ class EdgeDevice:
         self.plan_log.append(f"applied plan set v{ps.version} ({what} for this model and class): {ps.reason}")
 
     def _choose(self) -> _Choice:
+        if self._choose_hook is not None:
+            forced = self._choose_hook()
+            if forced is not None:
+                if not 0 <= forced.cut <= self.n_stages:
+                    raise ConfigError(f"forced cut {forced.cut} is out of range 0..{self.n_stages}")
+                return _Choice(forced.cut, forced.codec, forced.level, self.plan_version, forced.why)
         if self._plan is None:
             return self._default
         row = self._plan.lookup(
@@ -286,12 +321,14 @@ class EdgeDevice:
         choice = self._choose()
         model = self._front_model(choice.cut, choice.level)
         stage_ms: list[float] = []
+        t_front = self._clock()
         with torch.inference_mode():
-            t = time.perf_counter()
+            t = self._compute_clock()
             x = self.trained.prepare_window(window.raw)
-            prep_ms = (time.perf_counter() - t) * 1000.0
-            act = self._run_stages(model, x, 0, choice.cut, stage_ms)
+            prep_ms = self._device_ms(-1, 1.0, (self._compute_clock() - t) * 1000.0)
+            act = self._run_stages(model, x, 0, choice.cut, stage_ms, choice.level)
         front_ms = prep_ms + sum(stage_ms)
+        await self._simulated_hardware(t_front, front_ms)
 
         mode, reason, fallback_label = ExecutionMode.LOCAL, "", None
         encoded: EncodedTensor | None = None
@@ -322,8 +359,10 @@ class EdgeDevice:
             assert attempt is not None and attempt.response is not None
             prediction = attempt.response.prediction
         else:
+            t_tail = self._clock()
             with torch.inference_mode():
-                logits = self._run_stages(model, act, choice.cut, self.n_stages, tail_ms)
+                logits = self._run_stages(model, act, choice.cut, self.n_stages, tail_ms, 1.0)
+            await self._simulated_hardware(t_tail, sum(tail_ms))
             prediction = int(logits.argmax(dim=1)[0])
 
         compute_s = (front_ms + sum(tail_ms)) / 1000.0
@@ -356,13 +395,29 @@ class EdgeDevice:
         self.metrics.set_state(self.breaker.state, self.estimates())
         return result
 
-    @staticmethod
-    def _run_stages(model: StagedModel, x: torch.Tensor, start: int, stop: int, times_ms: list[float]) -> Any:
+    def _run_stages(
+        self, model: StagedModel, x: torch.Tensor, start: int, stop: int, times_ms: list[float], level: float
+    ) -> Any:
+        """Stages [start, stop) (compressed at `level`); appends each stage's device time."""
         for i in range(start, stop):
-            t = time.perf_counter()
+            t = self._compute_clock()
             x = model.stages[i](x)
-            times_ms.append((time.perf_counter() - t) * 1000.0)
+            times_ms.append(self._device_ms(i, level, (self._compute_clock() - t) * 1000.0))
         return x
+
+    def _device_ms(self, stage: int, level: float, host_ms: float) -> float:
+        if self._device_time_ms is not None:
+            return self._device_time_ms(stage, level, host_ms)
+        return host_ms * self.speed_factor
+
+    async def _simulated_hardware(self, since: float, device_ms: float) -> None:
+        """Simulated slower hardware: wait until `device_ms` of device time has passed on `clock`
+        since `since` (nothing to wait for on real hardware, where that time has passed already)."""
+        if self.speed_factor == 1.0 and self._device_time_ms is None:
+            return
+        wait = since + device_ms / 1000.0 - self._clock()
+        if wait > 0:
+            await asyncio.sleep(wait)
 
     async def _offload(self, window: SensorWindow, choice: _Choice, encoded: EncodedTensor) -> _Attempt:
         assert self.transport is not None

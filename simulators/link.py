@@ -146,9 +146,7 @@ class ShapingSchedule:
         if not (math.isfinite(self.time_offset_s)):
             raise ConfigError(f"time_offset_s must be finite, got {self.time_offset_s!r}")
         if not (math.isfinite(self.time_scale) and self.time_scale > 0):
-            raise ConfigError(
-                f"time_scale must be > 0 (trace seconds per wall second), got {self.time_scale!r}"
-            )
+            raise ConfigError(f"time_scale must be > 0 (trace seconds per wall second), got {self.time_scale!r}")
         if not (math.isfinite(self.bandwidth_scale) and self.bandwidth_scale > 0):
             raise ConfigError(f"bandwidth_scale must be > 0, got {self.bandwidth_scale!r}")
         object.__setattr__(self, "outages", merge_outages(self.outages))
@@ -309,9 +307,7 @@ class LinkEmulator:
             raise ConfigError("give the downlink a trace or a fixed downlink_mbps, not both")
         for label, mbps in (("uplink_mbps", uplink_mbps), ("downlink_mbps", downlink_mbps)):
             if mbps is not None and not (math.isfinite(mbps) and mbps > 0):
-                raise ConfigError(
-                    f"{label} must be > 0 Mbit/s (leave it None for an unshaped link), got {mbps!r}"
-                )
+                raise ConfigError(f"{label} must be > 0 Mbit/s (leave it None for an unshaped link), got {mbps!r}")
         if not (math.isfinite(rtt_ms) and rtt_ms >= 0):
             raise ConfigError(f"rtt_ms must be >= 0, got {rtt_ms!r}")
         if not 0.0 <= loss < 1.0:

@@ -91,9 +91,7 @@ class Trace:
         object.__setattr__(self, "_cum_bytes", cum)
 
     @classmethod
-    def constant(
-        cls, mbps: float, duration_s: float = 1.0, name: str = "", family: str = "constant"
-    ) -> Trace:
+    def constant(cls, mbps: float, duration_s: float = 1.0, name: str = "", family: str = "constant") -> Trace:
         """A fixed bandwidth, e.g. for an unshaped-but-limited downlink."""
         return cls(
             name=name or f"constant_{mbps:g}mbps",

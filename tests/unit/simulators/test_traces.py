@@ -73,9 +73,7 @@ def test_single_column_txt_is_detected_as_mahimahi(tmp_path: Path) -> None:
         ("m4.up", "1 2\n", 1, "one integer"),
     ],
 )
-def test_malformed_files_name_file_and_line(
-    tmp_path: Path, name: str, text: str, line: int, what: str
-) -> None:
+def test_malformed_files_name_file_and_line(tmp_path: Path, name: str, text: str, line: int, what: str) -> None:
     path = _write(tmp_path, name, text)
     with pytest.raises(DataError, match=what) as info:
         load_trace(path)

@@ -1,0 +1,783 @@
+"""A fleet run's figures: the summary object, the report folder, and its plots.
+
+    summarize(result)        the `simulate --json` object: {"config", "objective", "policies":
+                             {policy: {class: {windows, lost, accuracy, latency_ms_p50,
+                             latency_ms_p95, energy_mj_per_window, offload_ratio}}}, "realtime_factor"}
+    comparison(result)       per class, on its objective: adaptive against all_local, all_cloud and
+                             oracle, and its accuracy against the local full model
+    write_report(result, d)  d/report.json (every figure and the configuration it was measured
+                             with), d/windows.jsonl (one line per window), and PNG plots:
+                             latency_cdf.png, energy_per_window.png, device_timeline.png
+    render_summary(...)      the table printed at the end of a run
+
+The objective metric of a class is what its planner minimises per window: mean latency (ms) for
+"latency" classes, mean energy per window (mJ) for "energy" classes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipelines.devices import DEVICE_CLASSES
+from simulators.fleet import FleetProgress, FleetResult, PolicyRun, WindowRecord
+from simulators.link import ShapingSchedule
+from simulators.scenario import DeviceSpec
+
+__all__ = [
+    "CLASS_KEYS",
+    "ConsoleProgress",
+    "PLOTS",
+    "TIE_TOLERANCE",
+    "class_stats",
+    "comparison",
+    "render_summary",
+    "summarize",
+    "timeline_device",
+    "write_report",
+]
+
+CLASS_KEYS = (
+    "windows",
+    "lost",
+    "accuracy",
+    "latency_ms_p50",
+    "latency_ms_p95",
+    "energy_mj_per_window",
+    "offload_ratio",
+)
+PLOTS = ("latency_cdf.png", "energy_per_window.png", "device_timeline.png")
+# A tie with a baseline: the oracle chose that baseline's choice for at least TIE_SHARE of the
+# windows (it is optimal throughout: there is nothing to beat), adaptive made the same choice for at
+# least TIE_SHARE of them, and its objective is within TIE_TOLERANCE of the baseline's. Two runs of
+# the same choices differ by the host's noise alone (the event loop of a shared 2-core machine).
+TIE_SHARE = 0.9
+TIE_TOLERANCE = 0.15
+ORACLE_MARGIN = 0.15  # adaptive must come within 15% of the oracle
+ACCURACY_POINTS = 1.0  # adaptive accuracy within 1 point of the local full model
+
+_STRETCHED = {
+    "reference": "each stage's host time from the model's catalog (this host, uncontended: the basis of "
+    "the speed factors; preprocessing: its median measured at start)",
+    "measured": "the CPU time this host's thread actually took for the window",
+}
+
+
+def simulated_hardware_note(compute_time: str) -> str:
+    """What the report says about the simulated devices."""
+    return (
+        "Devices are simulated hardware: their preprocessing and stages run for real on this host (one "
+        f"torch thread), and {_STRETCHED.get(compute_time, compute_time)} is stretched by the class's speed "
+        "factor, the device waiting out the difference. A transfer after the radio went idle first waits "
+        "the radio's promotion delay. Energy is the class's active power times the stretched compute time, "
+        "plus radio energy on the true link (Huang et al. 2012 model with promotion and tails, as the "
+        "controller uses), plus idle power while waiting for the cloud."
+    )
+
+
+_POLICY_COLORS = {
+    "adaptive": "#1b9e77",
+    "all_local": "#7570b3",
+    "all_cloud": "#d95f02",
+    "fixed_cut": "#e7298a",
+    "oracle": "#444444",
+}
+_MODE_COLORS = {"offloaded": "#1b9e77", "local": "#7570b3", "fallback": "#d62728"}
+
+
+# ---------------------------------------------------------------------------------------------
+# Numbers
+
+
+def _by_class(records: Iterable[WindowRecord]) -> dict[str, list[WindowRecord]]:
+    out: dict[str, list[WindowRecord]] = defaultdict(list)
+    for r in records:
+        out[r.device_class].append(r)
+    return out
+
+
+def _expected_by_class(run: PolicyRun, specs: Sequence[DeviceSpec]) -> dict[str, int]:
+    cls = {s.device_id: s.device_class for s in specs}
+    out: dict[str, int] = defaultdict(int)
+    for device_id, n in run.windows_expected.items():
+        out[cls[device_id]] += n
+    return out
+
+
+def _r(x: float | np.floating[Any], digits: int = 3) -> float:
+    return round(float(x), digits)
+
+
+def class_stats(records: Sequence[WindowRecord], expected: int, *, full: bool = False) -> dict[str, Any]:
+    """The per-class figures of one policy (CLASS_KEYS; `full` adds means, fallbacks and splits)."""
+    n = len(records)
+    if n == 0:
+        base: dict[str, Any] = dict.fromkeys(CLASS_KEYS, 0)
+        base.update(windows=0, lost=expected, accuracy=None, latency_ms_p50=None, latency_ms_p95=None)
+        base.update(energy_mj_per_window=None, offload_ratio=None)
+        return base
+    lat = np.array([r.latency_ms for r in records])
+    energy = np.array([r.energy_mj for r in records])
+    out: dict[str, Any] = {
+        "windows": n,
+        "lost": max(expected - n, 0),
+        "accuracy": _r(sum(r.correct for r in records) / n, 4),
+        "latency_ms_p50": _r(np.percentile(lat, 50)),
+        "latency_ms_p95": _r(np.percentile(lat, 95)),
+        "energy_mj_per_window": _r(energy.mean(), 4),
+        "offload_ratio": _r(sum(r.mode == "offloaded" for r in records) / n, 4),
+    }
+    if full:
+        modes: dict[str, int] = defaultdict(int)
+        reasons: dict[str, int] = defaultdict(int)
+        cuts: dict[str, int] = defaultdict(int)
+        for r in records:
+            modes[r.mode] += 1
+            cuts["local" if r.cut >= r.n_stages else str(r.cut)] += 1
+            if r.mode == "fallback":
+                reasons[r.reason or "unknown"] += 1
+        out.update(
+            latency_ms_mean=_r(lat.mean()),
+            latency_ms_p99=_r(np.percentile(lat, 99)),
+            lag_ms_p95=_r(np.percentile([r.lag_ms for r in records], 95)),
+            compute_mj_per_window=_r(np.mean([r.compute_mj for r in records]), 4),
+            radio_mj_per_window=_r(np.mean([r.radio_mj for r in records]), 4),
+            wait_mj_per_window=_r(np.mean([r.wait_mj for r in records]), 4),
+            bytes_sent_per_window=_r(np.mean([r.bytes_sent for r in records]), 1),
+            modes=dict(modes),
+            cuts=dict(cuts),
+            fallbacks_by_reason=dict(reasons),
+            true_mbps_mean=_r(np.mean([r.true_mbps for r in records])),
+        )
+    return out
+
+
+def _class_order(result: FleetResult) -> list[str]:
+    return list(result.config.simulator.device_classes)
+
+
+def _policy_tables(result: FleetResult, *, full: bool) -> dict[str, dict[str, dict[str, Any]]]:
+    out: dict[str, dict[str, dict[str, Any]]] = {}
+    for policy, run in result.runs.items():
+        groups = _by_class(run.records)
+        expected = _expected_by_class(run, result.specs)
+        out[policy] = {c: class_stats(groups.get(c, []), expected.get(c, 0), full=full) for c in _class_order(result)}
+    return out
+
+
+def realtime_factor(result: FleetResult) -> float:
+    """The slowest policy's sensor time / wall time (1.0: the fleet kept up with its sensors)."""
+    factors = [run.realtime_factor for run in result.runs.values()]
+    return _r(min(factors), 4) if factors else 0.0
+
+
+def config_echo(result: FleetResult, report_dir: Path | None = None) -> dict[str, Any]:
+    sim = result.config.to_dict()["simulator"]
+    sim.update(
+        backend=result.backend,
+        controller_period_s=result.config.controller.period_s,
+        cloud_overhead_ms_assumed=result.cloud_overhead_ms,
+        report_dir=str(report_dir) if report_dir is not None else None,
+    )
+    return sim
+
+
+def summarize(result: FleetResult, report_dir: Path | None = None) -> dict[str, Any]:
+    """The `simulate --json` object."""
+    return {
+        "config": config_echo(result, report_dir),
+        "objective": dict(result.objectives),
+        "policies": _policy_tables(result, full=False),
+        "realtime_factor": realtime_factor(result),
+    }
+
+
+def _objective_metric(records: Sequence[WindowRecord], objective: str) -> float | None:
+    if not records:
+        return None
+    if objective == "energy":
+        return float(np.mean([r.energy_mj for r in records]))
+    return float(np.mean([r.latency_ms for r in records]))
+
+
+def _share(records: Sequence[WindowRecord], pred: Any) -> float | None:
+    return sum(bool(pred(r)) for r in records) / len(records) if records else None
+
+
+def comparison(result: FleetResult) -> dict[str, Any]:
+    """Per class, on its objective: adaptive vs every baseline, and whether the issue's targets hold."""
+    out: dict[str, Any] = {}
+    groups = {p: _by_class(run.records) for p, run in result.runs.items()}
+    for cls in _class_order(result):
+        objective = result.objectives[cls]
+        metric = {p: _objective_metric(g.get(cls, []), objective) for p, g in groups.items()}
+        oracle_recs = groups.get("oracle", {}).get(cls, [])
+        adaptive_recs = groups.get("adaptive", {}).get(cls, [])
+        is_local = lambda r: r.cut >= r.n_stages  # noqa: E731
+        is_cloud = lambda r: r.cut == 0 and (r.codec or "fp32") == "fp32"  # noqa: E731  (all_cloud's choice)
+        local_share, cloud_share = _share(oracle_recs, is_local), _share(oracle_recs, is_cloud)
+        adaptive_shares = {"all_local": _share(adaptive_recs, is_local), "all_cloud": _share(adaptive_recs, is_cloud)}
+        entry: dict[str, Any] = {
+            "objective": objective,
+            "metric": "mean energy per window (mJ)" if objective == "energy" else "mean latency (ms)",
+            "values": {p: (None if v is None else _r(v, 4)) for p, v in metric.items()},
+            "oracle_local_share": None if local_share is None else _r(local_share, 4),
+            "oracle_cloud_share": None if cloud_share is None else _r(cloud_share, 4),
+            "adaptive_local_share": None
+            if adaptive_shares["all_local"] is None
+            else _r(adaptive_shares["all_local"], 4),
+            "adaptive_cloud_share": None
+            if adaptive_shares["all_cloud"] is None
+            else _r(adaptive_shares["all_cloud"], 4),
+        }
+        budget = _budget(result, cls, objective)
+        if budget is not None:  # the objective's constraint: is each policy within it?
+            key = "energy_mj_per_window" if objective == "latency" else "latency_ms_mean"
+            other = {
+                p: (
+                    float(np.mean([r.energy_mj if objective == "latency" else r.latency_ms for r in recs]))
+                    if recs
+                    else None
+                )
+                for p, g in groups.items()
+                for recs in [g.get(cls, [])]
+            }
+            entry["budget"] = {
+                "what": f"{key} <= {budget:g}",
+                "values": {p: None if v is None else _r(v, 4) for p, v in other.items()},
+                "within": {p: None if v is None else v <= budget * (1 + 1e-9) for p, v in other.items()},
+            }
+        a = metric.get("adaptive")
+        if a is not None:
+            for base, share in (("all_local", local_share), ("all_cloud", cloud_share)):
+                b = metric.get(base)
+                if b is None or b <= 0:
+                    continue
+                ratio = a / b
+                beats = a < b
+                mine = adaptive_shares[base]
+                ties = (
+                    share is not None
+                    and share >= TIE_SHARE
+                    and mine is not None
+                    and mine >= TIE_SHARE
+                    and ratio <= 1 + TIE_TOLERANCE
+                )
+                entry[f"adaptive_vs_{base}"] = {
+                    "ratio": _r(ratio, 4),
+                    "beats": beats,
+                    "ties_where_optimal": ties,
+                    "met": beats or ties,
+                }
+            o = metric.get("oracle")
+            if o is not None and o > 0:
+                entry["adaptive_vs_oracle"] = {"ratio": _r(a / o, 4), "met": a <= o * (1 + ORACLE_MARGIN)}
+            acc_a = _accuracy(groups.get("adaptive", {}).get(cls, []))
+            acc_l = _accuracy(groups.get("all_local", {}).get(cls, []))
+            if acc_a is not None and acc_l is not None:
+                entry["accuracy"] = {
+                    "adaptive": _r(acc_a, 4),
+                    "local_full_model": _r(acc_l, 4),
+                    "points_below_local": _r((acc_l - acc_a) * 100, 3),
+                    "met": (acc_l - acc_a) * 100 <= ACCURACY_POINTS + 1e-9,
+                }
+        out[cls] = entry
+    out["zero_lost_windows"] = all(run.lost == 0 for run in result.runs.values())
+    return out
+
+
+def _budget(result: FleetResult, cls: str, objective: str) -> float | None:
+    """The budget of the class's objective, per window: energy (mJ) for latency classes (the power
+    budget x the model's window, as the planner reads it), the deadline (ms) for energy classes."""
+    from pipelines.models import get_spec
+
+    obj = result.config.planner.classes.get(cls)
+    if obj is None:
+        return None
+    if objective == "latency":
+        if obj.energy_budget_mw is None:
+            return None
+        return obj.energy_budget_mw * get_spec(result.config.simulator.models[cls]).window_s
+    return obj.deadline_ms
+
+
+def _accuracy(records: Sequence[WindowRecord]) -> float | None:
+    return sum(r.correct for r in records) / len(records) if records else None
+
+
+def realtime(result: FleetResult) -> dict[str, Any]:
+    out = {}
+    for policy, run in result.runs.items():
+        lags = [r.lag_ms for r in run.records]
+        out[policy] = {
+            "duration_s": run.duration_s,
+            "wall_s": _r(run.wall_s),
+            "realtime_factor": _r(run.realtime_factor, 4),
+            "windows": len(run.records),
+            "windows_per_s": _r(len(run.records) / run.wall_s if run.wall_s > 0 else 0.0),
+            "lag_ms_p95": _r(np.percentile(lags, 95)) if lags else None,
+            "lag_ms_max": _r(max(lags)) if lags else None,
+            "event_loop_lag_ms": dict(run.loop_lag_ms),
+            "device_errors": dict(run.device_errors),
+            "broker": run.broker,
+            "plan_versions": run.plan_versions,
+        }
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# The report folder
+
+
+def timeline_device(result: FleetResult) -> DeviceSpec | None:
+    """The device whose adaptive run changed its choice most often (then: the widest trace swing)."""
+    if not result.specs:
+        return None
+    records = result.runs.get("adaptive") or next(iter(result.runs.values()), None)
+    if records is None:
+        return result.specs[0]
+    per: dict[str, list[WindowRecord]] = defaultdict(list)
+    for r in records.records:
+        per[r.device_id].append(r)
+
+    oracle: dict[str, list[WindowRecord]] = defaultdict(list)
+    for r in result.runs["oracle"].records if "oracle" in result.runs else ():
+        oracle[r.device_id].append(r)
+
+    def changes(recs: list[WindowRecord]) -> int:
+        recs = sorted(recs, key=lambda r: r.index)
+        return sum(1 for a, b in zip(recs, recs[1:], strict=False) if (a.cut, a.mode) != (b.cut, b.mode))
+
+    def score(spec: DeviceSpec) -> tuple[int, int, bool, float]:
+        recs = per.get(spec.device_id, [])
+        offloads = any(r.mode == "offloaded" for r in recs)
+        spread = float(np.ptp([r.true_mbps for r in recs])) if recs else 0.0
+        return changes(recs), changes(oracle.get(spec.device_id, [])), offloads, spread
+
+    return max(result.specs, key=score)
+
+
+def _bandwidth_series(result: FleetResult, spec: DeviceSpec, step_s: float = 0.05) -> dict[str, list[float]]:
+    sim = result.config.simulator
+    schedule = ShapingSchedule(spec.trace, time_offset_s=spec.trace_offset_s, outages=sim.outages)
+    ts = np.arange(0.0, sim.duration_s + step_s, step_s)
+    return {"t_s": [_r(t, 3) for t in ts], "mbps": [_r(schedule.bandwidth_at(float(t)), 4) for t in ts]}
+
+
+def write_report(result: FleetResult, directory: str | Path) -> Path:
+    """Write report.json, windows.jsonl and the PNG plots into `directory` (created); returns it."""
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    spec = timeline_device(result)
+    timeline: dict[str, Any] | None = None
+    if spec is not None:
+        timeline = {
+            "device": spec.to_dict(),
+            "bandwidth": _bandwidth_series(result, spec),
+            "windows": {
+                p: [r.to_dict() for r in sorted(run.records, key=lambda r: r.index) if r.device_id == spec.device_id]
+                for p, run in result.runs.items()
+            },
+        }
+    report = {
+        "summary": summarize(result, out),
+        "comparison": comparison(result),
+        "policies": _policy_tables(result, full=True),
+        "realtime": realtime(result),
+        "simulated_hardware": {
+            "note": simulated_hardware_note(result.config.simulator.compute_time),
+            "compute_time": result.config.simulator.compute_time,
+            "host_stage_ms_measured_at_start": {m: [_r(v, 4) for v in ms] for m, ms in result.host_stage_ms.items()},
+            **{k: v for k, v in result.extra.items() if k.startswith("host_")},
+            "classes": {
+                c: {
+                    **{k: v for k, v in asdict(DEVICE_CLASSES[c]).items() if k != "radio"},
+                    "radio": DEVICE_CLASSES[c].radio.value,
+                    "rtt_ms": result.config.simulator.rtt_ms.get(DEVICE_CLASSES[c].radio.value),
+                }
+                for c in _class_order(result)
+            },
+        },
+        "devices": [s.to_dict() for s in result.specs],
+        "timeline": timeline,
+        "figures": {
+            "latency_cdf.png": "CDF of per-window latency, one panel per device class, one line per policy",
+            "energy_per_window.png": "mean energy per window (compute, radio, waiting), per class and policy",
+            "device_timeline.png": "one device: its true bandwidth and estimate, and its cut and mode per window",
+        },
+        "config": result.config.to_dict(),
+        "wall_s": _r(result.wall_s),
+    }
+    (out / "report.json").write_text(json.dumps(_clean(report), indent=1, allow_nan=False) + "\n")
+    with (out / "windows.jsonl").open("w") as f:
+        for run in result.runs.values():
+            for r in run.records:
+                f.write(json.dumps(_clean(r.to_dict()), allow_nan=False) + "\n")
+    plot_all(result, out, spec)
+    return out
+
+
+def _clean(obj: Any) -> Any:
+    """JSON-safe: non-finite floats become null (strict JSON has no NaN/Infinity)."""
+    if isinstance(obj, dict):
+        return {str(k): _clean(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_clean(v) for v in obj]
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, np.generic):
+        return _clean(obj.item())
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
+
+
+# ---------------------------------------------------------------------------------------------
+# Plots
+
+
+def plot_all(result: FleetResult, out: Path, spec: DeviceSpec | None) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    return [
+        _plot_latency_cdf(result, out / PLOTS[0]),
+        _plot_energy(result, out / PLOTS[1]),
+        _plot_timeline(result, out / PLOTS[2], spec),
+    ]
+
+
+def _panel_title(result: FleetResult, cls: str) -> str:
+    model = result.config.simulator.models[cls]
+    return f"{cls} ({model}) - objective: {result.objectives[cls]}"
+
+
+def _plot_latency_cdf(result: FleetResult, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    classes = _class_order(result)
+    fig, axes = plt.subplots(1, len(classes), figsize=(5.2 * len(classes), 4.2), squeeze=False)
+    for ax, cls in zip(axes[0], classes, strict=True):
+        for policy, run in result.runs.items():
+            lat = np.sort([r.latency_ms for r in run.records if r.device_class == cls])
+            if lat.size == 0:
+                continue
+            y = np.arange(1, lat.size + 1) / lat.size
+            ax.step(
+                lat,
+                y,
+                where="post",
+                label=f"{policy} (p50 {np.median(lat):.0f} ms)",
+                color=_POLICY_COLORS.get(policy),
+                lw=2.2 if policy == "adaptive" else 1.4,
+            )
+        _log_ms_axis(ax)
+        ax.set_xlabel("latency per window (ms, log scale)")
+        ax.set_ylabel("fraction of windows")
+        ax.set_ylim(0, 1.02)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.set_title(_panel_title(result, cls), fontsize=10)
+        ax.legend(fontsize=8, loc="lower right")
+    sim = result.config.simulator
+    fig.suptitle(
+        f"Latency CDF per device class - {sim.devices} devices x {sim.duration_s:g} s per policy, real traces"
+        + (f", outages {list(sim.outages)}" if sim.outages else ""),
+        fontsize=11,
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _log_ms_axis(ax: Any) -> None:
+    """A log x axis labelled with plain milliseconds at 1-2-5 steps (no overlapping minor labels)."""
+    from matplotlib.ticker import FixedLocator, NullFormatter, StrMethodFormatter
+
+    ax.set_xscale("log")
+    lo, hi = ax.get_xlim()
+    mantissas = (1, 2, 5) if hi / max(lo, 1e-9) >= 10 else (1, 1.5, 2, 3, 4, 5, 7)
+    ticks = [m * 10**e for e in range(-1, 6) for m in mantissas if lo <= m * 10**e <= hi]
+    if len(ticks) >= 2:
+        ax.xaxis.set_major_locator(FixedLocator(ticks))
+        ax.xaxis.set_major_formatter(StrMethodFormatter("{x:g}"))
+        ax.xaxis.set_minor_formatter(NullFormatter())
+
+
+def _plot_energy(result: FleetResult, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    classes = _class_order(result)
+    policies = list(result.runs)
+    fig, axes = plt.subplots(1, len(classes), figsize=(5.2 * len(classes), 4.2), squeeze=False)
+    parts = (("compute_mj", "compute", 1.0), ("radio_mj", "radio", 0.65), ("wait_mj", "waiting", 0.35))
+    for ax, cls in zip(axes[0], classes, strict=True):
+        x = np.arange(len(policies))
+        bottom = np.zeros(len(policies))
+        for attr, label, alpha in parts:
+            vals = np.array(
+                [
+                    np.mean([getattr(r, attr) for r in result.runs[p].records if r.device_class == cls] or [0.0])
+                    for p in policies
+                ]
+            )
+            ax.bar(
+                x,
+                vals,
+                bottom=bottom,
+                color=[_POLICY_COLORS.get(p, "#888") for p in policies],
+                alpha=alpha,
+                edgecolor="black",
+                linewidth=0.4,
+                label=label,
+            )
+            bottom += vals
+        # One bar far above the others (LTE's 11.6-s tail paid on every window) would flatten them:
+        # cut the axis above the second highest and write the clipped bar's total on it.
+        ordered = np.sort(bottom)
+        top = bottom.max() * 1.15
+        if len(ordered) > 1 and ordered[-2] > 0 and ordered[-1] > 4 * ordered[-2]:
+            top = ordered[-2] * 2.2
+        for xi, total in zip(x, bottom, strict=True):
+            clipped = total > top
+            ax.text(
+                xi,
+                min(total, top * 0.97),
+                f"{total:.1f}" + (" (cut)" if clipped else ""),
+                ha="center",
+                va="top" if clipped else "bottom",
+                fontsize=8,
+                fontweight="bold" if clipped else None,
+            )
+        ax.set_xticks(x, policies, rotation=20, fontsize=9)
+        ax.set_ylabel("energy per window (mJ)")
+        ax.set_title(_panel_title(result, cls), fontsize=10)
+        ax.grid(True, axis="y", alpha=0.3)
+        ax.set_ylim(0, max(top, 1e-3))
+    handles = [plt.Rectangle((0, 0), 1, 1, facecolor="#999", alpha=a, edgecolor="black") for _, _, a in parts]
+    fig.legend(
+        handles,
+        ["device compute", "radio (transfer, promotion, tails)", "waiting for the cloud (idle power)"],
+        loc="lower center",
+        ncol=3,
+        fontsize=9,
+        frameon=False,
+    )
+    fig.suptitle("Mean energy per window, by policy and device class", fontsize=11)
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _plot_timeline(result: FleetResult, path: Path, spec: DeviceSpec | None) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig, (ax_bw, ax_cut) = plt.subplots(2, 1, figsize=(11, 6.5), sharex=True, height_ratios=(1, 1.2))
+    if spec is None:
+        ax_bw.text(0.5, 0.5, "no device", ha="center")
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        return path
+    sim = result.config.simulator
+    series = _bandwidth_series(result, spec)
+    ax_bw.step(series["t_s"], series["mbps"], where="post", color="#333", lw=1.4, label="true link bandwidth (trace)")
+    main = "adaptive" if "adaptive" in result.runs else next(iter(result.runs))
+    recs = sorted((r for r in result.runs[main].records if r.device_id == spec.device_id), key=lambda r: r.index)
+    if recs:
+        ax_bw.plot(
+            [r.t_s for r in recs],
+            [r.estimate_mbps for r in recs],
+            "o",
+            ms=4,
+            color=_POLICY_COLORS["adaptive"],
+            label=f"device's own estimate ({main})",
+        )
+    for edge in result.config.planner.bandwidth_edges_mbps:
+        ax_bw.axhline(edge, color="#bbb", lw=0.6, ls=":", zorder=0)
+    for start, end in sim.outages:
+        for ax in (ax_bw, ax_cut):
+            ax.axvspan(start, end, color="#d62728", alpha=0.12, lw=0)
+    ax_bw.set_yscale("symlog", linthresh=0.1)
+    ax_bw.set_ylabel("uplink Mbit/s (symlog)")
+    ax_bw.legend(fontsize=8, loc="upper right")
+    ax_bw.grid(True, alpha=0.3)
+    ax_bw.set_title(
+        f"{spec.device_id} ({spec.model}) on {spec.trace.family}/{spec.trace.name} from {spec.trace_offset_s:.0f} s"
+        "  -  dotted: plan bucket edges" + ("; red: outages" if sim.outages else ""),
+        fontsize=10,
+    )
+    n = recs[0].n_stages if recs else 0
+    for policy, style in (("oracle", "--"), ("fixed_cut", ":")):
+        if policy in result.runs and policy != main:
+            other = sorted(
+                (r for r in result.runs[policy].records if r.device_id == spec.device_id), key=lambda r: r.index
+            )
+            if other:
+                ax_cut.step(
+                    [r.t_s for r in other],
+                    [r.cut for r in other],
+                    where="post",
+                    ls=style,
+                    lw=1.2,
+                    color=_POLICY_COLORS.get(policy),
+                    label=f"{policy} cut",
+                )
+    if recs:
+        ax_cut.step([r.t_s for r in recs], [r.cut for r in recs], where="post", color="#999", lw=1.0)
+        for mode, color in _MODE_COLORS.items():
+            pts = [r for r in recs if r.mode == mode]
+            if pts:
+                ax_cut.plot(
+                    [r.t_s for r in pts],
+                    [r.cut for r in pts],
+                    "o",
+                    ms=6,
+                    color=color,
+                    label=f"{main}: {mode} ({len(pts)})",
+                )
+    ax_cut.set_yticks(
+        range(n + 1), [("input (cloud)" if k == 0 else "local" if k == n else str(k)) for k in range(n + 1)]
+    )
+    ax_cut.set_ylim(-0.5, n + 0.5)
+    ax_cut.set_ylabel("cut chosen (device runs [0, k));\ncolour: where the window ran", fontsize=9)
+    ax_cut.set_xlabel("time since the policy's start (s)")
+    ax_cut.grid(True, alpha=0.3)
+    ax_cut.legend(fontsize=8, loc="center right", ncol=1)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# The table
+
+
+def render_summary(result: FleetResult, console: Any, report_dir: Path | None = None) -> None:
+    """Print the per-policy, per-class table and the targets (rich Console)."""
+    from rich.table import Table
+
+    tables = _policy_tables(result, full=True)
+    table = Table(title="splitsense simulate: per policy and device class", show_lines=False)
+    for col, justify in (
+        ("policy", "left"),
+        ("class", "left"),
+        ("windows", "right"),
+        ("lost", "right"),
+        ("accuracy", "right"),
+        ("p50 ms", "right"),
+        ("p95 ms", "right"),
+        ("mean ms", "right"),
+        ("mJ/window", "right"),
+        ("offload", "right"),
+    ):
+        table.add_column(col, justify=justify)  # type: ignore[arg-type]
+    for policy, classes in tables.items():
+        for cls, s in classes.items():
+            if not s["windows"]:
+                table.add_row(policy, cls, "0", str(s["lost"]), "-", "-", "-", "-", "-", "-")
+                continue
+            table.add_row(
+                policy,
+                cls,
+                str(s["windows"]),
+                str(s["lost"]),
+                f"{s['accuracy']:.3f}",
+                f"{s['latency_ms_p50']:.1f}",
+                f"{s['latency_ms_p95']:.1f}",
+                f"{s['latency_ms_mean']:.1f}",
+                f"{s['energy_mj_per_window']:.2f}",
+                f"{s['offload_ratio']:.0%}",
+            )
+        table.add_section()
+    console.print(table)
+    comp = comparison(result)
+    for cls in _class_order(result):
+        c = comp[cls]
+        parts = [f"{cls} ({c['objective']}, {c['metric']}):"]
+        for key, word in (
+            ("adaptive_vs_all_local", "local"),
+            ("adaptive_vs_all_cloud", "cloud"),
+            ("adaptive_vs_oracle", "oracle"),
+        ):
+            v = c.get(key)
+            if v is not None:
+                tag = "ok" if v["met"] else "NOT MET"
+                parts.append(f"vs {word} x{v['ratio']:.2f} ({tag})")
+        bud = c.get("budget")
+        if bud is not None:
+            outside = [p for p, ok in bud["within"].items() if ok is False]
+            parts.append(f"{bud['what']}: " + (f"exceeded by {', '.join(outside)}" if outside else "all within"))
+        acc = c.get("accuracy")
+        if acc is not None:
+            parts.append(
+                f"accuracy -{acc['points_below_local']:.2f} pts vs local ({'ok' if acc['met'] else 'NOT MET'})"
+            )
+        console.print("  " + "  ".join(parts))
+    rt = realtime(result)
+    line = ", ".join(
+        f"{p} x{v['realtime_factor']:.3f} ({v['windows_per_s']:.0f} windows/s, loop lag p95 "
+        f"{v['event_loop_lag_ms'].get('p95', 0):.0f} ms)"
+        for p, v in rt.items()
+    )
+    console.print(f"  real-time factor: {line}; lost windows: {sum(r.lost for r in result.runs.values())}")
+    if report_dir is not None:
+        console.print(f"  report: {report_dir}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Progress on the console
+
+
+class ConsoleProgress(FleetProgress):
+    """A rich progress bar per policy on a terminal; one line per policy when not a terminal."""
+
+    def __init__(self, console: Any) -> None:
+        self.console = console
+        self.live = bool(getattr(console, "is_terminal", False))
+        self._bar: Any = None
+        self._task: Any = None
+        self._counts: dict[str, int] = defaultdict(int)
+
+    def policy_started(self, policy: str, windows_expected: int) -> None:
+        self._counts = defaultdict(int)
+        if not self.live:
+            return
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self._bar = Progress(
+            TextColumn("[bold]{task.description:<10}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[info]}"),
+            TimeElapsedColumn(),
+            console=self.console,
+            transient=False,
+        )
+        self._bar.start()
+        self._task = self._bar.add_task(policy, total=windows_expected, info="")
+
+    def window_done(self, policy: str, record: WindowRecord) -> None:
+        self._counts[record.mode] += 1
+        if self._bar is not None:
+            info = " ".join(f"{m} {n}" for m, n in sorted(self._counts.items()))
+            self._bar.update(self._task, advance=1, info=info)
+
+    def policy_done(self, policy: str, run: PolicyRun) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+            self._bar = None
+        modes = " ".join(f"{m} {n}" for m, n in sorted(self._counts.items()))
+        self.console.print(
+            f"{policy}: {len(run.records)} windows ({modes}), lost {run.lost}, "
+            f"{run.wall_s:.1f} s wall, real-time x{run.realtime_factor:.3f}",
+            highlight=False,
+        )

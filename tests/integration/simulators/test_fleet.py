@@ -1,0 +1,101 @@
+"""A tiny fleet through `splitsense simulate`: every policy, an outage in the middle, no window lost.
+
+Three devices (a phone, an IoT board and a watch) x 6 s x all five policies, each behind its own
+trace-driven link, with every link down from 2 s to 4 s (the "smoke" scenario). The cloud is the
+real CloudStack (broker, embedded Redis, metrics exporter, controller) with the in-process tails
+to stay fast: Ray Serve is covered by the cloud's own integration tests. One run of the command,
+checked from its stdout (exactly one JSON object), its stderr and its report folder.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from typing import Any
+
+import pytest
+
+from simulators.report import CLASS_KEYS, PLOTS
+
+pytestmark = pytest.mark.integration
+
+POLICIES = ("adaptive", "all_local", "all_cloud", "fixed_cut", "oracle")
+CLASSES = ("phone", "iot_board", "watch")
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    out = tmp_path_factory.mktemp("fleet") / "report"
+    cmd = [sys.executable, "-m", "splitsense.cli", "simulate", "--scenario", "smoke", "--in-process", "--json",
+           "--report-dir", str(out)]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env={**os.environ, "COLUMNS": "150"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads(proc.stdout)  # stdout is exactly one JSON object
+    windows = [json.loads(line) for line in (out / "windows.jsonl").read_text().splitlines()]
+    report = json.loads((out / "report.json").read_text())
+    return {"summary": summary, "windows": windows, "report": report, "stderr": proc.stderr, "dir": out}
+
+
+def _of(run: dict[str, Any], policy: str) -> list[dict[str, Any]]:
+    return [w for w in run["windows"] if w["policy"] == policy]
+
+
+def test_summary_schema_and_no_lost_window(run: dict[str, Any]) -> None:
+    s = run["summary"]
+    assert set(s) == {"config", "objective", "policies", "realtime_factor"}
+    assert set(s["objective"]) == set(CLASSES) and set(s["objective"].values()) <= {"latency", "energy"}
+    assert tuple(s["policies"]) == POLICIES
+    for policy, classes in s["policies"].items():
+        assert tuple(classes) == CLASSES, policy
+        for stats in classes.values():
+            assert tuple(stats) == CLASS_KEYS
+            assert stats["lost"] == 0 and stats["windows"] > 0, policy
+    assert s["config"]["devices"] == 3 and s["config"]["outages"] == [[2.0, 4.0]]
+    assert 0.8 < s["realtime_factor"] <= 1.0
+    assert run["report"]["comparison"]["zero_lost_windows"] is True
+    for policy in POLICIES:  # one progress line per policy on stderr (not a terminal)
+        assert f"{policy}: " in run["stderr"] and "lost 0" in run["stderr"]
+
+
+def test_same_inputs_under_every_policy(run: dict[str, Any]) -> None:
+    keys = {p: sorted((w["device_id"], w["index"]) for w in _of(run, p)) for p in POLICIES}
+    assert len({tuple(k) for k in keys.values()}) == 1  # the same windows of the same devices
+    truth = {p: sorted((w["device_id"], w["index"], w["correct"]) for w in _of(run, p)) for p in POLICIES}
+    assert truth["all_cloud"] == truth["all_local"]  # fp32 offload: the local model's predictions
+
+
+def test_the_policies_do_what_they_say(run: dict[str, Any]) -> None:
+    assert all(
+        w["mode"] == "local" and w["cut"] == w["n_stages"] and w["bytes_sent"] == 0 for w in _of(run, "all_local")
+    )
+    cloud = _of(run, "all_cloud")
+    assert all(w["cut"] == 0 for w in cloud) and any(w["mode"] == "offloaded" for w in cloud)
+    # windows that found every link down (2-4 s) were finished on the device, none lost
+    in_outage = [w for w in cloud if 2.0 <= w["t_s"] < 3.6 and w["true_mbps"] == 0.0]
+    assert in_outage and all(w["mode"] in ("fallback", "local") for w in in_outage)
+    for w in _of(run, "oracle"):  # the oracle knows when nothing gets through
+        if w["true_mbps"] == 0.0:
+            assert w["cut"] == w["n_stages"]
+    for device in {w["device_id"] for w in _of(run, "fixed_cut")}:  # one cut for the whole run
+        assert len({w["cut"] for w in _of(run, "fixed_cut") if w["device_id"] == device}) == 1
+    assert max(w["plan_version"] for w in _of(run, "adaptive")) > 1  # the controller's plans
+
+
+def test_energy_is_accounted(run: dict[str, Any]) -> None:
+    for w in run["windows"]:
+        assert w["compute_mj"] > 0 and w["radio_mj"] >= 0 and w["wait_mj"] >= 0
+        if w["bytes_sent"] > 0:
+            assert w["radio_mj"] > 0
+    assert sum(w["radio_mj"] for w in _of(run, "all_local")) == 0
+    assert sum(w["radio_mj"] for w in _of(run, "all_cloud")) > 0
+
+
+def test_report_folder(run: dict[str, Any]) -> None:
+    report = run["report"]
+    assert report["summary"]["policies"] == run["summary"]["policies"]
+    assert "speed factor" in report["simulated_hardware"]["note"]
+    assert report["timeline"]["device"]["device_id"] in {w["device_id"] for w in run["windows"]}
+    for name in PLOTS:
+        assert (run["dir"] / name).stat().st_size > 10_000

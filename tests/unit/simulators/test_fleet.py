@@ -1,0 +1,138 @@
+"""The fleet runner's pure parts: simulated compute and radio, recordings, fronts, broker figures."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from prometheus_client import CollectorRegistry, Histogram
+
+from edge.sources import RecordedWindow
+from pipelines.catalog import load_catalog
+from pipelines.compress import compress_front_at_level
+from pipelines.power import Radio, radio_model
+from pipelines.training import load_trained
+from simulators.fleet import (
+    RadioTransport,
+    ReferenceTime,
+    _batch_delta,
+    _batch_totals,
+    compressed_fronts,
+    device_windows,
+    usable_levels,
+)
+from splitsense.config import Config
+from splitsense.errors import OffloadDeadlineError
+
+
+def test_reference_time_is_the_catalog_times_the_speed_factor() -> None:
+    cat = load_catalog("uci_har")
+    ref = ReferenceTime(cat, prep_ms=0.2, speed_factor=100.0)
+    assert ref(-1, 1.0, 123.0) == pytest.approx(20.0)  # preprocessing, whatever the host measured
+    for i in range(cat.n_stages):
+        assert ref(i, 1.0, 9.9) == pytest.approx(cat.stage_latency_ms[i] * 100.0)
+    whole = sum(ref(i, 1.0, 0.0) for i in range(cat.n_stages))
+    assert whole == pytest.approx(cat.levels[0].front_latency_ms[-1] * 100.0)
+    low = cat.levels[-1]  # a compressed level: its own per-stage times
+    assert sum(ref(i, low.energy_kept, 0.0) for i in range(cat.n_stages)) == pytest.approx(
+        low.front_latency_ms[-1] * 100.0
+    )
+    assert ref(0, 0.123, 0.0) == ref(0, 1.0, 0.0)  # a level the catalog lacks: the uncompressed time
+
+
+class _Inner:
+    def __init__(self, delay_s: float = 0.0) -> None:
+        self.delay_s = delay_s
+        self.calls: list[float] = []
+
+    async def offload(self, request: Any, timeout_s: float) -> str:
+        self.calls.append(timeout_s)
+        await asyncio.sleep(self.delay_s)
+        return "answer"
+
+    async def report_telemetry(self, report: Any, timeout_s: float = 5.0) -> int:
+        return 7
+
+    async def close(self) -> None:
+        pass
+
+
+async def test_radio_promotion_only_after_the_tail() -> None:
+    now = [0.0]
+    wifi = radio_model(Radio.WIFI)  # 79 ms promotion, 238 ms tail
+    inner = _Inner()
+    radio = RadioTransport(inner, wifi, clock=lambda: now[0])  # type: ignore[arg-type]
+    loop = asyncio.get_running_loop()
+    t = loop.time()
+    assert await radio.offload("w0", 0.3) == "answer"
+    assert radio.promotions == 1 and loop.time() - t >= wifi.promotion_s * 0.9
+    assert inner.calls[-1] == pytest.approx(0.3 - wifi.promotion_s)  # the delay comes out of the deadline
+    now[0] = 0.1  # inside the tail: no promotion
+    await radio.offload("w1", 0.3)
+    assert radio.promotions == 1 and inner.calls[-1] == 0.3
+    now[0] = 0.1 + wifi.total_tail_s + 0.01  # the radio went idle
+    await radio.report_telemetry("r", 1.0)
+    assert radio.promotions == 2
+
+
+async def test_radio_promotion_longer_than_the_deadline_fails_in_time() -> None:
+    lte = radio_model(Radio.LTE)  # 260 ms promotion
+    radio = RadioTransport(_Inner(), lte, clock=lambda: 0.0)  # type: ignore[arg-type]
+    with pytest.raises(OffloadDeadlineError):
+        await radio.offload("w", 0.05)
+
+
+def test_device_windows_rotate_the_recording_and_keep_its_timing() -> None:
+    base = [RecordedWindow(f"w{i}", i % 3, np.zeros(2, np.float32), 1.0 + i) for i in range(4)]
+    out = device_windows(base, offset=2, duration_s=5.5, phase_s=0.3)
+    assert [w.label for w in out] == [2, 0, 0, 1, 2]  # from position 2, wrapping
+    assert [w.stream_t_s for w in out] == [1.0, 2.0, 3.0, 4.0, 5.0]  # past the end: one period on
+    assert [w.window_id for w in out] == ["w2@0", "w3@1", "w0@2", "w1@3", "w2@4"]
+    assert device_windows(base, 0, 1.2, 0.3) == []
+
+
+def test_shared_fronts_equal_compressing_each_cut() -> None:
+    model = load_trained("uci_har").model.eval()
+    fronts = compressed_fronts(model, (1.0, 0.9))
+    assert set(fronts) == {(k, 0.9) for k in range(1, model.n_stages + 1)}
+    x = torch.randn(2, *model.input_shape, generator=torch.Generator().manual_seed(0))
+    k = 4
+    with torch.inference_mode():
+        ours = fronts[(k, 0.9)](x)
+        theirs = compress_front_at_level(model, k, 0.9).eval()(x)
+    torch.testing.assert_close(ours, theirs)
+
+
+def test_usable_levels_are_those_within_an_accuracy_budget() -> None:
+    cfg = Config()
+    cats = {m: load_catalog(m) for m in set(cfg.simulator.models.values())}
+    levels = usable_levels(cfg, cats)
+    for model, kept in levels.items():
+        cat = cats[model]
+        for lvl in cat.levels:
+            if lvl.energy_kept >= 1.0:
+                continue
+            best_loss = min((cat.base_accuracy - a) * 100 for a in lvl.accuracy[1:])
+            assert (lvl.energy_kept in kept) == (best_loss <= 1.0 + 1e-9)
+
+
+def test_batch_figures_are_the_runs_delta() -> None:
+    registry = CollectorRegistry()
+    hist = Histogram("splitsense_broker_batch_size", "x", ("model", "cut"), buckets=(1, 2, 4, 8), registry=registry)
+    hist.labels("m", "0").observe(1)
+    before = _batch_totals(registry)
+    for size in (1, 3, 3, 8):
+        hist.labels("m", "0").observe(size)
+    hist.labels("n", "2").observe(2)
+    delta = _batch_delta(before, _batch_totals(registry))
+    assert delta["tail_calls"] == 5 and delta["windows_batched"] == 17
+    assert delta["mean_batch_size"] == pytest.approx(3.4)
+    assert delta["histogram"] == {"<=1": 1, "<=2": 1, "<=4": 2, "<=8": 1}
+    assert delta["p50_batch_size_le"] == 4.0 and delta["p95_batch_size_le"] == 8.0
+    empty = _batch_delta(before, before)
+    assert empty["tail_calls"] == 0 and empty["mean_batch_size"] is None
+    assert not math.isnan(float(delta["mean_batch_size"]))
