@@ -34,6 +34,7 @@ class LaneLoad:
     queued: int  # windows waiting for a batch (not counting the new one)
     inflight_batches: int  # batches running on the backend now
     batch_service_ms: float  # EWMA of one batch's service time (backend call)
+    estimate_age_ms: float = 0.0  # since a batch last finished on this lane (the estimate's last update)
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,10 @@ class AdmissionPolicy:
     max_queue_depth: int
     min_retry_after_ms: int = 10  # below this a retry hint is noise: a few batch times
     max_retry_after_ms: int = 10_000  # a device probes again at least this often
+    # An idle lane whose estimate has not been refreshed for this long admits a window as a probe:
+    # batches that timed out during an outage inflate the estimate, and a lane that sheds on it runs
+    # no batch that could correct it.
+    probe_after_ms: float = 1_000.0
 
     def __post_init__(self) -> None:
         for name in ("max_batch_size", "max_inflight_batches", "max_queue_depth"):
@@ -52,9 +57,7 @@ class AdmissionPolicy:
         if self.max_batch_wait_ms < 0:
             raise ConfigError(f"admission max_batch_wait_ms must be >= 0, got {self.max_batch_wait_ms!r}")
         if not 0 <= self.min_retry_after_ms <= self.max_retry_after_ms:
-            raise ConfigError(
-                "admission retry bounds must satisfy 0 <= min_retry_after_ms <= max_retry_after_ms"
-            )
+            raise ConfigError("admission retry bounds must satisfy 0 <= min_retry_after_ms <= max_retry_after_ms")
 
 
 @dataclass(frozen=True)
@@ -88,17 +91,16 @@ def admit(load: LaneLoad, remaining_ms: float, policy: AdmissionPolicy) -> Admis
             policy,
             f"queue full ({inputs}; limit {policy.max_queue_depth})",
         )
-    if idle and remaining_ms > 0:
-        # Nothing queued or running: trying costs no other window anything, and it refreshes an
-        # estimate that may be stale (batches that timed out during an outage inflate it; with no
-        # decay, an idle lane that shed on it would never run a batch to correct it).
+    if idle and remaining_ms > 0 and predicted > remaining_ms and load.estimate_age_ms >= policy.probe_after_ms:
+        # Nothing queued or running and a stale estimate: trying delays no other window, and its
+        # batch refreshes the estimate (see probe_after_ms).
         return Admission(
             admitted=True,
             predicted_ms=predicted,
             remaining_ms=remaining_ms,
             retry_after_ms=0,
-            reason=f"idle lane, admitted as a probe: predicted {predicted:.1f} ms, "
-            f"{remaining_ms:.1f} ms left ({inputs})",
+            reason=f"idle lane, admitted as a probe: estimate {load.estimate_age_ms:.0f} ms old, "
+            f"predicted {predicted:.1f} ms, {remaining_ms:.1f} ms left ({inputs})",
         )
     if predicted > remaining_ms:
         return _shed(
@@ -117,9 +119,7 @@ def admit(load: LaneLoad, remaining_ms: float, policy: AdmissionPolicy) -> Admis
     )
 
 
-def _shed(
-    predicted: float, remaining: float, drain_ms: float, policy: AdmissionPolicy, why: str
-) -> Admission:
+def _shed(predicted: float, remaining: float, drain_ms: float, policy: AdmissionPolicy, why: str) -> Admission:
     retry = int(min(max(math.ceil(drain_ms), policy.min_retry_after_ms), policy.max_retry_after_ms))
     return Admission(
         admitted=False,

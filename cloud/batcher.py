@@ -81,6 +81,7 @@ class _Lane:
     wakeup: asyncio.Event = field(default_factory=asyncio.Event)
     task: asyncio.Task[None] | None = None
     row_shape: tuple[int, ...] | None = None
+    last_done: float | None = None  # clock time the last batch finished (estimate refreshed)
 
 
 class MicroBatcher:
@@ -155,8 +156,12 @@ class MicroBatcher:
         lane = self._lanes.get((model, cut))
         if lane is None:
             return LaneLoad(queued=0, inflight_batches=0, batch_service_ms=self._initial_ms)
+        age_ms = 0.0 if lane.last_done is None else (self._clock() - lane.last_done) * 1000
         return LaneLoad(
-            queued=len(lane.queue), inflight_batches=lane.inflight, batch_service_ms=lane.ewma.value
+            queued=len(lane.queue),
+            inflight_batches=lane.inflight,
+            batch_service_ms=lane.ewma.value,
+            estimate_age_ms=age_ms,
         )
 
     def queued(self) -> dict[tuple[str, int], int]:
@@ -250,8 +255,7 @@ class MicroBatcher:
         except TimeoutError:
             timed_out = True
             error = TailUnavailableError(
-                f"the tail of {lane.model!r} at cut {lane.cut} did not answer within "
-                f"{(timeout or 0) * 1000:.0f} ms"
+                f"the tail of {lane.model!r} at cut {lane.cut} did not answer within {(timeout or 0) * 1000:.0f} ms"
             )
         except asyncio.CancelledError:
             error = TailUnavailableError("the broker is shutting down")
@@ -270,6 +274,7 @@ class MicroBatcher:
             lane.wakeup.set()
             if error is None or timed_out:
                 lane.ewma.update(compute_s * 1000)  # a timeout is service time too: admission backs off
+                lane.last_done = end
             if error is not None:
                 for it in batch:
                     _fail(it, TailUnavailableError(str(error)))

@@ -73,11 +73,13 @@ def test_retry_hint_is_bounded() -> None:
 def test_idle_lane_probes_even_when_the_estimate_is_stale() -> None:
     # After an outage, timed-out batches leave a huge service estimate; an idle lane must still try
     # (it delays nobody), or it would shed forever and never measure the recovered tail.
-    stale = LaneLoad(queued=0, inflight_batches=0, batch_service_ms=5_000.0)
+    stale = LaneLoad(queued=0, inflight_batches=0, batch_service_ms=5_000.0, estimate_age_ms=1_500.0)
     a = admit(stale, 300.0, POLICY)
     assert a.admitted and "probe" in a.reason
-    busy = admit(LaneLoad(queued=1, inflight_batches=1, batch_service_ms=5_000.0), 300.0, POLICY)
-    assert not busy.admitted
+    fresh = LaneLoad(queued=0, inflight_batches=0, batch_service_ms=5_000.0, estimate_age_ms=10.0)
+    assert not admit(fresh, 300.0, POLICY).admitted  # a recent slow batch: shed at once
+    busy = LaneLoad(queued=1, inflight_batches=1, batch_service_ms=5_000.0, estimate_age_ms=1_500.0)
+    assert not admit(busy, 300.0, POLICY).admitted
 
 
 def test_no_time_left_is_shed() -> None:
@@ -94,16 +96,12 @@ def test_no_time_left_is_shed() -> None:
 def test_decisions_are_consistent(queued: int, inflight: int, service: float, remaining: float) -> None:
     load = LaneLoad(queued=queued, inflight_batches=inflight, batch_service_ms=service)
     a = admit(load, remaining, POLICY)
-    idle = queued == 0 and inflight == 0
     if a.admitted:
-        assert queued < POLICY.max_queue_depth and a.retry_after_ms == 0
-        assert a.predicted_ms <= remaining or (idle and remaining > 0)
+        assert a.predicted_ms <= remaining and queued < POLICY.max_queue_depth and a.retry_after_ms == 0
     else:
         assert POLICY.min_retry_after_ms <= a.retry_after_ms <= POLICY.max_retry_after_ms
     # More waiting ahead never makes a window more welcome.
-    more = admit(
-        LaneLoad(queued=queued + 8, inflight_batches=inflight, batch_service_ms=service), remaining, POLICY
-    )
+    more = admit(LaneLoad(queued=queued + 8, inflight_batches=inflight, batch_service_ms=service), remaining, POLICY)
     assert more.predicted_ms >= a.predicted_ms
     assert not (more.admitted and not a.admitted)
 
