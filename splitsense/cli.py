@@ -38,7 +38,19 @@ app.add_typer(edge_app, name="edge")
 controller_app = typer.Typer(no_args_is_help=True, help="Replan the fleet: metrics in, plans out to Redis.")
 app.add_typer(controller_app, name="controller")
 
-err = Console(stderr=True)
+def _wide(stream: Any) -> int | None:
+    """Rich draws 80 columns into pipes and logs; tables of figures need more to stay readable."""
+    try:
+        return None if stream.isatty() else 160
+    except (AttributeError, ValueError):
+        return 160
+
+
+err = Console(stderr=True, width=_wide(sys.stderr))
+
+
+def _out() -> Console:
+    return Console(width=_wide(sys.stdout))
 F = TypeVar("F", bound=Callable[..., Any])
 
 EXTRA_OF_MODULE = {
@@ -144,7 +156,7 @@ def models_eval(
     if as_json:
         emit_json(out)
     else:
-        render_eval(out, Console())
+        render_eval(out, _out())
 
 
 def _load_config(path: Path | None) -> Any:
@@ -271,7 +283,7 @@ def bench_serve(
     if as_json:
         emit_json(result)
     else:
-        render(result, Console())
+        render(result, _out())
 
 
 @edge_app.command("run")
@@ -387,7 +399,7 @@ def edge_run(
         rows.append(("fallbacks by reason", reasons))
     for row in rows:
         table.add_row(*row)
-    Console().print(table)
+    _out().print(table)
     if out is not None:
         err.print(f"per-window results: {out}")
 
@@ -547,7 +559,7 @@ def controller_plan(
             "missing": list(snap.missing), "inputs": inputs.to_dict(), "stored": False, "plan_set": plan.to_dict(),
         })  # fmt: skip
         return
-    out = Console()
+    out = _out()
     out.print(f"[bold]{snap.source}[/] (window {snap.window_s or 'since start'} s): {plan.reason}")
     for item in snap.missing:
         err.print(f"[yellow]missing:[/] {item}")
@@ -601,7 +613,7 @@ def bench_plan(
     table.add_row("device classes", ", ".join(result["config"]["device_classes"]))
     table.add_row("models", ", ".join(result["config"]["models"]))
     table.add_row("repeats", str(repeats))
-    Console().print(table)
+    _out().print(table)
 
 
 @bench_app.command("planner")
@@ -646,7 +658,7 @@ def bench_planner(
     if as_json:
         emit_json(result)
     else:
-        render(result, Console())
+        render(result, _out())
 
 
 def _run_fleet(cfg: Any, *, as_json: bool, report_dir: Path | None, with_ray: bool, what: str) -> None:
@@ -681,7 +693,7 @@ def _run_fleet(cfg: Any, *, as_json: bool, report_dir: Path | None, with_ray: bo
             err.print("interrupted: the fleet and the cloud were stopped")
             raise typer.Exit(130) from None
         path = write_report(result, out_dir)
-    render_summary(result, err if as_json else Console(), path)
+    render_summary(result, err if as_json else _out(), path)
     if as_json:
         emit_json(summarize(result, path))
     else:

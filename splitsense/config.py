@@ -302,8 +302,9 @@ class EstimatorConfig:
     prior_rtt_ms: float = 50.0  # a typical LTE round trip to a regional cloud
     window_samples: int = 5  # harmonic mean of the last 5 transfers, as MPC (Yin et al., SIGCOMM 2015)
     rtt_ewma_alpha: float = 0.125  # RFC 6298's SRTT gain
-    # Below ~3 TCP segments a transfer's time is round trip and slow start, not bandwidth.
-    min_bandwidth_sample_bytes: int = 4096
+    # Below two full TCP segments (2 x 1460 B) a transfer's time is round trip and set-up, not
+    # bandwidth. (4096 here hid every int8 upload of the 40x101 log-mel input: 4040 B.)
+    min_bandwidth_sample_bytes: int = 2920
     # Evidence older than this is forgotten (the prior returns): a link 30 s ago says little about now.
     max_sample_age_s: float = 30.0
 
