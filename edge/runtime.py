@@ -47,7 +47,7 @@ from edge.sources import SensorWindow
 from edge.transport import OffloadTransport
 from pipelines.codecs import Codec, EncodedTensor, encode, parse_codec
 from pipelines.compress import compress_front_at_level
-from pipelines.power import RadioEnergyMeter, compute_energy_mj, radio_model
+from pipelines.power import RadioEnergyMeter, compute_energy_mj, promotion_delay_s, radio_model
 from pipelines.stages import StagedModel
 from pipelines.training import TrainedModel
 from splitsense.config import EdgeConfig, PlannerConfig
@@ -192,9 +192,7 @@ class EdgeDevice:
         if not (math.isfinite(speed_factor) and speed_factor > 0):
             raise ConfigError(f"speed_factor must be > 0, got {speed_factor!r}")
         if trained.spec.name != config.model:
-            raise ConfigError(
-                f"edge.model is {config.model!r} but the trained model is {trained.spec.name!r}"
-            )
+            raise ConfigError(f"edge.model is {config.model!r} but the trained model is {trained.spec.name!r}")
         self.config = config
         self.trained = trained
         self.model: StagedModel = trained.model
@@ -240,8 +238,7 @@ class EdgeDevice:
             cut = c.default_cut
             if cut > self.n_stages:
                 raise ConfigError(
-                    f"edge.default_cut {cut} is out of range for model {c.model!r}: "
-                    f"expected 0..{self.n_stages}"
+                    f"edge.default_cut {cut} is out of range for model {c.model!r}: expected 0..{self.n_stages}"
                 )
             why = f"no plan yet: the configured default cut {cut}"
         return _Choice(cut, parse_codec(c.default_codec), c.compression_energy_kept, 0, why)
@@ -441,9 +438,7 @@ class EdgeDevice:
             async with asyncio.timeout(timeout_s + _TRANSPORT_GRACE_S):
                 response = await self.transport.offload(request, timeout_s)
             if not isinstance(response, OffloadResponse):
-                raise BrokerUnavailableError(
-                    f"the transport returned {type(response).__name__}, not an answer"
-                )
+                raise BrokerUnavailableError(f"the transport returned {type(response).__name__}, not an answer")
             if response.window_id != window.window_id or len(response.logits) != self.model.num_classes:
                 raise BrokerUnavailableError(
                     f"answer for window {response.window_id!r} with {len(response.logits)} logits; "
@@ -471,12 +466,20 @@ class EdgeDevice:
                 encoded.nbytes,
                 len(response.logits) * _BYTES_PER_LOGIT,
                 elapsed,
-                (t.queue_ms + t.compute_ms) / 1000.0,
+                # Not the link's doing: the cloud's queue and compute, and the radio's promotion
+                # from idle (a device knows its radio state; the delay is Huang et al.'s).
+                (t.queue_ms + t.compute_ms) / 1000.0 + self._promotion_s(sent),
             )
             return _Attempt(response, None, "", sent, elapsed)
         now = self._clock()
         self.breaker.record_failure(now, kind, retry_after_s=retry_after_s, detail=detail)
         return _Attempt(None, kind, detail, sent, now - sent)
+
+    def _promotion_s(self, at: float) -> float:
+        """The radio's promotion delay before a transfer starting at `at` (0 while still in its tail)."""
+        last = self.radio.busy_until_s
+        gap = math.inf if last is None else max(at - last, 0.0)
+        return promotion_delay_s(self.radio.model, gap)
 
     # --- a whole stream ---------------------------------------------------------------------
 
