@@ -31,113 +31,17 @@ from cloud.controller.planner import (
     plan_fleet,
     row_constraints,
 )
-from pipelines.catalog import CodecEntry, LevelEntry, ModelCatalog
+from pipelines.catalog import ModelCatalog
 from pipelines.codecs import Codec
 from pipelines.power import Radio
 from splitsense.config import PlannerConfig
 from splitsense.errors import ConfigError
 from splitsense.plan import BatteryState, Objective, Plan, PlanRow, PlanSet
+from tests.unit.cloud.controller.synthetic import catalogs, clouds, devices, make_catalog
 
 SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
-def make_catalog(
-    stage_ms: list[float],
-    fp32_bytes: list[int],
-    *,
-    level_factors: dict[float, list[float]] | None = None,
-    level_drops: dict[float, list[float]] | None = None,
-    codec_drops: dict[Codec, list[float]] | None = None,
-    base: float = 0.9,
-    window_s: float = 1.0,
-    result_bytes: int = 40,
-    name: str = "synthetic",
-) -> ModelCatalog:
-    """Synthetic catalog (same shape as test_costmodel's): per-stage latency, fp32 bytes per cut
-    0..N-1, per level a latency factor per stage and an accuracy drop per cut 0..N, per codec an
-    accuracy drop per cut 0..N-1 (fp16 halves the bytes, int8 quarters them)."""
-    n = len(stage_ms)
-    level_factors, level_drops, codec_drops = level_factors or {}, level_drops or {}, codec_drops or {}
-
-    def cum(values: list[float]) -> tuple[float, ...]:
-        out = [0.0]
-        for v in values:
-            out.append(out[-1] + v)
-        return tuple(out)
-
-    levels = [LevelEntry(1.0, cum(stage_ms), tuple(int(x) for x in cum([100.0] * n)), (base,) * (n + 1))]
-    for lvl, factors in level_factors.items():
-        drops = level_drops.get(lvl, [0.0] * (n + 1))
-        levels.append(
-            LevelEntry(
-                lvl,
-                cum([s * f for s, f in zip(stage_ms, factors, strict=True)]),
-                tuple(int(x) for x in cum([100.0 * f for f in factors])),
-                tuple(max(base - d, 0.0) for d in drops),
-            )
-        )
-    codecs = [CodecEntry(Codec.FP32, (*fp32_bytes, 0), (base,) * (n + 1))]
-    for codec, div in ((Codec.FP16, 2), (Codec.INT8, 4)):
-        if codec in codec_drops:
-            codecs.append(
-                CodecEntry(
-                    codec,
-                    (*(max(b // div, 1) for b in fp32_bytes), 0),
-                    (*(max(base - d, 0.0) for d in codec_drops[codec]), base),
-                )
-            )
-    return ModelCatalog(
-        model=name,
-        stage_names=tuple(f"s{i}" for i in range(n)),
-        stage_latency_ms=tuple(stage_ms),
-        stage_macs=(1,) * n,
-        stage_params=(100,) * n,
-        activation_shapes=tuple((max(b // 4, 1),) for b in fp32_bytes) + ((10,),),
-        result_bytes=result_bytes,
-        window_s=window_s,
-        base_accuracy=base,
-        levels=tuple(levels),
-        codecs=tuple(codecs),
-    )
-
-
-@st.composite
-def catalogs(draw: st.DrawFn) -> ModelCatalog:
-    n = draw(st.integers(2, 6))
-    stage_ms = draw(st.lists(st.floats(0.01, 50.0), min_size=n, max_size=n))
-    fp32_bytes = draw(st.lists(st.integers(4, 2_000_000), min_size=n, max_size=n))
-    levels = draw(st.sets(st.sampled_from([0.9, 0.7, 0.5]), max_size=2))
-    factors = {lv: draw(st.lists(st.floats(0.2, 1.0), min_size=n, max_size=n)) for lv in levels}
-    drop = st.floats(0.0, 0.1)
-    drops = {lv: [0.0, *draw(st.lists(drop, min_size=n, max_size=n))] for lv in levels}
-    codecs = draw(st.sets(st.sampled_from([Codec.FP16, Codec.INT8])))
-    cdrops = {c: draw(st.lists(drop, min_size=n, max_size=n)) for c in codecs}
-    return make_catalog(
-        stage_ms,
-        fp32_bytes,
-        level_factors=factors,
-        level_drops=drops,
-        codec_drops=cdrops,
-        base=draw(st.floats(0.5, 1.0)),
-        window_s=draw(st.sampled_from([0.05, 1.0, 2.56, 20.0])),
-        result_bytes=draw(st.integers(0, 4096)),
-    )
-
-
-devices = st.builds(
-    DeviceCostProfile,
-    name=st.just("dev"),
-    speed_factor=st.floats(0.5, 20.0),
-    active_mw=st.floats(0.0, 7000.0),
-    idle_mw=st.floats(0.0, 3000.0),
-    radio=st.sampled_from(list(Radio)),
-)
-clouds = st.builds(
-    CloudState,
-    speedup_vs_host=st.floats(0.5, 10.0),
-    queue_ms=st.floats(0.0, 100.0),
-    overhead_ms=st.floats(0.0, 20.0),
-)
 edge_lists = (
     st.lists(st.floats(0.01, 100.0), min_size=1, max_size=4, unique=True)
     .map(sorted)
@@ -285,9 +189,7 @@ def test_every_row_is_the_exhaustive_optimum(
         assert f"at {row.min_bandwidth_mbps:g} Mbit/s" in row.reason and f"rtt {rtt:g} ms" in row.reason
         assert f"cut {row.cut} (" in row.reason and f"level {row.compression_energy_kept:g}" in row.reason
         if row.battery is BatteryState.LOW:
-            assert "battery low" in row.reason and (
-                "least energy" in row.reason or "best effort" in row.reason
-            )
+            assert "battery low" in row.reason and ("least energy" in row.reason or "best effort" in row.reason)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -326,9 +228,7 @@ def test_dads_and_argmin_on_a_known_chain() -> None:
         [0.5, 0.5, 1.0, 1.0],
         [1_000_000, 1_000_000, 1_000, 1_000_000],
     )
-    assert (
-        neurosurgeon_argmin(dev, cloud, nbytes, 8.0, 10.0) == dads_min_cut(dev, cloud, nbytes, 8.0, 10.0) == 2
-    )
+    assert neurosurgeon_argmin(dev, cloud, nbytes, 8.0, 10.0) == dads_min_cut(dev, cloud, nbytes, 8.0, 10.0) == 2
     assert dads_min_cut(dev, cloud, nbytes, 0.0, 10.0) == 4  # nothing gets through: all local
     assert chain_split_latency_ms(dev, cloud, nbytes, 8.0, 10.0, 2) == pytest.approx(2.0 + 1.0 + 10.0 + 2.0)
     with pytest.raises(ConfigError, match="one entry per stage"):
@@ -351,9 +251,7 @@ def test_planner_is_at_least_as_good_as_neurosurgeon_and_dads(
     device = DeviceCostProfile("d", 1.0, 1000.0, 10.0, radio)
     # Without extras the cost model reduces to Neurosurgeon's: a tiny window keeps the radio connected
     # (no promotion), no result comes back, no queue or serving overhead.
-    cat_fixed = make_catalog(
-        dev, nbytes, window_s=20.0 if extras else 1e-3, result_bytes=400 if extras else 0
-    )
+    cat_fixed = make_catalog(dev, nbytes, window_s=20.0 if extras else 1e-3, result_bytes=400 if extras else 0)
     cloud = CloudState(
         stage_ms={"synthetic": tuple(cloud_ms)},
         queue_ms=5.0 if extras else 0.0,
@@ -381,9 +279,7 @@ def test_planner_is_at_least_as_good_as_neurosurgeon_and_dads(
         result_bytes=cat_fixed.result_bytes,
     )
     (free,) = plan_fleet(single(cat_free, device, rtt_ms=rtt, edges=(bw,), cloud=cloud)).plans
-    assert the_row(free, BatteryState.NORMAL, bw).predicted_latency_ms <= row.predicted_latency_ms * (
-        1 + 1e-9
-    )
+    assert the_row(free, BatteryState.NORMAL, bw).predicted_latency_ms <= row.predicted_latency_ms * (1 + 1e-9)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -426,9 +322,7 @@ def test_infeasible_budget_falls_back_to_best_effort_and_says_so() -> None:
 
 
 def test_cloud_unavailable_forces_local_rows_with_the_reason() -> None:
-    cat = make_catalog(
-        [5.0, 5.0], [4_000, 400], level_factors={0.5: [0.5, 0.5]}, level_drops={0.5: [0, 0, 0.001]}
-    )
+    cat = make_catalog([5.0, 5.0], [4_000, 400], level_factors={0.5: [0.5, 0.5]}, level_drops={0.5: [0, 0, 0.001]})
     inputs = single(cat, SLOW_FRUGAL, rtt_ms=10.0, edges=(1.0, 10.0), cloud_available=False)
     plan_set = plan_fleet(inputs)
     for row in plan_set.plans[0].rows:
@@ -472,9 +366,7 @@ def test_hysteresis_holds_on_a_2_percent_change_and_follows_a_50_percent_change(
     assert row1.cut == 0 and row1.predicted_latency_ms == pytest.approx(98.0)
     v2, row2 = plan(83.0, v1)  # offload 102 ms: local is better by only 2%
     assert row2.cut == 0 and row2.predicted_latency_ms == pytest.approx(102.0)
-    assert row2.reason.startswith(
-        "kept previous, new best cut 2 (local) level 1 100.0 ms is within 10% hysteresis"
-    )
+    assert row2.reason.startswith("kept previous, new best cut 2 (local) level 1 100.0 ms is within 10% hysteresis")
     assert "at 1 Mbit/s" in row2.reason
     assert v2.version == 2 and "0 rows changed since v1, 1 kept by 10% hysteresis" in v2.reason
     assert plan(83.0, v1, margin=0.0)[1].cut == 2  # without hysteresis it would have flapped
@@ -505,8 +397,7 @@ def test_inputs_from_config_plans_every_class_of_the_config() -> None:
 
     cfg = PlannerConfig()
     devices = {
-        n: DeviceCostProfile(n, d.speed_factor, d.active_mw, d.idle_mw, d.radio)
-        for n, d in DEVICE_CLASSES.items()
+        n: DeviceCostProfile(n, d.speed_factor, d.active_mw, d.idle_mw, d.radio) for n, d in DEVICE_CLASSES.items()
     }
     cats = [make_catalog([1.0, 2.0, 3.0], [4000, 800, 40], name=m) for m in ("a", "b")]
     tel = TelemetryStats((5.0, 5.0, 5.0), (100, 100, 100))
@@ -554,8 +445,6 @@ def test_exhaustive_best_reports_feasibility() -> None:
     link, cloud = LinkState(10.0, 10.0), CloudState()
     choice, est, ok = exhaustive_best(cat, SLOW_FRUGAL, link, cloud, Constraints(Objective.ENERGY))
     assert ok and choice == Choice(cat.n_stages)
-    choice, est, ok = exhaustive_best(
-        cat, SLOW_FRUGAL, link, cloud, Constraints(Objective.ENERGY, deadline_ms=1.0)
-    )
+    choice, est, ok = exhaustive_best(cat, SLOW_FRUGAL, link, cloud, Constraints(Objective.ENERGY, deadline_ms=1.0))
     assert not ok and choice.cut < cat.n_stages
     assert est.total_ms > 1.0
