@@ -61,9 +61,7 @@ def _check_device_id(device_id: Any) -> None:
     if not isinstance(device_id, str) or not device_id.strip():
         raise ConfigError(f"a device id must be a non-empty string, got {device_id!r}")
     if len(device_id) > _MAX_DEVICE_ID_CHARS:
-        raise ConfigError(
-            f"a device id must be at most {_MAX_DEVICE_ID_CHARS} characters, got {len(device_id)}"
-        )
+        raise ConfigError(f"a device id must be at most {_MAX_DEVICE_ID_CHARS} characters, got {len(device_id)}")
 
 
 def _first(metadata: Metadata, key: str) -> str | None:

@@ -174,9 +174,7 @@ class Broker:
         _add_service(server, "PlanService", _PlanServicer(self), self._on_undecodable)
         self._health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
-        reflection.enable_server_reflection(
-            (*SERVICE_NAMES, _HEALTH_SERVICE, reflection.SERVICE_NAME), server
-        )
+        reflection.enable_server_reflection((*SERVICE_NAMES, _HEALTH_SERVICE, reflection.SERVICE_NAME), server)
         address = f"{cfg.host}:{cfg.port}"
         cause: Exception | None = None
         try:
@@ -273,8 +271,7 @@ class Broker:
         req = from_pb(msg)
         if device_id is None or req.device_id != device_id:
             raise RejectedError(
-                f"OffloadRequest.device_id: expected the authenticated device {device_id!r}, "
-                f"got {req.device_id!r}",
+                f"OffloadRequest.device_id: expected the authenticated device {device_id!r}, got {req.device_id!r}",
                 code="PERMISSION_DENIED",
             )
         valid = validate_offload(req, self._models)
@@ -287,9 +284,7 @@ class Broker:
         deadline = received + budget_s
         remaining_s = deadline - time.monotonic()
         if remaining_s <= 0:
-            raise OffloadDeadlineError(
-                f"the deadline of {budget_s * 1000:.0f} ms passed before the window was queued"
-            )
+            raise OffloadDeadlineError(f"the deadline of {budget_s * 1000:.0f} ms passed before the window was queued")
         decision = admit(self._batcher.load(model, cut), remaining_s * 1000, self._policy)
         if not decision.admitted:
             self.metrics.shed_window(model, device_class, cut)
@@ -324,14 +319,10 @@ class Broker:
             window_id=req.window_id,
             logits=tuple(logits.tolist()),
             prediction=int(np.argmax(logits)),
-            timing=Timing(
-                queue_ms=result.queue_ms, compute_ms=result.compute_ms, batch_size=result.batch_size
-            ),
+            timing=Timing(queue_ms=result.queue_ms, compute_ms=result.compute_ms, batch_size=result.batch_size),
         )
 
-    def _failed(
-        self, error: BaseException, model: str, device_class: str
-    ) -> tuple[grpc.StatusCode, str, int]:
+    def _failed(self, error: BaseException, model: str, device_class: str) -> tuple[grpc.StatusCode, str, int]:
         code, message, retry = status_of(error)
         if code is grpc.StatusCode.INTERNAL:
             log.error("internal error answering a window", exc_info=error)
@@ -353,9 +344,7 @@ class Broker:
                 continue  # a model this broker does not serve (e.g. fully local): counted as "unknown"
             where = f"ReportTelemetryRequest.observations[{i}]"
             if o.cut > info.n_stages:
-                raise WireError(
-                    f"{where}.cut: expected 0..{info.n_stages} for model {o.model!r}, got {o.cut}"
-                )
+                raise WireError(f"{where}.cut: expected 0..{info.n_stages} for model {o.model!r}, got {o.cut}")
             if len(o.stage_ms_total) > info.n_stages:
                 raise WireError(
                     f"{where}.stage_ms_total: expected at most {info.n_stages} stages for model {o.model!r}, "
@@ -366,9 +355,7 @@ class Broker:
 
     def _on_batch(self, report: BatchReport) -> None:
         self.metrics.batch_done(report.model, report.cut, report.size)
-        self.metrics.set_queue_depth(
-            report.model, report.cut, self._batcher.load(report.model, report.cut).queued
-        )
+        self.metrics.set_queue_depth(report.model, report.cut, self._batcher.load(report.model, report.cut).queued)
 
     def _on_auth_reject(self, error: RejectedError) -> None:
         self.metrics.failed("", "", error.code or "UNAUTHENTICATED")
@@ -396,9 +383,7 @@ def _deserializer(cls: Any) -> Callable[[bytes], Any]:
     return deserialize
 
 
-def _add_service(
-    server: grpc.aio.Server, service: str, servicer: Any, on_undecodable: Callable[[], None]
-) -> None:
+def _add_service(server: grpc.aio.Server, service: str, servicer: Any, on_undecodable: Callable[[], None]) -> None:
     """Register a servicer like the generated add_*_to_server, but with deserializers that turn
     undecodable bytes into INVALID_ARGUMENT (a stream answers them per message)."""
     desc = pb.DESCRIPTOR.services_by_name[service]
@@ -559,16 +544,12 @@ class _OffloadServicer(pb_grpc.OffloadServiceServicer):
         with b.metrics.tracking():
             try:
                 if not has_request:
-                    raise WireError(
-                        "OffloadStreamRequest.request: expected an OffloadRequest message, got none"
-                    )
+                    raise WireError("OffloadStreamRequest.request: expected an OffloadRequest message, got none")
                 response = await b.offload(msg.request, device_id, context.time_remaining(), received)
                 return stream_response_to_pb(response)
             except Exception as e:
                 code, message, retry = b._failed(e, msg.request.model, msg.request.device_class)
-                error = WindowError(
-                    window_id=window_id, code=code.value[0], message=message, retry_after_ms=retry
-                )
+                error = WindowError(window_id=window_id, code=code.value[0], message=message, retry_after_ms=retry)
                 return stream_response_to_pb(error)
 
     async def ReportTelemetry(  # noqa: N802
@@ -618,9 +599,7 @@ class _PlanServicer(pb_grpc.PlanServiceServicer):
                 changed.clear()  # before reading the plans: a set_plans from now on wakes us
                 plans = b.plans
                 if plans.version > sent:
-                    yield pb.WatchPlanResponse(
-                        plan_set=to_pb(plans.select(request.device_class, request.models))
-                    )
+                    yield pb.WatchPlanResponse(plan_set=to_pb(plans.select(request.device_class, request.models)))
                     sent = plans.version
                     continue
                 if b._closing.is_set():

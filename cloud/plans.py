@@ -30,8 +30,7 @@ def static_plan_set(
     unknown = sorted(set(config.static_plan_cuts) - set(models))
     if unknown:
         raise ConfigError(
-            f"broker.static_plan_cuts names models this broker does not serve: {unknown}; "
-            f"served: {sorted(models)}"
+            f"broker.static_plan_cuts names models this broker does not serve: {unknown}; served: {sorted(models)}"
         )
     codec = parse_codec(config.static_plan_codec)
     plans = []
@@ -39,8 +38,7 @@ def static_plan_set(
         cut = config.static_plan_cuts.get(name, config.static_plan_cut)
         if not 0 <= cut <= info.n_stages:
             raise ConfigError(
-                f"broker static plan cut {cut} is out of range for model {name!r}: "
-                f"expected 0..{info.n_stages}"
+                f"broker static plan cut {cut} is out of range for model {name!r}: expected 0..{info.n_stages}"
             )
         where = "runs the whole model on the device" if cut == info.n_stages else "offloads stages"
         reason = (

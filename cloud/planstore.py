@@ -197,14 +197,9 @@ class PlanStore:
         key_prefix: str = KEY_PREFIX,
         channel: str = CHANGED_CHANNEL,
     ) -> None:
-        if (
-            isinstance(history_versions, bool)
-            or not isinstance(history_versions, int)
-            or history_versions < 2
-        ):
+        if isinstance(history_versions, bool) or not isinstance(history_versions, int) or history_versions < 2:
             raise PlanError(
-                f"history_versions must be an int >= 2 (the current and the previous plan), "
-                f"got {history_versions!r}"
+                f"history_versions must be an int >= 2 (the current and the previous plan), got {history_versions!r}"
             )
         if not timeout_s > 0 or not expire_trimmed_s > 0:
             raise PlanError("timeout_s and expire_trimmed_s must be > 0")
@@ -345,9 +340,7 @@ class PlanStore:
 
     async def _history_entry(self, index: int, what: str) -> PlanSet | None:
         try:
-            found = await self._get(
-                keys=[self.current_key, self.history_key], args=[f"{self._prefix}:v", index]
-            )
+            found = await self._get(keys=[self.current_key, self.history_key], args=[f"{self._prefix}:v", index])
         except (RedisError, OSError) as e:
             raise self._down(what, e) from None
         if not found:
@@ -422,8 +415,7 @@ class PlanStore:
                 if down_since is None:
                     down_since = time.monotonic()
                     log.warning(
-                        "Redis at %s cannot be reached while watching plans (%s: %s); keeping plan v%d, "
-                        "retrying",
+                        "Redis at %s cannot be reached while watching plans (%s: %s); keeping plan v%d, retrying",
                         redact_url(self.url),
                         type(e).__name__,
                         e,

@@ -56,9 +56,7 @@ def validate_offload(
     info = models.get(request.model)
     if info is None:
         served = ", ".join(repr(m) for m in sorted(models)) or "none"
-        raise ModelError(
-            f"{_PATH}.model: expected a model this broker serves ({served}), got {request.model!r}"
-        )
+        raise ModelError(f"{_PATH}.model: expected a model this broker serves ({served}), got {request.model!r}")
 
     n = info.n_stages
     if not 0 <= request.cut < n:

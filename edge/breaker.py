@@ -144,9 +144,7 @@ class CircuitBreaker:
         self._failures = 0
         self._level = 0
 
-    def record_failure(
-        self, now: float, kind: FailureKind | str, retry_after_s: float = 0.0, detail: str = ""
-    ) -> None:
+    def record_failure(self, now: float, kind: FailureKind | str, retry_after_s: float = 0.0, detail: str = "") -> None:
         """An offload attempt produced no result. `retry_after_s` is a shed's hint (ignored
         otherwise); `detail` goes into the reason."""
         kind = FailureKind(kind)

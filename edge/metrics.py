@@ -85,19 +85,13 @@ class EdgeMetrics:
             registry=self.registry,
             buckets=_LATENCY_BUCKETS_S,
         )
-        self.sent_bytes = counter(
-            "sent_bytes", "Activation payload bytes sent to the broker.", "cut", "codec"
-        )
+        self.sent_bytes = counter("sent_bytes", "Activation payload bytes sent to the broker.", "cut", "codec")
         self.fallbacks = counter(
             "fallbacks", "Windows whose offload failed and that the device finished itself.", "reason"
         )
         self.energy = counter("energy_joules", "Estimated device energy (compute + radio).", "mode")
-        self.breaker_state = gauge(
-            "breaker_state", "Circuit breaker: 0 closed, 1 half-open, 2 open (fully local)."
-        )
-        self.bandwidth = gauge(
-            "estimated_bandwidth_bytes_per_second", "The device's uplink bandwidth estimate."
-        )
+        self.breaker_state = gauge("breaker_state", "Circuit breaker: 0 closed, 1 half-open, 2 open (fully local).")
+        self.bandwidth = gauge("estimated_bandwidth_bytes_per_second", "The device's uplink bandwidth estimate.")
         self.rtt = gauge("estimated_rtt_seconds", "The device's round-trip time estimate to the broker.")
         self.battery = gauge("battery_ratio", "Remaining battery charge, 0..1.")
         self._sums: dict[tuple[str, int, ExecutionMode], _Sums] = {}

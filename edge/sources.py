@@ -181,9 +181,7 @@ class ReplaySource:
                 t_emit = due
             else:
                 t_emit = self._clock()
-            yield SensorWindow(
-                window_id=rec.window_id, index=index, label=rec.label, raw=rec.raw, t_emit=t_emit
-            )
+            yield SensorWindow(window_id=rec.window_id, index=index, label=rec.label, raw=rec.raw, t_emit=t_emit)
 
 
 def recorded_windows(spec: ModelSpec, *, frame_ms: float = 80.0) -> Iterator[RecordedWindow]:
@@ -210,6 +208,4 @@ def source_for_model(
 ) -> ReplaySource:
     """The paced replay of the test recording `model` was evaluated on."""
     spec = get_spec(model)
-    return ReplaySource(
-        recorded_windows(spec, frame_ms=frame_ms), speed=speed, limit=limit, clock=clock, sleep=sleep
-    )
+    return ReplaySource(recorded_windows(spec, frame_ms=frame_ms), speed=speed, limit=limit, clock=clock, sleep=sleep)

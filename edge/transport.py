@@ -251,9 +251,7 @@ class GrpcTransport:
                 log.info("broker at %s has no OffloadStream; using unary calls", self.address)
         return await self._offload_unary(request.window_id, msg, deadline - loop.time())
 
-    async def _offload_unary(
-        self, window_id: str, msg: pb.OffloadRequest, timeout_s: float
-    ) -> wire.OffloadResponse:
+    async def _offload_unary(self, window_id: str, msg: pb.OffloadRequest, timeout_s: float) -> wire.OffloadResponse:
         if not timeout_s > 0:
             raise OffloadDeadlineError(f"window {window_id}: no time left before its deadline")
         stub, _ = self._stubs()
@@ -268,23 +266,15 @@ class GrpcTransport:
         try:
             out = wire.from_pb(resp)
         except WireError as e:
-            raise BrokerUnavailableError(
-                f"window {window_id}: malformed answer from the broker: {e}"
-            ) from None
+            raise BrokerUnavailableError(f"window {window_id}: malformed answer from the broker: {e}") from None
         if out.window_id != window_id:
-            raise BrokerUnavailableError(
-                f"window {window_id}: the broker answered for window {out.window_id!r}"
-            )
+            raise BrokerUnavailableError(f"window {window_id}: the broker answered for window {out.window_id!r}")
         return out
 
-    async def _offload_stream(
-        self, window_id: str, msg: pb.OffloadRequest, timeout_s: float
-    ) -> wire.OffloadResponse:
+    async def _offload_stream(self, window_id: str, msg: pb.OffloadRequest, timeout_s: float) -> wire.OffloadResponse:
         stream = self._open_stream()
         if window_id in stream.pending:
-            raise RejectedError(
-                f"window {window_id} is already in flight on this stream", code="ALREADY_EXISTS"
-            )
+            raise RejectedError(f"window {window_id} is already in flight on this stream", code="ALREADY_EXISTS")
         fut: asyncio.Future[wire.OffloadResponse] = asyncio.get_running_loop().create_future()
         stream.pending[window_id] = fut
         # The write runs in its own task: a write cancelled half-way cancels the whole call in

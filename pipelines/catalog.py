@@ -131,9 +131,7 @@ class ModelCatalog:
         object.__setattr__(self, "stage_names", tuple(self.stage_names))
         shapes = tuple(tuple(int(d) for d in s) for s in self.activation_shapes)
         if len(shapes) != n + 1:
-            raise ModelError(
-                f"{where}: activation_shapes needs {n + 1} entries (cuts 0..{n}), got {len(shapes)}"
-            )
+            raise ModelError(f"{where}: activation_shapes needs {n + 1} entries (cuts 0..{n}), got {len(shapes)}")
         object.__setattr__(self, "activation_shapes", shapes)
         _check_nonneg(f"{where}: result_bytes", (self.result_bytes,))
         if not (math.isfinite(self.window_s) and self.window_s > 0):
@@ -162,12 +160,9 @@ class ModelCatalog:
             raise ModelError(f"{where}: level 1.0 (uncompressed) must have the base accuracy at every cut")
         cum = _cumsum(self.stage_latency_ms)
         if any(
-            not math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-9)
-            for a, b in zip(top.front_latency_ms, cum, strict=True)
+            not math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-9) for a, b in zip(top.front_latency_ms, cum, strict=True)
         ):
-            raise ModelError(
-                f"{where}: level 1.0 front_latency_ms must be the running sum of stage_latency_ms"
-            )
+            raise ModelError(f"{where}: level 1.0 front_latency_ms must be the running sum of stage_latency_ms")
         object.__setattr__(self, "levels", levels)
 
         by_codec = {parse_codec(c.codec): c for c in self.codecs}
@@ -188,9 +183,7 @@ class ModelCatalog:
             if c.activation_bytes[n] != 0:
                 raise ModelError(f"{w}: nothing crosses the wire at cut {n} (fully local): bytes must be 0")
             if abs(c.accuracy[n] - self.base_accuracy) > _ACC_TOL:
-                raise ModelError(
-                    f"{w}: at cut {n} (fully local) nothing is encoded: accuracy must be the base"
-                )
+                raise ModelError(f"{w}: at cut {n} (fully local) nothing is encoded: accuracy must be the base")
             if codec is Codec.FP32 and any(abs(a - self.base_accuracy) > _ACC_TOL for a in c.accuracy):
                 raise ModelError(f"{w}: fp32 is exact: accuracy must be the base at every cut")
             entries.append(CodecEntry(codec, tuple(c.activation_bytes), tuple(c.accuracy)))
@@ -243,8 +236,7 @@ class ModelCatalog:
             raise ModelError(f"a model catalog must be a JSON object, got {type(data).__name__}")
         if data.get("format") != CATALOG_FORMAT:
             raise ModelError(
-                f"model catalog format {data.get('format')!r} is not {CATALOG_FORMAT}; "
-                "rebuild it with build_catalog"
+                f"model catalog format {data.get('format')!r} is not {CATALOG_FORMAT}; rebuild it with build_catalog"
             )
         try:
             return cls(
@@ -356,12 +348,8 @@ def build_catalog(
             if energy >= 1.0:
                 lat, params, acc = stage_ms, stage_params, [base_acc] * (n + 1)
             else:
-                lat, params, acc = _measure_level(
-                    model, energy, evaluate, base_acc, stage_ms, repeats, warmup
-                )
-            level_entries.append(
-                LevelEntry(energy, _cumsum(lat), tuple(int(p) for p in _cumsum(params)), tuple(acc))
-            )
+                lat, params, acc = _measure_level(model, energy, evaluate, base_acc, stage_ms, repeats, warmup)
+            level_entries.append(LevelEntry(energy, _cumsum(lat), tuple(int(p) for p in _cumsum(params)), tuple(acc)))
 
         codec_entries = []
         for codec in codec_set:
@@ -370,8 +358,7 @@ def build_catalog(
                 accs = [base_acc] * (n + 1)
             else:
                 accs = [
-                    _checked_accuracy("accuracy_with_codec", accuracy_with_codec(model, k, codec))
-                    for k in range(n)
+                    _checked_accuracy("accuracy_with_codec", accuracy_with_codec(model, k, codec)) for k in range(n)
                 ] + [base_acc]
             codec_entries.append(CodecEntry(codec, tuple(nbytes), tuple(accs)))
     finally:

@@ -174,9 +174,7 @@ def encode(x: np.ndarray | torch.Tensor, codec: Codec | str) -> EncodedTensor:
         return EncodedTensor(c, shape, arr.astype("<f4", copy=False).tobytes())
     if c is Codec.FP16:
         if max(-lo, hi) > FP16_MAX:
-            raise CodecError(
-                f"values up to {max(-lo, hi):.6g} overflow fp16 (max {FP16_MAX}); use fp32 or int8"
-            )
+            raise CodecError(f"values up to {max(-lo, hi):.6g} overflow fp16 (max {FP16_MAX}); use fp32 or int8")
         return EncodedTensor(c, shape, arr.astype("<f2").tobytes())
     scale, zero_point = _int8_params(lo, hi)
     s = np.float32(scale)

@@ -359,9 +359,7 @@ def _load_uci_har_cached(path: Path, _mtime_ns: int, _size: int) -> InertialSet:
     xc = np.ascontiguousarray(x.transpose(0, 2, 1))  # (N, T, C) on disk -> (N, C, T)
     _readonly(xc)
     _readonly(y)
-    return InertialSet(
-        x=xc, y=y, class_names=classes, channel_names=channels, sample_rate_hz=UCI_HAR_SAMPLE_RATE_HZ
-    )
+    return InertialSet(x=xc, y=y, class_names=classes, channel_names=channels, sample_rate_hz=UCI_HAR_SAMPLE_RATE_HZ)
 
 
 # ============================================================================================
@@ -414,9 +412,7 @@ def _parse_ts(path: Path) -> tuple[npt.NDArray[np.float32], list[str], list[str]
             continue
         if not in_data:
             if not line.startswith("@"):
-                raise DataError(
-                    f"{path}:{lineno}: expected a @tag or #comment before @data, got {line[:40]!r}"
-                )
+                raise DataError(f"{path}:{lineno}: expected a @tag or #comment before @data, got {line[:40]!r}")
             tag, _, rest = line[1:].partition(" ")
             tag, rest = tag.lower(), rest.strip()
             if tag == "data":
@@ -459,16 +455,12 @@ def _parse_ts(path: Path) -> tuple[npt.NDArray[np.float32], list[str], list[str]
         for d, field in enumerate(parts[:-1], start=1):
             values = field.split(",")
             if len(values) != h.series_length:
-                raise DataError(
-                    f"{path}:{lineno}: dimension {d} has {len(values)} values, expected {h.series_length}"
-                )
+                raise DataError(f"{path}:{lineno}: dimension {d} has {len(values)} values, expected {h.series_length}")
             try:
                 vals = [float(v) for v in values]
             except ValueError:
                 bad = next(v for v in values if not _is_float(v))
-                raise DataError(
-                    f"{path}:{lineno}: dimension {d}: {bad.strip()[:20]!r} is not a number"
-                ) from None
+                raise DataError(f"{path}:{lineno}: dimension {d}: {bad.strip()[:20]!r} is not a number") from None
             if not all(math.isfinite(v) for v in vals):
                 raise DataError(f"{path}:{lineno}: dimension {d} holds NaN/inf (missing values unsupported)")
             series.append(vals)

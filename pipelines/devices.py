@@ -58,9 +58,7 @@ class DeviceClass:
             if not (math.isfinite(value) and value > 0):
                 raise ConfigError(f"DeviceClass {self.name!r}: {field_name} must be > 0, got {value!r}")
         if not (math.isfinite(self.idle_mw) and 0 <= self.idle_mw <= self.active_mw):
-            raise ConfigError(
-                f"DeviceClass {self.name!r}: idle_mw must be in [0, active_mw], got {self.idle_mw!r}"
-            )
+            raise ConfigError(f"DeviceClass {self.name!r}: idle_mw must be in [0, active_mw], got {self.idle_mw!r}")
         if not isinstance(self.radio, Radio):
             object.__setattr__(self, "radio", Radio(self.radio))
 

@@ -283,9 +283,7 @@ class RadioEnergyMeter:
         if not math.isfinite(t_s):
             raise ValueError(f"t_s must be finite, got {t_s!r}")
         if t_s < self._last_start_s:
-            raise ValueError(
-                f"transfers must be recorded in time order: t_s={t_s} < previous {self._last_start_s}"
-            )
+            raise ValueError(f"transfers must be recorded in time order: t_s={t_s} < previous {self._last_start_s}")
         down_mbps = bandwidth_up_mbps if bandwidth_down_mbps is None else bandwidth_down_mbps
         start = t_s if self._busy_until_s is None else max(t_s, self._busy_until_s)
         gap = math.inf if self._busy_until_s is None else start - self._busy_until_s
@@ -293,10 +291,7 @@ class RadioEnergyMeter:
         delay = promotion_delay_s(self.model, gap)
         self.promotions += delay > 0
         self._busy_until_s = (
-            start
-            + delay
-            + transfer_seconds(bytes_up, bandwidth_up_mbps)
-            + transfer_seconds(bytes_down, down_mbps)
+            start + delay + transfer_seconds(bytes_up, bandwidth_up_mbps) + transfer_seconds(bytes_down, down_mbps)
         )
         self._last_start_s = t_s
         self.total_mj += energy

@@ -78,9 +78,7 @@ class ModelProfile:
 
     def _check(self, k: int) -> int:
         if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= self.n_stages:
-            raise ModelError(
-                f"cut {k!r} is out of range for profile of {self.model!r}: expected 0..{self.n_stages}"
-            )
+            raise ModelError(f"cut {k!r} is out of range for profile of {self.model!r}: expected 0..{self.n_stages}")
         return k
 
     def front_macs(self, k: int) -> int:
@@ -228,9 +226,7 @@ def profile_model(model: StagedModel, repeats: int = 30, warmup: int = 5) -> Mod
         for i, (name, stage) in enumerate(zip(model.stage_names, model.stages, strict=True)):
             macs, y = stage_macs(stage, x)
             if not isinstance(y, torch.Tensor):
-                raise ModelError(
-                    f"stage {name!r} of {model.name!r} returned {type(y).__name__}, not a tensor"
-                )
+                raise ModelError(f"stage {name!r} of {model.name!r} returned {type(y).__name__}, not a tensor")
             shape = tuple(int(d) for d in y.shape[1:])
             stages.append(
                 StageProfile(

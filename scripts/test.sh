@@ -10,6 +10,7 @@ echo "==> generated wire code matches proto/"
 bash scripts/check_proto.sh
 echo "==> ruff"
 .venv/bin/ruff check .
+.venv/bin/ruff format --check .
 echo "==> mypy"
 .venv/bin/mypy splitsense pipelines edge cloud simulators
 echo "==> pytest"

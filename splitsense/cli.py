@@ -38,6 +38,7 @@ app.add_typer(edge_app, name="edge")
 controller_app = typer.Typer(no_args_is_help=True, help="Replan the fleet: metrics in, plans out to Redis.")
 app.add_typer(controller_app, name="controller")
 
+
 def _wide(stream: Any) -> int | None:
     """Rich draws 80 columns into pipes and logs; tables of figures need more to stay readable."""
     try:
@@ -51,6 +52,8 @@ err = Console(stderr=True, width=_wide(sys.stderr))
 
 def _out() -> Console:
     return Console(width=_wide(sys.stdout))
+
+
 F = TypeVar("F", bound=Callable[..., Any])
 
 EXTRA_OF_MODULE = {
@@ -113,8 +116,11 @@ def models_train(
     results = []
     for name in _model_names(model):
         with Progress(
-            TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.fields[info]}"),
-            TimeElapsedColumn(), console=err,
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            TextColumn("{task.fields[info]}"),
+            TimeElapsedColumn(),
+            console=err,
         ) as bar:
             task = bar.add_task(f"train {name}", total=None, info="loading data")
 
@@ -418,8 +424,10 @@ def models_catalog(
         with err.status(f"measuring the catalog of {name}"):
             cat = build_model_catalog(name, repeats=repeats)
         path = save_catalog(cat)
-        err.print(f"{name}: {len(cat.levels)} compression levels x {len(cat.codecs)} codecs x "
-                  f"{cat.n_stages + 1} cuts -> {path}")
+        err.print(
+            f"{name}: {len(cat.levels)} compression levels x {len(cat.codecs)} codecs x "
+            f"{cat.n_stages + 1} cuts -> {path}"
+        )
 
 
 def _controller_config(config: Path | None, **overrides: Any) -> Any:

@@ -256,9 +256,7 @@ class BrokerConfig:
             if isinstance(cut, bool) or not isinstance(cut, int) or cut < 0:
                 raise ConfigError(f"broker static plan cut of {name!r} must be an int >= 0, got {cut!r}")
         if self.static_plan_codec not in ("fp32", "fp16", "int8"):
-            raise ConfigError(
-                f"broker.static_plan_codec must be fp32, fp16 or int8, got {self.static_plan_codec!r}"
-            )
+            raise ConfigError(f"broker.static_plan_codec must be fp32, fp16 or int8, got {self.static_plan_codec!r}")
 
     @property
     def uses_dev_secret(self) -> bool:

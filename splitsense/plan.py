@@ -50,9 +50,7 @@ class Objective(StrEnum):
     ENERGY = "energy"
 
 
-def battery_state(
-    battery_fraction: float, low_battery_threshold: float, *, on_battery: bool = True
-) -> BatteryState:
+def battery_state(battery_fraction: float, low_battery_threshold: float, *, on_battery: bool = True) -> BatteryState:
     """LOW when the device runs on its battery and has strictly less than the threshold left."""
     _check_fraction("low_battery_threshold", low_battery_threshold)
     if not on_battery:
@@ -102,9 +100,7 @@ class PlanRow:
             raise PlanError("PlanRow.reason must be a non-empty string saying why the row was chosen")
         kept = _number("PlanRow.compression_energy_kept", self.compression_energy_kept)
         if not 0 < kept <= 1:
-            raise PlanError(
-                f"PlanRow.compression_energy_kept must be in (0, 1] (1.0 = uncompressed), got {kept!r}"
-            )
+            raise PlanError(f"PlanRow.compression_energy_kept must be in (0, 1] (1.0 = uncompressed), got {kept!r}")
         object.__setattr__(self, "compression_energy_kept", kept)
         for name in ("predicted_latency_ms", "predicted_energy_mj"):
             value = _number(f"PlanRow.{name}", getattr(self, name))
@@ -281,9 +277,7 @@ class PlanSet:
         wanted = set(models)
         return PlanSet(
             version=self.version,
-            plans=tuple(
-                p for p in self.plans if p.device_class == device_class and (not wanted or p.model in wanted)
-            ),
+            plans=tuple(p for p in self.plans if p.device_class == device_class and (not wanted or p.model in wanted)),
             created_unix_ms=self.created_unix_ms,
             reason=self.reason,
         )
@@ -323,9 +317,7 @@ class PlanSet:
 def _check_tiling(rows: tuple[PlanRow, ...], where: str) -> None:
     """Rows sorted by min must tile [0, +inf): start at 0, each max is the next min, end open."""
     if rows[0].min_bandwidth_mbps != 0:
-        raise PlanError(
-            f"{where}: the first bucket must start at 0 Mbit/s, got {rows[0].min_bandwidth_mbps!r}"
-        )
+        raise PlanError(f"{where}: the first bucket must start at 0 Mbit/s, got {rows[0].min_bandwidth_mbps!r}")
     for a, b in zip(rows, rows[1:], strict=False):
         if a.max_bandwidth_mbps != b.min_bandwidth_mbps:
             kind = "overlap" if a.max_bandwidth_mbps > b.min_bandwidth_mbps else "leave a gap"

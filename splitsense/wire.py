@@ -511,9 +511,7 @@ def _observation_to_pb(x: TelemetryObservation) -> pb.TelemetryObservation:
     )
 
 
-def _observation_from_pb(
-    msg: pb.TelemetryObservation, path: str = "TelemetryObservation"
-) -> TelemetryObservation:
+def _observation_from_pb(msg: pb.TelemetryObservation, path: str = "TelemetryObservation") -> TelemetryObservation:
     return _build(
         path,
         TelemetryObservation,
@@ -648,9 +646,7 @@ def stream_response_to_pb(x: OffloadResponse | WindowError) -> pb.OffloadStreamR
     if isinstance(x, WindowError):
         err = pb.WindowError(code=x.code, message=x.message, retry_after_ms=x.retry_after_ms)
         return pb.OffloadStreamResponse(window_id=x.window_id, error=err)
-    raise WireError(
-        f"OffloadStreamResponse: expected an OffloadResponse or WindowError, got {type(x).__name__}"
-    )
+    raise WireError(f"OffloadStreamResponse: expected an OffloadResponse or WindowError, got {type(x).__name__}")
 
 
 def stream_response_from_pb(msg: pb.OffloadStreamResponse) -> OffloadResponse | WindowError:

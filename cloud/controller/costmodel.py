@@ -75,12 +75,7 @@ _MS_PER_S = 1000.0
 
 
 def _finite_nonneg(where: str, value: float) -> float:
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, (int, float))
-        or not math.isfinite(value)
-        or value < 0
-    ):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
         raise ConfigError(f"{where} must be a finite number >= 0, got {value!r}")
     return float(value)
 
@@ -173,8 +168,7 @@ class CloudState:
         if measured is not None:
             if len(measured) != catalog.n_stages:
                 raise ConfigError(
-                    f"CloudState.stage_ms[{catalog.model!r}] has {len(measured)} stages, "
-                    f"the catalog {catalog.n_stages}"
+                    f"CloudState.stage_ms[{catalog.model!r}] has {len(measured)} stages, the catalog {catalog.n_stages}"
                 )
             return tuple(measured)
         return tuple(v / self.speedup_vs_host for v in catalog.stage_latency_ms)
@@ -196,9 +190,7 @@ class TelemetryStats:
     def __post_init__(self) -> None:
         if len(self.stage_ms) != len(self.samples):
             raise ConfigError("TelemetryStats.stage_ms and samples need one entry per stage each")
-        object.__setattr__(
-            self, "stage_ms", tuple(_finite_nonneg("TelemetryStats.stage_ms", v) for v in self.stage_ms)
-        )
+        object.__setattr__(self, "stage_ms", tuple(_finite_nonneg("TelemetryStats.stage_ms", v) for v in self.stage_ms))
         for s in self.samples:
             if isinstance(s, bool) or not isinstance(s, int) or s < 0:
                 raise ConfigError(f"TelemetryStats.samples must hold ints >= 0, got {s!r}")
@@ -354,9 +346,7 @@ def estimate(
         radio_gap_s=gap,
     )
     energy = compute_mj + radio_mj + wait_mj
-    return CostEstimate(
-        device_ms, transfer_ms, cloud_ms, total_ms, energy, accuracy, MappingProxyType(breakdown)
-    )
+    return CostEstimate(device_ms, transfer_ms, cloud_ms, total_ms, energy, accuracy, MappingProxyType(breakdown))
 
 
 def _seconds(nbytes: float, mbps: float) -> float:

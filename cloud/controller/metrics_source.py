@@ -180,9 +180,7 @@ class FleetSnapshot:
         return next((c for c in self.classes if c.device_class == name), None)
 
     def device_model(self, model: str, device_class: str) -> DeviceModelSnapshot | None:
-        return next(
-            (d for d in self.device_models if (d.model, d.device_class) == (model, device_class)), None
-        )
+        return next((d for d in self.device_models if (d.model, d.device_class) == (model, device_class)), None)
 
     def cut(self, model: str, cut: int) -> CutSnapshot | None:
         return next((c for c in self.cuts if (c.model, c.cut) == (model, cut)), None)
@@ -199,18 +197,12 @@ class FleetSnapshot:
         """The inverse of `to_dict`; raises DataError naming the first thing that is wrong."""
         try:
             d = _only(cls, data, "FleetSnapshot")
-            d["classes"] = tuple(
-                ClassSnapshot(**_only(ClassSnapshot, c, "classes[]")) for c in d.get("classes", ())
-            )
+            d["classes"] = tuple(ClassSnapshot(**_only(ClassSnapshot, c, "classes[]")) for c in d.get("classes", ()))
             dms = []
             for raw in d.get("device_models", ()):
                 dm = _only(DeviceModelSnapshot, raw, "device_models[]")
-                dm["windows_by_cut"] = {
-                    int(k): float(v) for k, v in dict(dm.get("windows_by_cut", {})).items()
-                }
-                dm["stages"] = tuple(
-                    StageLatency(**_only(StageLatency, s, "stages[]")) for s in dm.get("stages", ())
-                )
+                dm["windows_by_cut"] = {int(k): float(v) for k, v in dict(dm.get("windows_by_cut", {})).items()}
+                dm["stages"] = tuple(StageLatency(**_only(StageLatency, s, "stages[]")) for s in dm.get("stages", ()))
                 dms.append(DeviceModelSnapshot(**dm))
             d["device_models"] = tuple(dms)
             d["cuts"] = tuple(CutSnapshot(**_only(CutSnapshot, c, "cuts[]")) for c in d.get("cuts", ()))
@@ -376,9 +368,7 @@ class _PromQL:
 
     def quantile(self, q: float, histogram: str, by: Sequence[str]) -> dict[Labels, float]:
         labels = ", ".join(("le", *by))
-        return self._run(
-            f"histogram_quantile({q}, sum by ({labels}) (rate({histogram}_bucket{self.range})))", by
-        )
+        return self._run(f"histogram_quantile({q}, sum by ({labels}) (rate({histogram}_bucket{self.range})))", by)
 
 
 def _duration(seconds: float) -> str:
@@ -451,9 +441,7 @@ class DirectExporterSource:
         now = time.time()
         return self.snapshot_of(scrape, now, extra_missing=down)
 
-    def snapshot_of(
-        self, scrape: _Scrape, now_unix_s: float, extra_missing: Sequence[str] = ()
-    ) -> FleetSnapshot:
+    def snapshot_of(self, scrape: _Scrape, now_unix_s: float, extra_missing: Sequence[str] = ()) -> FleetSnapshot:
         """The snapshot of one scrape taken at `now_unix_s` over the kept earlier ones (the
         scraping left out; what a recorded exposition goes through)."""
         # keep at most one scrape older than the window: the baseline spans about `window_s`
@@ -636,9 +624,7 @@ def _assemble(
     for (_, cls, _), v in answered.items():
         cls_answered[cls] += v
 
-    seen = (
-        {k[0] for d in (bw50, bw_count, rtt_count, bat_count) for k in d} | set(cls_modes) | set(cls_answered)
-    )
+    seen = {k[0] for d in (bw50, bw_count, rtt_count, bat_count) for k in d} | set(cls_modes) | set(cls_answered)
     classes = []
     for cls in sorted(seen | set(expected_classes)):
         k = (cls,)
@@ -690,9 +676,7 @@ def _assemble(
             )
         )
     if not cuts:
-        missing.append(
-            f"cloud compute and queue time per (model, cut) ({n.compute_duration}): no answered requests"
-        )
+        missing.append(f"cloud compute and queue time per (model, cut) ({n.compute_duration}): no answered requests")
 
     # A counter with labels has no series until it first counts: no shed series beside answered
     # requests means nothing was shed.

@@ -346,9 +346,7 @@ def exhaustive_best(
     fallback: tuple[float, float] | None = None
     fallback_item: tuple[Choice, CostEstimate] | None = None
     for choice in choices_of(catalog, local_only=local_only):
-        est = estimate(
-            catalog, device, link, cloud, choice, telemetry, min_telemetry_samples=min_telemetry_samples
-        )
+        est = estimate(catalog, device, link, cloud, choice, telemetry, min_telemetry_samples=min_telemetry_samples)
         if cons.objective is Objective.LATENCY:
             key = (est.total_ms, est.energy_mj)
             fb_key = (est.energy_mj, est.total_ms)
@@ -388,9 +386,7 @@ def _previous_choices(previous: PlanSet | None) -> dict[_RowKey, Choice]:
         return out
     for plan in previous.plans:
         for row in plan.rows:
-            out[_row_key(plan.model, plan.device_class, row)] = Choice(
-                row.cut, row.compression_energy_kept, row.codec
-            )
+            out[_row_key(plan.model, plan.device_class, row)] = Choice(row.cut, row.compression_energy_kept, row.codec)
     return out
 
 
@@ -582,9 +578,7 @@ def _reason(
     if cloud_m is not None:
         refs.append(f"cloud-all {_fmt(float(metric[b, cloud_m]), unit)}")
     prefix = "" if cls.cloud_available else f"local only ({cls.cloud_unavailable_reason}); "
-    line = (
-        f"{prefix}{kept_note}{head} {ctx}: {_choice_text(catalog, grid.choices[m])}{acc}; {', '.join(refs)}"
-    )
+    line = f"{prefix}{kept_note}{head} {ctx}: {_choice_text(catalog, grid.choices[m])}{acc}; {', '.join(refs)}"
     return line.replace("\n", " ")
 
 
@@ -639,9 +633,7 @@ def neurosurgeon_argmin(
     """Neurosurgeon (ASPLOS 2017) for latency: the first cut minimising `chain_split_latency_ms`."""
     n = len(_check_chain(per_stage_device_ms, per_stage_cloud_ms, activation_bytes)[0])
     costs = [
-        chain_split_latency_ms(
-            per_stage_device_ms, per_stage_cloud_ms, activation_bytes, bandwidth_mbps, rtt_ms, k
-        )
+        chain_split_latency_ms(per_stage_device_ms, per_stage_cloud_ms, activation_bytes, bandwidth_mbps, rtt_ms, k)
         for k in range(n + 1)
     ]
     return min(range(n + 1), key=lambda k: (costs[k], k))

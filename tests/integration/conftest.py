@@ -197,9 +197,7 @@ class PrometheusServer:
 @pytest.fixture
 def prometheus_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrometheusServer]:
     """Debian's prometheus on a free port (`.url`), scrape interval 1 s, targets via `.add_targets`."""
-    server = PrometheusServer(
-        _require_binary("prometheus", "prometheus"), tmp_path_factory.mktemp("prometheus")
-    )
+    server = PrometheusServer(_require_binary("prometheus", "prometheus"), tmp_path_factory.mktemp("prometheus"))
     server.start()
     try:
         yield server

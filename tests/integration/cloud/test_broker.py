@@ -95,9 +95,7 @@ def broker_config(**kw: Any) -> BrokerConfig:
 
 @pytest.fixture
 async def broker(registry: ModelRegistry, backend: ControlledBackend) -> AsyncIterator[Broker]:
-    b = Broker(
-        broker_config(backend_timeout_ms=300.0), registry, backend, metrics_registry=CollectorRegistry()
-    )
+    b = Broker(broker_config(backend_timeout_ms=300.0), registry, backend, metrics_registry=CollectorRegistry())
     await b.start()
     yield b
     await b.stop(0.5)
@@ -119,9 +117,7 @@ def creds(device: str) -> tuple[tuple[str, str], ...]:
     return ((DEVICE_ID_METADATA, device), ("authorization", f"Bearer {device_token(SECRET, device)}"))
 
 
-EST = DeviceEstimates(
-    bandwidth_mbps=12.0, rtt_ms=25.0, battery_fraction=0.7, on_battery=True, radio=RadioKind.WIFI
-)
+EST = DeviceEstimates(bandwidth_mbps=12.0, rtt_ms=25.0, battery_fraction=0.7, on_battery=True, radio=RadioKind.WIFI)
 
 
 def offload_request(
@@ -427,9 +423,7 @@ async def test_call_deadline_is_honoured(
 ) -> None:
     backend.delay_s = 0.5
     t0 = time.monotonic()
-    err = await rpc_error(
-        stub.Offload(good_request(registry, windows), metadata=creds("dev-ok"), timeout=0.1)
-    )
+    err = await rpc_error(stub.Offload(good_request(registry, windows), metadata=creds("dev-ok"), timeout=0.1))
     assert err.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     assert time.monotonic() - t0 < 0.4
 
@@ -443,14 +437,10 @@ async def test_shed_with_a_retry_hint_when_the_queue_cannot_make_the_deadline(
 ) -> None:
     backend.delay_s = 0.15
     # One slow batch teaches admission control that this lane takes ~150 ms.
-    await stub.Offload(
-        _mutate(good_request(registry, windows), deadline_ms=2000), metadata=creds("dev-ok"), timeout=5
-    )
+    await stub.Offload(_mutate(good_request(registry, windows), deadline_ms=2000), metadata=creds("dev-ok"), timeout=5)
     t0 = time.monotonic()
     err = await rpc_error(
-        stub.Offload(
-            _mutate(good_request(registry, windows), deadline_ms=50), metadata=creds("dev-ok"), timeout=5
-        )
+        stub.Offload(_mutate(good_request(registry, windows), deadline_ms=50), metadata=creds("dev-ok"), timeout=5)
     )
     assert time.monotonic() - t0 < 0.1  # shed at once, not queued
     assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
@@ -468,9 +458,7 @@ async def test_shed_on_a_stream_carries_the_hint(
     windows: dict[str, torch.Tensor],
 ) -> None:
     backend.delay_s = 0.15
-    await stub.Offload(
-        _mutate(good_request(registry, windows), deadline_ms=2000), metadata=creds("dev-ok"), timeout=5
-    )
+    await stub.Offload(_mutate(good_request(registry, windows), deadline_ms=2000), metadata=creds("dev-ok"), timeout=5)
 
     async def requests() -> AsyncIterator[pb.OffloadStreamRequest]:
         yield pb.OffloadStreamRequest(request=_mutate(good_request(registry, windows), deadline_ms=50))
@@ -490,9 +478,7 @@ async def test_backend_raising_is_unavailable_within_the_deadline(
     backend.error = RuntimeError("replica died")
     t0 = time.monotonic()
     err = await rpc_error(
-        stub.Offload(
-            _mutate(good_request(registry, windows), deadline_ms=300), metadata=creds("dev-ok"), timeout=5
-        )
+        stub.Offload(_mutate(good_request(registry, windows), deadline_ms=300), metadata=creds("dev-ok"), timeout=5)
     )
     assert err.code() == grpc.StatusCode.UNAVAILABLE
     assert "RuntimeError: replica died" in (err.details() or "")
@@ -510,9 +496,7 @@ async def test_hung_backend_is_unavailable_after_the_backend_timeout(
     backend.hang = True  # the broker's backend_timeout_ms is 300 ms here, the window's deadline 2 s
     t0 = time.monotonic()
     err = await rpc_error(
-        stub.Offload(
-            _mutate(good_request(registry, windows), deadline_ms=2000), metadata=creds("dev-ok"), timeout=5
-        )
+        stub.Offload(_mutate(good_request(registry, windows), deadline_ms=2000), metadata=creds("dev-ok"), timeout=5)
     )
     assert err.code() == grpc.StatusCode.UNAVAILABLE
     assert "did not answer within 300 ms" in (err.details() or "")
@@ -571,37 +555,27 @@ def _plan_set(version: int, cut: int) -> PlanSet:
         for _ in range(1)
     )
     plans = tuple(
-        Plan(model=m, device_class=c, rows=rows, objective=Objective.ENERGY)
-        for m in MODELS
-        for c in ("phone", "watch")
+        Plan(model=m, device_class=c, rows=rows, objective=Objective.ENERGY) for m in MODELS for c in ("phone", "watch")
     )
     return PlanSet(version=version, plans=plans, created_unix_ms=5, reason=f"test v{version}")
 
 
-async def test_get_plan_serves_the_static_set_then_nothing_new(
-    broker: Broker, channel: grpc.aio.Channel
-) -> None:
+async def test_get_plan_serves_the_static_set_then_nothing_new(broker: Broker, channel: grpc.aio.Channel) -> None:
     plans = pb_grpc.PlanServiceStub(channel)
     resp = await plans.GetPlan(
         pb.GetPlanRequest(device_class="phone", models=["uci_har"]), metadata=creds("d"), timeout=5
     )
     ps = from_pb(resp.plan_set)
-    assert (
-        ps.version == 1 and [p.model for p in ps.plans] == ["uci_har"] and ps.plans[0].device_class == "phone"
-    )
+    assert ps.version == 1 and [p.model for p in ps.plans] == ["uci_har"] and ps.plans[0].device_class == "phone"
     again = await plans.GetPlan(
         pb.GetPlanRequest(device_class="phone", known_version=1), metadata=creds("d"), timeout=5
     )
     assert not again.HasField("plan_set")
     err = await rpc_error(plans.GetPlan(pb.GetPlanRequest(), metadata=creds("d"), timeout=5))
-    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and "GetPlanRequest.device_class" in (
-        err.details() or ""
-    )
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and "GetPlanRequest.device_class" in (err.details() or "")
 
 
-async def test_watch_plan_sends_the_current_set_then_every_change(
-    broker: Broker, channel: grpc.aio.Channel
-) -> None:
+async def test_watch_plan_sends_the_current_set_then_every_change(broker: Broker, channel: grpc.aio.Channel) -> None:
     plans = pb_grpc.PlanServiceStub(channel)
     call = plans.WatchPlan(pb.WatchPlanRequest(device_class="watch"), metadata=creds("d"), timeout=10)
     first = from_pb((await call.read()).plan_set)
@@ -609,9 +583,7 @@ async def test_watch_plan_sends_the_current_set_then_every_change(
     assert broker.set_plans(_plan_set(2, cut=3))
     second = from_pb((await asyncio.wait_for(call.read(), 5)).plan_set)
     assert second.version == 2 and second.reason == "test v2"
-    assert {p.device_class for p in second.plans} == {"watch"} and all(
-        p.rows[0].cut == 3 for p in second.plans
-    )
+    assert {p.device_class for p in second.plans} == {"watch"} and all(p.rows[0].cut == 3 for p in second.plans)
     assert not broker.set_plans(_plan_set(2, cut=4))  # not newer: ignored
     assert broker.set_plans(_plan_set(3, cut=1))
     third = from_pb((await asyncio.wait_for(call.read(), 5)).plan_set)
@@ -619,13 +591,9 @@ async def test_watch_plan_sends_the_current_set_then_every_change(
     call.cancel()
 
 
-async def test_set_plans_from_another_thread_reaches_watchers(
-    broker: Broker, channel: grpc.aio.Channel
-) -> None:
+async def test_set_plans_from_another_thread_reaches_watchers(broker: Broker, channel: grpc.aio.Channel) -> None:
     plans = pb_grpc.PlanServiceStub(channel)
-    call = plans.WatchPlan(
-        pb.WatchPlanRequest(device_class="phone", known_version=1), metadata=creds("d"), timeout=10
-    )
+    call = plans.WatchPlan(pb.WatchPlanRequest(device_class="phone", known_version=1), metadata=creds("d"), timeout=10)
     await asyncio.sleep(0.05)
     await asyncio.to_thread(broker.set_plans, _plan_set(2, cut=2))
     got = from_pb((await asyncio.wait_for(call.read(), 5)).plan_set)
@@ -643,9 +611,7 @@ async def test_stop_ends_watches_and_streams_with_unavailable(
     await b.start()
     ch = grpc.aio.insecure_channel(b.address)
     try:
-        watch = pb_grpc.PlanServiceStub(ch).WatchPlan(
-            pb.WatchPlanRequest(device_class="phone"), metadata=creds("d")
-        )
+        watch = pb_grpc.PlanServiceStub(ch).WatchPlan(pb.WatchPlanRequest(device_class="phone"), metadata=creds("d"))
         await watch.read()
         stream = pb_grpc.OffloadServiceStub(ch).OffloadStream(metadata=creds("d"))
         await asyncio.sleep(0.05)
@@ -715,17 +681,14 @@ async def test_undecodable_bytes_are_invalid_argument(
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     # On a stream, only that message is answered with an error.
     raw_stream = channel.stream_stream("/splitsense.v1.OffloadService/OffloadStream")
-    good = pb.OffloadStreamRequest(
-        request=good_request(registry, windows, device="dev-bad")
-    ).SerializeToString()
+    good = pb.OffloadStreamRequest(request=good_request(registry, windows, device="dev-bad")).SerializeToString()
 
     async def frames() -> AsyncIterator[bytes]:
         for frame in (good, garbage, good):
             yield frame
 
     answers = [
-        pb.OffloadStreamResponse.FromString(r)
-        async for r in raw_stream(frames(), metadata=creds("dev-bad"), timeout=5)
+        pb.OffloadStreamResponse.FromString(r) async for r in raw_stream(frames(), metadata=creds("dev-bad"), timeout=5)
     ]
     assert sorted(str(a.WhichOneof("outcome")) for a in answers) == ["error", "result", "result"]
     err_answer = next(a for a in answers if a.WhichOneof("outcome") == "error")

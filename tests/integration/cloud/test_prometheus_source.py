@@ -18,9 +18,7 @@ from splitsense.wire import DeviceEstimates, ExecutionMode, RadioKind, Telemetry
 pytestmark = pytest.mark.integration
 
 TICK_S = 0.1  # the feeder's period: 10 ticks/s
-PHONE = DeviceEstimates(
-    bandwidth_mbps=2.0, rtt_ms=40.0, battery_fraction=0.6, on_battery=True, radio=RadioKind.LTE
-)
+PHONE = DeviceEstimates(bandwidth_mbps=2.0, rtt_ms=40.0, battery_fraction=0.6, on_battery=True, radio=RadioKind.LTE)
 WATCH = DeviceEstimates(
     bandwidth_mbps=0.3, rtt_ms=120.0, battery_fraction=0.15, on_battery=True, radio=RadioKind.THREE_G
 )
@@ -88,9 +86,7 @@ def _check(snap: FleetSnapshot) -> None:
     assert dm is not None and dm.mean_latency_ms == pytest.approx(95.0, rel=0.05)  # 760 ms / 8
     assert dm.windows_by_cut.keys() == {2}
     stats = dm.telemetry_stats(4)
-    assert (
-        stats is not None and stats.stage_ms[:2] == pytest.approx((1.0, 1.0)) and stats.samples[2:] == (0, 0)
-    )
+    assert stats is not None and stats.stage_ms[:2] == pytest.approx((1.0, 1.0)) and stats.samples[2:] == (0, 0)
     cut = snap.cut("uci_har", 2)
     assert cut is not None
     assert cut.compute_ms == pytest.approx(10.0) and cut.queue_ms == pytest.approx(2.0)
@@ -108,9 +104,7 @@ def _rates_ok(snap: FleetSnapshot) -> None:
 
 
 async def test_prometheus_source_reflects_the_exporter(prometheus_server, exporter: str) -> None:
-    source = PrometheusSource(
-        prometheus_server.url, window_s=3, timeout_s=2, device_classes=("phone", "tablet")
-    )
+    source = PrometheusSource(prometheus_server.url, window_s=3, timeout_s=2, device_classes=("phone", "tablet"))
     empty = await source.snapshot()  # nothing scraped yet: a snapshot that says so, no crash
     empty_phone = empty.device_class("phone")
     assert empty_phone is not None and empty_phone.bandwidth_mean_mbps is None

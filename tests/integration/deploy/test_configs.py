@@ -89,9 +89,7 @@ def test_gen_certs_issues_a_verifiable_chain(tmp_path: Path) -> None:
     before = (tmp_path / "broker.crt").read_bytes()
     _run("bash", script, "-o", str(tmp_path), "-d", "watch-2")  # adding a device keeps CA and broker
     assert (tmp_path / "broker.crt").read_bytes() == before and (tmp_path / "device-watch-2.crt").exists()
-    bad = subprocess.run(
-        ["bash", script, "-o", str(tmp_path), "-d", "bad id"], capture_output=True, text=True
-    )
+    bad = subprocess.run(["bash", script, "-o", str(tmp_path), "-d", "bad id"], capture_output=True, text=True)
     assert bad.returncode == 2 and "must match" in bad.stderr
 
 
@@ -102,9 +100,7 @@ def test_kuberay_manifest_parses() -> None:
     for d in docs:
         pods = []
         if d["kind"] == "RayCluster":
-            pods = [d["spec"]["headGroupSpec"]["template"]] + [
-                g["template"] for g in d["spec"]["workerGroupSpecs"]
-            ]
+            pods = [d["spec"]["headGroupSpec"]["template"]] + [g["template"] for g in d["spec"]["workerGroupSpecs"]]
         elif d["kind"] == "Deployment":
             pods = [d["spec"]["template"]]
         for pod in pods:

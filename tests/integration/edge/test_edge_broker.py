@@ -121,9 +121,7 @@ async def test_broker_stop_mid_stream_loses_nothing_and_the_device_comes_back() 
 
     # after it returns: offloading again within the back-off bound (plus the channel's own
     # reconnect back-off, one window period and one deadline), and from then on
-    bound_s = (
-        BREAKER.backoff_max_s * (1 + BREAKER.backoff_jitter) + RECONNECT_MAX_S + PERIOD_S + DEADLINE_MS / 1000
-    )
+    bound_s = BREAKER.backoff_max_s * (1 + BREAKER.backoff_jitter) + RECONNECT_MAX_S + PERIOD_S + DEADLINE_MS / 1000
     back = [t for r, t in done if t >= t_back and r.mode is ExecutionMode.OFFLOADED]
     assert back, "the device never offloaded again after the broker returned"
     recovery_s = back[0] - t_back
@@ -141,9 +139,7 @@ async def test_whole_recording_through_the_broker_at_fp32_equals_local() -> None
     port = await broker.start()
     token = device_token(SECRET, DEVICE)
     transport = GrpcTransport(f"127.0.0.1:{port}", token, device_id=DEVICE)
-    cfg = EdgeConfig(
-        model=MODEL, device_id=DEVICE, token=token, default_cut=3, replay_speed=0, telemetry_period_s=0.5
-    )
+    cfg = EdgeConfig(model=MODEL, device_id=DEVICE, token=token, default_cut=3, replay_speed=0, telemetry_period_s=0.5)
     offloaded, local = MemorySink(), MemorySink()
     try:
         summary = await EdgeDevice(cfg, registry.trained(MODEL), transport).run(

@@ -101,9 +101,7 @@ class StubBroker(pb_grpc.OffloadServiceServicer, pb_grpc.PlanServiceServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "OffloadRequest.cut: expected 0..7, got 9")
         return answer(request.window_id)
 
-    async def OffloadStream(
-        self, request_iterator: Any, context: Any
-    ) -> AsyncIterator[pb.OffloadStreamResponse]:  # noqa: N802
+    async def OffloadStream(self, request_iterator: Any, context: Any) -> AsyncIterator[pb.OffloadStreamResponse]:  # noqa: N802
         self.streams += 1
         self.metadata.append(dict(context.invocation_metadata()))
         if self.stream_unimplemented:
@@ -133,9 +131,7 @@ class StubBroker(pb_grpc.OffloadServiceServicer, pb_grpc.PlanServiceServicer):
             else:
                 yield pb.OffloadStreamResponse(window_id=wid, result=answer(wid))
 
-    async def ReportTelemetry(
-        self, request: pb.ReportTelemetryRequest, context: Any
-    ) -> pb.ReportTelemetryResponse:  # noqa: N802
+    async def ReportTelemetry(self, request: pb.ReportTelemetryRequest, context: Any) -> pb.ReportTelemetryResponse:  # noqa: N802
         self.reports.append(request)
         return pb.ReportTelemetryResponse(plan_version=42)
 
@@ -145,9 +141,7 @@ class StubBroker(pb_grpc.OffloadServiceServicer, pb_grpc.PlanServiceServicer):
             return pb.GetPlanResponse()
         return pb.GetPlanResponse(plan_set=to_pb(newest))
 
-    async def WatchPlan(
-        self, request: pb.WatchPlanRequest, context: Any
-    ) -> AsyncIterator[pb.WatchPlanResponse]:  # noqa: N802
+    async def WatchPlan(self, request: pb.WatchPlanRequest, context: Any) -> AsyncIterator[pb.WatchPlanResponse]:  # noqa: N802
         for ps in self.plan_sets:
             if ps.version > request.known_version:
                 yield pb.WatchPlanResponse(plan_set=to_pb(ps))
@@ -177,9 +171,7 @@ async def transport(stub: tuple[StubBroker, str]) -> AsyncIterator[GrpcTransport
         await t.close()
 
 
-async def test_stream_pipelines_windows_and_matches_answers_by_id(
-    stub: Any, transport: GrpcTransport
-) -> None:
+async def test_stream_pipelines_windows_and_matches_answers_by_id(stub: Any, transport: GrpcTransport) -> None:
     servicer, _ = stub
     servicer.mode = "reverse"  # answers come back in the opposite order
     ids = [f"w{i}" for i in range(8)]
@@ -227,9 +219,7 @@ async def test_invalid_argument_is_rejected_with_its_code(stub: Any, use_stream:
     assert e.value.code == "INVALID_ARGUMENT"
 
 
-async def test_broken_stream_fails_every_window_in_flight_then_reopens(
-    stub: Any, transport: GrpcTransport
-) -> None:
+async def test_broken_stream_fails_every_window_in_flight_then_reopens(stub: Any, transport: GrpcTransport) -> None:
     servicer, _ = stub
     servicer.mode = "break"  # the broker aborts the stream after its third window
     results = await asyncio.gather(
@@ -298,9 +288,7 @@ async def test_plans_and_telemetry(stub: Any, transport: GrpcTransport) -> None:
         async for ps in transport.watch_plans("phone", ["m"], known_version=0):
             watched.append(ps.version)
     assert watched == [1, 2]
-    report = TelemetryReport(
-        DEVICE, "phone", DeviceEstimates(2.0, 50.0, 1.0, True, RadioKind.LTE), 2, 0, 10, ()
-    )
+    report = TelemetryReport(DEVICE, "phone", DeviceEstimates(2.0, 50.0, 1.0, True, RadioKind.LTE), 2, 0, 10, ())
     assert await transport.report_telemetry(report) == 42
     assert servicer.reports[0].device_id == DEVICE
 

@@ -118,9 +118,7 @@ def varied_window(trace: Trace, length_s: float, floor_mbps: float, swing: float
         rates = [trace.bandwidth_at(float(t)) for t in np.arange(start, start + length_s, 0.05)]
         if min(rates) >= floor_mbps and max(rates) >= swing * min(rates):
             return float(start)
-    raise AssertionError(
-        f"no {length_s} s window >= {floor_mbps} Mbit/s with a x{swing} swing in {trace.name}"
-    )
+    raise AssertionError(f"no {length_s} s window >= {floor_mbps} Mbit/s with a x{swing} swing in {trace.name}")
 
 
 async def test_throughput_tracks_a_real_trace() -> None:
@@ -161,9 +159,7 @@ async def test_scripted_outage_stalls_then_resumes() -> None:
     sink = Sink()
     async with (
         serving(sink),
-        LinkEmulator(
-            upstream=("127.0.0.1", sink.port), uplink_mbps=8.0, rtt_ms=10, outages=[(0.8, 1.8)]
-        ) as link,
+        LinkEmulator(upstream=("127.0.0.1", sink.port), uplink_mbps=8.0, rtt_ms=10, outages=[(0.8, 1.8)]) as link,
     ):
         await flood(link, 2.6)
         t0 = link.started_at
@@ -258,9 +254,7 @@ async def test_two_hundred_devices_in_one_process() -> None:
     trace = load_trace(default_trace_dir() / "norway_hsdpa_3g" / "norway_bus_1.txt")
     async with serving(echo):
         links = [
-            LinkEmulator(
-                upstream=("127.0.0.1", echo.port), trace=trace, time_offset_s=float(i % 150), rtt_ms=40
-            )
+            LinkEmulator(upstream=("127.0.0.1", echo.port), trace=trace, time_offset_s=float(i % 150), rtt_ms=40)
             for i in range(200)
         ]
         await asyncio.gather(*(link.start() for link in links))

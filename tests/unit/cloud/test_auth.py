@@ -20,9 +20,7 @@ from splitsense.errors import ConfigError, RejectedError
 SECRET = "unit-test-secret-0123456789"
 
 
-def md(
-    device: str | None = "dev-1", token: str | None = None, *, bearer: bool = True
-) -> list[tuple[str, str]]:
+def md(device: str | None = "dev-1", token: str | None = None, *, bearer: bool = True) -> list[tuple[str, str]]:
     out = []
     if device is not None:
         out.append((DEVICE_ID_METADATA, device))

@@ -17,9 +17,7 @@ def metrics(**kw: object) -> tuple[BrokerMetrics, CollectorRegistry]:
     return BrokerMetrics(reg, models={"m": 3}, device_classes=("phone",), **kw), reg  # type: ignore[arg-type]
 
 
-EST = DeviceEstimates(
-    bandwidth_mbps=8.0, rtt_ms=40.0, battery_fraction=0.5, on_battery=True, radio=RadioKind.LTE
-)
+EST = DeviceEstimates(bandwidth_mbps=8.0, rtt_ms=40.0, battery_fraction=0.5, on_battery=True, radio=RadioKind.LTE)
 
 
 def test_request_metrics() -> None:
@@ -58,9 +56,7 @@ def test_labels_from_requests_are_bounded() -> None:
     m, _ = metrics(max_device_classes=3)
     assert m.model_label("m") == "m"
     assert m.model_label("evil-model-123") == "unknown"
-    assert (
-        m.cut_label("m", 3) == "3" and m.cut_label("m", 4) == "unknown" and m.cut_label("x", 0) == "unknown"
-    )
+    assert m.cut_label("m", 3) == "3" and m.cut_label("m", 4) == "unknown" and m.cut_label("x", 0) == "unknown"
     assert m.device_class_label("phone") == "phone"
     assert m.device_class_label("watch") == "watch"
     assert m.device_class_label("board") == "board"
@@ -73,17 +69,10 @@ def test_labels_from_requests_are_bounded() -> None:
 def test_device_estimates_in_base_units() -> None:
     m, reg = metrics()
     m.estimates("phone", EST)
-    assert (
-        reg.get_sample_value("splitsense_device_bandwidth_bytes_per_second_sum", {"device_class": "phone"})
-        == 1e6
-    )
-    assert reg.get_sample_value(
-        "splitsense_device_rtt_seconds_sum", {"device_class": "phone"}
-    ) == pytest.approx(0.04)
+    assert reg.get_sample_value("splitsense_device_bandwidth_bytes_per_second_sum", {"device_class": "phone"}) == 1e6
+    assert reg.get_sample_value("splitsense_device_rtt_seconds_sum", {"device_class": "phone"}) == pytest.approx(0.04)
     assert reg.get_sample_value("splitsense_device_battery_ratio_sum", {"device_class": "phone"}) == 0.5
-    plugged = DeviceEstimates(
-        bandwidth_mbps=1, rtt_ms=1, battery_fraction=0.1, on_battery=False, radio=RadioKind.WIFI
-    )
+    plugged = DeviceEstimates(bandwidth_mbps=1, rtt_ms=1, battery_fraction=0.1, on_battery=False, radio=RadioKind.WIFI)
     m.estimates("phone", plugged)
     assert reg.get_sample_value("splitsense_device_battery_ratio_count", {"device_class": "phone"}) == 1
 
@@ -120,18 +109,9 @@ def test_telemetry_counters() -> None:
     assert v("splitsense_device_front_seconds_total", labels) == pytest.approx(0.05)
     assert v("splitsense_device_sent_bytes_total", labels) == 4096
     assert v("splitsense_device_energy_joules_total", labels) == pytest.approx(0.12)
-    assert (
-        v("splitsense_device_stage_seconds_total", {"model": "m", "device_class": "phone", "stage": "1"})
-        == 0.03
-    )
-    assert (
-        v("splitsense_device_stage_windows_total", {"model": "m", "device_class": "phone", "stage": "2"})
-        == 10
-    )
-    assert (
-        v("splitsense_device_stage_windows_total", {"model": "m", "device_class": "phone", "stage": "3"})
-        is None
-    )
+    assert v("splitsense_device_stage_seconds_total", {"model": "m", "device_class": "phone", "stage": "1"}) == 0.03
+    assert v("splitsense_device_stage_windows_total", {"model": "m", "device_class": "phone", "stage": "2"}) == 10
+    assert v("splitsense_device_stage_windows_total", {"model": "m", "device_class": "phone", "stage": "3"}) is None
     assert v("splitsense_broker_telemetry_reports_total", {"device_class": "phone"}) == 1
 
 
@@ -147,7 +127,5 @@ def test_promtool_accepts_the_exposition() -> None:
     m.received("m", "phone", 1, "fp32", 10)
     m.answered("m", "phone", 1, "fp32", queue_s=0.001, compute_s=0.002, total_s=0.003)
     m.estimates("phone", EST)
-    out = subprocess.run(
-        ["promtool", "check", "metrics"], input=generate_latest(reg), capture_output=True, timeout=30
-    )
+    out = subprocess.run(["promtool", "check", "metrics"], input=generate_latest(reg), capture_output=True, timeout=30)
     assert out.returncode == 0, out.stdout.decode() + out.stderr.decode()

@@ -159,9 +159,7 @@ def test_exporters_are_summed() -> None:
     parse_exposition(RECORDED, 1, both)
     snap = src.snapshot_of(both, 0.0)
     phone = snap.device_class("phone")
-    assert (
-        phone is not None and phone.offload_windows == 200 and phone.bandwidth_mean_mbps == pytest.approx(2.5)
-    )
+    assert phone is not None and phone.offload_windows == 200 and phone.bandwidth_mean_mbps == pytest.approx(2.5)
 
 
 def test_bucket_quantile_matches_prometheus() -> None:
@@ -171,9 +169,7 @@ def test_bucket_quantile_matches_prometheus() -> None:
     assert bucket_quantile(0.99, [(1.0, 0.0), (2.0, 5.0), (inf, 10.0)]) == 2.0  # +Inf bucket: its lower edge
     assert bucket_quantile(0.5, [(1.0, 0.0), (inf, 0.0)]) is None  # no observations: NaN
     assert bucket_quantile(0.5, [(1.0, 3.0)]) is None  # no +Inf bucket
-    assert bucket_quantile(0.5, [(1.0, 6.0), (2.0, 4.0), (inf, 10.0)]) == pytest.approx(
-        5 / 6
-    )  # monotonic fix
+    assert bucket_quantile(0.5, [(1.0, 6.0), (2.0, 4.0), (inf, 10.0)]) == pytest.approx(5 / 6)  # monotonic fix
     assert bucket_quantile(1.5, [(1.0, 1.0), (inf, 1.0)]) == inf
 
 
@@ -197,9 +193,7 @@ def test_bad_snapshot_files_are_data_errors(tmp_path: Path) -> None:
     (tmp_path / "bad.json").write_text("{")
     with pytest.raises(DataError, match="not valid JSON"):
         snapshot_from_file(tmp_path / "bad.json")
-    (tmp_path / "odd.json").write_text(
-        json.dumps({"taken_unix_ms": 1, "source": "x", "window_s": 1, "nope": 2})
-    )
+    (tmp_path / "odd.json").write_text(json.dumps({"taken_unix_ms": 1, "source": "x", "window_s": 1, "nope": 2}))
     with pytest.raises(DataError, match=r"odd.json.*unknown keys \['nope'\]"):
         snapshot_from_file(tmp_path / "odd.json")
     (tmp_path / "list.json").write_text("[]")
@@ -211,9 +205,7 @@ def test_metric_names_are_the_brokers() -> None:
     """Every name the controller reads exists in what cloud.metrics.BrokerMetrics exports."""
     registry = CollectorRegistry()
     BrokerMetrics(registry, models={"uci_har": 4})
-    exported = {s.name for fam in registry.collect() for s in fam.samples} | {
-        fam.name for fam in registry.collect()
-    }
+    exported = {s.name for fam in registry.collect() for s in fam.samples} | {fam.name for fam in registry.collect()}
     exported |= {f"{n}_total" for n in exported}  # a labelled counter shows no sample until used
     text = generate_latest(registry).decode()
     for name in vars(MetricNames()).values():

@@ -96,9 +96,7 @@ def test_jitter_stays_within_its_bounds_and_spreads_devices() -> None:
 
 
 def test_capped_back_off_with_jitter_never_exceeds_the_bound() -> None:
-    b = make(
-        jitter=0.2, seed=3, failure_threshold=1, backoff_base_s=1.0, backoff_factor=3.0, backoff_max_s=5.0
-    )
+    b = make(jitter=0.2, seed=3, failure_threshold=1, backoff_base_s=1.0, backoff_factor=3.0, backoff_max_s=5.0)
     b.record_failure(0.0, FailureKind.UNAVAILABLE)
     now = 0.0
     for _ in range(20):

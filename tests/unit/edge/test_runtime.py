@@ -53,9 +53,7 @@ def recording(name: str, n: int) -> tuple[tuple[str, int, Any], ...]:
 
 
 def windows(name: str, n: int, t_emit: float = 0.0) -> list[SensorWindow]:
-    return [
-        SensorWindow(wid, i, label, raw, t_emit) for i, (wid, label, raw) in enumerate(recording(name, n))
-    ]
+    return [SensorWindow(wid, i, label, raw, t_emit) for i, (wid, label, raw) in enumerate(recording(name, n))]
 
 
 async def source(ws: Sequence[SensorWindow]) -> AsyncIterator[SensorWindow]:
@@ -93,9 +91,7 @@ class FakeTransport:
             y = self.model.run(x, request.cut, self.model.n_stages)[0]
         if self.logits_override is not None:
             return OffloadResponse(request.window_id, self.logits_override, 0, Timing(0.1, 0.4, 1))
-        return OffloadResponse(
-            request.window_id, tuple(float(v) for v in y), int(y.argmax()), Timing(0.1, 0.4, 1)
-        )
+        return OffloadResponse(request.window_id, tuple(float(v) for v in y), int(y.argmax()), Timing(0.1, 0.4, 1))
 
     async def get_plan(self, *args: Any, **kwargs: Any) -> PlanSet | None:
         return None
@@ -123,9 +119,7 @@ def plan_set(version: int, *rows: PlanRow, model: str = MODEL) -> PlanSet:
     return PlanSet(version=version, plans=(plan,), created_unix_ms=0, reason=f"test plan v{version}")
 
 
-def row(
-    cut: int, codec: Codec = Codec.FP32, battery: BatteryState = BatteryState.NORMAL, **kw: Any
-) -> PlanRow:
+def row(cut: int, codec: Codec = Codec.FP32, battery: BatteryState = BatteryState.NORMAL, **kw: Any) -> PlanRow:
     return PlanRow(
         min_bandwidth_mbps=0.0,
         max_bandwidth_mbps=math.inf,
@@ -159,9 +153,7 @@ async def test_whole_imu_recording_offloaded_at_fp32_equals_local() -> None:
     assert [r.window_id for r in sink.results] == [w.window_id for w in ws]
     local = await run_local(MODEL, ws)
     assert [r.prediction for r in sink.results] == local
-    assert summary.accuracy == pytest.approx(
-        sum(p == w.label for p, w in zip(local, ws, strict=True)) / len(ws)
-    )
+    assert summary.accuracy == pytest.approx(sum(p == w.label for p, w in zip(local, ws, strict=True)) / len(ws))
     assert summary.accuracy > 0.85
 
 
@@ -169,9 +161,7 @@ async def test_whole_imu_recording_offloaded_at_fp32_equals_local() -> None:
 async def test_audio_offloaded_at_fp32_equals_local(cut: int) -> None:
     ws = windows("fsdd_digit", 12)
     sink = MemorySink()
-    device = EdgeDevice(
-        config("fsdd_digit", default_cut=cut), trained("fsdd_digit"), FakeTransport("fsdd_digit")
-    )
+    device = EdgeDevice(config("fsdd_digit", default_cut=cut), trained("fsdd_digit"), FakeTransport("fsdd_digit"))
     summary = await device.run(source(ws), sink)
     assert summary.by_mode["offloaded"] == 12 and summary.lost == 0
     assert [r.prediction for r in sink.results] == await run_local("fsdd_digit", ws)
@@ -352,9 +342,7 @@ async def test_cut_n_runs_locally_without_the_transport() -> None:
     transport = FakeTransport()
     plans = plan_set(1, row(N, reason="the link is too slow for any cut"))
     sink = MemorySink()
-    summary = await EdgeDevice(config(), trained(MODEL), transport, plans).run(
-        source(windows(MODEL, 5)), sink
-    )
+    summary = await EdgeDevice(config(), trained(MODEL), transport, plans).run(source(windows(MODEL, 5)), sink)
     assert summary.by_mode["local"] == 5 and transport.requests == []
     assert all(r.bytes_sent == 0 and r.codec is None for r in sink.results)
     assert "the link is too slow" in sink.results[0].reason
@@ -403,9 +391,7 @@ async def test_telemetry_reports_add_up_to_the_windows_and_metrics_count_modes()
 
     transport.fail = fail
     metrics = EdgeMetrics(MODEL, "phone", registry=registry)
-    device = EdgeDevice(
-        config(default_cut=5, telemetry_period_s=1e-6), trained(MODEL), transport, metrics=metrics
-    )
+    device = EdgeDevice(config(default_cut=5, telemetry_period_s=1e-6), trained(MODEL), transport, metrics=metrics)
     summary = await device.run(source(windows(MODEL, 10)))
     assert summary.by_mode == {"offloaded": 8, "local": 0, "fallback": 2}
     assert summary.fallbacks_by_reason == {"unavailable": 2}
@@ -428,9 +414,7 @@ async def test_telemetry_reports_add_up_to_the_windows_and_metrics_count_modes()
 async def test_jsonl_sink_writes_one_parseable_line_per_window() -> None:
     buf = StringIO()
     sink = JsonlSink(buf)
-    await EdgeDevice(config(default_cut=5), trained(MODEL), FakeTransport()).run(
-        source(windows(MODEL, 3)), sink
-    )
+    await EdgeDevice(config(default_cut=5), trained(MODEL), FakeTransport()).run(source(windows(MODEL, 3)), sink)
     lines = [json.loads(line) for line in buf.getvalue().splitlines()]
     assert len(lines) == 3 == sink.count
     keys = {

@@ -140,9 +140,7 @@ def test_json_and_file_round_trip(built: tuple[ModelCatalog, Recorder, StagedMod
     assert load_catalog("toy", tmp_path) == cat
 
 
-def test_load_errors_say_what_to_do(
-    built: tuple[ModelCatalog, Recorder, StagedModel], tmp_path: Path
-) -> None:
+def test_load_errors_say_what_to_do(built: tuple[ModelCatalog, Recorder, StagedModel], tmp_path: Path) -> None:
     cat, _, _ = built
     with pytest.raises(ModelError, match="no catalog for model 'toy'"):
         load_catalog("toy", tmp_path)

@@ -329,9 +329,7 @@ def test_ts_truncated_and_wrong_headers(tmp_path: Path) -> None:
     with pytest.raises(DataError, match=_names(path) + f":{_FIRST_DATA + 3}:"):
         load_basicmotions("test", tmp_path)
 
-    wrong_dims = [
-        "@dimensions 5" if line.startswith("@dimensions") else line for line in _REAL_TS[:_FIRST_DATA]
-    ]
+    wrong_dims = ["@dimensions 5" if line.startswith("@dimensions") else line for line in _REAL_TS[:_FIRST_DATA]]
     five = [":".join(r.split(":")[:5] + [r.split(":")[-1]]) for r in _REAL_TS[_FIRST_DATA:] if r.strip()]
     path = _write_ts(tmp_path, wrong_dims + five)
     with pytest.raises(DataError, match=_names(path) + ": series must be 6 dimensions"):

@@ -19,9 +19,7 @@ from splitsense.plan import BatteryState, Objective, Plan, PlanRow, PlanSet, bat
 REPO = Path(__file__).resolve().parents[3]
 
 
-def row(
-    lo: float, hi: float, cut: int = 1, battery: BatteryState | str = BatteryState.NORMAL, **kw: object
-) -> PlanRow:
+def row(lo: float, hi: float, cut: int = 1, battery: BatteryState | str = BatteryState.NORMAL, **kw: object) -> PlanRow:
     args: dict[str, object] = dict(
         min_bandwidth_mbps=lo,
         max_bandwidth_mbps=hi,
@@ -126,9 +124,7 @@ def test_lookup_returns_the_row_with_its_reason() -> None:
         ((1.0, 0.5, 0.2), {"on_battery": True}, None),
     ],
 )
-def test_lookup_rejects_impossible_estimates(
-    args: tuple[float, float, float], kwargs: dict, what: str | None
-) -> None:
+def test_lookup_rejects_impossible_estimates(args: tuple[float, float, float], kwargs: dict, what: str | None) -> None:
     plan = make_plan()
     if what is None:
         plan.lookup(*args, **kwargs)

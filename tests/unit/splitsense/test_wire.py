@@ -196,9 +196,7 @@ def test_to_pb_maps_every_field() -> None:
 def test_stream_request_round_trip() -> None:
     msg = wire.stream_request_to_pb(request())
     assert isinstance(msg, pb.OffloadStreamRequest)
-    assert (
-        wire.stream_request_from_pb(pb.OffloadStreamRequest.FromString(msg.SerializeToString())) == request()
-    )
+    assert wire.stream_request_from_pb(pb.OffloadStreamRequest.FromString(msg.SerializeToString())) == request()
 
 
 @pytest.mark.parametrize(
@@ -210,9 +208,7 @@ def test_stream_response_round_trip(outcome: OffloadResponse | WindowError) -> N
     msg = wire.stream_response_to_pb(outcome)
     assert msg.window_id == "w-000042"
     assert msg.WhichOneof("outcome") == ("result" if isinstance(outcome, OffloadResponse) else "error")
-    assert (
-        wire.stream_response_from_pb(pb.OffloadStreamResponse.FromString(msg.SerializeToString())) == outcome
-    )
+    assert wire.stream_response_from_pb(pb.OffloadStreamResponse.FromString(msg.SerializeToString())) == outcome
 
 
 def test_enum_tables_cover_both_sides() -> None:
@@ -358,9 +354,7 @@ def test_dataclasses_check_their_values_when_built() -> None:
         estimates(radio="5g")
     with pytest.raises(WireError, match=r"^OffloadRequest\.cut:"):
         request(cut=-1)
-    with pytest.raises(
-        WireError, match=r"^OffloadRequest\.activation: expected a pipelines.codecs.EncodedTensor"
-    ):
+    with pytest.raises(WireError, match=r"^OffloadRequest\.activation: expected a pipelines.codecs.EncodedTensor"):
         request(activation=np.zeros(3))
     with pytest.raises(WireError, match=r"^TelemetryObservation\.stage_ms_total:"):
         observation(stage_ms_total=(1.0, math.inf))
