@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from edge.breaker import CircuitBreaker, FailureKind
+from edge.breaker import BreakerState, CircuitBreaker, FailureKind
 from edge.estimator import LinkEstimator
 from edge.metrics import EdgeMetrics
 from edge.sink import ResultSink, WindowResult
@@ -205,6 +205,7 @@ class EdgeDevice:
             PlannerConfig().low_battery_threshold if low_battery_threshold is None else low_battery_threshold
         )
         self.breaker = CircuitBreaker(config.breaker, self._rng)
+        self._probes: set[asyncio.Task[None]] = set()  # half-open probes in flight (see _start_probe)
         self.estimator = LinkEstimator(config.estimator, clock)
         self.metrics = metrics or EdgeMetrics(config.model, config.device_class)
         self.battery = Battery(config.battery_mwh, config.battery_initial_fraction, config.on_battery)
@@ -339,7 +340,11 @@ class EdgeDevice:
                 encoded = encode(act, choice.codec)
             except CodecError as e:
                 mode, fallback_label, reason = ExecutionMode.FALLBACK, "codec", f"codec: {e}"
-        if encoded is not None and self.breaker.allow_offload(self._clock()):  # may grant the probe
+        probing = encoded is not None and self.breaker.state is BreakerState.OPEN
+        if probing and encoded is not None and self.breaker.allow_offload(self._clock()):  # grants the probe
+            self._start_probe(window, choice, encoded)
+            reason = "circuit breaker half open: probing the cloud in the background; this window runs locally"
+        elif encoded is not None and self.breaker.allow_offload(self._clock()):
             attempt = await self._offload(window, choice, encoded)
             if attempt.response is None:
                 assert attempt.kind is not None
@@ -475,6 +480,26 @@ class EdgeDevice:
         self.breaker.record_failure(now, kind, retry_after_s=retry_after_s, detail=detail)
         return _Attempt(None, kind, detail, sent, now - sent)
 
+    def _start_probe(self, window: SensorWindow, choice: Any, encoded: EncodedTensor) -> None:
+        """Send this window's activation as the breaker's probe, in the background.
+
+        A probe through a dead link waits out a whole deadline; carrying a real window, that wait
+        would land on the window. Here the window runs locally at once, and the probe (the same
+        request, so it exercises the whole path down to the Ray tail) only decides the breaker:
+        success closes it, and the next window offloads again."""
+        task = asyncio.create_task(self._probe(window, choice, encoded), name=f"probe-{window.window_id}")
+        self._probes.add(task)
+        task.add_done_callback(self._probes.discard)
+
+    async def _probe(self, window: SensorWindow, choice: Any, encoded: EncodedTensor) -> None:
+        attempt = await self._offload(window, choice, encoded)  # records the outcome on the breaker
+        down = len(attempt.response.logits) * _BYTES_PER_LOGIT if attempt.response else 0
+        mbps = max(self.estimator.bandwidth_mbps, 1e-3)
+        try:
+            self.battery.drain(self.radio.record(attempt.sent_at, encoded.nbytes, mbps, down, mbps))
+        except ValueError:  # a later window's transfer was recorded first: its energy is counted
+            pass
+
     def _promotion_s(self, at: float) -> float:
         """The radio's promotion delay before a transfer starting at `at` (0 while still in its tail)."""
         last = self.radio.busy_until_s
@@ -515,6 +540,8 @@ class EdgeDevice:
                 energy += result.energy_mj
                 self._maybe_report()
         finally:
+            if self._probes:  # bounded by the deadline (+ grace) of each
+                await asyncio.gather(*self._probes, return_exceptions=True)
             if watcher is not None:
                 watcher.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
