@@ -10,6 +10,18 @@
            float or a double) and never 0: a constant tensor c != 0 gets scale = |c|, which
            reconstructs it exactly; an all-zero tensor gets scale = 1.
 
+    ans    an entropy code (asymmetric numeral systems, constriction's AnsCoder) of integer symbols
+           against the model's SymbolPrior at that cut: a per-channel categorical table that ships
+           inside the model's weights on both ends. Lossless for integer-valued tensors within the
+           prior's range (a learned bottleneck's quantised code); anything else is refused, never
+           silently rounded. The payload is the coder's 32-bit words (little-endian) and the tensor
+           names the prior's digest: a decoder holding another table refuses.
+
+Why constriction and not compressai's rANS (both were measured, `splitsense models eval` reports
+the figures): they code the same symbols to within a few bytes, but constriction is a numpy-only
+wheel, so a device install needs no torch for it (compressai needs torch), and it codes a whole
+window with per-symbol tables in one vectorised call.
+
 `shape` is whatever was encoded (batch dimension included if the caller had one). Everything is
 vectorised numpy; nothing loops over elements in Python. Every failure is a CodecError whose
 message says what was wrong and what to do.
@@ -18,125 +30,36 @@ message says what was wrong and what to do.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from enum import StrEnum
-from typing import Any
 
 import numpy as np
 import torch
 
 from splitsense.errors import CodecError
+from splitsense.kinds import (
+    ANS_WORD_BYTES,
+    INT8_LEVELS,
+    VALID_CODECS,
+    Codec,
+    EncodedTensor,
+    SymbolPrior,
+    check_shape,
+    parse_codec,
+)
+
+__all__ = [
+    "FP16_MAX",
+    "INT8_LEVELS",
+    "VALID_CODECS",
+    "Codec",
+    "EncodedTensor",
+    "SymbolPrior",
+    "decode",
+    "encode",
+    "encoded_nbytes",
+    "parse_codec",
+]
 
 FP16_MAX = 65504.0
-INT8_LEVELS = 255  # uint8 codes 0..255
-
-
-class Codec(StrEnum):
-    """A str enum (StrEnum): Codec.FP16 == 'fp16' and str(Codec.FP16) == 'fp16'."""
-
-    FP32 = "fp32"
-    FP16 = "fp16"
-    INT8 = "int8"
-
-    @property
-    def itemsize(self) -> int:
-        """Bytes per element on the wire."""
-        return _WIRE_DTYPE[self].itemsize
-
-    @property
-    def wire_dtype(self) -> np.dtype[Any]:
-        return _WIRE_DTYPE[self]
-
-
-_WIRE_DTYPE: dict[Codec, np.dtype[Any]] = {
-    Codec.FP32: np.dtype("<f4"),
-    Codec.FP16: np.dtype("<f2"),
-    Codec.INT8: np.dtype("u1"),
-}
-
-VALID_CODECS = tuple(c.value for c in Codec)
-
-
-def parse_codec(name: str | Codec) -> Codec:
-    """'fp32' / 'FP16' / Codec.INT8 -> Codec; anything else is a CodecError listing valid names."""
-    if isinstance(name, Codec):
-        return name
-    if isinstance(name, str):
-        try:
-            return Codec(name.strip().lower())
-        except ValueError:
-            pass
-    raise CodecError(f"unknown codec {name!r}; valid codecs: {', '.join(VALID_CODECS)}")
-
-
-def _check_shape(shape: Any) -> tuple[int, ...]:
-    try:
-        dims = tuple(shape)
-    except TypeError:
-        raise CodecError(f"shape must be a sequence of ints, got {shape!r}") from None
-    out = []
-    for d in dims:
-        if isinstance(d, bool) or not isinstance(d, (int, np.integer)) or d < 0:
-            raise CodecError(f"shape must hold non-negative ints, got {shape!r}")
-        out.append(int(d))
-    return tuple(out)
-
-
-@dataclass(frozen=True)
-class EncodedTensor:
-    """One encoded activation. `codec` may be given as a name; `shape` is normalised to ints.
-
-    Construction does not check the payload (so a wire message can always be mirrored into one);
-    `validate()` does, and `decode` calls it.
-    """
-
-    codec: Codec
-    shape: tuple[int, ...]
-    data: bytes
-    scale: float = 1.0
-    zero_point: int = 0
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "codec", parse_codec(self.codec))
-        object.__setattr__(self, "shape", _check_shape(self.shape))
-        if isinstance(self.data, (bytearray, memoryview)):
-            object.__setattr__(self, "data", bytes(self.data))
-        elif not isinstance(self.data, bytes):
-            raise CodecError(f"data must be bytes, got {type(self.data).__name__}")
-
-    @property
-    def nbytes(self) -> int:
-        """Payload size in bytes (what crosses the wire, without framing)."""
-        return len(self.data)
-
-    @property
-    def numel(self) -> int:
-        return math.prod(self.shape)
-
-    def validate(self) -> None:
-        """Raise CodecError unless the payload can be decoded into `shape`."""
-        n = self.numel
-        if n == 0:
-            raise CodecError(f"encoded tensor has shape {self.shape} with no elements")
-        expected = n * self.codec.itemsize
-        if len(self.data) != expected:
-            raise CodecError(
-                f"{self.codec.value} payload is {len(self.data)} bytes but shape {self.shape} needs "
-                f"{expected} ({n} x {self.codec.itemsize}); the message is truncated or the shape is wrong"
-            )
-        if self.codec is Codec.INT8:
-            scale = self.scale
-            if (
-                isinstance(scale, bool)
-                or not isinstance(scale, (int, float, np.floating, np.integer))
-                or not math.isfinite(scale)
-                or scale <= 0
-            ):
-                raise CodecError(f"int8 scale must be a finite number > 0, got {scale!r}")
-            zp = self.zero_point
-            if isinstance(zp, bool) or not isinstance(zp, (int, np.integer)) or not 0 <= zp <= INT8_LEVELS:
-                raise CodecError(f"int8 zero_point must be an int in 0..{INT8_LEVELS}, got {zp!r}")
-
 
 def _as_float_array(x: np.ndarray | torch.Tensor) -> np.ndarray:
     if isinstance(x, torch.Tensor):
@@ -158,8 +81,9 @@ def _as_float_array(x: np.ndarray | torch.Tensor) -> np.ndarray:
     return np.asarray(arr, dtype=np.float32)
 
 
-def encode(x: np.ndarray | torch.Tensor, codec: Codec | str) -> EncodedTensor:
-    """Encode a float tensor for the wire. CodecError on NaN/inf, empty, non-float or unknown codec."""
+def encode(x: np.ndarray | torch.Tensor, codec: Codec | str, prior: SymbolPrior | None = None) -> EncodedTensor:
+    """Encode a float tensor for the wire. CodecError on NaN/inf, empty, non-float or unknown codec,
+    and for ans without a prior or with values that are not integers in the prior's range."""
     c = parse_codec(codec)
     arr = _as_float_array(x)
     with np.errstate(over="ignore", invalid="ignore"):
@@ -176,6 +100,8 @@ def encode(x: np.ndarray | torch.Tensor, codec: Codec | str) -> EncodedTensor:
         if max(-lo, hi) > FP16_MAX:
             raise CodecError(f"values up to {max(-lo, hi):.6g} overflow fp16 (max {FP16_MAX}); use fp32 or int8")
         return EncodedTensor(c, shape, arr.astype("<f2").tobytes())
+    if c is Codec.ANS:
+        return _encode_ans(arr, shape, lo, hi, prior)
     scale, zero_point = _int8_params(lo, hi)
     s = np.float32(scale)
     q = arr / s
@@ -203,9 +129,12 @@ def _int8_params(lo: float, hi: float) -> tuple[float, int]:
     return scale, zero_point
 
 
-def decode(t: EncodedTensor) -> np.ndarray:
-    """Decode to a writable float32 array of `t.shape` (native byte order)."""
+def decode(t: EncodedTensor, prior: SymbolPrior | None = None) -> np.ndarray:
+    """Decode to a writable float32 array of `t.shape` (native byte order). ans needs the prior
+    the payload names (CodecError when it is missing or another one)."""
     t.validate()
+    if t.codec is Codec.ANS:
+        return _decode_ans(t, prior)
     raw = np.frombuffer(t.data, dtype=t.codec.wire_dtype)
     if t.codec is Codec.INT8:
         out = raw.astype(np.float32)
@@ -217,5 +146,75 @@ def decode(t: EncodedTensor) -> np.ndarray:
 
 
 def encoded_nbytes(shape: tuple[int, ...] | list[int], codec: Codec | str) -> int:
-    """Payload size of a tensor of `shape` under `codec`, without encoding anything."""
-    return math.prod(_check_shape(shape)) * parse_codec(codec).itemsize
+    """Payload size of a tensor of `shape` under a fixed-size `codec`, without encoding anything."""
+    c = parse_codec(codec)
+    if not c.fixed_size:
+        raise CodecError(f"codec {c.value} has a data-dependent size: encode the tensor and take its nbytes")
+    return math.prod(check_shape(shape)) * c.itemsize
+
+
+# --- ans ---------------------------------------------------------------------------------------
+
+
+def _channel_of(shape: tuple[int, ...], prior: SymbolPrior) -> np.ndarray:
+    """The channel index (axis 1) of every element of a batch-first tensor, in C order."""
+    if len(shape) < 2 or shape[1] != prior.channels:
+        raise CodecError(
+            f"the symbol prior has {prior.channels} channels but the tensor's shape {list(shape)} has "
+            f"{shape[1] if len(shape) > 1 else 'no'} on axis 1 (batch first, channels second)"
+        )
+    view = np.arange(prior.channels).reshape((1, -1) + (1,) * (len(shape) - 2))
+    return np.broadcast_to(view, shape).reshape(-1)
+
+
+def _ans_model() -> object:
+    try:
+        import constriction
+    except ImportError:  # pragma: no cover - constriction is a core dependency
+        raise CodecError("the ans codec needs the constriction package: pip install constriction") from None
+    return constriction.stream.model.Categorical(perfect=False)
+
+
+def _encode_ans(
+    arr: np.ndarray, shape: tuple[int, ...], lo: float, hi: float, prior: SymbolPrior | None
+) -> EncodedTensor:
+    import constriction
+
+    if prior is None:
+        raise CodecError("the ans codec needs the model's symbol prior at this cut; no prior was given")
+    if lo < prior.low or hi > prior.high:
+        raise CodecError(f"values in [{lo:g}, {hi:g}] lie outside the prior's symbols [{prior.low}, {prior.high}]")
+    flat = arr.reshape(-1)
+    symbols = flat.astype(np.int32)
+    if not np.array_equal(symbols, flat):
+        raise CodecError("the ans codec codes integer symbols; this tensor has fractional values (use int8)")
+    symbols -= prior.low
+    probs = prior.pmf[_channel_of(shape, prior)]
+    coder = constriction.stream.stack.AnsCoder()
+    coder.encode_reverse(symbols, _ans_model(), probs)
+    words = coder.get_compressed().astype("<u4", copy=False)
+    return EncodedTensor(Codec.ANS, shape, words.tobytes(), prior_digest=prior.digest)
+
+
+def _decode_ans(t: EncodedTensor, prior: SymbolPrior | None) -> np.ndarray:
+    import constriction
+
+    if prior is None:
+        raise CodecError("an ans payload can only be decoded with the model's symbol prior at this cut")
+    if t.prior_digest != prior.digest:
+        raise CodecError(
+            f"the ans payload was coded with symbol prior {t.prior_digest!r} but this end holds "
+            f"{prior.digest!r}: device and cloud run different weights of the model"
+        )
+    probs = prior.pmf[_channel_of(t.shape, prior)]
+    words = np.frombuffer(t.data, dtype="<u4").astype(np.uint32)
+    try:
+        coder = constriction.stream.stack.AnsCoder(words)
+        symbols = coder.decode(_ans_model(), probs)
+    except Exception as e:  # constriction raises ValueError/AssertionError on corrupt input
+        raise CodecError(f"the ans payload does not decode: {e}") from None
+    if not coder.is_empty():
+        raise CodecError("the ans payload does not match its shape (left-over or missing words): it is corrupt or truncated")
+    out = symbols.astype(np.float32)
+    out += np.float32(prior.low)
+    return out.reshape(t.shape)

@@ -8,6 +8,14 @@ wire but hold most of the parameters, which is where DeepX-style SVD compression
 Inertial (UCI HAR raw windows 9x128 at 50 Hz): a 1-D CNN of the "From Smart to Deep" kind
 (about 1.6 M parameters, 25 M MACs per window) with the same shape of trade-off.
 
+Split-aware models (what is served and run on devices): the teacher above, with its head (the
+first two or three stages, 95% of the audio model's compute) replaced by a bottleneck ``encoder``
+(two small convolutions ending in a quantiser: 1-4% of the teacher's MACs) and a ``decoder`` that
+rebuilds the teacher's activation after conv3, trained by head network distillation (see
+:mod:`pipelines.bottleneck` and ``pipelines.training.train_student``). Cut 1 sends the quantised
+code; the teacher's later cuts stay. The two FSDD models share one encoder (trained jointly on both
+tasks), so one upload of a window's code serves speaker and digit.
+
 Cut k means the device runs stages [0, k); see pipelines/stages.py.
 """
 
@@ -20,6 +28,7 @@ from typing import Literal
 from torch import nn
 
 from pipelines import features
+from pipelines.bottleneck import Encoder, Quantizer
 from pipelines.stages import StagedModel
 from splitsense.errors import ModelError
 
@@ -87,6 +96,68 @@ def build_imu_cnn(name: str, class_names: tuple[str, ...], channels: int = 9, le
     return StagedModel(name, stages, (channels, length), class_names)
 
 
+AUDIO_CODE_CHANNELS = 8  # code 8 x 10 x 25 = 2000 symbols per window (the input is 40 x 101)
+IMU_CODE_CHANNELS = 8  # code 8 x 32 = 256 symbols per window (the input is 9 x 128)
+CODE_MAX_SYMBOL = 15  # symbols in -15..15
+
+
+def build_audio_encoder() -> Encoder:
+    # 1x40x101 -> 16x20x50 -> 8x10x25: 0.58 M + 1.15 M MACs, 1.2 k parameters.
+    body = nn.Sequential(
+        nn.Conv2d(1, 16, 3, padding=1, bias=False),
+        nn.BatchNorm2d(16),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(16, AUDIO_CODE_CHANNELS, 3, padding=1),
+        nn.MaxPool2d(2),
+    )
+    return Encoder(body, Quantizer(AUDIO_CODE_CHANNELS, CODE_MAX_SYMBOL))
+
+
+def build_audio_student(name: str, class_names: tuple[str, ...]) -> StagedModel:
+    teacher = build_audio_cnn(name, class_names)
+    t = dict(zip(teacher.stage_names, teacher.stages, strict=True))
+    decoder = nn.Sequential(  # code 8x10x25 -> 64x10x25, what the teacher has after conv3
+        nn.Conv2d(AUDIO_CODE_CHANNELS, 64, 3, padding=1, bias=False),
+        nn.BatchNorm2d(64),
+        nn.ReLU(),
+        nn.Conv2d(64, 64, 3, padding=1, bias=False),
+        nn.BatchNorm2d(64),
+        nn.ReLU(),
+    )
+    stages = [("encoder", build_audio_encoder()), ("decoder", decoder)]
+    stages += [(s, t[s]) for s in ("conv4", "fc1", "fc2", "classifier")]
+    return StagedModel(name, stages, teacher.input_shape, class_names)
+
+
+def build_imu_student(name: str, class_names: tuple[str, ...], channels: int = 9, length: int = 128) -> StagedModel:
+    teacher = build_imu_cnn(name, class_names, channels, length)
+    t = dict(zip(teacher.stage_names, teacher.stages, strict=True))
+    body = nn.Sequential(  # 9x128 -> 32x64 -> 8x32: 0.18 M + 0.08 M MACs
+        nn.Conv1d(channels, 32, 5, padding=2, bias=False),
+        nn.BatchNorm1d(32),
+        nn.ReLU(),
+        nn.MaxPool1d(2),
+        nn.Conv1d(32, IMU_CODE_CHANNELS, 5, padding=2),
+        nn.MaxPool1d(2),
+    )
+    decoder = nn.Sequential(  # code 8x32 -> 256x32, what the teacher has after conv3
+        nn.Conv1d(IMU_CODE_CHANNELS, 128, 5, padding=2, bias=False),
+        nn.BatchNorm1d(128),
+        nn.ReLU(),
+        nn.Conv1d(128, 256, 5, padding=2, bias=False),
+        nn.BatchNorm1d(256),
+        nn.ReLU(),
+    )
+    stages = [("encoder", Encoder(body, Quantizer(IMU_CODE_CHANNELS, CODE_MAX_SYMBOL))), ("decoder", decoder)]
+    stages += [(s, t[s]) for s in ("conv4", "fc1", "fc2", "classifier")]
+    return StagedModel(name, stages, teacher.input_shape, class_names)
+
+
+# The teacher stage whose output the decoder rebuilds (head network distillation's target), per builder.
+HND_TARGET_STAGE = "conv3"
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     """What a model is trained on and how; `build` makes an untrained StagedModel."""
@@ -96,10 +167,16 @@ class ModelSpec:
     dataset: str
     task: str
     class_names: tuple[str, ...]
-    build: Callable[[], StagedModel]
+    build: Callable[[], StagedModel]  # the split-aware (student) model: what is served and run
+    build_teacher: Callable[[], StagedModel]  # the plain model it is distilled from
     epochs: int  # chosen so that training takes a few minutes on 2 CPU cores
     lr: float
     window_s: float  # how much sensor time one window covers (audio: one clip; IMU: 128 samples at 50 Hz)
+    student_epochs: int  # head network distillation + fine-tuning (each a share of these)
+    rate_weight: float  # loss weight per kbit of the code (the rate-accuracy trade-off)
+    # Models whose encoder is trained jointly with this one's and shipped identical: one upload of the
+    # code at cut 1 serves all of them (the FSDD speaker and digit tasks share the microphone).
+    encoder_group: tuple[str, ...] = ()
 
 
 MODEL_SPECS: dict[str, ModelSpec] = {
@@ -109,10 +186,14 @@ MODEL_SPECS: dict[str, ModelSpec] = {
         dataset="fsdd",
         task="speaker identification (6 speakers)",
         class_names=FSDD_SPEAKERS,
-        build=lambda: build_audio_cnn("fsdd_speaker", FSDD_SPEAKERS),
+        build=lambda: build_audio_student("fsdd_speaker", FSDD_SPEAKERS),
+        build_teacher=lambda: build_audio_cnn("fsdd_speaker", FSDD_SPEAKERS),
         epochs=12,
         lr=2e-3,
         window_s=features.WINDOW_SAMPLES / features.SAMPLE_RATE_HZ,
+        student_epochs=16,
+        rate_weight=0.02,
+        encoder_group=("fsdd_speaker", "fsdd_digit"),
     ),
     "fsdd_digit": ModelSpec(
         name="fsdd_digit",
@@ -120,10 +201,14 @@ MODEL_SPECS: dict[str, ModelSpec] = {
         dataset="fsdd",
         task="spoken digit / keyword (10 digits)",
         class_names=FSDD_DIGITS,
-        build=lambda: build_audio_cnn("fsdd_digit", FSDD_DIGITS),
+        build=lambda: build_audio_student("fsdd_digit", FSDD_DIGITS),
+        build_teacher=lambda: build_audio_cnn("fsdd_digit", FSDD_DIGITS),
         epochs=16,
         lr=2e-3,
         window_s=features.WINDOW_SAMPLES / features.SAMPLE_RATE_HZ,
+        student_epochs=16,
+        rate_weight=0.02,
+        encoder_group=("fsdd_speaker", "fsdd_digit"),
     ),
     "uci_har": ModelSpec(
         name="uci_har",
@@ -131,10 +216,13 @@ MODEL_SPECS: dict[str, ModelSpec] = {
         dataset="uci_har",
         task="activity recognition (6 activities)",
         class_names=UCI_HAR_ACTIVITIES,
-        build=lambda: build_imu_cnn("uci_har", UCI_HAR_ACTIVITIES),
+        build=lambda: build_imu_student("uci_har", UCI_HAR_ACTIVITIES),
+        build_teacher=lambda: build_imu_cnn("uci_har", UCI_HAR_ACTIVITIES),
         epochs=30,
         lr=1e-3,
         window_s=128 / 50.0,
+        student_epochs=30,
+        rate_weight=0.02,
     ),
 }
 

@@ -17,10 +17,12 @@ from typing import Any, Literal
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
+import torch.nn.functional as F
 from torch import nn
 
 from pipelines import datasets, features
-from pipelines.models import ModelSpec, get_spec
+from pipelines.bottleneck import fit_prior, rate_bits
+from pipelines.models import HND_TARGET_STAGE, ModelSpec, get_spec
 from pipelines.stages import StagedModel
 from splitsense.config import PathsConfig, TrainConfig
 from splitsense.errors import ModelError
@@ -88,8 +90,9 @@ class TrainedModel:
         return self.prepare(preprocess_raw(self.spec, window))
 
 
-def weights_path(name: str, weights_dir: Path | None = None) -> Path:
-    return (weights_dir or PathsConfig().weights_dir) / f"{name}.safetensors"
+def weights_path(name: str, weights_dir: Path | None = None, *, teacher: bool = False) -> Path:
+    """The split-aware model's weights (what is served and run), or its teacher's."""
+    return (weights_dir or PathsConfig().weights_dir) / f"{name}{'.teacher' if teacher else ''}.safetensors"
 
 
 def save_trained(tm: TrainedModel, path: Path) -> None:
@@ -99,9 +102,9 @@ def save_trained(tm: TrainedModel, path: Path) -> None:
     save_file(tensors, str(path), metadata={"splitsense": json.dumps(tm.meta)})
 
 
-def load_trained(name: str, weights_dir: Path | None = None) -> TrainedModel:
+def load_trained(name: str, weights_dir: Path | None = None, *, teacher: bool = False) -> TrainedModel:
     spec = get_spec(name)
-    path = weights_path(name, weights_dir)
+    path = weights_path(name, weights_dir, teacher=teacher)
     if not path.exists():
         raise ModelError(f"no weights for model {name!r} at {path}; run `splitsense models train --model {name}`")
     try:
@@ -112,7 +115,7 @@ def load_trained(name: str, weights_dir: Path | None = None) -> TrainedModel:
             meta = json.loads((f.metadata() or {}).get("splitsense", "{}"))
     except Exception as e:  # safetensors raises several types for corrupt files
         raise ModelError(f"weights file {path} is unreadable ({e}); retrain with `splitsense models train`") from e
-    model = spec.build()
+    model = spec.build_teacher() if teacher else spec.build()
     state = {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}
     try:
         model.load_state_dict(state)
@@ -165,7 +168,7 @@ def train_model(
         x_raw, y = x_raw[:limit], y[:limit]
     std = features.Standardizer.fit(x_raw, _stat_dims(spec))
     x = std(x_raw)
-    model = spec.build()
+    model = spec.build_teacher()
     n_epochs = epochs if epochs is not None else spec.epochs
     opt = torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=1e-4)
     steps_per_epoch = max(1, (len(x) + cfg.batch_size - 1) // cfg.batch_size)
@@ -206,3 +209,142 @@ def held_out_set(tm: TrainedModel) -> tuple[torch.Tensor, torch.Tensor]:
     """Standardised test inputs and labels of a trained model's dataset."""
     test = split_for(tm.spec, "test")
     return tm.prepare(test.x), test.y
+
+
+# ---------------------------------------------------------------------------------------------
+# Split-aware (student) models: head network distillation, then fine-tuning with distillation
+
+
+def _hnd_index(model: StagedModel) -> int:
+    """Number of teacher stages the student's encoder + decoder replace (the HND target's index + 1)."""
+    return model.stage_names.index(HND_TARGET_STAGE) + 1
+
+
+def train_student_group(
+    names: tuple[str, ...],
+    cfg: TrainConfig | None = None,
+    epochs: int | None = None,
+    limit: int | None = None,
+    progress: ProgressFn | None = None,
+    weights_dir: Path | None = None,
+) -> dict[str, TrainedModel]:
+    """Train the split-aware models of `names` (one encoder group: same dataset, one shared encoder)
+    from their teachers' shipped weights.
+
+    Phase 1 (head network distillation, Matsubara et al. 2019): the encoder and decoders learn to
+    rebuild each teacher's activation after conv3 through the quantised code (MSE) at a bounded rate
+    (bits of the code under the quantiser's learned density, weighted by ``rate_weight`` per kbit);
+    the teachers' later stages are copied and frozen. Phase 2: everything is fine-tuned on the task
+    loss plus distillation from the teacher's logits (temperature 4) and the same rate term.
+    Finally the coding table (``Quantizer.pmf``) is fitted to the training codes."""
+    cfg = cfg or TrainConfig()
+    specs = [get_spec(n) for n in names]
+    if len({s.dataset for s in specs}) != 1:
+        raise ModelError(f"models {names} do not share a dataset; they cannot share an encoder")
+    spec0 = specs[0]
+    torch.manual_seed(cfg.seed)
+    torch.set_num_threads(cfg.threads)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    teachers = [load_trained(n, weights_dir, teacher=True) for n in names]
+    std = teachers[0].standardizer
+    train = [split_for(s, "train") for s in specs]
+    x = std(train[0].x)
+    ys = [t.y for t in train]
+    if limit is not None:
+        x, ys = x[:limit], [y[:limit] for y in ys]
+    with torch.no_grad():
+        for t in teachers:
+            t.model.eval()
+    students = [s.build() for s in specs]
+    encoder = students[0].stages[0]
+    for st, te in zip(students, teachers, strict=True):
+        st.stages[0] = encoder  # one module object while training: the group shares it
+        start = _hnd_index(te.model)
+        for i, stage in enumerate(st.stages[2:], start=2):
+            stage.load_state_dict(te.model.stages[start + i - 2].state_dict())
+    n_epochs = epochs if epochs is not None else spec0.student_epochs
+    hnd_epochs = max(1, n_epochs // 2)
+    rate_w = spec0.rate_weight / 1000.0
+    ce = nn.CrossEntropyLoss(label_smoothing=0.05)
+    temp = 4.0
+
+    def run_phase(params: list[nn.Parameter], phase_epochs: int, lr: float, finetune: bool, done: int) -> None:
+        opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)
+        steps = max(1, phase_epochs * ((len(x) + cfg.batch_size - 1) // cfg.batch_size))
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps)
+        for epoch in range(phase_epochs):
+            for st in students:
+                st.train()
+                if not finetune:
+                    for stage in st.stages[2:]:
+                        stage.eval()  # frozen teacher stages keep their BatchNorm statistics
+            perm = torch.randperm(len(x), generator=gen)
+            total = 0.0
+            for i in range(0, len(x), cfg.batch_size):
+                idx = perm[i : i + cfg.batch_size]
+                xb = augment(spec0, x[idx], gen)
+                y_pre = encoder.body(xb)
+                code = encoder.quant(y_pre)
+                loss = rate_w * rate_bits(encoder.quant, y_pre)
+                for st, te, y in zip(students, teachers, ys, strict=True):
+                    k = _hnd_index(te.model)
+                    with torch.no_grad():
+                        target = te.model.run(xb, 0, k)
+                        t_logits = te.model.run(target, k, te.model.n_stages) if finetune else None
+                    rebuilt = st.stages[1](code)
+                    loss = loss + F.mse_loss(rebuilt, target) * (0.1 if finetune else 1.0)
+                    if finetune:
+                        logits = st.run(rebuilt, 2, st.n_stages)
+                        kd = F.kl_div(
+                            F.log_softmax(logits / temp, 1), F.softmax(t_logits / temp, 1), reduction="batchmean"
+                        )
+                        loss = loss + 0.5 * ce(logits, y[idx]) + 0.5 * temp * temp * kd
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                sched.step()
+                total += float(loss.detach()) * len(idx)
+            if progress:
+                progress(done + epoch + 1, n_epochs, total / len(x))
+
+    t0 = time.perf_counter()
+    head_params = list(encoder.parameters()) + [p for st in students for p in st.stages[1].parameters()]
+    run_phase(head_params, hnd_epochs, 2e-3, finetune=False, done=0)
+    all_params = list({id(p): p for st in students for p in st.parameters()}.values())
+    run_phase(all_params, n_epochs - hnd_epochs, 5e-4, finetune=True, done=hnd_epochs)
+    prior = fit_prior(encoder, x)
+
+    out = {}
+    for spec, st, te in zip(specs, students, teachers, strict=True):
+        st.eval()
+        test = split_for(spec, "test")
+        xt = std(test.x)
+        acc = accuracy_of(st, xt, test.y)
+        with torch.no_grad():
+            codes = encoder(xt)
+        meta = {
+            "model": spec.name,
+            "task": spec.task,
+            "seed": cfg.seed,
+            "student_epochs": n_epochs,
+            "teacher_test_accuracy": te.meta.get("test_accuracy"),
+            "test_accuracy": round(acc, 4),
+            "encoder_group": list(names),
+            "code_shape": list(codes.shape[1:]),
+            "code_bits_mean": round(prior.bits(codes.numpy()) / len(xt), 1),
+            "prior_digest": prior.digest,
+            "train_windows": len(x),
+            "train_seconds": round(time.perf_counter() - t0, 1),
+        }
+        out[spec.name] = TrainedModel(spec=spec, model=st, standardizer=std, meta=meta)
+    return out
+
+
+def student_groups(names: tuple[str, ...] | list[str]) -> list[tuple[str, ...]]:
+    """`names` arranged into encoder groups (each group trained together), in order of first mention."""
+    groups: list[tuple[str, ...]] = []
+    for n in names:
+        g = get_spec(n).encoder_group or (n,)
+        if g not in groups:
+            groups.append(g)
+    return groups

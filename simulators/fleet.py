@@ -32,7 +32,9 @@ The radio tail still pending when a device's run ends is charged to its last win
 Policies (simulators/policies.py) run one after the other, each for `duration_s`, on the same
 inputs: the same devices, traces, trace offsets, recording positions, start phases and seeds, and
 links whose clocks start with the policy. Every window gets a result (the runtime finishes it
-locally on any failure); `lost` counts windows emitted without a result, and is 0.
+locally on any failure); `lost` counts windows emitted without a result, and is 0. A policy that
+cannot run on a class at all (all_local where the whole model does not fit the device's memory:
+`policies.infeasible_reason`) does not run that class's devices; `PolicyRun.infeasible` says why.
 """
 
 from __future__ import annotations
@@ -60,7 +62,7 @@ from edge.sources import RecordedWindow, ReplaySource, SensorWindow, recorded_wi
 from edge.transport import GrpcTransport
 from pipelines.catalog import ModelCatalog
 from pipelines.compress import compress_front_at_level
-from pipelines.devices import DEVICE_CLASSES, DeviceClass
+from pipelines.devices import DEVICE_CLASSES, DeviceClass, front_fits
 from pipelines.models import get_spec
 from pipelines.power import RadioEnergyMeter, radio_model
 from pipelines.stages import StagedModel
@@ -74,7 +76,9 @@ from simulators.policies import (
     all_local_choice,
     calibrated_catalog,
     choice_text,
+    cloud_input_choice,
     fixed_cut_choice,
+    infeasible_reason,
     policy_inputs,
 )
 from simulators.scenario import DeviceSpec, assign_devices, select_traces
@@ -91,6 +95,7 @@ __all__ = [
     "PolicyRun",
     "WindowRecord",
     "simulate",
+    "unfit_fronts",
 ]
 
 log = logging.getLogger(__name__)
@@ -205,6 +210,7 @@ class PolicyRun:
     broker: dict[str, Any]  # batch sizes and sheds during this run
     plan_versions: list[int]  # plan versions the devices used (adaptive)
     loop_lag_ms: dict[str, float] = field(default_factory=dict)  # how late the event loop woke up
+    infeasible: dict[str, str] = field(default_factory=dict)  # device class -> why it was not run
 
     @property
     def lost(self) -> int:
@@ -290,9 +296,21 @@ def compressed_fronts(model: StagedModel, levels: tuple[float, ...]) -> dict[tup
     return out
 
 
+def unfit_fronts(device: DeviceClass, catalog: ModelCatalog) -> dict[tuple[int, float], str]:
+    """The (cut, level) fronts, cuts 1..N at every catalog level, that `device` cannot hold, with
+    the reason (`pipelines.devices.front_fits`). Cut 0 (preprocessing only) always fits."""
+    out: dict[tuple[int, float], str] = {}
+    for lvl in catalog.levels:
+        for k in range(1, catalog.n_stages + 1):
+            why = front_fits(device, catalog, k, lvl.energy_kept)
+            if why is not None:
+                out[(k, float(lvl.energy_kept))] = why
+    return out
+
+
 def cost_profile(device: DeviceClass) -> DeviceCostProfile:
     """The cost model's view of a device class (as the controller builds it)."""
-    return DeviceCostProfile(device.name, device.speed_factor, device.active_mw, device.idle_mw, device.radio)
+    return DeviceCostProfile.of(device)
 
 
 def usable_levels(config: Config, catalogs: Mapping[str, ModelCatalog]) -> dict[str, tuple[float, ...]]:
@@ -593,7 +611,12 @@ class FleetRunner:
                 catalog = calibrated_catalog(catalogs[model], self.host_stage_ms[model])
             self.catalogs[model] = catalog
             self.inputs[cls] = policy_inputs(
-                catalog, cost_profile(dev), cfg.planner.classes[cls], sim.rtt_ms[dev.radio.value], cloud
+                catalog,
+                cost_profile(dev),
+                cfg.planner.classes[cls],
+                sim.rtt_ms[dev.radio.value],
+                cloud,
+                unfit_fronts(dev, catalog),
             )
             self.oracles[cls] = OracleTable(self.inputs[cls])
         by_class: dict[str, list[np.ndarray]] = defaultdict(list)
@@ -644,9 +667,11 @@ class FleetRunner:
         """Every device of the fleet under `policy` for `duration_s`, concurrently (after `run`
         has set up the cloud side)."""
         sim = self.sim
+        infeasible = self.infeasible(policy)
+        specs = [s for s in self.specs if s.device_class not in infeasible]
         expected = {
             s.device_id: len(device_windows(self.recordings[s.model], s.recording_offset, sim.duration_s, s.phase_s))
-            for s in self.specs
+            for s in specs
         }
         self.progress.policy_started(policy.value, sum(expected.values()))
         # Everything built so far (models, recordings, traces, the cloud) lives for the whole run:
@@ -659,8 +684,7 @@ class FleetRunner:
         loop = asyncio.get_running_loop()
         t0 = loop.time() + _START_DELAY_S
         tasks = [
-            asyncio.create_task(self._device(policy, spec, t0, records, errors), name=spec.device_id)
-            for spec in self.specs
+            asyncio.create_task(self._device(policy, spec, t0, records, errors), name=spec.device_id) for spec in specs
         ]
         lags: list[float] = []
         monitor = asyncio.create_task(_watch_loop_lag(lags), name="loop-lag")
@@ -683,9 +707,21 @@ class FleetRunner:
             broker=_batch_delta(before, after),
             plan_versions=sorted({r.plan_version for r in records}),
             loop_lag_ms=_lag_stats(lags),
+            infeasible=infeasible,
         )
         self.progress.policy_done(policy.value, run)
         return run
+
+    def infeasible(self, policy: Policy) -> dict[str, str]:
+        """Per device class of the fleet where `policy` cannot run at all, why (after `run` has
+        read the cloud's catalogs; empty before)."""
+        out = {}
+        for cls in self.sim.device_classes:
+            inputs = self.inputs.get(cls)
+            why = infeasible_reason(policy, inputs) if inputs is not None else None
+            if why is not None:
+                out[cls] = why
+        return out
 
     async def _device(
         self, policy: Policy, spec: DeviceSpec, t0: float, records: list[WindowRecord], errors: dict[str, str]
@@ -807,11 +843,14 @@ class FleetRunner:
         catalog = inputs.catalog
         if policy is Policy.ADAPTIVE:
             return None
-        if policy in (Policy.ALL_LOCAL, Policy.ALL_CLOUD, Policy.FIXED_CUT):
+        if policy in (Policy.ALL_LOCAL, Policy.ALL_CLOUD, Policy.CLOUD_INPUT, Policy.FIXED_CUT):
             if policy is Policy.ALL_LOCAL:
                 c, why = all_local_choice(catalog), "policy all_local: the whole model on the device"
             elif policy is Policy.ALL_CLOUD:
                 c, why = all_cloud_choice(catalog), "policy all_cloud: the preprocessed input to the cloud"
+            elif policy is Policy.CLOUD_INPUT:
+                c = cloud_input_choice(catalog, inputs.constraints.accuracy_budget_points)
+                why = f"policy cloud_input: the input to the cloud with the best codec: {choice_text(catalog, c)}"
             else:
                 t = max(start_s, 0.0)  # Neurosurgeon's probe, as the device starts
                 probe = schedule.bytes_between(t, t + self.sim.probe_s) / BYTES_PER_MBIT / self.sim.probe_s

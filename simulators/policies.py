@@ -8,6 +8,10 @@ window's (cut, front compression level, codec) differs:
     all_local   k = N for every window: the whole model on the device, nothing sent
     all_cloud   k = 0 for every window: the preprocessed input goes up (fp32, exact), the classic
                 cloud-offload baseline
+    cloud_input k = 0 for every window with the best codec: the fewest bytes at cut 0 among the
+                codecs whose accuracy there is within the class's accuracy budget. SC2's baseline
+                (Matsubara et al., TMLR 2023): remote computation on the compressed input, what a
+                split must beat
     fixed_cut   Neurosurgeon (Kang et al., ASPLOS 2017): one argmin over the cuts at start, from
                 the bandwidth a first probe measures, uncompressed and fp32, then kept for the run.
                 Latency classes take Neurosurgeon's latency argmin (`planner.neurosurgeon_argmin`);
@@ -18,6 +22,11 @@ window's (cut, front compression level, codec) differs:
                 device's link at that moment (outages included: 0 Mbit/s is "fully local"). Perfect
                 knowledge of the link, then executed for real like every other policy.
 
+Device memory: `PolicyInputs.unfit` names the (cut, level) fronts the class cannot hold (from
+`pipelines.devices.front_fits`). all_local is infeasible where the whole model (cut N) does not
+fit (`infeasible_reason`); cloud_input and all_cloud need nothing beyond preprocessing; fixed_cut's
+argmin and the oracle only consider fronts that fit (cut 0 always does).
+
 Pure: numbers in, choices out. The fleet runner (simulators/fleet.py) turns a choice into an
 `edge.runtime.ForcedChoice` for the device; the adaptive policy imposes nothing.
 """
@@ -25,7 +34,7 @@ Pure: numbers in, choices out. The fleet runner (simulators/fleet.py) turns a ch
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
 
@@ -40,7 +49,14 @@ from cloud.controller.costmodel import (
     estimate,
     estimate_grid,
 )
-from cloud.controller.planner import ClassInputs, Constraints, neurosurgeon_argmin, row_constraints, select
+from cloud.controller.planner import (
+    ClassInputs,
+    Constraints,
+    chain_split_latency_ms,
+    neurosurgeon_argmin,
+    row_constraints,
+    select,
+)
 from pipelines.catalog import LevelEntry, ModelCatalog
 from pipelines.codecs import Codec
 from splitsense.config import ClassObjectiveConfig
@@ -56,7 +72,9 @@ __all__ = [
     "all_local_choice",
     "calibrated_catalog",
     "choice_text",
+    "cloud_input_choice",
     "fixed_cut_choice",
+    "infeasible_reason",
     "oracle_choice",
     "policy_inputs",
 ]
@@ -66,6 +84,7 @@ class Policy(StrEnum):
     ADAPTIVE = "adaptive"
     ALL_LOCAL = "all_local"
     ALL_CLOUD = "all_cloud"
+    CLOUD_INPUT = "cloud_input"
     FIXED_CUT = "fixed_cut"
     ORACLE = "oracle"
 
@@ -82,10 +101,18 @@ class PolicyInputs:
     cloud: CloudState
     rtt_ms: float
     constraints: Constraints  # the class's NORMAL-battery row: objective and budgets
+    # (cut, level) fronts the device cannot hold, with the reason (pipelines.devices.front_fits);
+    # empty: every front fits. Cut 0 (preprocessing only) always fits and is never listed.
+    unfit: Mapping[tuple[int, float], str] = field(default_factory=dict, hash=False)
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.rtt_ms) and self.rtt_ms >= 0):
             raise ConfigError(f"rtt_ms must be finite and >= 0, got {self.rtt_ms!r}")
+        unfit = {(int(k), float(lvl)): str(why) for (k, lvl), why in self.unfit.items() if int(k) > 0}
+        object.__setattr__(self, "unfit", unfit)
+
+    def fits(self, cut: int, level: float = 1.0) -> bool:
+        return (int(cut), float(level)) not in self.unfit
 
     @property
     def objective(self) -> Objective:
@@ -98,6 +125,7 @@ def policy_inputs(
     objective: ClassObjectiveConfig,
     rtt_ms: float,
     cloud: CloudState,
+    unfit: Mapping[tuple[int, float], str] | None = None,
 ) -> PolicyInputs:
     """PolicyInputs with the class's objective and budgets exactly as the planner reads them."""
     cls = ClassInputs(
@@ -108,7 +136,8 @@ def policy_inputs(
         deadline_ms=objective.deadline_ms,
         accuracy_budget_points=objective.accuracy_budget_points,
     )
-    return PolicyInputs(catalog, device, cloud, rtt_ms, row_constraints(cls, catalog, BatteryState.NORMAL))
+    constraints = row_constraints(cls, catalog, BatteryState.NORMAL)
+    return PolicyInputs(catalog, device, cloud, rtt_ms, constraints, dict(unfit or {}))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -125,6 +154,35 @@ def all_cloud_choice(catalog: ModelCatalog) -> Choice:  # noqa: ARG001 (same sig
     return Choice(0, 1.0, Codec.FP32)
 
 
+def cloud_input_choice(catalog: ModelCatalog, accuracy_budget_points: float = math.inf) -> Choice:
+    """Cut 0 with the best codec: the fewest bytes at cut 0 among the catalog's codecs whose
+    accuracy there loses at most `accuracy_budget_points` (points below the model's own; fp32 is
+    exact, so there is always one). Ties: the more accurate, then the catalog's (Codec) order."""
+    budget = float(accuracy_budget_points)
+    if math.isnan(budget) or budget < 0:
+        raise ConfigError(f"accuracy_budget_points must be >= 0 (inf: none), got {accuracy_budget_points!r}")
+    ok = [
+        (c.activation_bytes[0], -c.accuracy[0], i, c.codec)
+        for i, c in enumerate(catalog.codecs)
+        if (catalog.base_accuracy - c.accuracy[0]) * 100.0 <= budget + _ACC_SLACK_POINTS
+    ]
+    if not ok:  # only with a malformed catalog: fp32 is exact
+        return Choice(0, 1.0, Codec.FP32)
+    return Choice(0, 1.0, min(ok)[3])
+
+
+def infeasible_reason(policy: Policy | str, inputs: PolicyInputs) -> str | None:
+    """Why `policy` cannot run on the class of `inputs` at all (None: it can): all_local when the
+    whole model does not fit the device's memory. The others always have a choice that fits (cut 0:
+    preprocessing only), and fixed_cut and the oracle choose among the fronts that fit."""
+    if Policy(policy) is Policy.ALL_LOCAL:
+        n = inputs.catalog.n_stages
+        why = inputs.unfit.get((n, 1.0))
+        if why is not None:
+            return f"all_local needs the whole model ({n} stages) on the device: {why}"
+    return None
+
+
 def fixed_cut_choice(inputs: PolicyInputs, bandwidth_mbps: float) -> Choice:
     """Neurosurgeon's one-time argmin over the cuts (uncompressed, fp32) at `bandwidth_mbps`.
 
@@ -132,22 +190,27 @@ def fixed_cut_choice(inputs: PolicyInputs, bandwidth_mbps: float) -> Choice:
     speed factor), the cloud's per-stage latency plus its fixed per-request cost on the cloud side,
     and the fp32 activation bytes. Energy objective: Neurosurgeon's energy mode, the cut of least
     device energy under the cost model (compute + radio with its tail + waiting). Ties: the
-    shallower cut (Neurosurgeon's first minimum).
+    shallower cut (Neurosurgeon's first minimum). Only cuts whose front fits the device's memory
+    (`inputs.unfit`) are candidates: a partition that cannot be deployed is not one.
     """
     bw = _bandwidth(bandwidth_mbps)
     cat = inputs.catalog
     n = cat.n_stages
+    fits = [k for k in range(n + 1) if inputs.fits(k)]
     if inputs.objective is Objective.LATENCY:
+        if bw <= 0:
+            return Choice(n if inputs.fits(n) else 0)
         dev, _ = device_stage_ms(cat, inputs.device)
         cloud = list(inputs.cloud.stage_latency_ms(cat))
         cloud[-1] += inputs.cloud.fixed_ms  # one request's queueing + overhead, paid once per offload
         act = cat.codec(Codec.FP32).activation_bytes[:n]
-        if bw <= 0:
-            return Choice(n)
-        return Choice(neurosurgeon_argmin(dev, cloud, act, bw, inputs.rtt_ms))
+        if len(fits) == n + 1:
+            return Choice(neurosurgeon_argmin(dev, cloud, act, bw, inputs.rtt_ms))
+        lat = {k: chain_split_latency_ms(dev, cloud, act, bw, inputs.rtt_ms, k) for k in fits}
+        return Choice(min(fits, key=lambda k: (lat[k], k)))
     link = LinkState(bw, inputs.rtt_ms)
-    energies = [estimate(cat, inputs.device, link, inputs.cloud, Choice(k)).energy_mj for k in range(n + 1)]
-    best = min(range(n + 1), key=lambda k: (energies[k], k))
+    energies = {k: estimate(cat, inputs.device, link, inputs.cloud, Choice(k)).energy_mj for k in fits}
+    best = min(fits, key=lambda k: (energies[k], k))
     return Choice(best)
 
 
@@ -181,8 +244,15 @@ class OracleTable:
         grid = estimate_grid(
             self.inputs.catalog, self.inputs.device, [LinkState(v, self.inputs.rtt_ms) for v in todo], self.inputs.cloud
         )
+        unfit = self.inputs.unfit
+        if unfit:  # fronts the device cannot hold are never chosen: out of every accuracy budget
+            mask = np.array([not self.inputs.fits(c.cut, c.level) for c in grid.choices])
+            grid = replace(grid, accuracy_loss_points=np.where(mask, np.inf, grid.accuracy_loss_points))
         for b, v in enumerate(todo):
-            self._cache[v] = grid.choices[select(grid, b, self.inputs.constraints).index]
+            choice = grid.choices[select(grid, b, self.inputs.constraints).index]
+            if not self.inputs.fits(choice.cut, choice.level):  # nothing fits and meets the budget
+                choice = cloud_input_choice(self.inputs.catalog, self.inputs.constraints.accuracy_budget_points)
+            self._cache[v] = choice
 
     def choose(self, bandwidth_mbps: float) -> Choice:
         bw = _bandwidth(bandwidth_mbps)
@@ -194,6 +264,9 @@ class OracleTable:
 
     def __len__(self) -> int:
         return len(self._cache)
+
+
+_ACC_SLACK_POINTS = 1e-9  # as the planner: accuracies equal up to float noise meet a budget
 
 
 def _bandwidth(value: float) -> float:

@@ -2,9 +2,12 @@
 
     summarize(result)        the `simulate --json` object: {"config", "objective", "policies":
                              {policy: {class: {windows, lost, accuracy, latency_ms_p50,
-                             latency_ms_p95, energy_mj_per_window, offload_ratio}}}, "realtime_factor"}
-    comparison(result)       per class, on its objective: adaptive against all_local, all_cloud and
-                             oracle, and its accuracy against the local full model
+                             latency_ms_p95, latency_ms_mean, energy_mj_per_window, offload_ratio,
+                             split_ratio, split_attempt_ratio, mechanisms}}}, "realtime_factor"};
+                             a policy that cannot run on a class (the device cannot hold what it
+                             needs) has {"infeasible": true, "reason": ...} for that class instead
+    comparison(result)       per class, on its objective: adaptive against all_local, all_cloud,
+                             cloud_input and oracle, and its accuracy against the local full model
     write_report(result, d)  d/report.json (every figure and the configuration it was measured
                              with), d/windows.jsonl (one line per window), and PNG plots:
                              latency_cdf.png, energy_per_window.png, device_timeline.png
@@ -12,6 +15,16 @@
 
 The objective metric of a class is what its planner minimises per window: mean latency (ms) for
 "latency" classes, mean energy per window (mJ) for "energy" classes.
+
+Which mechanisms were really used, per policy and class (N: the model's number of stages):
+    split_ratio          share of windows whose result came from the cloud after an intermediate
+                         cut 0 < k < N (the front ran on the device, the activation went up)
+    split_attempt_ratio  share of windows whose choice was an intermediate cut, answered or not
+    mechanisms           shares of windows: "mode" (offloaded | local | fallback), "cut" (the
+                         choice's k, "local" for k = N), "codec" (of what was sent, "none" when
+                         nothing was), "level" (front compression, energy kept), and "fallback"
+                         (per kind, the first words of the reason: windows whose choice offloaded
+                         but that ran on the device, e.g. "deadline", "circuit breaker open")
 """
 
 from __future__ import annotations
@@ -32,12 +45,16 @@ from simulators.link import ShapingSchedule
 from simulators.scenario import DeviceSpec
 
 __all__ = [
+    "BASELINES",
     "CLASS_KEYS",
     "ConsoleProgress",
+    "MECHANISM_KEYS",
     "PLOTS",
     "TIE_TOLERANCE",
     "class_stats",
     "comparison",
+    "infeasible_entry",
+    "mechanisms",
     "render_summary",
     "summarize",
     "timeline_device",
@@ -50,9 +67,15 @@ CLASS_KEYS = (
     "accuracy",
     "latency_ms_p50",
     "latency_ms_p95",
+    "latency_ms_mean",
     "energy_mj_per_window",
     "offload_ratio",
+    "split_ratio",
+    "split_attempt_ratio",
+    "mechanisms",
 )
+MECHANISM_KEYS = ("mode", "cut", "codec", "level", "fallback")
+BASELINES = ("all_local", "all_cloud", "cloud_input")  # what adaptive is compared with, besides the oracle
 PLOTS = ("latency_cdf.png", "energy_per_window.png", "device_timeline.png")
 # A tie with a baseline: the oracle chose that baseline's choice for at least TIE_SHARE of the
 # windows (it is optimal throughout: there is nothing to beat), adaptive made the same choice for at
@@ -86,6 +109,7 @@ _POLICY_COLORS = {
     "adaptive": "#1b9e77",
     "all_local": "#7570b3",
     "all_cloud": "#d95f02",
+    "cloud_input": "#e6ab02",
     "fixed_cut": "#e7298a",
     "oracle": "#444444",
 }
@@ -115,13 +139,53 @@ def _r(x: float | np.floating[Any], digits: int = 3) -> float:
     return round(float(x), digits)
 
 
+def _is_split(r: WindowRecord) -> bool:
+    return 0 < r.cut < r.n_stages
+
+
+def _cut_key(r: WindowRecord) -> str:
+    return "local" if r.cut >= r.n_stages else str(r.cut)
+
+
+def _fallback_kind(r: WindowRecord) -> str | None:
+    """The kind of fallback of a window whose choice offloaded but that ran on the device (None:
+    not one): the failure ("deadline", "unavailable", ...) or why it was not sent ("circuit
+    breaker open", "no broker")."""
+    if r.mode == "fallback" or (r.mode == "local" and r.cut < r.n_stages):
+        return r.reason or "unknown"
+    return None
+
+
+def _shares(keys: Iterable[str | None], n: int, order: Any = None) -> dict[str, float]:
+    counts: dict[str, int] = defaultdict(int)
+    for k in keys:
+        if k is not None:
+            counts[k] += 1
+    return {k: _r(counts[k] / n, 4) for k in sorted(counts, key=order)}
+
+
+def mechanisms(records: Sequence[WindowRecord]) -> dict[str, dict[str, float]]:
+    """Shares of `records` per mode, cut, codec sent, front level and fallback kind (MECHANISM_KEYS)."""
+    n = len(records)
+    if n == 0:
+        return {k: {} for k in MECHANISM_KEYS}
+    return {
+        "mode": _shares((r.mode for r in records), n),
+        "cut": _shares((_cut_key(r) for r in records), n, lambda k: (k == "local", int(k) if k.isdigit() else 0)),
+        "codec": _shares((r.codec or "none" for r in records), n, lambda k: (k == "none", k)),
+        "level": _shares((f"{r.level:g}" for r in records), n, lambda k: -float(k)),
+        "fallback": _shares((_fallback_kind(r) for r in records), n),
+    }
+
+
 def class_stats(records: Sequence[WindowRecord], expected: int, *, full: bool = False) -> dict[str, Any]:
-    """The per-class figures of one policy (CLASS_KEYS; `full` adds means, fallbacks and splits)."""
+    """The per-class figures of one policy (CLASS_KEYS; `full` adds tails, energy parts, counts)."""
     n = len(records)
     if n == 0:
         base: dict[str, Any] = dict.fromkeys(CLASS_KEYS, 0)
         base.update(windows=0, lost=expected, accuracy=None, latency_ms_p50=None, latency_ms_p95=None)
-        base.update(energy_mj_per_window=None, offload_ratio=None)
+        base.update(latency_ms_mean=None, energy_mj_per_window=None, offload_ratio=None)
+        base.update(split_ratio=None, split_attempt_ratio=None, mechanisms=mechanisms([]))
         return base
     lat = np.array([r.latency_ms for r in records])
     energy = np.array([r.energy_mj for r in records])
@@ -131,8 +195,12 @@ def class_stats(records: Sequence[WindowRecord], expected: int, *, full: bool = 
         "accuracy": _r(sum(r.correct for r in records) / n, 4),
         "latency_ms_p50": _r(np.percentile(lat, 50)),
         "latency_ms_p95": _r(np.percentile(lat, 95)),
+        "latency_ms_mean": _r(lat.mean()),
         "energy_mj_per_window": _r(energy.mean(), 4),
         "offload_ratio": _r(sum(r.mode == "offloaded" for r in records) / n, 4),
+        "split_ratio": _r(sum(r.mode == "offloaded" and _is_split(r) for r in records) / n, 4),
+        "split_attempt_ratio": _r(sum(_is_split(r) for r in records) / n, 4),
+        "mechanisms": mechanisms(records),
     }
     if full:
         modes: dict[str, int] = defaultdict(int)
@@ -144,7 +212,6 @@ def class_stats(records: Sequence[WindowRecord], expected: int, *, full: bool = 
             if r.mode == "fallback":
                 reasons[r.reason or "unknown"] += 1
         out.update(
-            latency_ms_mean=_r(lat.mean()),
             latency_ms_p99=_r(np.percentile(lat, 99)),
             lag_ms_p95=_r(np.percentile([r.lag_ms for r in records], 95)),
             compute_mj_per_window=_r(np.mean([r.compute_mj for r in records]), 4),
@@ -163,18 +230,31 @@ def _class_order(result: FleetResult) -> list[str]:
     return list(result.config.simulator.device_classes)
 
 
+def infeasible_entry(reason: str) -> dict[str, Any]:
+    """What a policy reports for a class it cannot run on, instead of figures."""
+    return {"infeasible": True, "reason": reason}
+
+
 def _policy_tables(result: FleetResult, *, full: bool) -> dict[str, dict[str, dict[str, Any]]]:
     out: dict[str, dict[str, dict[str, Any]]] = {}
     for policy, run in result.runs.items():
         groups = _by_class(run.records)
         expected = _expected_by_class(run, result.specs)
-        out[policy] = {c: class_stats(groups.get(c, []), expected.get(c, 0), full=full) for c in _class_order(result)}
+        out[policy] = {
+            c: (
+                infeasible_entry(run.infeasible[c])
+                if c in run.infeasible
+                else class_stats(groups.get(c, []), expected.get(c, 0), full=full)
+            )
+            for c in _class_order(result)
+        }
     return out
 
 
 def realtime_factor(result: FleetResult) -> float:
-    """The slowest policy's sensor time / wall time (1.0: the fleet kept up with its sensors)."""
-    factors = [run.realtime_factor for run in result.runs.values()]
+    """The slowest policy's sensor time / wall time (1.0: the fleet kept up with its sensors);
+    a policy that ran no device (infeasible on every class) does not count."""
+    factors = [run.realtime_factor for run in result.runs.values() if sum(run.windows_expected.values()) > 0]
     return _r(min(factors), 4) if factors else 0.0
 
 
@@ -211,19 +291,37 @@ def _share(records: Sequence[WindowRecord], pred: Any) -> float | None:
     return sum(bool(pred(r)) for r in records) / len(records) if records else None
 
 
+def _input_codec(records: Sequence[WindowRecord]) -> str | None:
+    """The codec cloud_input sent (its most frequent; None: it sent nothing)."""
+    counts: dict[str, int] = defaultdict(int)
+    for r in records:
+        if r.codec is not None:
+            counts[r.codec] += 1
+    return max(sorted(counts), key=lambda c: counts[c]) if counts else None
+
+
 def comparison(result: FleetResult) -> dict[str, Any]:
-    """Per class, on its objective: adaptive vs every baseline, and whether the issue's targets hold."""
+    """Per class, on its objective: adaptive vs every baseline, and whether the issue's targets hold.
+
+    A baseline that is infeasible on the class (the device cannot hold what it needs) gets
+    `{"infeasible": true, "reason", "ratio": null, "met": true}`: there is nothing to beat."""
     out: dict[str, Any] = {}
     groups = {p: _by_class(run.records) for p, run in result.runs.items()}
     for cls in _class_order(result):
         objective = result.objectives[cls]
         metric = {p: _objective_metric(g.get(cls, []), objective) for p, g in groups.items()}
+        infeasible = {p: run.infeasible[cls] for p, run in result.runs.items() if cls in run.infeasible}
         oracle_recs = groups.get("oracle", {}).get(cls, [])
         adaptive_recs = groups.get("adaptive", {}).get(cls, [])
+        input_codec = _input_codec(groups.get("cloud_input", {}).get(cls, []))
         is_local = lambda r: r.cut >= r.n_stages  # noqa: E731
         is_cloud = lambda r: r.cut == 0 and (r.codec or "fp32") == "fp32"  # noqa: E731  (all_cloud's choice)
-        local_share, cloud_share = _share(oracle_recs, is_local), _share(oracle_recs, is_cloud)
-        adaptive_shares = {"all_local": _share(adaptive_recs, is_local), "all_cloud": _share(adaptive_recs, is_cloud)}
+        is_input = lambda r, c=input_codec: r.cut == 0 and r.codec in (None, c)  # noqa: E731  (cloud_input's)
+        preds = {"all_local": is_local, "all_cloud": is_cloud, "cloud_input": is_input}
+        oracle_shares = {b: _share(oracle_recs, preds[b]) for b in BASELINES}
+        adaptive_shares = {b: _share(adaptive_recs, preds[b]) for b in BASELINES}
+        local_share, cloud_share = oracle_shares["all_local"], oracle_shares["all_cloud"]
+        split = _share(adaptive_recs, lambda r: r.mode == "offloaded" and _is_split(r))
         entry: dict[str, Any] = {
             "objective": objective,
             "metric": "mean energy per window (mJ)" if objective == "energy" else "mean latency (ms)",
@@ -236,7 +334,14 @@ def comparison(result: FleetResult) -> dict[str, Any]:
             "adaptive_cloud_share": None
             if adaptive_shares["all_cloud"] is None
             else _r(adaptive_shares["all_cloud"], 4),
+            "oracle_input_share": None if oracle_shares["cloud_input"] is None else _r(oracle_shares["cloud_input"], 4),
+            "adaptive_input_share": None
+            if adaptive_shares["cloud_input"] is None
+            else _r(adaptive_shares["cloud_input"], 4),
+            "adaptive_split_ratio": None if split is None else _r(split, 4),
         }
+        if infeasible:
+            entry["infeasible"] = dict(infeasible)
         budget = _budget(result, cls, objective)
         if budget is not None:  # the objective's constraint: is each policy within it?
             key = "energy_mj_per_window" if objective == "latency" else "latency_ms_mean"
@@ -256,7 +361,18 @@ def comparison(result: FleetResult) -> dict[str, Any]:
             }
         a = metric.get("adaptive")
         if a is not None:
-            for base, share in (("all_local", local_share), ("all_cloud", cloud_share)):
+            for base in BASELINES:
+                if base in infeasible:
+                    entry[f"adaptive_vs_{base}"] = {
+                        "infeasible": True,
+                        "reason": infeasible[base],
+                        "ratio": None,
+                        "beats": None,
+                        "ties_where_optimal": None,
+                        "met": True,
+                    }
+                    continue
+                share = oracle_shares[base]
                 b = metric.get(base)
                 if b is None or b <= 0:
                     continue
@@ -545,12 +661,14 @@ def _plot_energy(result: FleetResult, path: Path) -> Path:
         top = bottom.max() * 1.15
         if len(ordered) > 1 and ordered[-2] > 0 and ordered[-1] > 4 * ordered[-2]:
             top = ordered[-2] * 2.2
-        for xi, total in zip(x, bottom, strict=True):
+        for xi, total, policy in zip(x, bottom, policies, strict=True):
             clipped = total > top
             ax.text(
                 xi,
                 min(total, top * 0.97),
-                f"{total:.1f}" + (" (cut)" if clipped else ""),
+                "infeasible"
+                if cls in result.runs[policy].infeasible
+                else f"{total:.1f}" + (" (cut)" if clipped else ""),
                 ha="center",
                 va="top" if clipped else "bottom",
                 fontsize=8,
@@ -678,12 +796,18 @@ def render_summary(result: FleetResult, console: Any, report_dir: Path | None = 
         ("mean ms", "right"),
         ("mJ/window", "right"),
         ("offload", "right"),
+        ("split %", "right"),
     ):
         table.add_column(col, justify=justify)  # type: ignore[arg-type]
+    notes: list[str] = []
     for policy, classes in tables.items():
         for cls, s in classes.items():
+            if s.get("infeasible"):
+                table.add_row(policy, cls, "infeasible", *["-"] * 8)
+                notes.append(f"{policy} on {cls}: infeasible: {s['reason']}")
+                continue
             if not s["windows"]:
-                table.add_row(policy, cls, "0", str(s["lost"]), "-", "-", "-", "-", "-", "-")
+                table.add_row(policy, cls, "0", str(s["lost"]), *["-"] * 7)
                 continue
             table.add_row(
                 policy,
@@ -696,9 +820,12 @@ def render_summary(result: FleetResult, console: Any, report_dir: Path | None = 
                 f"{s['latency_ms_mean']:.1f}",
                 f"{s['energy_mj_per_window']:.2f}",
                 f"{s['offload_ratio']:.0%}",
+                f"{s['split_ratio']:.0%}",
             )
         table.add_section()
     console.print(table)
+    for note in notes:
+        console.print(f"  {note}", highlight=False)
     comp = comparison(result)
     for cls in _class_order(result):
         c = comp[cls]
@@ -706,12 +833,17 @@ def render_summary(result: FleetResult, console: Any, report_dir: Path | None = 
         for key, word in (
             ("adaptive_vs_all_local", "local"),
             ("adaptive_vs_all_cloud", "cloud"),
+            ("adaptive_vs_cloud_input", "input"),
             ("adaptive_vs_oracle", "oracle"),
         ):
             v = c.get(key)
-            if v is not None:
+            if v is not None and v.get("infeasible"):
+                parts.append(f"vs {word}: infeasible on this class")
+            elif v is not None:
                 tag = "ok" if v["met"] else "NOT MET"
                 parts.append(f"vs {word} x{v['ratio']:.2f} ({tag})")
+        if c.get("adaptive_split_ratio") is not None:
+            parts.append(f"adaptive split {c['adaptive_split_ratio']:.0%}")
         bud = c.get("budget")
         if bud is not None:
             outside = [p for p, ok in bud["within"].items() if ok is False]
@@ -778,6 +910,7 @@ class ConsoleProgress(FleetProgress):
         modes = " ".join(f"{m} {n}" for m, n in sorted(self._counts.items()))
         self.console.print(
             f"{policy}: {len(run.records)} windows ({modes}), lost {run.lost}, "
-            f"{run.wall_s:.1f} s wall, real-time x{run.realtime_factor:.3f}",
+            f"{run.wall_s:.1f} s wall, real-time x{run.realtime_factor:.3f}"
+            + (f"; not run on {', '.join(run.infeasible)} (infeasible)" if run.infeasible else ""),
             highlight=False,
         )

@@ -719,7 +719,7 @@ def simulate_cmd(
         "all",
         "--policy",
         "-p",
-        help="adaptive, all_local, all_cloud, fixed_cut, oracle, a comma-separated list, or all.",
+        help="adaptive, all_local, all_cloud, cloud_input, fixed_cut, oracle, a comma-separated list, or all.",
     ),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object on stdout (the table goes to stderr)."),
     traces: Path = typer.Option(None, "--traces", help="Folder of traces (two-column or Mahimahi) to use instead."),

@@ -90,6 +90,12 @@ def _default_planner_classes() -> dict[str, ClassObjectiveConfig]:
         # A watch computes ~60x slower than the cloud host: it answers a keyword or a speaker fastest
         # by offloading when the link allows, within 60 mW per model (its 1.6 Wh battery lasts a day).
         "watch": ClassObjectiveConfig("latency", energy_budget_mw=60.0, deadline_ms=300.0),
+        # A microcontroller sensor node (pipelines.devices: nRF52840, ~3000x slower than the host,
+        # ~10 mW computing, a 1.85 Wh LiPo, BLE): nobody waits on its answers, but its battery is the
+        # whole point, so least energy; within 1000 ms, one audio window, so that it keeps up with
+        # its own stream. Uploading an int8 window over BLE (~4 KB: ~50 ms on air + a 15 ms
+        # connection-event wait + ~90 ms RTT) meets it; the whole model locally would take seconds.
+        "sensor_node": ClassObjectiveConfig("energy", energy_budget_mw=None, deadline_ms=1000.0),
     }
 
 
@@ -426,7 +432,10 @@ class ControllerConfig:
             raise ConfigError("controller.local_only_failure_rate must be in (0, 1]")
 
 
-_SIM_POLICIES = ("adaptive", "all_local", "all_cloud", "fixed_cut", "oracle")
+# simulators/policies.py: adaptive (the product), the baselines all_local (k = N), all_cloud (k = 0,
+# fp32), cloud_input (k = 0 with the best codec within the accuracy budget: SC2's "upload the
+# input" baseline) and fixed_cut (Neurosurgeon), and the oracle. Same order as `Policy`.
+_SIM_POLICIES = ("adaptive", "all_local", "all_cloud", "cloud_input", "fixed_cut", "oracle")
 
 
 def _default_sim_models() -> dict[str, str]:
@@ -440,8 +449,11 @@ def _default_sim_models() -> dict[str, str]:
 
 def _default_sim_rtt_ms() -> dict[str, float]:
     # Round trip to the cloud per radio. LTE ~70 ms: the median Huang et al. (MobiSys 2012)
-    # measured; 3G ~150 ms, WiFi ~20 ms (home WiFi to a regional cloud): estimates.
-    return {"lte": 70.0, "3g": 150.0, "wifi": 20.0}
+    # measured; 3G ~150 ms, WiFi ~20 ms (home WiFi to a regional cloud): estimates. BLE ~90 ms:
+    # a BLE hop to a phone gateway, whose LTE uplink is the 70 ms, + the answer's wait for the next
+    # connection event (half a 30 ms interval, 15 ms; the request's wait is the BLE radio model's
+    # promotion) + ~5 ms of forwarding in the phone: estimate.
+    return {"lte": 70.0, "3g": 150.0, "wifi": 20.0, "ble": 90.0}
 
 
 @dataclass(frozen=True)
@@ -452,7 +464,7 @@ class SimulatorConfig:
     device_classes: tuple[str, ...] = ("phone", "iot_board", "watch")  # planner.classes names
     models: dict[str, str] = field(default_factory=_default_sim_models, hash=False)
     # Per policy: ~20 audio windows per device, long enough for a controller pass and a few
-    # bandwidth changes of the traces, short enough that all five policies fit in a ~2-minute demo.
+    # bandwidth changes of the traces, short enough that all six policies fit in a ~2.5-minute demo.
     duration_s: float = 20.0
     policies: tuple[str, ...] = _SIM_POLICIES  # run one after the other on the same inputs
     traces_dir: Path | None = None  # None: the project's traces (pipelines/data/traces)

@@ -82,10 +82,7 @@ def run_plan_bench(repeats: int = 50, cfg: Config | None = None) -> dict[str, An
         raise ValueError(f"repeats must be >= 1, got {repeats!r}")
     cfg = cfg or Config()
     catalogs, sources = load_or_measure_catalogs(cfg)
-    devices = {
-        name: DeviceCostProfile(name, dc.speed_factor, dc.active_mw, dc.idle_mw, dc.radio)
-        for name, dc in DEVICE_CLASSES.items()
-    }
+    devices = {name: DeviceCostProfile.of(dc) for name, dc in DEVICE_CLASSES.items()}
     inputs = inputs_from_config(
         cfg.planner,
         devices,

@@ -556,10 +556,10 @@ class _Bench:
         for name in b.device_classes:
             dc = DEVICE_CLASSES[name]
             radio = radio_model(dc.radio)
-            promo[name] = DeviceCostProfile(dc.name, dc.speed_factor, dc.active_mw, dc.idle_mw, radio)
+            promo[name] = dataclasses.replace(DeviceCostProfile.of(dc), radio=radio)
             if b.promotion == "exclude":
                 radio = dataclasses.replace(radio, promotion_s=0.0)
-            profiles[name] = DeviceCostProfile(dc.name, dc.speed_factor, dc.active_mw, dc.idle_mw, radio)
+            profiles[name] = dataclasses.replace(DeviceCostProfile.of(dc), radio=radio)
             given = (b.rtt_ms or {}).get(name)
             rtts[name] = float(given) if given is not None else float(cfg.simulator.rtt_ms[dc.radio.value])
         plan = plan_fleet(inputs_from_config(pcfg, profiles, rtts, [self.catalog], cloud))

@@ -19,6 +19,11 @@ level, codec)``:
                  (idle_mw x (RTT + cloud time)), in mJ (mW x s).
     accuracy     base + (drop of the compressed front at k) + (drop of the codec at k): the two
                  drops are measured separately in the catalog and added.
+    fits         whether the device can hold the front [0, k) at `level` in its memory budgets
+                 (``pipelines.devices.front_fits``: fp32 weights in storage, peak activation, and
+                 weights where they are loaded, in RAM). A profile without budgets holds anything.
+                 The grid carries it (``CostGrid.fits``, ``CostGrid.refusal``); the planner never
+                 chooses a front that does not fit.
 
 Radio energy uses the published power model of pipelines.power (Huang et al., MobiSys 2012,
 Tables 3 and 4; the constants live there and are read from its RadioPowerModel, never copied):
@@ -45,6 +50,7 @@ import numpy as np
 
 from pipelines.catalog import ModelCatalog
 from pipelines.codecs import Codec, parse_codec
+from pipelines.devices import DeviceClass, front_fits
 from pipelines.power import (
     BITS_PER_BYTE,
     Radio,
@@ -89,6 +95,8 @@ class DeviceCostProfile:
     """What the cost model needs to know about a device class (pipelines.devices has the figures).
 
     `radio` is a Radio (its published model from pipelines.power) or a RadioPowerModel of your own.
+    `ram_bytes`/`storage_bytes` are the class's memory budgets for one model (None: unlimited) and
+    `weights_in_ram` whether its runtime loads the weights into RAM (see pipelines.devices).
     """
 
     name: str
@@ -96,10 +104,31 @@ class DeviceCostProfile:
     active_mw: float  # whole device while computing
     idle_mw: float  # whole device while waiting (radio excluded)
     radio: Radio | RadioPowerModel
+    ram_bytes: int | None = None
+    storage_bytes: int | None = None
+    weights_in_ram: bool = True
+
+    @classmethod
+    def of(cls, device: DeviceClass) -> DeviceCostProfile:
+        """The cost model's view of a device class of pipelines.devices, memory budgets included."""
+        return cls(
+            device.name,
+            device.speed_factor,
+            device.active_mw,
+            device.idle_mw,
+            device.radio,
+            ram_bytes=device.ram_bytes,
+            storage_bytes=device.storage_bytes,
+            weights_in_ram=device.weights_in_ram,
+        )
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
             raise ConfigError("DeviceCostProfile.name must be a non-empty string")
+        for budget_name in ("ram_bytes", "storage_bytes"):
+            budget = getattr(self, budget_name)
+            if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int) or budget <= 0):
+                raise ConfigError(f"device {self.name!r}: {budget_name} must be an int > 0 or None, got {budget!r}")
         if not _finite_nonneg(f"device {self.name!r}: speed_factor", self.speed_factor) > 0:
             raise ConfigError(f"device {self.name!r}: speed_factor must be > 0")
         _finite_nonneg(f"device {self.name!r}: active_mw", self.active_mw)
@@ -387,11 +416,17 @@ class CostGrid:
     cloud_compute_ms: np.ndarray  # (M,)
     queue_ms: float
     overhead_ms: float
+    fits: np.ndarray  # (M,) bool: the device can hold the choice's front (memory budgets)
+    refusals: Mapping[int, str] = field(default_factory=dict)  # m -> why its front does not fit
     _index: dict[tuple[int, float, Codec], int] = field(default_factory=dict, repr=False)
 
     def index(self, choice: Choice) -> int | None:
         """Position of `choice` in this grid, or None when it is not one of its choices."""
         return self._index.get((choice.cut, choice.level, choice.codec))
+
+    def refusal(self, m: int) -> str | None:
+        """Why choice m's front does not fit the device's memory (None: it fits)."""
+        return self.refusals.get(m)
 
     def estimate(self, b: int, m: int) -> CostEstimate:
         """The CostEstimate of choice m on link b (same numbers as `estimate`)."""
@@ -497,6 +532,20 @@ def estimate_grid(
     total_ms = device_ms + transfer_ms + cloud_ms
     energy_mj = compute_mj + radio_mj + wait_mj
 
+    # Memory: one check per (cut, level); the codec does not change the front.
+    why_by_front: dict[tuple[int, float], str | None] = {}
+    refusals: dict[int, str] = {}
+    for m, c in enumerate(choices):
+        key = (c.cut, c.level)
+        if key not in why_by_front:
+            why_by_front[key] = front_fits(device, catalog, c.cut, c.level)
+        why = why_by_front[key]
+        if why is not None:
+            refusals[m] = why
+    fits = np.ones(len(choices), dtype=bool)
+    if refusals:
+        fits[list(refusals)] = False
+
     return CostGrid(
         catalog=catalog,
         choices=choices,
@@ -522,5 +571,7 @@ def estimate_grid(
         cloud_compute_ms=cloud_compute,
         queue_ms=cloud.queue_ms,
         overhead_ms=cloud.overhead_ms,
+        fits=fits,
+        refusals=MappingProxyType(refusals),
         _index={(c.cut, c.level, c.codec): i for i, c in enumerate(choices)},
     )

@@ -77,8 +77,8 @@ _MAX_HOLD_WINDOWS = 8
 
 
 def cost_profile(device: DeviceClass) -> DeviceCostProfile:
-    """The cost model's view of a device class of pipelines.devices."""
-    return DeviceCostProfile(device.name, device.speed_factor, device.active_mw, device.idle_mw, device.radio)
+    """The cost model's view of a device class of pipelines.devices (memory budgets included)."""
+    return DeviceCostProfile.of(device)
 
 
 @dataclass(frozen=True)

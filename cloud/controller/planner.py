@@ -25,6 +25,16 @@ latency (ENERGY) among those within the accuracy budget, and its reason says so.
 failure rate says the cloud is broken, the caller sets ``ClassInputs.cloud_available = False``: its
 rows are chosen among the local choices only (still over the compression levels), and say why.
 
+Memory. A choice whose front the device cannot hold (``pipelines.devices.front_fits``: its weights
+over the class's storage budget, or its peak activation, plus its weights where they are loaded,
+over its RAM budget) is never a candidate. When the row's optimum without that rule would have been
+such a front, the row's reason says so ("... refused: front of M at cut k needs ..."). Cut 0 (upload
+the input) needs no front and always fits, so a row with the cloud reachable always has a fitting
+candidate; when none of a row's candidates fits and has a finite cost (the cloud is unreachable, or
+the row is planned at 0 Mbit/s, and the device cannot hold any local front), the row is chosen as if
+memory were unlimited and its reason starts with "NO choice fits": the device cannot run that row as
+planned, and the plan set's reason counts such rows.
+
 Hysteresis. With a previous PlanSet, a row keeps its previous (cut, level, codec) unless the new
 optimum improves the row's objective by more than ``hysteresis_margin`` (relative) -- provided the
 previous choice is still a candidate and still feasible under the new inputs; otherwise the row
@@ -79,6 +89,7 @@ from cloud.controller.costmodel import (
     estimate_grid,
 )
 from pipelines.catalog import ModelCatalog
+from pipelines.devices import front_fits
 from splitsense.config import PlannerConfig
 from splitsense.errors import ConfigError
 from splitsense.plan import BatteryState, Objective, Plan, PlanRow, PlanSet
@@ -283,6 +294,7 @@ def row_constraints(cls: ClassInputs, catalog: ModelCatalog, battery: BatterySta
 class Selection:
     index: int  # into the grid's choices
     feasible: bool  # False: best effort (no choice met the energy budget / deadline)
+    fits: bool = True  # False: no candidate fits the device's memory; chosen as if memory were unlimited
 
 
 def _within(value: np.ndarray, limit: float) -> np.ndarray:
@@ -290,8 +302,17 @@ def _within(value: np.ndarray, limit: float) -> np.ndarray:
     return result
 
 
-def select(grid: CostGrid, b: int, cons: Constraints) -> Selection:
-    """The optimum of link b's row under `cons` (vectorised; `exhaustive_best` is its twin)."""
+def select(grid: CostGrid, b: int, cons: Constraints, *, memory: bool = True) -> Selection:
+    """The optimum of link b's row under `cons` (vectorised; `exhaustive_best` is its twin).
+
+    Only choices whose front fits the device (`grid.fits`) are candidates; `memory=False` ignores
+    the memory budgets (what the row would have chosen without them)."""
+    if memory:
+        fit = grid.fits
+        if not (fit & _finite_choice(grid, b, cons)).any():
+            return dataclasses.replace(select(grid, b, cons, memory=False), fits=False)
+    else:
+        fit = np.ones(len(grid.choices), dtype=bool)
     total, energy = grid.total_ms[b], grid.energy_mj[b]
     acc_ok = grid.accuracy_loss_points <= cons.accuracy_budget_points + _ACC_SLACK_POINTS
     if cons.objective is Objective.LATENCY:
@@ -300,13 +321,20 @@ def select(grid: CostGrid, b: int, cons: Constraints) -> Selection:
     else:
         primary, secondary, violated = energy, total, total
         ok = acc_ok & _within(total, cons.deadline_ms)
-    ok &= np.isfinite(primary)
+    ok &= np.isfinite(primary) & fit
     if ok.any():
         return Selection(_lex_argmin(primary, secondary, ok), True)
-    fallback = acc_ok & np.isfinite(violated)
-    if not fallback.any():  # cannot happen with a valid catalog (local, uncompressed is always there)
-        fallback = np.isfinite(violated)
+    fallback = acc_ok & np.isfinite(violated) & fit
+    if not fallback.any():  # no fitting choice within the accuracy budget: the least inaccurate rule
+        fallback = np.isfinite(violated) & fit
     return Selection(_lex_argmin(violated, primary, fallback), False)
+
+
+def _finite_choice(grid: CostGrid, b: int, cons: Constraints) -> np.ndarray:
+    """Choices select can pick at all on link b: those whose constrained metric is finite."""
+    violated = grid.energy_mj[b] if cons.objective is Objective.LATENCY else grid.total_ms[b]
+    result: np.ndarray = np.isfinite(violated)
+    return result
 
 
 def _lex_argmin(primary: np.ndarray, secondary: np.ndarray, mask: np.ndarray) -> int:
@@ -340,13 +368,24 @@ def exhaustive_best(
     local_only: bool = False,
 ) -> tuple[Choice, CostEstimate, bool]:
     """Brute force with plain loops over every choice and the scalar cost model: (choice, its
-    estimate, feasible). The reference the planner is tested against."""
+    estimate, feasible). The reference the planner is tested against.
+
+    Choices whose front does not fit the device (`pipelines.devices.front_fits`) are left out,
+    unless none of those that fit has a finite cost: then memory is ignored, as `select` does."""
+    items = []
+    for choice in choices_of(catalog, local_only=local_only):
+        est = estimate(catalog, device, link, cloud, choice, telemetry, min_telemetry_samples=min_telemetry_samples)
+        items.append((choice, est, front_fits(device, catalog, choice.cut, choice.level) is None))
+    violated = (lambda e: e.energy_mj) if cons.objective is Objective.LATENCY else (lambda e: e.total_ms)
+    fitting = [(c, e) for c, e, fits in items if fits]
+    pool = fitting if any(math.isfinite(violated(e)) for _, e in fitting) else [(c, e) for c, e, _ in items]
     best: tuple[float, float] | None = None
     best_item: tuple[Choice, CostEstimate] | None = None
     fallback: tuple[float, float] | None = None
     fallback_item: tuple[Choice, CostEstimate] | None = None
-    for choice in choices_of(catalog, local_only=local_only):
-        est = estimate(catalog, device, link, cloud, choice, telemetry, min_telemetry_samples=min_telemetry_samples)
+    any_fallback: tuple[float, float] | None = None
+    any_item: tuple[Choice, CostEstimate] | None = None
+    for choice, est in pool:
         if cons.objective is Objective.LATENCY:
             key = (est.total_ms, est.energy_mj)
             fb_key = (est.energy_mj, est.total_ms)
@@ -356,17 +395,20 @@ def exhaustive_best(
         if _feasible(est, cons):
             if best is None or key < best:
                 best, best_item = key, (choice, est)
-        elif (
-            est.breakdown["accuracy_loss_points"] <= cons.accuracy_budget_points + _ACC_SLACK_POINTS
-            and math.isfinite(fb_key[0])
-            and (fallback is None or fb_key < fallback)
-        ):
-            fallback, fallback_item = fb_key, (choice, est)
+            continue
+        if not math.isfinite(fb_key[0]):
+            continue
+        if est.breakdown["accuracy_loss_points"] <= cons.accuracy_budget_points + _ACC_SLACK_POINTS:
+            if fallback is None or fb_key < fallback:
+                fallback, fallback_item = fb_key, (choice, est)
+        if any_fallback is None or fb_key < any_fallback:
+            any_fallback, any_item = fb_key, (choice, est)
     if best_item is not None:
         return best_item[0], best_item[1], True
-    if fallback_item is None:
+    item = fallback_item or any_item  # the second: no fitting choice within the accuracy budget
+    if item is None:
         raise ConfigError(f"no choice at all for {catalog.model!r}: the catalog has no local choice")
-    return fallback_item[0], fallback_item[1], False
+    return item[0], item[1], False
 
 
 # ---------------------------------------------------------------------------------------------
@@ -395,7 +437,7 @@ def plan_fleet(inputs: PlannerInputs, previous: PlanSet | None = None) -> PlanSe
     buckets = bandwidth_buckets(inputs.bandwidth_edges_mbps)
     prev = _previous_choices(previous)
     plans = []
-    kept = best_effort = 0
+    kept = best_effort = refused = unfit = 0
     for cls in inputs.classes:
         links = [LinkState(bk.planned_mbps, cls.rtt_ms) for bk in buckets]
         for catalog in inputs.catalogs:
@@ -408,9 +450,10 @@ def plan_fleet(inputs: PlannerInputs, previous: PlanSet | None = None) -> PlanSe
                 min_telemetry_samples=inputs.min_telemetry_samples,
                 local_only=not cls.cloud_available,
             )
-            plan, k, be = _plan_one(cls, catalog, grid, buckets, prev, inputs.hysteresis_margin)
+            plan, k, be, mem = _plan_one(cls, catalog, grid, buckets, prev, inputs.hysteresis_margin)
             plans.append(plan)
             kept, best_effort = kept + k, best_effort + be
+            refused, unfit = refused + mem[0], unfit + mem[1]
 
     version = 1 if previous is None else previous.version + 1
     plan_set = PlanSet(version=version, plans=tuple(plans), created_unix_ms=inputs.now_unix_ms, reason="-")
@@ -423,6 +466,10 @@ def plan_fleet(inputs: PlannerInputs, previous: PlanSet | None = None) -> PlanSe
         )
     if best_effort:
         parts.append(f"{best_effort} best-effort rows")
+    if refused:
+        parts.append(f"{refused} rows refused a front that does not fit the device's memory")
+    if unfit:
+        parts.append(f"{unfit} rows where NO choice fits the device's memory")
     local = [c.name for c in inputs.classes if not c.cloud_available]
     if local:
         parts.append(f"local only for {', '.join(local)} (cloud unavailable)")
@@ -436,10 +483,11 @@ def _plan_one(
     buckets: tuple[Bucket, ...],
     prev: dict[_RowKey, Choice],
     margin: float,
-) -> tuple[Plan, int, int]:
-    """The plan of one (class, model), how many rows hysteresis kept, how many are best effort."""
+) -> tuple[Plan, int, int, tuple[int, int]]:
+    """The plan of one (class, model), how many rows hysteresis kept, how many are best effort, and
+    (rows whose optimum was refused for memory, rows where no choice fits)."""
     local_m, cloud_m = grid.index(Choice(catalog.n_stages)), grid.index(Choice(0))
-    rows, kept, best_effort = [], 0, 0
+    rows, kept, best_effort, refused, unfit = [], 0, 0, 0, 0
     for battery in (BatteryState.NORMAL, BatteryState.LOW):
         cons = row_constraints(cls, catalog, battery)
         for b, bk in enumerate(buckets):
@@ -448,11 +496,15 @@ def _plan_one(
             m, kept_note = _hysteresis(grid, b, sel, cons, old, margin)
             kept += bool(kept_note)
             best_effort += not sel.feasible
+            memory_note = _memory_note(cls, grid, b, cons, sel, m)
+            refused += bool(memory_note) and sel.fits
+            unfit += not sel.fits
             est = grid.estimate(b, m)
             choice = grid.choices[m]
             reason = _reason(
                 cls, catalog, grid, b, m, est, cons, battery, bk, sel.feasible, kept_note, local_m, cloud_m
             )  # fmt: skip
+            reason = memory_note + reason
             rows.append(
                 PlanRow(
                     min_bandwidth_mbps=bk.min_mbps,
@@ -467,7 +519,21 @@ def _plan_one(
                 )
             )
     plan = Plan(model=catalog.model, device_class=cls.name, rows=tuple(rows), objective=cls.objective)
-    return plan, kept, best_effort
+    return plan, kept, best_effort, (refused, unfit)
+
+
+def _memory_note(cls: ClassInputs, grid: CostGrid, b: int, cons: Constraints, sel: Selection, m: int) -> str:
+    """'' when memory did not decide the row; else what it refused (or that nothing fits), ending '; '."""
+    if not sel.fits:
+        why = grid.refusal(m) or "its front does not fit"
+        return f"NO choice fits {cls.name}'s memory, planned as if it did ({why}); "
+    if not grid.refusals:
+        return ""
+    free = select(grid, b, cons, memory=False).index
+    refused = grid.refusal(free)
+    if free == m or refused is None:
+        return ""
+    return f"{_choice_text(grid.catalog, grid.choices[free])} refused: {refused}; "
 
 
 def _hysteresis(
@@ -476,7 +542,7 @@ def _hysteresis(
     """(choice index, note): the previous choice when it is still a feasible candidate and the new
     optimum does not beat it by more than `margin`; else the optimum and no note."""
     old_m = None if old is None else grid.index(old)
-    if not sel.feasible or old_m is None or old_m == sel.index:
+    if not sel.feasible or old_m is None or old_m == sel.index or not grid.fits[old_m]:
         return sel.index, ""
     if not _feasible(grid.estimate(b, old_m), cons):
         return sel.index, ""

@@ -39,8 +39,8 @@ def test_published_constants_are_huang_2012() -> None:
         119.3,
     )
     assert set(RADIO_MODELS) == set(Radio)
-    for model in RADIO_MODELS.values():
-        assert "Huang" in model.source
+    for radio, model in RADIO_MODELS.items():
+        assert ("nRF52840" if radio is Radio.BLE else "Huang") in model.source
     # Idle paging power from the DRX duty cycles: LTE ~20 mW, 3G ~4 mW, WiFi ~1.9 mW.
     assert LTE.idle_mw == pytest.approx(20.05, abs=0.05)
     assert g3.idle_mw == pytest.approx(4.06, abs=0.05)
@@ -161,3 +161,18 @@ def test_meter_matches_per_transfer_sum_for_sparse_events() -> None:
         prev_end = start + promotion_delay_s(model, gap) + 50_000 * 8 / 2e6 + 10_000 * 8 / 4e6
         meter.record(t, 50_000, 2.0, 10_000, 4.0)
     assert meter.total_mj == pytest.approx(total)
+
+
+def test_ble_model_is_the_nrf52840s() -> None:
+    ble = radio_model("ble")
+    assert ble.radio is Radio.BLE and "nRF52840" in ble.source
+    # on the air at the 1M PHY: TX 4.8 mA / RX 4.6 mA at 3 V, plus the peer's acknowledgements
+    assert 14.4 < ble.uplink_mw_per_mbps < 20 and 13.8 < ble.downlink_mw_per_mbps < 20
+    # a transfer waits for the next connection event (half a 30 ms interval); no tail
+    assert ble.promotion_s == pytest.approx(0.015) and ble.total_tail_s == 0 and ble.full_tail_mj == 0
+    assert promotion_delay_s(ble, 0.5) == pytest.approx(0.015) and promotion_delay_s(ble, 0.0) == 0
+    # empty connection events keep the link: ~0.2 mW, two orders of magnitude under LTE's paging
+    assert ble.idle_mw == pytest.approx(0.21, abs=0.01) and ble.idle_mw < LTE.idle_mw / 50
+    # a 4 KB window costs well under a millijoule, ~1000x less than over LTE
+    ble_mj = transfer_energy_mj(ble, 4040, 40, 0.7, 0.7, math.inf)
+    assert ble_mj < 1.0 and transfer_energy_mj(LTE, 4040, 40, 0.7, 0.7, math.inf) > 300 * ble_mj

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -11,22 +12,30 @@ import pytest
 import torch
 from prometheus_client import CollectorRegistry, Histogram
 
+from cloud.controller.costmodel import CloudState
 from edge.sources import RecordedWindow
-from pipelines.catalog import load_catalog
+from pipelines.catalog import ModelCatalog, load_catalog
+from pipelines.codecs import Codec
 from pipelines.compress import compress_front_at_level
+from pipelines.devices import DEVICE_CLASSES
 from pipelines.power import Radio, radio_model
 from pipelines.training import load_trained
 from simulators.fleet import (
+    FleetRunner,
     RadioTransport,
     ReferenceTime,
     _batch_delta,
     _batch_totals,
     compressed_fronts,
+    cost_profile,
     device_windows,
+    unfit_fronts,
     usable_levels,
 )
+from simulators.policies import Policy, policy_inputs
 from splitsense.config import Config
 from splitsense.errors import OffloadDeadlineError
+from tests.unit.cloud.controller.synthetic import make_catalog
 
 
 def test_reference_time_is_the_catalog_times_the_speed_factor() -> None:
@@ -136,3 +145,68 @@ def test_batch_figures_are_the_runs_delta() -> None:
     empty = _batch_delta(before, before)
     assert empty["tail_calls"] == 0 and empty["mean_batch_size"] is None
     assert not math.isnan(float(delta["mean_batch_size"]))
+
+
+# ---------------------------------------------------------------------------------------------
+# Policies that need memory the device lacks; cloud_input's forced choice
+
+
+def _small_catalog() -> ModelCatalog:
+    return make_catalog(
+        [1.0, 2.0, 3.0],
+        [4000, 8000, 400],
+        level_factors={0.5: [0.5, 0.5, 0.5]},
+        codec_drops={Codec.FP16: [0.0, 0.0, 0.0], Codec.INT8: [0.02, 0.0, 0.0]},
+    )
+
+
+def test_unfit_fronts_asks_the_device_class_for_every_cut_and_level(monkeypatch: pytest.MonkeyPatch) -> None:
+    import simulators.fleet as fleet
+
+    cat = _small_catalog()
+    watch = DEVICE_CLASSES["watch"]
+    asked: list[tuple[str, int, float]] = []
+
+    def front_fits(device: Any, catalog: ModelCatalog, cut: int, level: float) -> str | None:
+        asked.append((device.name, cut, level))
+        return f"cut {cut} at {level:g} needs more RAM" if cut >= 2 and level == 1.0 else None
+
+    monkeypatch.setattr(fleet, "front_fits", front_fits)
+    assert unfit_fronts(watch, cat) == {(2, 1.0): "cut 2 at 1 needs more RAM", (3, 1.0): "cut 3 at 1 needs more RAM"}
+    assert sorted(asked) == sorted(("watch", k, lvl) for k in (1, 2, 3) for lvl in (1.0, 0.5))  # never cut 0
+    monkeypatch.undo()
+    assert unfit_fronts(watch, cat) == {}  # the real memory model: a watch holds this toy model
+
+
+def _runner_with(unfit: dict[str, dict[tuple[int, float], str]]) -> FleetRunner:
+    cfg = Config()
+    runner = FleetRunner(cfg, backend="in_process")
+    cat = _small_catalog()
+    for cls in cfg.simulator.device_classes:
+        dev = DEVICE_CLASSES[cls]
+        runner.inputs[cls] = policy_inputs(
+            cat, cost_profile(dev), cfg.planner.classes[cls], 20.0, CloudState(overhead_ms=1.0), unfit.get(cls)
+        )
+    return runner
+
+
+def test_infeasible_classes_per_policy() -> None:
+    runner = _runner_with({"watch": {(3, 1.0): "2 MB of weights, 256 KB of RAM"}, "phone": {(1, 0.5): "x"}})
+    assert set(runner.infeasible(Policy.ALL_LOCAL)) == {"watch"}
+    assert "256 KB of RAM" in runner.infeasible(Policy.ALL_LOCAL)["watch"]
+    for policy in Policy:
+        if policy is not Policy.ALL_LOCAL:
+            assert runner.infeasible(policy) == {}, policy
+    assert FleetRunner(Config()).infeasible(Policy.ALL_LOCAL) == {}  # before the catalogs are read
+
+
+def test_cloud_input_forces_the_input_with_the_best_codec() -> None:
+    runner = _runner_with({})
+    spec = SimpleNamespace(device_class="watch")
+    choose = runner._chooser(Policy.CLOUD_INPUT, spec, None, 0.0, 0.0)  # type: ignore[arg-type]
+    assert choose is not None
+    forced = choose()
+    assert forced is not None
+    # the watch's accuracy budget (1 point) rules out int8 (-2 points): fp16 is the smallest left
+    assert (forced.cut, forced.codec, forced.level) == (0, Codec.FP16, 1.0)
+    assert forced.why.startswith("policy cloud_input")

@@ -12,6 +12,7 @@ import pytest
 from simulators.fleet import FleetResult, PolicyRun, WindowRecord
 from simulators.report import (
     CLASS_KEYS,
+    MECHANISM_KEYS,
     PLOTS,
     class_stats,
     comparison,
@@ -24,7 +25,7 @@ from simulators.scenario import DeviceSpec
 from simulators.traces import Trace
 from splitsense.config import Config
 
-POLICIES = ("adaptive", "all_local", "all_cloud", "fixed_cut", "oracle")
+POLICIES = ("adaptive", "all_local", "all_cloud", "cloud_input", "fixed_cut", "oracle")
 CLASSES = ("phone", "watch")
 # (latency ms, energy mJ, cut, mode) per policy: local is optimal for the phone (latency), the
 # oracle offloads the watch (energy) half of the time and adaptive is close to it.
@@ -32,6 +33,7 @@ SHAPE = {
     "adaptive": {"phone": (10.0, 20.0, 7, "local"), "watch": (40.0, 9.0, 0, "offloaded")},
     "all_local": {"phone": (10.0, 20.0, 7, "local"), "watch": (30.0, 12.0, 7, "local")},
     "all_cloud": {"phone": (150.0, 900.0, 0, "offloaded"), "watch": (60.0, 15.0, 0, "offloaded")},
+    "cloud_input": {"phone": (120.0, 700.0, 0, "offloaded"), "watch": (50.0, 13.0, 0, "offloaded")},
     "fixed_cut": {"phone": (10.5, 20.0, 7, "local"), "watch": (30.0, 12.0, 7, "local")},
     "oracle": {"phone": (9.8, 19.0, 7, "local"), "watch": (35.0, 8.5, 0, "offloaded")},
 }
@@ -84,7 +86,7 @@ def _records(policy: str, spec: DeviceSpec, n: int = 4) -> list[WindowRecord]:
                 mode="local" if in_outage else mode,
                 cut=7 if in_outage else cut,
                 n_stages=7,
-                codec=None if mode == "local" or in_outage else "fp32",
+                codec=None if mode == "local" or in_outage else "int8" if policy == "cloud_input" else "fp32",
                 level=1.0,
                 correct=not (policy == "adaptive" and i == 3 and spec.device_class == "phone"),
                 bytes_sent=0 if mode == "local" else 1000,
@@ -100,15 +102,17 @@ def _records(policy: str, spec: DeviceSpec, n: int = 4) -> list[WindowRecord]:
     return out
 
 
-def _result(lost_one: bool = False) -> FleetResult:
+def _result(lost_one: bool = False, infeasible: dict[str, dict[str, str]] | None = None) -> FleetResult:
     specs = _specs()
     runs = {}
     for p in POLICIES:
-        records = [r for s in specs for r in _records(p, s)]
-        expected = {s.device_id: 4 for s in specs}
+        skip = (infeasible or {}).get(p, {})  # classes the policy cannot run on: their devices are not run
+        records = [r for s in specs if s.device_class not in skip for r in _records(p, s)]
+        expected = {s.device_id: 4 for s in specs if s.device_class not in skip}
         if lost_one and p == "all_cloud":
             expected[specs[0].device_id] = 5
         runs[p] = PolicyRun(p, 4.0, 4.2, expected, records, {}, {"tail_calls": 3, "mean_batch_size": 1.3}, [3])
+        runs[p].infeasible = dict(skip)
     return FleetResult(
         config=_config(),
         specs=specs,
@@ -207,3 +211,129 @@ def test_render_summary_prints_the_table_and_verdicts() -> None:
     assert "all_cloud" in text and "watch" in text
     assert "vs oracle" in text and "NOT MET" in text  # the phone's accuracy in this toy run
     assert "report: /tmp/r" in text
+
+
+# ---------------------------------------------------------------------------------------------
+# Which mechanisms were really used
+
+
+def _window(cut: int, mode: str, codec: str | None = None, level: float = 1.0, reason: str = "") -> WindowRecord:
+    return WindowRecord(
+        policy="adaptive",
+        device_id="sim-000-watch",
+        device_class="watch",
+        model="fsdd_digit",
+        index=0,
+        t_s=0.0,
+        lag_ms=0.0,
+        latency_ms=10.0 * (cut + 1),
+        mode=mode,
+        cut=cut,
+        n_stages=5,
+        codec=codec,
+        level=level,
+        correct=True,
+        bytes_sent=0 if codec is None else 100,
+        compute_mj=1.0,
+        radio_mj=0.0,
+        wait_mj=0.0,
+        true_mbps=1.0,
+        estimate_mbps=1.0,
+        plan_version=2,
+        reason=reason,
+    )
+
+
+# 10 windows of a 5-stage model: 4 answered at an intermediate cut, 2 that tried one and fell back
+# (a deadline, the breaker), 2 uploads of the input, 2 fully local.
+MIXED = [
+    _window(2, "offloaded", "int8"),
+    _window(2, "offloaded", "int8", 0.7),
+    _window(3, "offloaded", "ans", 0.7),
+    _window(1, "offloaded", "fp16"),
+    _window(2, "fallback", "int8", reason="deadline"),
+    _window(3, "local", reason="circuit breaker open"),
+    _window(0, "offloaded", "int8"),
+    _window(0, "offloaded", "fp32"),
+    _window(5, "local", reason="plan keeps the whole model on the device"),
+    _window(5, "local", reason="plan keeps the whole model on the device"),
+]
+
+
+def test_split_ratio_counts_answered_intermediate_cuts() -> None:
+    stats = class_stats(MIXED, 10)
+    assert stats["split_ratio"] == 0.4  # cuts 1..4 answered by the cloud
+    assert stats["split_attempt_ratio"] == 0.6  # ... plus the two that fell back
+    assert stats["offload_ratio"] == 0.6
+    assert stats["latency_ms_mean"] == pytest.approx(np.mean([r.latency_ms for r in MIXED]))
+    assert tuple(stats) == CLASS_KEYS
+    assert class_stats([_window(5, "local"), _window(0, "offloaded", "int8")], 2)["split_ratio"] == 0.0
+
+
+def test_mechanisms_are_shares_per_cut_codec_level_and_fallback() -> None:
+    m = class_stats(MIXED, 10)["mechanisms"]
+    assert tuple(m) == MECHANISM_KEYS
+    assert m["mode"] == {"fallback": 0.1, "local": 0.3, "offloaded": 0.6}
+    assert m["cut"] == {"0": 0.2, "1": 0.1, "2": 0.3, "3": 0.2, "local": 0.2}
+    assert list(m["cut"]) == ["0", "1", "2", "3", "local"]
+    assert m["codec"] == {"ans": 0.1, "fp16": 0.1, "fp32": 0.1, "int8": 0.4, "none": 0.3}
+    assert m["level"] == {"1": 0.8, "0.7": 0.2}
+    assert m["fallback"] == {"circuit breaker open": 0.1, "deadline": 0.1}  # plan-local windows are not one
+    for shares in m.values():
+        assert all(0 <= v <= 1 for v in shares.values())
+    for key in ("mode", "cut", "codec", "level"):
+        assert sum(m[key].values()) == pytest.approx(1.0)
+    empty = class_stats([], 3)
+    assert empty["split_ratio"] is None and empty["mechanisms"] == dict.fromkeys(MECHANISM_KEYS, {})
+    assert tuple(empty) == CLASS_KEYS
+
+
+def test_comparison_includes_cloud_input_and_the_split_share() -> None:
+    comp = comparison(_result())
+    watch = comp["watch"]
+    assert watch["adaptive_vs_cloud_input"]["beats"] and watch["adaptive_vs_cloud_input"]["met"]
+    assert watch["adaptive_vs_cloud_input"]["ratio"] == pytest.approx(9.0 / 13.0, abs=1e-4)
+    # adaptive uploads the input as fp32, cloud_input as int8: not the same choice
+    assert watch["adaptive_input_share"] == 0.0 and watch["adaptive_cloud_share"] == 0.75
+    assert watch["adaptive_split_ratio"] == 0.0 and "infeasible" not in watch
+
+
+# ---------------------------------------------------------------------------------------------
+# Infeasible policies
+
+NO_ROOM = "all_local needs the whole model (7 stages) on the device: 2.1 MB of weights, the node has 256 KB"
+
+
+def test_an_infeasible_policy_reports_why_instead_of_figures() -> None:
+    result = _result(infeasible={"all_local": {"watch": NO_ROOM}})
+    out = summarize(result)
+    assert out["policies"]["all_local"]["watch"] == {"infeasible": True, "reason": NO_ROOM}
+    assert out["policies"]["all_local"]["phone"]["windows"] == 4  # the other class still ran
+    assert tuple(out["policies"]["adaptive"]["watch"]) == CLASS_KEYS
+    json.dumps(out, allow_nan=False)
+    watch = comparison(result)["watch"]
+    assert watch["infeasible"] == {"all_local": NO_ROOM}
+    verdict = watch["adaptive_vs_all_local"]
+    assert verdict["infeasible"] and verdict["reason"] == NO_ROOM and verdict["ratio"] is None and verdict["met"]
+    assert watch["adaptive_vs_cloud_input"]["met"] and "accuracy" not in watch  # no local model to compare with
+    assert comparison(result)["zero_lost_windows"] is True  # devices not run lose nothing
+
+
+def test_a_policy_infeasible_everywhere_does_not_count_for_realtime() -> None:
+    result = _result(infeasible={"all_local": {"phone": NO_ROOM, "watch": NO_ROOM}})
+    assert summarize(result)["realtime_factor"] == pytest.approx(3.1 / 4.2, abs=1e-3)
+
+
+def test_report_and_summary_show_infeasible_and_split(tmp_path: Path) -> None:
+    from rich.console import Console
+
+    result = _result(infeasible={"all_local": {"watch": NO_ROOM}})
+    out = write_report(result, tmp_path / "report")
+    report = json.loads((out / "report.json").read_text())
+    assert report["policies"]["all_local"]["watch"] == {"infeasible": True, "reason": NO_ROOM}
+    assert report["summary"]["policies"]["adaptive"]["watch"]["mechanisms"]["cut"] == {"0": 0.75, "local": 0.25}
+    console = Console(record=True, width=200)
+    render_summary(result, console)
+    text = console.export_text()
+    assert "split %" in text and "infeasible" in text and NO_ROOM in text
+    assert "vs local: infeasible on this class" in text and "vs input x" in text and "adaptive split 0%" in text

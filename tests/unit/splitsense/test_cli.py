@@ -26,3 +26,11 @@ def test_unknown_model_for_training() -> None:
     result = runner.invoke(app, ["models", "train", "--model", "nope"])
     assert result.exit_code == 2
     assert "known models" in result.output
+
+
+def test_simulate_knows_the_cloud_input_policy() -> None:
+    result = runner.invoke(app, ["simulate", "--policy", "upload_everything"], env={"COLUMNS": "200"})
+    assert result.exit_code == 2
+    assert "unknown simulator policy 'upload_everything'" in result.output and "cloud_input" in result.output
+    assert "Traceback" not in result.output
+    assert "cloud_input" in runner.invoke(app, ["simulate", "--help"], env={"COLUMNS": "200"}).output

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -33,7 +34,8 @@ from cloud.controller.planner import (
 )
 from pipelines.catalog import ModelCatalog
 from pipelines.codecs import Codec
-from pipelines.power import Radio
+from pipelines.devices import front_fits
+from pipelines.power import Radio, radio_model
 from splitsense.config import PlannerConfig
 from splitsense.errors import ConfigError
 from splitsense.plan import BatteryState, Objective, Plan, PlanRow, PlanSet
@@ -248,9 +250,13 @@ def test_planner_is_at_least_as_good_as_neurosurgeon_and_dads(
 ) -> None:
     dev, cloud_ms, nbytes = chain
     dev = [max(d, 1e-3) for d in dev]  # a catalog's stages take some time
-    device = DeviceCostProfile("d", 1.0, 1000.0, 10.0, radio)
     # Without extras the cost model reduces to Neurosurgeon's: a tiny window keeps the radio connected
-    # (no promotion), no result comes back, no queue or serving overhead.
+    # (no promotion; BLE has no tail and waits for a connection event every time, so its promotion
+    # is taken out), no result comes back, no queue or serving overhead.
+    power = radio_model(radio)
+    if not extras and power.total_tail_s == 0:
+        power = dataclasses.replace(power, promotion_s=0.0)
+    device = DeviceCostProfile("d", 1.0, 1000.0, 10.0, power)
     cat_fixed = make_catalog(dev, nbytes, window_s=20.0 if extras else 1e-3, result_bytes=400 if extras else 0)
     cloud = CloudState(
         stage_ms={"synthetic": tuple(cloud_ms)},
@@ -448,3 +454,93 @@ def test_exhaustive_best_reports_feasibility() -> None:
     choice, est, ok = exhaustive_best(cat, SLOW_FRUGAL, link, cloud, Constraints(Objective.ENERGY, deadline_ms=1.0))
     assert not ok and choice.cut < cat.n_stages
     assert est.total_ms > 1.0
+
+
+# ---------------------------------------------------------------------------------------------
+# Memory: a front the device cannot hold is never chosen
+
+
+@SETTINGS
+@given(
+    cat=catalogs(),
+    device=devices,
+    objective=st.sampled_from(list(Objective)),
+    ram=st.one_of(st.none(), st.integers(1, 4_000_000)),
+    storage=st.one_of(st.none(), st.integers(1, 4_000)),
+    weights_in_ram=st.booleans(),
+    deadline=st.one_of(st.none(), st.floats(1.0, 2000.0)),
+    edges=edge_lists,
+    cloud_available=st.booleans(),
+)
+def test_rows_never_choose_a_front_that_does_not_fit(
+    cat: ModelCatalog,
+    device: DeviceCostProfile,
+    objective: Objective,
+    ram: int | None,
+    storage: int | None,
+    weights_in_ram: bool,
+    deadline: float | None,
+    edges: list[float],
+    cloud_available: bool,
+) -> None:
+    device = dataclasses.replace(device, ram_bytes=ram, storage_bytes=storage, weights_in_ram=weights_in_ram)
+    inputs = single(
+        cat, device, objective=objective, deadline_ms=deadline, edges=tuple(edges), cloud_available=cloud_available
+    )
+    (plan,) = plan_fleet(inputs).plans
+    cls = inputs.classes[0]
+    for row in plan.rows:
+        why = front_fits(device, cat, row.cut, row.compression_energy_kept)
+        if row.reason.startswith("NO choice fits"):
+            assert why is not None and why in row.reason
+            continue
+        assert why is None, row.reason
+        cons = row_constraints(cls, cat, row.battery)
+        best, best_est, _ = exhaustive_best(
+            cat,
+            device,
+            LinkState(row.min_bandwidth_mbps, cls.rtt_ms),
+            inputs.cloud,
+            cons,
+            local_only=not cloud_available,
+        )
+        assert front_fits(device, cat, best.cut, best.level) is None
+        ours = row_estimate(inputs, cat, row)
+        metric = (lambda e: e.total_ms) if cons.objective is Objective.LATENCY else (lambda e: e.energy_mj)
+        if math.isfinite(metric(best_est)):
+            assert metric(ours) == pytest.approx(metric(best_est), rel=1e-9, abs=1e-9)
+
+
+def test_a_refused_front_is_named_in_the_reason() -> None:
+    # Slow link, fast device: fully local is the optimum, but its weights (3 x 100 params x 4 B =
+    # 1200 B) exceed the 1000 B storage budget; the front at cut 2 (800 B) fits.
+    cat = make_catalog([1.0, 1.0, 1.0], [4000, 400, 400], window_s=10.0)
+    device = DeviceCostProfile("node", 1.0, 10.0, 0.0, Radio.WIFI, ram_bytes=100_000, storage_bytes=1000)
+    inputs = single(cat, device, edges=(1.0,), rtt_ms=20.0)
+    (unlimited,) = plan_fleet(single(cat, dataclasses.replace(device, storage_bytes=None), edges=(1.0,))).plans
+    assert the_row(unlimited, BatteryState.NORMAL, 1.0).cut == 3
+    plan_set = plan_fleet(inputs)
+    row = the_row(plan_set.plans[0], BatteryState.NORMAL, 1.0)
+    assert row.cut < 3 and front_fits(device, cat, row.cut, row.compression_energy_kept) is None
+    assert row.reason.startswith("cut 3 (local) level 1 refused: front of synthetic at cut 3 needs 1.2 KiB of weights")
+    assert "storage budget of node" in row.reason
+    assert "refused a front that does not fit" in plan_set.reason
+    # hysteresis never keeps a previous choice that no longer fits
+    again = plan_fleet(inputs, previous=plan_fleet(single(cat, dataclasses.replace(device, storage_bytes=None))))
+    assert the_row(again.plans[0], BatteryState.NORMAL, 1.0).cut == row.cut
+
+
+def test_a_row_where_no_choice_fits_says_so() -> None:
+    cat = make_catalog([1.0, 1.0], [4000, 400])
+    device = DeviceCostProfile("node", 1.0, 10.0, 0.0, Radio.BLE, ram_bytes=100, storage_bytes=100)
+    plan_set = plan_fleet(single(cat, device, cloud_available=False))
+    for row in plan_set.plans[0].rows:
+        assert row.reason.startswith("NO choice fits node's memory")
+        assert "front of synthetic at cut 2 needs" in row.reason
+    assert "rows where NO choice fits the device's memory" in plan_set.reason
+    # with the cloud reachable, uploading the input (cut 0, no front) always fits where the link is up
+    (plan,) = plan_fleet(single(cat, device, edges=(1.0,))).plans
+    row = the_row(plan, BatteryState.NORMAL, 5.0)
+    assert row.cut == 0 and "refused" in row.reason
+    # at 0 Mbit/s nothing gets through and nothing local fits
+    assert the_row(plan, BatteryState.NORMAL, 0.0).reason.startswith("NO choice fits")
