@@ -21,6 +21,7 @@ import torch
 from pipelines.stages import StagedModel
 from pipelines.training import TrainedModel, load_trained
 from splitsense.errors import DependencyError, ModelError
+from splitsense.kinds import SymbolPrior
 
 
 class TailUnavailableError(DependencyError):
@@ -44,9 +45,14 @@ class ModelInfo:
     num_classes: int
     input_shape: tuple[int, ...]
     activation_shapes: tuple[tuple[int, ...], ...]  # index k: shape that crosses the wire at cut k
+    # index k: the coding table of the quantised code at cut k (a bottleneck), None elsewhere
+    symbol_priors: tuple[SymbolPrior | None, ...] = ()
 
     def activation_shape(self, cut: int) -> tuple[int, ...]:
         return self.activation_shapes[cut]
+
+    def symbol_prior(self, cut: int) -> SymbolPrior | None:
+        return self.symbol_priors[cut] if cut < len(self.symbol_priors) else None
 
 
 class ModelRegistry:
@@ -83,6 +89,7 @@ class ModelRegistry:
                 num_classes=m.num_classes,
                 input_shape=m.input_shape,
                 activation_shapes=tuple(m.activation_shape(k) for k in range(m.n_stages + 1)),
+                symbol_priors=tuple(m.symbol_prior(k) for k in range(m.n_stages + 1)),
             )
         return out
 

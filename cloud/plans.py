@@ -13,9 +13,9 @@ import time
 from collections.abc import Mapping
 
 from cloud.backend import ModelInfo
-from pipelines.codecs import parse_codec
 from splitsense.config import BrokerConfig
 from splitsense.errors import ConfigError
+from splitsense.kinds import parse_codec
 from splitsense.plan import BatteryState, Objective, Plan, PlanRow, PlanSet
 
 __all__ = ["STATIC_PLAN_VERSION", "static_plan_set"]

@@ -48,8 +48,8 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError, ResponseError
 
-from pipelines.codecs import Codec
 from splitsense.errors import DependencyError, PlanError, SplitsenseError
+from splitsense.kinds import Codec
 from splitsense.plan import PlanSet
 
 __all__ = [

@@ -6,7 +6,9 @@ shape) and checks, in this order:
 
     OffloadRequest.model              a model this broker serves            ModelError  -> NOT_FOUND
     OffloadRequest.cut                0..N-1 (N is fully local, never sent) WireError   -> INVALID_ARGUMENT
-    OffloadRequest.activation.codec   one of the accepted codecs            WireError   -> INVALID_ARGUMENT
+    OffloadRequest.activation.codec   one of the accepted codecs; ans only  WireError   -> INVALID_ARGUMENT
+                                      at a bottleneck, with the broker's
+                                      own prior digest
     OffloadRequest.activation.shape   (1, *activation shape at the cut)     WireError   -> INVALID_ARGUMENT
     OffloadRequest.activation.data    length, int8 scale/zero point, and    WireError   -> INVALID_ARGUMENT
                                       only finite numbers once decoded
@@ -28,8 +30,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from cloud.backend import ModelInfo
-from pipelines.codecs import Codec, decode
+from pipelines.codecs import decode
 from splitsense.errors import CodecError, ModelError, WireError
+from splitsense.kinds import Codec
 from splitsense.wire import OffloadRequest
 
 __all__ = ["ValidOffload", "validate_offload"]
@@ -69,6 +72,19 @@ def validate_offload(
     if t.codec not in accepted_codecs:
         accepted = ", ".join(c.value for c in Codec if c in accepted_codecs)
         raise WireError(f"{_PATH}.activation.codec: expected one of {accepted}, got {t.codec.value}")
+    prior = info.symbol_prior(request.cut)
+    if t.codec is Codec.ANS:
+        if prior is None:
+            raise WireError(
+                f"{_PATH}.activation.codec: ans carries only a bottleneck's quantised code; cut {request.cut} "
+                f"of model {info.name!r} is a plain activation (send fp32, fp16 or int8)"
+            )
+        if t.prior_digest != prior.digest:
+            raise WireError(
+                f"{_PATH}.activation.prior_digest: this broker's {info.name!r} codes cut {request.cut} with prior "
+                f"{prior.digest!r}, the device used {t.prior_digest!r}: the device runs other weights of the model "
+                "(update the device's model or send int8)"
+            )
 
     expected = (1, *info.activation_shape(request.cut))
     if tuple(t.shape) != expected:
@@ -78,7 +94,7 @@ def validate_offload(
         )
 
     try:
-        x = decode(t)  # checks the payload length and the int8 scale / zero point first
+        x = decode(t, prior)  # checks the payload length and the int8 scale / zero point first
     except CodecError as e:
         raise WireError(f"{_PATH}.activation.data: {e}") from None
     finite = np.isfinite(x)

@@ -45,7 +45,7 @@ from edge.metrics import EdgeMetrics
 from edge.sink import ResultSink, WindowResult
 from edge.sources import SensorWindow
 from edge.transport import OffloadTransport
-from pipelines.codecs import Codec, EncodedTensor, encode, parse_codec
+from pipelines.codecs import encode
 from pipelines.compress import compress_front_at_level
 from pipelines.power import RadioEnergyMeter, compute_energy_mj, promotion_delay_s, radio_model
 from pipelines.stages import StagedModel
@@ -60,6 +60,7 @@ from splitsense.errors import (
     RejectedError,
     ShedError,
 )
+from splitsense.kinds import Codec, EncodedTensor, parse_codec
 from splitsense.plan import Plan, PlanSet
 from splitsense.wire import DeviceEstimates, ExecutionMode, OffloadRequest, OffloadResponse, RadioKind
 
@@ -337,7 +338,7 @@ class EdgeDevice:
             reason = "no broker: running local only"
         elif self.breaker.peek(self._clock()):  # encode only when it may be sent
             try:
-                encoded = encode(act, choice.codec)
+                encoded = encode(act, choice.codec, self.model.symbol_prior(choice.cut))
             except CodecError as e:
                 mode, fallback_label, reason = ExecutionMode.FALLBACK, "codec", f"codec: {e}"
         probing = encoded is not None and self.breaker.state is BreakerState.OPEN

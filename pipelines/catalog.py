@@ -83,15 +83,24 @@ class CodecEntry:
     """One activation codec: bytes on the wire and accuracy at every cut (uncompressed front)."""
 
     codec: Codec
-    activation_bytes: tuple[int, ...]  # per cut 0..N; 0 at k = N (nothing crosses)
+    activation_bytes: tuple[int, ...]  # per cut 0..N; 0 at k = N (nothing crosses); ans: mean over test windows
     accuracy: tuple[float, ...]  # per cut 0..N
+    # per cut 0..N: whether the codec can carry that cut's activation (ans only carries a bottleneck's
+    # quantised code); None = every cut. Unavailable cuts hold 0 bytes and accuracy 0 as placeholders.
+    available: tuple[bool, ...] | None = None
+
+    def available_at(self, k: int) -> bool:
+        return self.available is None or self.available[k]
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "codec": self.codec.value,
             "activation_bytes": list(self.activation_bytes),
             "accuracy": list(self.accuracy),
         }
+        if self.available is not None:
+            out["available"] = list(self.available)
+        return out
 
 
 @dataclass(frozen=True)
@@ -180,13 +189,18 @@ class ModelCatalog:
                 raise ModelError(f"{w}: activation_bytes and accuracy need {n + 1} entries (cuts 0..{n})")
             _check_nonneg(f"{w}: activation_bytes", c.activation_bytes)
             _check_acc(f"{w}: accuracy", c.accuracy)
+            if c.available is not None and len(c.available) != n + 1:
+                raise ModelError(f"{w}: available needs {n + 1} entries (cuts 0..{n})")
+            if c.available is not None and codec is Codec.FP32 and not all(c.available):
+                raise ModelError(f"{w}: fp32 carries every cut")
             if c.activation_bytes[n] != 0:
                 raise ModelError(f"{w}: nothing crosses the wire at cut {n} (fully local): bytes must be 0")
             if abs(c.accuracy[n] - self.base_accuracy) > _ACC_TOL:
                 raise ModelError(f"{w}: at cut {n} (fully local) nothing is encoded: accuracy must be the base")
             if codec is Codec.FP32 and any(abs(a - self.base_accuracy) > _ACC_TOL for a in c.accuracy):
                 raise ModelError(f"{w}: fp32 is exact: accuracy must be the base at every cut")
-            entries.append(CodecEntry(codec, tuple(c.activation_bytes), tuple(c.accuracy)))
+            avail = None if c.available is None or all(c.available) else tuple(bool(a) for a in c.available)
+            entries.append(CodecEntry(codec, tuple(c.activation_bytes), tuple(c.accuracy), avail))
         object.__setattr__(self, "codecs", tuple(entries))
 
     @property
@@ -263,6 +277,7 @@ class ModelCatalog:
                         codec=parse_codec(c["codec"]),
                         activation_bytes=tuple(int(v) for v in c["activation_bytes"]),
                         accuracy=tuple(float(v) for v in c["accuracy"]),
+                        available=tuple(bool(v) for v in c["available"]) if "available" in c else None,
                     )
                     for c in data["codecs"]
                 ),
@@ -319,11 +334,14 @@ def build_catalog(
     codecs: Sequence[Codec | str] = tuple(Codec),
     window_s: float | None = None,
     warmup: int = 5,
+    entropy_coded_bytes: Callable[[StagedModel, int, Codec], float] | None = None,
 ) -> ModelCatalog:
     """Measure `model`'s catalog (see the module docstring for what is measured and reused).
 
     `evaluate(m)` is the accuracy in [0, 1] of a (compressed) copy `m`; `accuracy_with_codec(m, k,
-    codec)` the accuracy of the uncompressed model with the activation at cut k through `codec`.
+    codec)` the accuracy of the uncompressed model with the activation at cut k through `codec`;
+    `entropy_coded_bytes(m, k, codec)` the mean bytes per window of a data-dependent codec (ans),
+    measured only at the cuts whose activation is a quantised code.
     `repeats`/`warmup` are profile_model's. `window_s` defaults to the model's ModelSpec.
     """
     level_set = sorted({float(e) for e in levels} | {1.0}, reverse=True)
@@ -353,14 +371,25 @@ def build_catalog(
 
         codec_entries = []
         for codec in codec_set:
-            nbytes = [encoded_nbytes(shapes[k], codec) for k in range(n)] + [0]
+            if codec.fixed_size:
+                avail = [True] * (n + 1)
+                nbytes = [encoded_nbytes(shapes[k], codec) for k in range(n)] + [0]
+            else:
+                avail = [k < n and model.symbol_prior(k) is not None for k in range(n)] + [True]
+                if not any(avail[:n]):
+                    continue  # no cut of this model carries a quantised code
+                if entropy_coded_bytes is None:
+                    raise ModelError(f"measuring {codec.value} needs entropy_coded_bytes(model, k, codec)")
+                nbytes = [int(math.ceil(entropy_coded_bytes(model, k, codec))) if avail[k] else 0 for k in range(n)]
+                nbytes.append(0)
             if codec is Codec.FP32:
                 accs = [base_acc] * (n + 1)
             else:
                 accs = [
-                    _checked_accuracy("accuracy_with_codec", accuracy_with_codec(model, k, codec)) for k in range(n)
+                    _checked_accuracy("accuracy_with_codec", accuracy_with_codec(model, k, codec)) if avail[k] else 0.0
+                    for k in range(n)
                 ] + [base_acc]
-            codec_entries.append(CodecEntry(codec, tuple(nbytes), tuple(accs)))
+            codec_entries.append(CodecEntry(codec, tuple(nbytes), tuple(accs), tuple(avail)))
     finally:
         model.train(was_training)
 

@@ -36,7 +36,6 @@ import torch
 
 from splitsense.errors import CodecError
 from splitsense.kinds import (
-    ANS_WORD_BYTES,
     INT8_LEVELS,
     VALID_CODECS,
     Codec,
@@ -60,6 +59,7 @@ __all__ = [
 ]
 
 FP16_MAX = 65504.0
+
 
 def _as_float_array(x: np.ndarray | torch.Tensor) -> np.ndarray:
     if isinstance(x, torch.Tensor):
@@ -214,7 +214,9 @@ def _decode_ans(t: EncodedTensor, prior: SymbolPrior | None) -> np.ndarray:
     except Exception as e:  # constriction raises ValueError/AssertionError on corrupt input
         raise CodecError(f"the ans payload does not decode: {e}") from None
     if not coder.is_empty():
-        raise CodecError("the ans payload does not match its shape (left-over or missing words): it is corrupt or truncated")
+        raise CodecError(
+            "the ans payload does not match its shape (left-over or missing words): it is corrupt or truncated"
+        )
     out = symbols.astype(np.float32)
     out += np.float32(prior.low)
     return out.reshape(t.shape)

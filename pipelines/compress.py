@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pipelines.bottleneck import Encoder
 from pipelines.stages import StagedModel
 from splitsense.config import CompressionConfig
 from splitsense.errors import ConfigError, ModelError
@@ -289,6 +290,8 @@ def _front_sites(model: StagedModel, cut: int, kinds: tuple[type, ...], into_low
     sites: list[_Site] = []
 
     def walk(module: nn.Module, path: tuple[str, ...], name: str) -> None:
+        if isinstance(module, Encoder):
+            return  # a bottleneck encoder is already tiny, and its code must keep the distribution it was coded for
         if isinstance(module, kinds):
             sites.append(_Site(name, path, module))
             return

@@ -54,10 +54,20 @@ def accuracy_with_codec(
     with torch.no_grad():
         for i in range(0, len(x), batch):
             act = model.run(x[i : i + batch], 0, cut)
-            wire = torch.from_numpy(codecs.decode(codecs.encode(act, codec)))
+            prior = model.symbol_prior(cut)
+            wire = torch.from_numpy(codecs.decode(codecs.encode(act, codec, prior), prior))
             logits = model.run(wire, cut, model.n_stages)
             correct += int((logits.argmax(1) == y[i : i + batch]).sum())
     return correct / len(x)
+
+
+def mean_coded_bytes(model: StagedModel, x: torch.Tensor, cut: int, codec: codecs.Codec) -> float:
+    """Mean payload bytes per window when each window's activation at `cut` is coded on its own
+    (as a device sends it: one window per message)."""
+    prior = model.symbol_prior(cut)
+    with torch.no_grad():
+        acts = model.run(x, 0, cut)
+    return sum(codecs.encode(a[None], codec, prior).nbytes for a in acts) / max(1, len(acts))
 
 
 def evaluate_model(
@@ -126,6 +136,8 @@ def evaluate_model(
             "worst_bytes_ratio": round(worst_ratio, 4),
             "per_cut": per_cut,
         }
+    log(f"{name}: bottleneck, teacher and the SC2 comparison")
+    bottleneck, sc2 = split_comparison(tm, x, y, prof, acc, repeats=max(3, repeats // 5))
     return {
         "task": tm.spec.task,
         "accuracy": round(acc, 4),
@@ -135,7 +147,191 @@ def evaluate_model(
         "cuts": cuts,
         "compressed": compressed,
         "codecs": codec_report,
+        "bottleneck": bottleneck,
+        "sc2": sc2,
     }
+
+
+def _input_int8_bytes(shape: tuple[int, ...]) -> int:
+    return codecs.encoded_nbytes((1, *shape), codecs.Codec.INT8)
+
+
+def split_comparison(
+    tm: TrainedModel, x: torch.Tensor, y: torch.Tensor, prof: Any, acc: float, repeats: int = 5
+) -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:
+    """The bottleneck entry of `models eval` and the SC2-style three-way table (device MACs, bytes per
+    window, accuracy) for: the input (fp32, int8), every plain cut of the teacher (the original model:
+    naive splitting) and of the split-aware model (int8), and the bottleneck (ans)."""
+    model = tm.model
+    n = model.n_stages
+    rows: list[dict[str, Any]] = []
+    in_fp32 = codecs.encoded_nbytes((1, *model.input_shape), codecs.Codec.FP32)
+    in_int8 = _input_int8_bytes(model.input_shape)
+    rows.append(
+        {
+            "kind": "input",
+            "model": "split-aware",
+            "cut": 0,
+            "codec": "fp32",
+            "device_macs": 0,
+            "bytes": in_fp32,
+            "accuracy": round(acc, 4),
+        }
+    )
+    rows.append(
+        {
+            "kind": "input",
+            "model": "split-aware",
+            "cut": 0,
+            "codec": "int8",
+            "device_macs": 0,
+            "bytes": in_int8,
+            "accuracy": round(accuracy_with_codec(model, x, y, 0, codecs.Codec.INT8), 4),
+        }
+    )
+    try:
+        teacher = load_trained(tm.spec.name, teacher=True)
+    except Exception:  # noqa: BLE001 - a model without a shipped teacher has no naive-split rows
+        teacher = None
+    if teacher is not None:
+        tmod = teacher.model.eval()
+        tprof = profile_model(tmod, repeats=repeats)
+        t_acc = accuracy_of(tmod, x, y)
+        for k in range(1, teacher.model.n_stages):
+            rows.append(
+                {
+                    "kind": "plain cut (teacher)",
+                    "model": "teacher",
+                    "cut": k,
+                    "name": tmod.cut_name(k),
+                    "codec": "int8",
+                    "device_macs": tprof.front_macs(k),
+                    "bytes": codecs.encoded_nbytes((1, *tmod.activation_shape(k)), codecs.Codec.INT8),
+                    "accuracy": round(accuracy_with_codec(tmod, x, y, k, codecs.Codec.INT8), 4),
+                }
+            )
+        rows.append(
+            {
+                "kind": "local (teacher)",
+                "model": "teacher",
+                "cut": tmod.n_stages,
+                "codec": "none",
+                "device_macs": tprof.front_macs(tmod.n_stages),
+                "bytes": 0,
+                "accuracy": round(t_acc, 4),
+            }
+        )
+    bottleneck = None
+    for k in range(1, n):
+        prior = model.symbol_prior(k)
+        if prior is None:
+            rows.append(
+                {
+                    "kind": "plain cut",
+                    "model": "split-aware",
+                    "cut": k,
+                    "name": model.cut_name(k),
+                    "codec": "int8",
+                    "device_macs": prof.front_macs(k),
+                    "bytes": codecs.encoded_nbytes((1, *model.activation_shape(k)), codecs.Codec.INT8),
+                    "accuracy": round(accuracy_with_codec(model, x, y, k, codecs.Codec.INT8), 4),
+                }
+            )
+            continue
+        nbytes = mean_coded_bytes(model, x, k, codecs.Codec.ANS)
+        b_acc = accuracy_with_codec(model, x, y, k, codecs.Codec.ANS)
+        rows.append(
+            {
+                "kind": "bottleneck",
+                "model": "split-aware",
+                "cut": k,
+                "name": model.cut_name(k),
+                "codec": "ans",
+                "device_macs": prof.front_macs(k),
+                "bytes": round(nbytes, 1),
+                "accuracy": round(b_acc, 4),
+            }
+        )
+        if bottleneck is None:
+            group = tuple(tm.spec.encoder_group)
+            bottleneck = {
+                "cut": k,
+                "codec": "ans",
+                "bytes": round(nbytes, 1),
+                "input_bytes": in_int8,
+                "bytes_vs_input": round(nbytes / in_int8, 4),
+                "accuracy": round(b_acc, 4),
+                "accuracy_local": round(acc, 4),
+                "accuracy_teacher": round(t_acc, 4) if teacher is not None else None,
+                "front_macs": prof.front_macs(k),
+                "total_macs": prof.front_macs(n),
+                "front_share_of_total": round(prof.front_macs(k) / prof.front_macs(n), 4),
+                "teacher_total_macs": tprof.front_macs(tmod.n_stages) if teacher is not None else None,
+                "front_share_of_teacher": (
+                    round(prof.front_macs(k) / tprof.front_macs(tmod.n_stages), 4) if teacher is not None else None
+                ),
+                "code_shape": list(model.activation_shape(k)),
+                "shared_with": [m for m in group if m != tm.spec.name],
+                # One upload of the code serves every task of the encoder group: these bytes are shared.
+                "shared_bytes": round(nbytes, 1) if len(group) > 1 else None,
+                "prior_digest": prior.digest,
+            }
+    rows.append(
+        {
+            "kind": "local",
+            "model": "split-aware",
+            "cut": n,
+            "codec": "none",
+            "device_macs": prof.front_macs(n),
+            "bytes": 0,
+            "accuracy": round(acc, 4),
+        }
+    )
+    return bottleneck, rows
+
+
+def plot_sc2(out: dict[str, Any], path: Any) -> None:
+    """The SC2-style picture: bytes per window (log) against accuracy, one panel per model, marker
+    area by device MACs."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [m for m in out if out[m].get("sc2")]
+    fig, axes = plt.subplots(1, len(names), figsize=(5.2 * len(names), 4.2), squeeze=False)
+    styles = {
+        "input": ("s", "tab:gray"),
+        "plain cut (teacher)": ("v", "tab:red"),
+        "plain cut": ("^", "tab:orange"),
+        "bottleneck": ("*", "tab:green"),
+    }
+    for ax, name in zip(axes[0], names, strict=True):
+        for kind, (marker, color) in styles.items():
+            rows = [r for r in out[name]["sc2"] if r["kind"] == kind and r["bytes"] > 0]
+            if not rows:
+                continue
+            ax.scatter(
+                [r["bytes"] for r in rows],
+                [100 * r["accuracy"] for r in rows],
+                marker=marker,
+                c=color,
+                s=[30 + 300 * (r["device_macs"] / max(1, out[name]["total_macs"])) for r in rows],
+                label=kind,
+                alpha=0.8,
+                edgecolors="k",
+                linewidths=0.4,
+            )
+        ax.set_xscale("log")
+        ax.set_xlabel("bytes per window on the wire (log)")
+        ax.set_ylabel("test accuracy (%)")
+        ax.set_title(name)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7, loc="lower right")
+    fig.suptitle("What to send: input vs naive cuts vs learned bottleneck (marker area: device MACs)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def render_eval(out: dict[str, Any], console: Console) -> None:
@@ -177,6 +373,7 @@ def build_model_catalog(name: str, repeats: int = 30, trained: TrainedModel | No
         tm.model.eval(),
         evaluate=lambda m: accuracy_of(m, x, y),
         accuracy_with_codec=lambda m, k, c: accuracy_with_codec(m, x, y, k, c),
+        entropy_coded_bytes=lambda m, k, c: mean_coded_bytes(m, x, k, c),
         repeats=repeats,
         window_s=tm.spec.window_s,
     )

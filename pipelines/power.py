@@ -44,7 +44,8 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from enum import StrEnum
+
+from splitsense.kinds import Radio
 
 __all__ = [
     "BITS_PER_BYTE",
@@ -62,15 +63,6 @@ __all__ = [
 
 BITS_PER_BYTE = 8
 _BITS_PER_MBIT = 1e6
-
-
-class Radio(StrEnum):
-    """The uplink a device class uses."""
-
-    WIFI = "wifi"
-    LTE = "lte"
-    THREEG = "3g"
-    BLE = "ble"
 
 
 @dataclass(frozen=True)

@@ -200,28 +200,37 @@ def stage_macs(stage: nn.Module, x: torch.Tensor) -> tuple[int, torch.Tensor]:
 # Profiling
 
 
-def _median_ms(stage: nn.Module, x: torch.Tensor, repeats: int, warmup: int) -> float:
+def _sequence_median_ms(model: StagedModel, x: torch.Tensor, repeats: int, warmup: int) -> list[float]:
+    """Per-stage median over `repeats` runs of the whole model, stages timed in sequence on the real
+    activations (as a device runs them: a noise burst hits every stage of a run alike instead of all
+    the runs of one stage, which is what made single stages look 10-60x slow)."""
+    n = model.n_stages
+    samples: list[list[float]] = [[] for _ in range(n)]
     with torch.no_grad():
-        for _ in range(warmup):
-            stage(x)
-        times = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            stage(x)
-            times.append((time.perf_counter() - t0) * 1000.0)
-    return float(statistics.median(times))
+        for r in range(warmup + repeats):
+            y = x
+            for i, stage in enumerate(model.stages):
+                t0 = time.perf_counter()
+                y = stage(y)
+                if r >= warmup:
+                    samples[i].append((time.perf_counter() - t0) * 1000.0)
+    return [float(statistics.median(v)) for v in samples]
 
 
 def profile_model(model: StagedModel, repeats: int = 30, warmup: int = 5) -> ModelProfile:
-    """Profile every stage of `model` for batch 1 (eval mode; the model's mode is restored)."""
+    """Profile every stage of `model` for batch 1 on one thread, stages in sequence, median of
+    `repeats` runs (eval mode; the model's mode and torch's thread count are restored)."""
     if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
         raise ModelError(f"repeats must be an int >= 1, got {repeats!r}")
     if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
         raise ModelError(f"warmup must be an int >= 0, got {warmup!r}")
     was_training = model.training
     model.eval()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as a device runs its front: one thread
     try:
         x = torch.zeros((1, *model.input_shape))
+        stage_ms = _sequence_median_ms(model, x, repeats, warmup)
         stages = []
         for i, (name, stage) in enumerate(zip(model.stage_names, model.stages, strict=True)):
             macs, y = stage_macs(stage, x)
@@ -236,11 +245,12 @@ def profile_model(model: StagedModel, repeats: int = 30, warmup: int = 5) -> Mod
                     macs=macs,
                     output_shape=shape,
                     output_bytes=math.prod(shape) * FP32_BYTES,
-                    host_latency_ms=_median_ms(stage, x, repeats, warmup),
+                    host_latency_ms=stage_ms[i],
                 )
             )
             x = y
     finally:
+        torch.set_num_threads(threads)
         model.train(was_training)
     return ModelProfile(
         model=model.name,

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from splitsense.errors import ModelError
+from splitsense.kinds import SymbolPrior
 
 
 class StagedModel(nn.Module):
@@ -81,6 +82,14 @@ class StagedModel(nn.Module):
             y = self.run(torch.zeros((1, *self.input_shape)), 0, k)
             self.train(was_training)
         return tuple(y.shape[1:])
+
+    def symbol_prior(self, k: int) -> SymbolPrior | None:
+        """The coding table of the quantised code that crosses at cut k (a bottleneck), else None."""
+        self.check_cut(k)
+        if k == 0:
+            return None
+        get = getattr(self.stages[k - 1], "symbol_prior", None)
+        return get() if callable(get) else None
 
     def cut_name(self, k: int) -> str:
         """Human name of cut k: 'input' for 0, otherwise the stage whose output crosses."""

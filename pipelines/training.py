@@ -16,12 +16,12 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from pipelines import datasets, features
-from pipelines.bottleneck import fit_prior, rate_bits
+from pipelines.bottleneck import Encoder, fit_prior, rate_bits
 from pipelines.models import HND_TARGET_STAGE, ModelSpec, get_spec
 from pipelines.stages import StagedModel
 from splitsense.config import PathsConfig, TrainConfig
@@ -257,6 +257,14 @@ def train_student_group(
             t.model.eval()
     students = [s.build() for s in specs]
     encoder = students[0].stages[0]
+    if not isinstance(encoder, Encoder) or not isinstance(encoder.body, nn.Sequential):
+        raise ModelError(f"model {names[0]!r} does not open with a bottleneck Encoder stage")
+    body = encoder.body
+    t_head = teachers[0].model.stages[0]
+    assert isinstance(t_head, nn.Sequential)
+    if body[0].weight.shape == t_head[0].weight.shape:  # the encoder opens with the teacher's first conv: start there
+        body[0].load_state_dict(t_head[0].state_dict())
+        body[1].load_state_dict(t_head[1].state_dict())
     for st, te in zip(students, teachers, strict=True):
         st.stages[0] = encoder  # one module object while training: the group shares it
         start = _hnd_index(te.model)
@@ -290,7 +298,7 @@ def train_student_group(
                     k = _hnd_index(te.model)
                     with torch.no_grad():
                         target = te.model.run(xb, 0, k)
-                        t_logits = te.model.run(target, k, te.model.n_stages) if finetune else None
+                        t_logits = te.model.run(target, k, te.model.n_stages)
                     rebuilt = st.stages[1](code)
                     loss = loss + F.mse_loss(rebuilt, target) * (0.1 if finetune else 1.0)
                     if finetune:

@@ -58,9 +58,9 @@ from cloud.controller.planner import (
     select,
 )
 from pipelines.catalog import LevelEntry, ModelCatalog
-from pipelines.codecs import Codec
 from splitsense.config import ClassObjectiveConfig
 from splitsense.errors import ConfigError
+from splitsense.kinds import Codec
 from splitsense.plan import BatteryState, Objective
 
 __all__ = [
@@ -164,7 +164,7 @@ def cloud_input_choice(catalog: ModelCatalog, accuracy_budget_points: float = ma
     ok = [
         (c.activation_bytes[0], -c.accuracy[0], i, c.codec)
         for i, c in enumerate(catalog.codecs)
-        if (catalog.base_accuracy - c.accuracy[0]) * 100.0 <= budget + _ACC_SLACK_POINTS
+        if c.available_at(0) and (catalog.base_accuracy - c.accuracy[0]) * 100.0 <= budget + _ACC_SLACK_POINTS
     ]
     if not ok:  # only with a malformed catalog: fp32 is exact
         return Choice(0, 1.0, Codec.FP32)

@@ -104,43 +104,68 @@ def _model_names(model: str | None) -> list[str]:
 @models_app.command("train")
 @friendly
 def models_train(
-    model: str = typer.Option(None, "--model", "-m", help="Model name (default: all)."),
-    epochs: int = typer.Option(None, help="Override the model's epoch count."),
+    model: str = typer.Option(
+        None, "--model", "-m", help="Model name (default: all; a shared encoder trains its group)."
+    ),
+    epochs: int = typer.Option(None, help="Override the epoch count."),
+    teachers: bool = typer.Option(
+        False, "--teachers", help="Retrain the plain (teacher) models first; default: distil from the shipped ones."
+    ),
     out_dir: Path = typer.Option(None, help="Where to write weights (default: the shipped pipelines/weights/)."),
 ) -> None:
-    """Train models with a fixed seed and write their safetensors weights."""
+    """Train with a fixed seed and write safetensors weights: the split-aware models, distilled from their teachers."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from pipelines.training import save_trained, train_model, weights_path
+    from pipelines.training import save_trained, student_groups, train_model, train_student_group, weights_path
 
-    results = []
-    for name in _model_names(model):
-        with Progress(
+    def bar_for(label: str) -> tuple[Progress, Any]:
+        bar = Progress(
             TextColumn("[bold]{task.description}"),
             BarColumn(),
             TextColumn("{task.fields[info]}"),
             TimeElapsedColumn(),
             console=err,
-        ) as bar:
-            task = bar.add_task(f"train {name}", total=None, info="loading data")
+        )
+        return bar, bar.add_task(label, total=None, info="loading data")
 
-            def progress(epoch: int, n: int, loss: float, task: Any = task, bar: Any = bar, name: str = name) -> None:
-                bar.update(task, total=n, completed=epoch, info=f"epoch {epoch}/{n} loss {loss:.3f}")
-                if not err.is_terminal:  # no live bar in logs: one line per epoch instead
-                    err.print(f"train {name}: epoch {epoch}/{n} loss {loss:.3f}")
+    def progress_fn(bar: Progress, task: Any, label: str) -> Any:
+        def progress(epoch: int, n: int, loss: float) -> None:
+            bar.update(task, total=n, completed=epoch, info=f"epoch {epoch}/{n} loss {loss:.3f}")
+            if not err.is_terminal:  # no live bar in logs: one line per epoch instead
+                err.print(f"{label}: epoch {epoch}/{n} loss {loss:.3f}")
 
-            tm = train_model(name, epochs=epochs, progress=progress)
-        path = weights_path(name, out_dir)
-        save_trained(tm, path)
-        results.append(tm.meta)
-        err.print(f"{name}: test accuracy {tm.meta['test_accuracy']:.4f} in {tm.meta['train_seconds']} s -> {path}")
+        return progress
+
+    names = _model_names(model)
+    results = []
+    if teachers:
+        for name in names:
+            bar, task = bar_for(f"teacher {name}")
+            with bar:
+                tm = train_model(name, epochs=epochs, progress=progress_fn(bar, task, f"teacher {name}"))
+            path = weights_path(name, out_dir, teacher=True)
+            save_trained(tm, path)
+            err.print(f"teacher {name}: test accuracy {tm.meta['test_accuracy']:.4f} -> {path}")
+    for group in student_groups(names):
+        label = "+".join(group)
+        bar, task = bar_for(f"split-aware {label}")
+        with bar:
+            trained = train_student_group(
+                group, epochs=epochs, progress=progress_fn(bar, task, label), weights_dir=out_dir
+            )
+        for name, tm in trained.items():
+            path = weights_path(name, out_dir)
+            save_trained(tm, path)
+            results.append(tm.meta)
+            err.print(f"{name}: test accuracy {tm.meta['test_accuracy']:.4f} -> {path}")
     from rich.table import Table
 
-    table = Table(title="trained models")
-    for col in ("model", "test_accuracy", "epochs", "train_seconds"):
+    cols = ("model", "test_accuracy", "teacher_test_accuracy", "code_shape", "code_bits_mean", "train_seconds")
+    table = Table(title="split-aware models (teacher: the plain model they were distilled from)")
+    for col in cols:
         table.add_column(col)
     for m in results:
-        table.add_row(*(str(m[c]) for c in ("model", "test_accuracy", "epochs", "train_seconds")))
+        table.add_row(*(str(m.get(c)) for c in cols))
     err.print(table)
 
 
@@ -150,15 +175,21 @@ def models_eval(
     model: str = typer.Option(None, "--model", "-m", help="Model name (default: all)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object keyed by model name."),
     repeats: int = typer.Option(30, help="Timed runs per stage for host latency (median)."),
+    report: Path = typer.Option(None, help="Folder for the SC2 comparison (sc2.json, sc2.png)."),
 ) -> None:
-    """Accuracy, per-cut profile, RLC compression and activation codecs of the shipped models."""
-    from pipelines.evaluation import evaluate_model, render_eval
+    """Accuracy, per-cut profile, bottleneck, RLC compression and activation codecs of the shipped models."""
+    from pipelines.evaluation import evaluate_model, plot_sc2, render_eval
 
     out: dict[str, Any] = {}
     with err.status("evaluating") as status:
         for name in _model_names(model):
             status.update(f"evaluating {name}")
             out[name] = evaluate_model(name, repeats=repeats, log=lambda m: err.log(m))
+    if report is not None:
+        report.mkdir(parents=True, exist_ok=True)
+        (report / "sc2.json").write_text(json.dumps({m: e["sc2"] for m, e in out.items()}, indent=1) + "\n")
+        plot_sc2(out, report / "sc2.png")
+        err.print(f"SC2 comparison: {report / 'sc2.json'}, {report / 'sc2.png'}")
     if as_json:
         emit_json(out)
     else:
@@ -414,7 +445,7 @@ def edge_run(
 @friendly
 def models_catalog(
     model: str = typer.Option(None, "--model", "-m", help="Model name (default: all)."),
-    repeats: int = typer.Option(30, help="Timed runs per stage for host latency (median)."),
+    repeats: int = typer.Option(101, help="Timed runs of the whole model, stages in sequence on one thread (median per stage)."),
 ) -> None:
     """Measure the planner's catalog (latency, bytes, accuracy per cut, level and codec) beside the weights."""
     from pipelines.catalog import save_catalog

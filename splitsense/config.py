@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from splitsense.errors import ConfigError
+from splitsense.kinds import VALID_CODECS, Radio
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -261,8 +262,8 @@ class BrokerConfig:
         for name, cut in [("static_plan_cut", self.static_plan_cut), *self.static_plan_cuts.items()]:
             if isinstance(cut, bool) or not isinstance(cut, int) or cut < 0:
                 raise ConfigError(f"broker static plan cut of {name!r} must be an int >= 0, got {cut!r}")
-        if self.static_plan_codec not in ("fp32", "fp16", "int8"):
-            raise ConfigError(f"broker.static_plan_codec must be fp32, fp16 or int8, got {self.static_plan_codec!r}")
+        if self.static_plan_codec not in VALID_CODECS:
+            raise ConfigError(f"broker.static_plan_codec must be one of {VALID_CODECS}, got {self.static_plan_codec!r}")
 
     @property
     def uses_dev_secret(self) -> bool:
@@ -325,8 +326,8 @@ class EstimatorConfig:
             raise ConfigError("edge.estimator.min_bandwidth_sample_bytes must be >= 0")
 
 
-_EDGE_CODECS = ("fp32", "fp16", "int8")
-_EDGE_RADIOS = ("wifi", "lte", "3g")
+_EDGE_CODECS = VALID_CODECS
+_EDGE_RADIOS = tuple(r.value for r in Radio)
 
 
 @dataclass(frozen=True)

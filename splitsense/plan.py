@@ -23,8 +23,8 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
-from pipelines.codecs import Codec
 from splitsense.errors import PlanError
+from splitsense.kinds import Codec
 
 __all__ = [
     "BatteryState",

@@ -1,7 +1,7 @@
 """Typed mirrors of the v1 wire messages, and the only conversions to and from them.
 
 Only servicers and clients touch `splitsense.v1.offload_pb2`; everything else works with these
-frozen dataclasses (and with `pipelines.codecs.EncodedTensor` and the `splitsense.plan` classes,
+frozen dataclasses (and with `splitsense.kinds.EncodedTensor` and the `splitsense.plan` classes,
 which travel on the same wire):
 
     dataclass                      message (splitsense.v1)
@@ -31,8 +31,8 @@ from dataclasses import dataclass
 from enum import Enum, StrEnum
 from typing import Any, Generic, NoReturn, TypeVar, overload
 
-from pipelines.codecs import Codec, EncodedTensor
 from splitsense.errors import CodecError, PlanError, WireError
+from splitsense.kinds import Codec, EncodedTensor, Radio
 from splitsense.plan import BatteryState, Objective, Plan, PlanRow, PlanSet
 from splitsense.v1 import offload_pb2 as pb
 
@@ -68,12 +68,7 @@ DEVICE_ID_METADATA_KEY = "x-splitsense-device-id"
 RETRY_AFTER_METADATA_KEY = "x-splitsense-retry-after-ms"  # trailing metadata of a shed
 
 
-class RadioKind(StrEnum):
-    """The kind of link a device's uplink uses."""
-
-    WIFI = "wifi"
-    LTE = "lte"
-    THREE_G = "3g"
+RadioKind = Radio  # the kind of link a device's uplink uses (splitsense.kinds.Radio)
 
 
 class ExecutionMode(StrEnum):
@@ -323,12 +318,16 @@ class _EnumMap(Generic[_E, _W]):
             raise WireError(f"{path}: expected one of {names}, got {got}") from None
 
 
-_CODEC = _EnumMap({Codec.FP32: pb.CODEC_FP32, Codec.FP16: pb.CODEC_FP16, Codec.INT8: pb.CODEC_INT8}, pb.Codec)
+_CODEC = _EnumMap(
+    {Codec.FP32: pb.CODEC_FP32, Codec.FP16: pb.CODEC_FP16, Codec.INT8: pb.CODEC_INT8, Codec.ANS: pb.CODEC_ANS},
+    pb.Codec,
+)
 _RADIO = _EnumMap(
     {
         RadioKind.WIFI: pb.RADIO_KIND_WIFI,
         RadioKind.LTE: pb.RADIO_KIND_LTE,
-        RadioKind.THREE_G: pb.RADIO_KIND_3G,
+        RadioKind.THREEG: pb.RADIO_KIND_3G,
+        RadioKind.BLE: pb.RADIO_KIND_BLE,
     },
     pb.RadioKind,
 )
@@ -388,6 +387,7 @@ def tensor_to_pb(t: EncodedTensor) -> pb.Tensor:
         scale=t.scale,
         zero_point=t.zero_point,
         data=t.data,
+        prior_digest=t.prior_digest,
     )
 
 
@@ -406,6 +406,7 @@ def tensor_from_pb(msg: pb.Tensor, path: str = "Tensor") -> EncodedTensor:
         data=msg.data,
         scale=msg.scale,
         zero_point=msg.zero_point,
+        prior_digest=msg.prior_digest,
     )
     try:
         t.validate()

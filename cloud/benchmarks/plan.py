@@ -25,9 +25,9 @@ from typing import Any
 from cloud.controller.costmodel import CloudState, DeviceCostProfile, choices_of
 from cloud.controller.planner import bandwidth_buckets, inputs_from_config, plan_fleet
 from pipelines.catalog import ModelCatalog, build_catalog, load_catalog
-from pipelines.codecs import Codec
 from splitsense.config import Config
 from splitsense.errors import ModelError
+from splitsense.kinds import Codec
 
 # Scenario assumptions of the benchmark (the controller uses measured RTTs and cloud figures).
 BENCH_RTT_MS = {"phone": 60.0, "iot_board": 20.0, "watch": 20.0}

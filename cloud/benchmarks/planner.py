@@ -85,11 +85,11 @@ from cloud.controller.costmodel import (
 )
 from cloud.controller.planner import inputs_from_config, plan_fleet
 from pipelines.catalog import ModelCatalog
-from pipelines.codecs import Codec
 from pipelines.devices import DEVICE_CLASSES, DeviceClass
 from pipelines.power import radio_model
 from splitsense.config import ClassObjectiveConfig, Config, PlannerConfig
 from splitsense.errors import ConfigError, OffloadError
+from splitsense.kinds import Codec
 from splitsense.plan import PlanRow, PlanSet
 
 __all__ = [

@@ -49,7 +49,6 @@ from types import MappingProxyType
 import numpy as np
 
 from pipelines.catalog import ModelCatalog
-from pipelines.codecs import Codec, parse_codec
 from pipelines.devices import DeviceClass, front_fits
 from pipelines.power import (
     BITS_PER_BYTE,
@@ -61,6 +60,7 @@ from pipelines.power import (
     transfer_seconds,
 )
 from splitsense.errors import ConfigError
+from splitsense.kinds import Codec, parse_codec
 
 __all__ = [
     "Choice",
@@ -269,7 +269,8 @@ def choices_of(catalog: ModelCatalog, *, local_only: bool = False) -> tuple[Choi
     for k in range(n if local_only else 0, n + 1):
         for lvl in catalog.levels if k > 0 else catalog.levels[:1]:
             for c in catalog.codecs if k < n else catalog.codecs[:1]:
-                out.append(Choice(k, lvl.energy_kept, c.codec))
+                if c.available_at(k):
+                    out.append(Choice(k, lvl.energy_kept, c.codec))
     return tuple(out)
 
 

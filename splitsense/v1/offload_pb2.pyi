@@ -41,6 +41,13 @@ class _CodecEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Codec.ValueType
     """CODEC_INT8 is affine 8-bit quantisation: unsigned codes q in 0..255, one byte each, C order,
     standing for the values (q - zero_point) * scale.
     """
+    CODEC_ANS: _Codec.ValueType  # 4
+    """CODEC_ANS is an asymmetric-numeral-systems entropy code of integer symbols (a learned
+    bottleneck's quantised code), coded per channel against the model's symbol prior at that cut:
+    data holds the coder's 32-bit little-endian words and prior_digest names the prior. Added in
+    v1.1: a receiver that predates it rejects the unknown value with INVALID_ARGUMENT, and one that
+    holds another prior rejects the digest, so both ends always agree or refuse.
+    """
 
 class Codec(_Codec, metaclass=_CodecEnumTypeWrapper):
     """Codec is how the numbers of a tensor are laid out in its data bytes."""
@@ -54,6 +61,13 @@ CODEC_FP16: Codec.ValueType  # 2
 CODEC_INT8: Codec.ValueType  # 3
 """CODEC_INT8 is affine 8-bit quantisation: unsigned codes q in 0..255, one byte each, C order,
 standing for the values (q - zero_point) * scale.
+"""
+CODEC_ANS: Codec.ValueType  # 4
+"""CODEC_ANS is an asymmetric-numeral-systems entropy code of integer symbols (a learned
+bottleneck's quantised code), coded per channel against the model's symbol prior at that cut:
+data holds the coder's 32-bit little-endian words and prior_digest names the prior. Added in
+v1.1: a receiver that predates it rejects the unknown value with INVALID_ARGUMENT, and one that
+holds another prior rejects the digest, so both ends always agree or refuse.
 """
 Global___Codec: _TypeAlias = Codec  # noqa: Y015
 
@@ -71,6 +85,8 @@ class _RadioKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_RadioKind.V
     """RADIO_KIND_LTE is a 4G LTE cellular link."""
     RADIO_KIND_3G: _RadioKind.ValueType  # 3
     """RADIO_KIND_3G is a 3G (UMTS/HSPA) cellular link."""
+    RADIO_KIND_BLE: _RadioKind.ValueType  # 4
+    """RADIO_KIND_BLE is a Bluetooth Low Energy link to a gateway (a phone or a hub) that forwards it."""
 
 class RadioKind(_RadioKind, metaclass=_RadioKindEnumTypeWrapper):
     """RadioKind is the kind of link a device's uplink currently uses."""
@@ -83,6 +99,8 @@ RADIO_KIND_LTE: RadioKind.ValueType  # 2
 """RADIO_KIND_LTE is a 4G LTE cellular link."""
 RADIO_KIND_3G: RadioKind.ValueType  # 3
 """RADIO_KIND_3G is a 3G (UMTS/HSPA) cellular link."""
+RADIO_KIND_BLE: RadioKind.ValueType  # 4
+"""RADIO_KIND_BLE is a Bluetooth Low Energy link to a gateway (a phone or a hub) that forwards it."""
 Global___RadioKind: _TypeAlias = RadioKind  # noqa: Y015
 
 class _BatteryState:
@@ -172,6 +190,7 @@ class Tensor(_message.Message):
     SCALE_FIELD_NUMBER: _builtins.int
     ZERO_POINT_FIELD_NUMBER: _builtins.int
     DATA_FIELD_NUMBER: _builtins.int
+    PRIOR_DIGEST_FIELD_NUMBER: _builtins.int
     codec: Global___Codec.ValueType
     """The codec tells how data holds the numbers."""
     scale: _builtins.float
@@ -179,7 +198,13 @@ class Tensor(_message.Message):
     zero_point: _builtins.int
     """The quantisation zero point for CODEC_INT8, in 0..255; 0 for the float codecs."""
     data: _builtins.bytes
-    """The encoded numbers, exactly product(shape) * element size bytes long."""
+    """The encoded numbers: exactly product(shape) * element size bytes long for the fixed-size
+    codecs; for CODEC_ANS a whole number of 32-bit words.
+    """
+    prior_digest: _builtins.str
+    """For CODEC_ANS, the digest (16 hex digits) of the symbol prior the data was coded against; the
+    receiver refuses a digest other than its own. Empty for the other codecs.
+    """
     @_builtins.property
     def shape(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
         """The shape, batch dimension first; every dimension is >= 0."""
@@ -192,10 +217,11 @@ class Tensor(_message.Message):
         scale: _builtins.float = ...,
         zero_point: _builtins.int = ...,
         data: _builtins.bytes = ...,
+        prior_digest: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["codec", b"codec", "data", b"data", "scale", b"scale", "shape", b"shape", "zero_point", b"zero_point"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["codec", b"codec", "data", b"data", "prior_digest", b"prior_digest", "scale", b"scale", "shape", b"shape", "zero_point", b"zero_point"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
