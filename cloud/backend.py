@@ -9,6 +9,7 @@ benchmark row use. The broker never knows which one it talks to.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -47,6 +48,9 @@ class ModelInfo:
     activation_shapes: tuple[tuple[int, ...], ...]  # index k: shape that crosses the wire at cut k
     # index k: the coding table of the quantised code at cut k (a bottleneck), None elsewhere
     symbol_priors: tuple[SymbolPrior | None, ...] = ()
+    # index k: a digest of everything that makes the activation at cut k (preprocessing statistics
+    # and the weights of stages [0, k)): two models with equal digests at k can share one upload
+    front_digests: tuple[str, ...] = ()
 
     def activation_shape(self, cut: int) -> tuple[int, ...]:
         return self.activation_shapes[cut]
@@ -90,8 +94,25 @@ class ModelRegistry:
                 input_shape=m.input_shape,
                 activation_shapes=tuple(m.activation_shape(k) for k in range(m.n_stages + 1)),
                 symbol_priors=tuple(m.symbol_prior(k) for k in range(m.n_stages + 1)),
+                front_digests=front_digests(tm),
             )
         return out
+
+
+def front_digests(tm: TrainedModel) -> tuple[str, ...]:
+    """Per cut k in 0..N: sha256 (16 hex digits) of the input shape, the standardiser's statistics and
+    the weights and buffers of stages [0, k), in order."""
+    h = hashlib.sha256(repr(tuple(tm.model.input_shape)).encode())
+    for key, value in sorted(tm.standardizer.state().items()):
+        h.update(key.encode())
+        h.update(value.detach().contiguous().cpu().numpy().tobytes())
+    out = [h.hexdigest()[:16]]
+    for stage in tm.model.stages:
+        for key, value in stage.state_dict().items():
+            h.update(key.encode())
+            h.update(value.detach().contiguous().cpu().numpy().tobytes())
+        out.append(h.hexdigest()[:16])
+    return tuple(out)
 
 
 def run_tail_sync(model: StagedModel, cut: int, batch: np.ndarray) -> np.ndarray:

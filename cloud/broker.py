@@ -70,6 +70,7 @@ from splitsense.v1 import offload_pb2_grpc as pb_grpc  # servicer base classes (
 from splitsense.wire import (
     RETRY_AFTER_METADATA_KEY,
     OffloadResponse,
+    TaskResult,
     TelemetryReport,
     Timing,
     WindowError,
@@ -292,19 +293,26 @@ class Broker:
 
         try:
             async with asyncio.timeout(remaining_s):
-                result = await self._batcher.submit(model, cut, valid.activation, deadline=deadline)
+                # One activation, every task that reads it (extra_models share the front): each joins
+                # its own model's batch, and the window is answered when all are.
+                result, *extra_results = await asyncio.gather(
+                    *(
+                        self._batcher.submit(m, cut, valid.activation, deadline=deadline)
+                        for m in (model, *req.extra_models)
+                    )
+                )
         except TimeoutError:
             raise OffloadDeadlineError(
                 f"model {model!r} cut {cut}: no answer within the deadline of {budget_s * 1000:.0f} ms"
             ) from None
         finally:
             self.metrics.set_queue_depth(model, cut, self._batcher.load(model, cut).queued)
-        logits = result.logits
-        if logits.shape != (valid.info.num_classes,) or not np.isfinite(logits).all():
-            raise TailUnavailableError(
-                f"the tail of {model!r} at cut {cut} returned {list(logits.shape)} logits "
-                f"(finite: {bool(np.isfinite(logits).all())}); expected {valid.info.num_classes} finite ones"
-            )
+        logits = _checked_logits(result.logits, valid.info.num_classes, model, cut)
+        tasks = tuple(
+            TaskResult(info.name, tuple(lg.tolist()), int(np.argmax(lg)))
+            for info, r in zip(valid.extra, extra_results, strict=True)
+            for lg in (_checked_logits(r.logits, info.num_classes, info.name, cut),)
+        )
         total_s = time.monotonic() - received
         self.metrics.answered(
             model,
@@ -320,6 +328,7 @@ class Broker:
             logits=tuple(logits.tolist()),
             prediction=int(np.argmax(logits)),
             timing=Timing(queue_ms=result.queue_ms, compute_ms=result.compute_ms, batch_size=result.batch_size),
+            task_results=tasks,
         )
 
     def _failed(self, error: BaseException, model: str, device_class: str) -> tuple[grpc.StatusCode, str, int]:
@@ -362,6 +371,15 @@ class Broker:
 
     def _on_undecodable(self) -> None:
         self.metrics.failed("", "", grpc.StatusCode.INVALID_ARGUMENT.name)
+
+
+def _checked_logits(logits: np.ndarray, num_classes: int, model: str, cut: int) -> np.ndarray:
+    if logits.shape != (num_classes,) or not np.isfinite(logits).all():
+        raise TailUnavailableError(
+            f"the tail of {model!r} at cut {cut} returned {list(logits.shape)} logits "
+            f"(finite: {bool(np.isfinite(logits).all())}); expected {num_classes} finite ones"
+        )
+    return logits
 
 
 class _Undecodable:

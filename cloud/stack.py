@@ -47,6 +47,7 @@ from cloud.controller.metrics_source import DirectExporterSource, MetricsSource,
 from cloud.planstore import EmbeddedRedis, PlanStore, redact_url
 from pipelines.catalog import ModelCatalog, load_catalog
 from pipelines.devices import DEVICE_CLASSES, DeviceClass
+from pipelines.groups import GROUP_SEPARATOR, group_catalog, shared_cut
 from splitsense.config import Config
 from splitsense.errors import ConfigError, ModelError, PlanError
 from splitsense.plan import PlanSet
@@ -86,13 +87,29 @@ async def _finish_in_thread(fn: Callable[..., T], *args: Any) -> T:
 
 
 def load_catalogs(models: tuple[str, ...] | list[str], weights_dir: Any = None) -> dict[str, ModelCatalog]:
-    """The planner's catalog of every model (ModelError saying how to build a missing one)."""
+    """The planner's catalog of every model (ModelError saying how to build a missing one), and of
+    every task group whose members are all served (pipelines/groups.py: one window, several tasks
+    sharing a front, planned as one)."""
     out = {}
     for name in models:
         try:
             out[name] = load_catalog(name, weights_dir)
         except ModelError as e:
             raise ModelError(f"{e} (or run: splitsense models catalog --model {name})") from None
+    for group in task_groups(models):
+        out[GROUP_SEPARATOR.join(group)] = group_catalog([out[m] for m in group], shared_cut(group))
+    return out
+
+
+def task_groups(models: tuple[str, ...] | list[str]) -> list[tuple[str, ...]]:
+    """The encoder groups (pipelines.models.ModelSpec.encoder_group) all of whose models are served."""
+    from pipelines.models import get_spec
+
+    out: list[tuple[str, ...]] = []
+    for name in models:
+        group = get_spec(name).encoder_group
+        if len(group) > 1 and set(group) <= set(models) and group not in out:
+            out.append(group)
     return out
 
 

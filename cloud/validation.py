@@ -12,6 +12,8 @@ shape) and checks, in this order:
     OffloadRequest.activation.shape   (1, *activation shape at the cut)     WireError   -> INVALID_ARGUMENT
     OffloadRequest.activation.data    length, int8 scale/zero point, and    WireError   -> INVALID_ARGUMENT
                                       only finite numbers once decoded
+    OffloadRequest.extra_models       served models (else NOT_FOUND) whose  WireError   -> INVALID_ARGUMENT
+                                      front [0, cut) is this model's
 
 An unknown model is NOT_FOUND rather than INVALID_ARGUMENT: the request is well formed, but names
 something this broker does not have (another broker, or this one after a deploy, may serve it),
@@ -47,6 +49,7 @@ class ValidOffload:
     request: OffloadRequest
     info: ModelInfo
     activation: np.ndarray  # float32, shape (1, *info.activation_shape(request.cut)), all finite
+    extra: tuple[ModelInfo, ...] = ()  # the request's extra models, each sharing the front [0, cut)
 
 
 def validate_offload(
@@ -105,4 +108,31 @@ def validate_offload(
             f"{_PATH}.activation.data: expected finite numbers after {t.codec.value} decoding, got "
             f"{n_nan} NaN and {n_inf} inf among {x.size} values"
         )
-    return ValidOffload(request=request, info=info, activation=x)
+    extra = tuple(_shared_task(request, models, info, m) for m in request.extra_models)
+    return ValidOffload(request=request, info=info, activation=x, extra=extra)
+
+
+MAX_EXTRA_MODELS = 8
+
+
+def _shared_task(request: OffloadRequest, models: Mapping[str, ModelInfo], info: ModelInfo, name: str) -> ModelInfo:
+    """The ModelInfo of extra model `name`, if it reads exactly the activation `info` gets at the cut."""
+    if len(request.extra_models) > MAX_EXTRA_MODELS:
+        raise WireError(f"{_PATH}.extra_models: expected at most {MAX_EXTRA_MODELS}, got {len(request.extra_models)}")
+    other = models.get(name)
+    if other is None:
+        served = ", ".join(repr(m) for m in sorted(models)) or "none"
+        raise ModelError(f"{_PATH}.extra_models: expected models this broker serves ({served}), got {name!r}")
+    k = request.cut
+    if (
+        k >= other.n_stages
+        or other.activation_shape(k) != info.activation_shape(k)
+        or k >= len(other.front_digests)
+        or k >= len(info.front_digests)
+        or other.front_digests[k] != info.front_digests[k]
+    ):
+        raise WireError(
+            f"{_PATH}.extra_models: model {name!r} does not share stages [0, {k}) with {info.name!r}, so the "
+            f"activation at cut {k} is not its input there (send it its own window)"
+        )
+    return other

@@ -15,9 +15,21 @@ up across devices and periods.
     splitsense_edge_estimated_bandwidth_bytes_per_second{model,device_class}  gauge
     splitsense_edge_estimated_rtt_seconds{model,device_class}                 gauge
     splitsense_edge_battery_ratio{model,device_class}                         gauge 0..1
+    splitsense_edge_stored_windows{model,device_class}                        gauge (store-and-forward)
+    splitsense_edge_store_bytes{model,device_class}                           gauge
+    splitsense_edge_deferred_windows_total{model,device_class}                counter
+    splitsense_edge_store_forward_delay_seconds{model,device_class}           histogram
+    splitsense_edge_unanswered_windows_total{model,device_class,reason}       counter
 
-Labels are low-cardinality only (never ids): `reason` is a `FailureKind` value of edge/breaker.py or
-"codec" (the activation could not be encoded).
+The last five are those of a device without local fallback (edge/store.py): windows it keeps
+while the cloud cannot answer them, forwarded later (mode deferred) with the delay from the window
+being ready to its answer; `unanswered` counts the windows that got no result, by `reason`:
+refused (the store was full), expired (stored past its age bound), rejected (the broker refused
+it, so no retry can help), codec (it could not be encoded), pending (still stored when the device
+stopped).
+
+Labels are low-cardinality only (never ids): the fallbacks' `reason` is a `FailureKind` value of
+edge/breaker.py or "codec" (the activation could not be encoded).
 """
 
 from __future__ import annotations
@@ -37,6 +49,9 @@ _SUB = "edge"
 # 1 ms .. 5 s: an in-process tail answers in ~1 ms, a deadline is 300 ms, a slow local audio model
 # on a watch-class device takes seconds.
 _LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 1.0, 2.5, 5.0)
+# 100 ms .. 10 min: a deferred window waits at least one failed attempt, at most the store's age
+# bound (edge/store.py, 600 s by default); scripted outages are seconds, real ones minutes.
+_DELAY_BUCKETS_S = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0)
 
 
 @dataclass
@@ -94,6 +109,23 @@ class EdgeMetrics:
         self.bandwidth = gauge("estimated_bandwidth_bytes_per_second", "The device's uplink bandwidth estimate.")
         self.rtt = gauge("estimated_rtt_seconds", "The device's round-trip time estimate to the broker.")
         self.battery = gauge("battery_ratio", "Remaining battery charge, 0..1.")
+        self.stored_windows = gauge("stored_windows", "Windows kept for store-and-forward, not yet answered.")
+        self.store_bytes = gauge("store_bytes", "Encoded bytes held by the store-and-forward buffer.")
+        self.deferred = counter("deferred_windows", "Stored windows forwarded and answered later (mode deferred).")
+        self.deferred_delay = Histogram(
+            "store_forward_delay_seconds",
+            "Time from a stored window being available to its forwarded answer.",
+            list(ids),
+            namespace=_NS,
+            subsystem=_SUB,
+            registry=self.registry,
+            buckets=_DELAY_BUCKETS_S,
+        )
+        self.unanswered = counter(
+            "unanswered_windows",
+            "Windows of a device without local fallback that got no result (refused, expired, ...).",
+            "reason",
+        )
         self._sums: dict[tuple[str, int, ExecutionMode], _Sums] = {}
 
     # --- per window -------------------------------------------------------------------------
@@ -109,6 +141,9 @@ class EdgeMetrics:
             self.sent_bytes.labels(m, dc, str(result.cut), result.codec or "none").inc(result.bytes_sent)
         if result.mode is ExecutionMode.FALLBACK:
             self.fallbacks.labels(m, dc, fallback_reason or "error").inc()
+        if result.mode is ExecutionMode.DEFERRED:
+            self.deferred.labels(m, dc).inc()
+            self.deferred_delay.labels(m, dc).observe(result.latency_ms / 1000.0)
         s = self._sums.setdefault((m, result.cut, result.mode), _Sums())
         s.add_stages(result.stage_ms)
         s.windows += 1
@@ -117,6 +152,15 @@ class EdgeMetrics:
         s.bytes_sent += result.bytes_sent
         s.energy_mj += result.energy_mj
         s.failures += result.mode is ExecutionMode.FALLBACK
+
+    def set_store(self, windows: int, nbytes: int) -> None:
+        """What the store-and-forward buffer holds now."""
+        self.stored_windows.labels(self.model, self.device_class).set(windows)
+        self.store_bytes.labels(self.model, self.device_class).set(nbytes)
+
+    def observe_unanswered(self, reason: str) -> None:
+        """A window that got no result: refused, expired, rejected, codec or pending."""
+        self.unanswered.labels(self.model, self.device_class, reason).inc()
 
     def set_state(self, breaker: BreakerState, estimates: DeviceEstimates) -> None:
         m, dc = self.model, self.device_class

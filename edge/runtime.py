@@ -18,6 +18,21 @@ So every window ends with exactly one result and none is ever dropped: `run()` c
 the very modules the cloud runs, and fp32 encoding is exact, an offloaded window's prediction is
 the one the device would have made by itself.
 
+A device that cannot hold the whole model (`local_fallback=False`: e.g. the sensor_node class, whose
+RAM holds only the front up to the bottleneck) cannot do step 3 or the fallback of step 4. It runs
+stages [0, k) for k at most `max_cut` (a plan row or choice deeper than that, local included, is
+sent at `max_cut`), and a window the cloud cannot answer now (any failed offload, the breaker open
+or holding after a shed) is stored with its encoded activation (edge/store.py) instead of finished
+here. A background drain task forwards stored windows oldest first whenever the breaker allows
+(it is the breaker's prober then: a stored window is the probe, its success closes the breaker),
+and each answer is that window's result, mode deferred, its latency from the window being ready to
+the answer and its reason "stored: ..." saying for how long. Later windows never wait for stored
+ones: `submit()` returns a future for a stored window and `run()` delivers its result to the sink
+and `progress` when it resolves, at most once. Windows still stored when a run ends, after a flush
+bounded by `drain_timeout_s` without progress, are reported pending (`RunSummary.pending`, with
+their bytes); windows the store refuses (full), expires, or the broker rejects get no result and
+count as lost, by reason (`RunSummary.lost_by_reason`, the `unanswered_windows` metric).
+
 Energy per window: the device's active power x its measured compute time, plus the radio energy
 of its transfer on the class's radio (`pipelines.power.RadioEnergyMeter`: tails and promotions
 included). The battery drains by that, so a plan's LOW-battery rows take over when it runs low.
@@ -33,7 +48,7 @@ import random
 import time
 from collections import Counter, deque
 from collections.abc import AsyncIterable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -44,6 +59,7 @@ from edge.estimator import LinkEstimator
 from edge.metrics import EdgeMetrics
 from edge.sink import ResultSink, WindowResult
 from edge.sources import SensorWindow
+from edge.store import DEFAULT_CAPACITY_BYTES, DEFAULT_MAX_AGE_S, ForwardStore, Stored
 from edge.transport import OffloadTransport
 from pipelines.codecs import encode
 from pipelines.compress import compress_front_at_level
@@ -64,7 +80,7 @@ from splitsense.kinds import Codec, EncodedTensor, parse_codec
 from splitsense.plan import Plan, PlanSet
 from splitsense.wire import DeviceEstimates, ExecutionMode, OffloadRequest, OffloadResponse, RadioKind
 
-__all__ = ["Battery", "EdgeDevice", "ForcedChoice", "RunSummary"]
+__all__ = ["Battery", "EdgeDevice", "ForcedChoice", "Pending", "RunSummary", "WindowUnansweredError"]
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +116,7 @@ class Battery:
 class RunSummary:
     windows: int
     by_mode: dict[str, int]
-    lost: int  # windows the source produced that got no result: 0, always
+    lost: int  # windows the source produced that got no result: 0, but for a full store (lost_by_reason)
     accuracy: float  # predictions equal to the recording's labels
     latency_p50_ms: float
     latency_p95_ms: float
@@ -110,6 +126,13 @@ class RunSummary:
     battery_fraction: float
     plan_version: int
     wall_s: float
+    # A device without local fallback only (EdgeDevice(local_fallback=False)): windows still stored
+    # when the run ended (not lost: their encoded activations are still on the device, unanswered)
+    # and their bytes; and why the lost windows got no result (refused: the store was full,
+    # expired, rejected, codec). `lost` = windows in - results - pending.
+    pending: int = 0
+    pending_bytes: int = 0
+    lost_by_reason: dict[str, int] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -125,6 +148,9 @@ class RunSummary:
             "battery_fraction": round(self.battery_fraction, 6),
             "plan_version": self.plan_version,
             "wall_s": round(self.wall_s, 3),
+            "pending": self.pending,
+            "pending_bytes": self.pending_bytes,
+            "lost_by_reason": dict(self.lost_by_reason),
         }
 
 
@@ -158,6 +184,45 @@ class _Attempt:
     elapsed_s: float
 
 
+class WindowUnansweredError(OffloadError):
+    """A window of a device without local fallback that gets no result. `kind`: refused (the
+    store was full), expired (stored past its age bound), rejected (the broker refused it: no retry
+    can help), codec (its activation cannot be encoded) or pending (still stored when the device
+    stopped: its activation is still on the device, unanswered)."""
+
+    def __init__(self, window_id: str, kind: str, detail: str, nbytes: int = 0) -> None:
+        super().__init__(f"window {window_id}: {kind}: {detail}")
+        self.window_id = window_id
+        self.kind = kind
+        self.detail = detail
+        self.nbytes = nbytes
+
+
+@dataclass(frozen=True)
+class Pending:
+    """Windows still stored when a device stopped, and their encoded bytes."""
+
+    windows: int
+    nbytes: int
+
+
+@dataclass
+class _Held:
+    """A stored window: what the drain task needs to forward it and to build its result."""
+
+    window: SensorWindow
+    choice: _Choice  # the cut and codec it was encoded at
+    encoded: EncodedTensor
+    t_ready: float  # on `clock`: when it became available
+    front_ms: float
+    stage_ms: tuple[float, ...]
+    energy_mj: float  # so far: its front, and the radio of every attempt that carried it
+    bytes_sent: int  # so far: every attempt that carried it
+    why: str  # why it was stored
+    future: asyncio.Future[WindowResult]
+    attempts: int = 0  # sends that carried it (the live one included)
+
+
 class EdgeDevice:
     """One device running one model on one sensor stream."""
 
@@ -178,6 +243,11 @@ class EdgeDevice:
         device_time_ms: Callable[[int, float, float], float] | None = None,
         choose: Callable[[], ForcedChoice | None] | None = None,
         front_cache: dict[tuple[int, float], StagedModel] | None = None,
+        local_fallback: bool = True,
+        max_cut: int | None = None,
+        store_capacity_bytes: int = DEFAULT_CAPACITY_BYTES,
+        store_max_age_s: float = DEFAULT_MAX_AGE_S,
+        drain_timeout_s: float | None = None,
     ) -> None:
         """`clock` (monotonic seconds) times latency, deadlines and the breaker; `wall_clock` (Unix
         seconds) stamps what goes on the wire. `low_battery_threshold` must be the planner's
@@ -189,7 +259,17 @@ class EdgeDevice:
         difference on `clock`, so its latency and energy are the device's; `device_time_ms(stage,
         level, host_ms)` replaces that stretch (stage -1 is preprocessing; level the compression of
         the stage, 1.0 uncompressed); `choose` may impose a window's choice (None from it: the plan
-        decides); `front_cache` shares compressed fronts between devices running the same model."""
+        decides); `front_cache` shares compressed fronts between devices running the same model.
+
+        `local_fallback=False` says the whole model does not fit this device: only the front up
+        to `max_cut` does (default N - 1; `pipelines.devices.front_fits` says which cuts fit a
+        class). It needs a transport. A window is then never finished here: one the cloud cannot
+        answer now is stored (at most `store_capacity_bytes` of encoded activations, each for at
+        most `store_max_age_s`: edge/store.py) and forwarded when the link is back; its result
+        comes later with mode deferred (`submit`, `run`). At the end of a run (or `close()`) the
+        device keeps forwarding until the store is empty or `drain_timeout_s` has passed without
+        a window forwarded (default: the breaker's longest back-off plus one deadline, so at least
+        one probe goes); what is left is reported pending."""
         if not (math.isfinite(speed_factor) and speed_factor > 0):
             raise ConfigError(f"speed_factor must be > 0, got {speed_factor!r}")
         if trained.spec.name != config.model:
@@ -224,6 +304,29 @@ class EdgeDevice:
         self._telemetry_task: asyncio.Task[None] | None = None
         self._period_start_ms = int(self._wall() * 1000)
         self._period_start_t = clock()
+        self.local_fallback = local_fallback
+        if local_fallback:
+            if max_cut is not None:
+                raise ConfigError("max_cut is for a device without local fallback (local_fallback=False)")
+            self.max_cut = self.n_stages
+        else:
+            if transport is None:
+                raise ConfigError("a device without local fallback needs a transport: it cannot finish a window itself")
+            self.max_cut = self.n_stages - 1 if max_cut is None else max_cut
+            if isinstance(self.max_cut, bool) or not 0 <= self.max_cut < self.n_stages:
+                raise ConfigError(
+                    f"max_cut {max_cut!r} is out of range for a device without local fallback: "
+                    f"expected 0..{self.n_stages - 1}"
+                )
+        self.store: ForwardStore[_Held] = ForwardStore(store_capacity_bytes, store_max_age_s)
+        if drain_timeout_s is None:
+            drain_timeout_s = self.breaker.backoff_bound_s() + config.deadline_ms / 1000.0 + _TRANSPORT_GRACE_S
+        if not drain_timeout_s >= 0:
+            raise ConfigError(f"drain_timeout_s must be >= 0, got {drain_timeout_s!r}")
+        self.drain_timeout_s = drain_timeout_s
+        self._drain_task: asyncio.Task[None] | None = None
+        self._wake: asyncio.Event | None = None  # set: the drain task should look again
+        self._changed: asyncio.Event | None = None  # set by the drain task: a stored window left
         if plan is not None:
             self.apply_plan(plan)
             self._apply_pending_plan()
@@ -313,11 +416,28 @@ class EdgeDevice:
     # --- one window -------------------------------------------------------------------------
 
     async def process(self, window: SensorWindow) -> WindowResult:
-        """Finish one window: always returns its result, whatever the cloud does."""
+        """Finish one window and return its result.
+
+        With local fallback (the default) this returns at once, whatever the cloud does. Without
+        it, a window the cloud cannot answer now is stored and this waits for its forwarded answer
+        (mode deferred), or raises WindowUnansweredError if it never gets one: a caller whose later
+        windows must not wait uses `submit` (or `run`)."""
+        out = await self.submit(window)
+        return out if isinstance(out, WindowResult) else await out
+
+    async def submit(self, window: SensorWindow) -> WindowResult | asyncio.Future[WindowResult]:
+        """Run one window as far as it can go now, never waiting for the store.
+
+        Returns its result when it is finished now (always, with local fallback), or, for a
+        window stored on a device without local fallback, a future that resolves to its deferred
+        result when the drain task forwards it, or fails with WindowUnansweredError (already
+        failed when the store refused it). Each window's outcome resolves exactly once."""
         self._apply_pending_plan()
         start = self._clock()
         t_ready = min(window.t_emit, start)
         choice = self._choose()
+        if choice.cut > self.max_cut:
+            choice = self._within_reach(choice)
         model = self._front_model(choice.cut, choice.level)
         stage_ms: list[float] = []
         t_front = self._clock()
@@ -328,6 +448,8 @@ class EdgeDevice:
             act = self._run_stages(model, x, 0, choice.cut, stage_ms, choice.level)
         front_ms = prep_ms + sum(stage_ms)
         await self._simulated_hardware(t_front, front_ms)
+        if not self.local_fallback:
+            return await self._offload_or_store(window, choice, act, t_ready, front_ms, stage_ms)
 
         mode, reason, fallback_label = ExecutionMode.LOCAL, "", None
         encoded: EncodedTensor | None = None
@@ -507,6 +629,259 @@ class EdgeDevice:
         gap = math.inf if last is None else max(at - last, 0.0)
         return promotion_delay_s(self.radio.model, gap)
 
+    # --- store-and-forward (a device without local fallback) --------------------------------
+
+    def _within_reach(self, choice: _Choice) -> _Choice:
+        """A choice deeper than this device can run (a local plan row included), sent at `max_cut`
+        with the config's default codec (fp32 if that cannot code it: `_encode_storable`)."""
+        why = (
+            f"{choice.why}; this device holds only stages [0, {self.max_cut}) (no local fallback): "
+            f"sent at cut {self.max_cut}"
+        )
+        return _Choice(self.max_cut, self._default.codec, choice.level, choice.plan_version, why)
+
+    def _encode_storable(self, act: Any, choice: _Choice) -> tuple[EncodedTensor, _Choice]:
+        """The activation encoded with the choice's codec, or with fp32 when that codec cannot
+        code it (ans at a cut without a symbol prior): a device without local fallback has no
+        other way to finish the window. CodecError only when fp32 cannot either (NaN/inf)."""
+        try:
+            return encode(act, choice.codec, self.model.symbol_prior(choice.cut)), choice
+        except CodecError as e:
+            if choice.codec is Codec.FP32:
+                raise
+            why = f"{choice.why}; {choice.codec.value} cannot code it ({e}): sent as fp32"
+            fp32 = _Choice(choice.cut, Codec.FP32, choice.level, choice.plan_version, why)
+            return encode(act, Codec.FP32), fp32
+
+    def _radio_mj(self, attempt: _Attempt, nbytes: int) -> float:
+        """Radio energy of one send (answered or not), at the device's bandwidth estimate."""
+        down = len(attempt.response.logits) * _BYTES_PER_LOGIT if attempt.response else 0
+        mbps = max(self.estimator.bandwidth_mbps, 1e-3)
+        try:
+            return self.radio.record(attempt.sent_at, nbytes, mbps, down, mbps)
+        except ValueError:  # a concurrent send's transfer was recorded first: its energy is counted
+            return 0.0
+
+    def _unanswered(self, window_id: str, kind: str, detail: str, nbytes: int) -> WindowUnansweredError:
+        self.metrics.observe_unanswered(kind)
+        return WindowUnansweredError(window_id, kind, detail, nbytes)
+
+    async def _offload_or_store(
+        self,
+        window: SensorWindow,
+        choice: _Choice,
+        act: Any,
+        t_ready: float,
+        front_ms: float,
+        stage_ms: list[float],
+    ) -> WindowResult | asyncio.Future[WindowResult]:
+        """Steps 3-4 for a device without local fallback: offload when the breaker is closed,
+        otherwise (or when that fails) store the window for the drain task."""
+        if self.store:  # every window is a moment for the drain task to look at the breaker again
+            self._ensure_drain()
+        energy = compute_energy_mj(self.config.active_mw, front_ms / 1000.0)
+        self.battery.drain(energy)
+        future: asyncio.Future[WindowResult] = asyncio.get_running_loop().create_future()
+        try:
+            encoded, choice = self._encode_storable(act, choice)
+        except CodecError as e:
+            future.set_exception(self._unanswered(window.window_id, "codec", f"cannot be encoded: {e}", 0))
+            return future
+        now = self._clock()
+        bytes_sent = 0
+        # Closed: offload now. Open, half open (the drain task's probe is out) or holding after a
+        # shed: straight to the store; the drain task probes with the oldest stored window.
+        if self.breaker.state is BreakerState.CLOSED and self.breaker.allow_offload(now):
+            attempt = await self._offload(window, choice, encoded)
+            radio = self._radio_mj(attempt, encoded.nbytes)
+            self.battery.drain(radio)
+            energy += radio
+            bytes_sent = encoded.nbytes
+            if attempt.response is not None:
+                result = WindowResult(
+                    window_id=window.window_id,
+                    label=window.label,
+                    prediction=attempt.response.prediction,
+                    mode=ExecutionMode.OFFLOADED,
+                    cut=choice.cut,
+                    codec=choice.codec.value,
+                    compression_energy_kept=choice.level,
+                    latency_ms=(self._clock() - t_ready) * 1000.0,
+                    front_ms=front_ms,
+                    bytes_sent=bytes_sent,
+                    energy_mj=energy,
+                    reason="",
+                    plan_version=choice.plan_version,
+                    stage_ms=tuple(stage_ms),
+                )
+                self.metrics.observe(result)
+                self.metrics.set_state(self.breaker.state, self.estimates())
+                return result
+            assert attempt.kind is not None
+            why = f"{attempt.kind.value}: {attempt.detail}"
+            if attempt.kind is FailureKind.REJECTED:  # the broker refuses this window: no retry helps
+                future.set_exception(self._unanswered(window.window_id, "rejected", why, encoded.nbytes))
+                return future
+        else:
+            snap = self.breaker.snapshot(now)
+            why = f"circuit breaker {snap.state.value}: {snap.reason}"
+        held = _Held(window, choice, encoded, t_ready, front_ms, tuple(stage_ms), energy, bytes_sent, why, future)
+        held.attempts = 1 if bytes_sent else 0
+        admission = self.store.put(held, encoded.nbytes, self._clock())
+        self.metrics.set_state(self.breaker.state, self.estimates())
+        if not admission:
+            future.set_exception(self._unanswered(window.window_id, "refused", admission.reason, encoded.nbytes))
+            return future
+        self.metrics.set_store(len(self.store), self.store.nbytes)
+        self._ensure_drain()
+        return future
+
+    def _ensure_drain(self) -> None:
+        if self._drain_task is None or self._drain_task.done():
+            self._wake, self._changed = asyncio.Event(), asyncio.Event()
+            self._drain_task = asyncio.create_task(self._drain_loop(), name=f"drain-{self.config.device_id}")
+        else:
+            assert self._wake is not None
+            self._wake.set()
+
+    async def _drain_loop(self) -> None:
+        """Forward stored windows, oldest first, whenever the breaker allows, for as long as the
+        device runs (`close` cancels it)."""
+        while True:
+            try:
+                await self._drain_step()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # a bug here must not strand the store: log it and go on
+                log.exception("store-and-forward drain failed; retrying")
+                await asyncio.sleep(self.config.breaker.backoff_base_s)
+
+    async def _drain_step(self) -> None:
+        assert self._wake is not None
+        self._wake.clear()  # a window stored from here on wakes the wait below
+        now = self._clock()
+        for s in self.store.expire(now):
+            what = f"stored {s.age_s(now):.1f} s, longer than the store's bound of {self.store.max_age_s:g} s"
+            self._resolve(s, error=self._unanswered(s.item.window.window_id, "expired", what, s.nbytes))
+        head = self.store.head()
+        if head is None:
+            await self._wait_wake(None)
+            return
+        if not self.breaker.peek(now):
+            await self._wait_wake(self._breaker_wait_s(now))
+            return
+        self.breaker.allow_offload(now)  # grants the probe when open: this window is the probe
+        h = head.item
+        attempt = await self._offload(h.window, h.choice, h.encoded)
+        radio = self._radio_mj(attempt, h.encoded.nbytes)
+        self.battery.drain(radio)
+        h.energy_mj += radio
+        h.bytes_sent += h.encoded.nbytes
+        h.attempts += 1
+        if attempt.response is not None:
+            self.store.pop()
+            self._resolve(head, result=self._deferred_result(head, attempt.response))
+        elif attempt.kind is FailureKind.REJECTED:
+            self.store.pop()
+            what = f"{attempt.detail} (after {head.age_s(self._clock()):.1f} s in the store)"
+            self._resolve(head, error=self._unanswered(h.window.window_id, "rejected", what, head.nbytes))
+        # any other failure: it stays at the head, and the breaker (told by _offload) says when
+        # the next try may go
+
+    def _breaker_wait_s(self, now: float) -> float:
+        """How long until the breaker may allow the next send (on `clock`, read as seconds)."""
+        snap = self.breaker.snapshot(now)
+        until = max(snap.open_until or now, snap.hold_until or now)
+        return min(max(until - now, 0.001), self.breaker.backoff_bound_s())
+
+    async def _wait_wake(self, timeout_s: float | None) -> None:
+        """Until a window is stored (or `flush` asks), or `timeout_s` has passed."""
+        assert self._wake is not None
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout_s):
+                await self._wake.wait()
+
+    def _deferred_result(self, stored: Stored[_Held], response: OffloadResponse) -> WindowResult:
+        h, now = stored.item, self._clock()
+        reason = (
+            f"stored: {stored.age_s(now):.2f} s in the store-and-forward buffer, forwarded on attempt "
+            f"{h.attempts}; stored because {h.why}"
+        )
+        return WindowResult(
+            window_id=h.window.window_id,
+            label=h.window.label,
+            prediction=response.prediction,
+            mode=ExecutionMode.DEFERRED,
+            cut=h.choice.cut,
+            codec=h.choice.codec.value,
+            compression_energy_kept=h.choice.level,
+            latency_ms=(now - h.t_ready) * 1000.0,
+            front_ms=h.front_ms,
+            bytes_sent=h.bytes_sent,
+            energy_mj=h.energy_mj,
+            reason=reason,
+            plan_version=h.choice.plan_version,
+            stage_ms=h.stage_ms,
+        )
+
+    def _resolve(
+        self, stored: Stored[_Held], result: WindowResult | None = None, error: BaseException | None = None
+    ) -> None:
+        """A stored window left the store: answered (`result`) or not (`error`)."""
+        future = stored.item.future
+        if result is not None:
+            self.metrics.observe(result)
+        if not future.done():
+            if result is not None:
+                future.set_result(result)
+            else:
+                future.set_exception(error or RuntimeError("a stored window left the store without an outcome"))
+        self.metrics.set_store(len(self.store), self.store.nbytes)
+        self.metrics.set_state(self.breaker.state, self.estimates())
+        if self._changed is not None:
+            self._changed.set()
+
+    async def flush(self, idle_timeout_s: float | None = None) -> int:
+        """Let the drain task forward stored windows until the store is empty, or until no window
+        has left it for `idle_timeout_s` (default `drain_timeout_s`). Returns the windows left."""
+        timeout = self.drain_timeout_s if idle_timeout_s is None else idle_timeout_s
+        while self.store and timeout > 0:
+            self._ensure_drain()
+            assert self._changed is not None and self._wake is not None
+            self._changed.clear()
+            self._wake.set()
+            try:
+                async with asyncio.timeout(timeout):
+                    await self._changed.wait()
+            except TimeoutError:
+                break
+        return len(self.store)
+
+    async def close(self, drain_timeout_s: float | None = None) -> Pending:
+        """Flush (see `flush`), stop the drain task, and report what is still stored as pending:
+        each such window's future fails with WindowUnansweredError(kind "pending")."""
+        if self.store:
+            await self.flush(drain_timeout_s)
+        return await self._stop_store()
+
+    async def _stop_store(self) -> Pending:
+        task, self._drain_task = self._drain_task, None
+        if task is not None and not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        left = self.store.take_all()
+        nbytes = sum(s.nbytes for s in left)
+        now = self._clock()
+        for s in left:
+            what = (
+                f"still stored after {s.age_s(now):.1f} s when the device stopped ({s.item.attempts} attempt(s); "
+                f"stored because {s.item.why})"
+            )
+            self._resolve(s, error=self._unanswered(s.item.window.window_id, "pending", what, s.nbytes))
+        self.metrics.set_store(0, 0)
+        return Pending(len(left), nbytes)
+
     # --- a whole stream ---------------------------------------------------------------------
 
     async def run(
@@ -515,44 +890,86 @@ class EdgeDevice:
         sink: ResultSink | None = None,
         progress: Callable[[WindowResult], None] | None = None,
     ) -> RunSummary:
-        """Process every window of `source` in order; watch plans and push telemetry meanwhile."""
+        """Process every window of `source` in order; watch plans and push telemetry meanwhile.
+
+        Every result goes to `sink` and `progress` once, as it is known: at once for a window
+        finished now, when its answer arrives for a stored one (mode deferred; the loop never
+        waits for it). Without local fallback the run ends with `close()`: a flush of the store,
+        then what is left is reported pending."""
         self.warm_up()
         t0 = self._clock()
         watcher = asyncio.ensure_future(self._watch_plans()) if self.transport is not None else None
         modes: Counter[str] = Counter()
         reasons: Counter[str] = Counter()
+        unanswered: Counter[str] = Counter()
         latencies: list[float] = []
         correct = bytes_sent = windows_in = 0
         energy = 0.0
+        outstanding: set[asyncio.Future[WindowResult]] = set()
+        errors: list[BaseException] = []  # raised by the sink or `progress` on a deferred result
+        pending = Pending(0, 0)
+
+        def deliver(result: WindowResult) -> None:
+            nonlocal correct, bytes_sent, energy
+            if sink is not None:
+                sink.write(result)
+            if progress is not None:
+                progress(result)
+            modes[result.mode.value] += 1
+            if result.mode is ExecutionMode.FALLBACK:
+                reasons[result.reason.split(":", 1)[0]] += 1
+            latencies.append(result.latency_ms)
+            correct += result.correct
+            bytes_sent += result.bytes_sent
+            energy += result.energy_mj
+
+        def settled(future: asyncio.Future[WindowResult]) -> None:
+            outstanding.discard(future)
+            error = future.exception() if not future.cancelled() else asyncio.CancelledError()
+            if isinstance(error, WindowUnansweredError):
+                if error.kind != "pending":  # pending windows are reported by `close`
+                    unanswered[error.kind] += 1
+                return
+            if error is not None:
+                errors.append(error)
+                return
+            try:
+                deliver(future.result())
+            except Exception as e:  # from the sink or `progress`: raised by run() at the end
+                errors.append(e)
+
         try:
             async for window in source:
                 windows_in += 1
-                result = await self.process(window)
-                if sink is not None:
-                    sink.write(result)
-                if progress is not None:
-                    progress(result)
-                modes[result.mode.value] += 1
-                if result.mode is ExecutionMode.FALLBACK:
-                    reasons[result.reason.split(":", 1)[0]] += 1
-                latencies.append(result.latency_ms)
-                correct += result.correct
-                bytes_sent += result.bytes_sent
-                energy += result.energy_mj
+                out = await self.submit(window)
+                if isinstance(out, WindowResult):
+                    deliver(out)
+                else:
+                    outstanding.add(out)
+                    out.add_done_callback(settled)
                 self._maybe_report()
+            if not self.local_fallback:
+                pending = await self.close()
         finally:
             if self._probes:  # bounded by the deadline (+ grace) of each
                 await asyncio.gather(*self._probes, return_exceptions=True)
+            if not self.local_fallback:
+                left = await self._stop_store()  # a run cut short: what it had stored is pending
+                pending = Pending(pending.windows + left.windows, pending.nbytes + left.nbytes)
+            if outstanding:  # every stored window's future is settled by now: run its callback
+                await asyncio.gather(*list(outstanding), return_exceptions=True)
             if watcher is not None:
                 watcher.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await watcher
             await self._final_report()
+        if errors:
+            raise errors[0]
         n = sum(modes.values())
         return RunSummary(
             windows=n,
             by_mode={m.value: modes[m.value] for m in ExecutionMode},
-            lost=windows_in - n,
+            lost=windows_in - n - pending.windows,
             accuracy=correct / n if n else 0.0,
             latency_p50_ms=float(np.percentile(latencies, 50)) if latencies else 0.0,
             latency_p95_ms=float(np.percentile(latencies, 95)) if latencies else 0.0,
@@ -562,6 +979,9 @@ class EdgeDevice:
             battery_fraction=self.battery.fraction,
             plan_version=self.plan_version,
             wall_s=self._clock() - t0,
+            pending=pending.windows,
+            pending_bytes=pending.nbytes,
+            lost_by_reason=dict(unanswered),
         )
 
     def warm_up(self) -> None:

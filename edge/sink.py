@@ -5,8 +5,12 @@
      "bytes_sent": 1024, "energy_mj": 31.2, "reason": "", "plan_version": 2, "stage_ms": [...]}
 
 `mode` is offloaded (the cloud answered in time), local (the plan or the breaker kept the whole
-window on the device) or fallback (an offload was tried and failed; the device finished the
-window itself and `reason` says why). `codec` is null when nothing was sent.
+window on the device), fallback (an offload was tried and failed; the device finished the
+window itself and `reason` says why) or deferred (a device that cannot hold the whole model
+stored the window while the cloud could not answer it and forwarded it later: its line comes when
+the answer does, after lines of later windows; `latency_ms` is the whole store-and-forward delay
+and `reason`, "stored: ...", says how long it was stored and why). `codec` is null when nothing
+was sent.
 """
 
 from __future__ import annotations
@@ -32,11 +36,11 @@ class WindowResult:
     cut: int  # the plan's cut (N for a fully local plan)
     codec: str | None  # the codec of the activation sent; None when nothing was sent
     compression_energy_kept: float
-    latency_ms: float  # from the window being available to its result
+    latency_ms: float  # from the window being available to its result (deferred: its answer, however late)
     front_ms: float  # on-device compute before the send (preprocessing + stages [0, cut))
-    bytes_sent: int  # activation payload bytes sent (0 when local)
+    bytes_sent: int  # activation payload bytes sent (0 when local; deferred: every attempt that carried it)
     energy_mj: float  # device compute + radio energy of this window
-    reason: str  # why local or fallback; "" when offloaded
+    reason: str  # why local, fallback or deferred; "" when offloaded
     plan_version: int  # 0: no plan, the config's default
     stage_ms: tuple[float, ...] = ()  # on-device time of each stage that ran here, stage 0 first
 

@@ -9,9 +9,23 @@ replaced only when the factors hold fewer parameters than the original.
     svd_linear / svd_conv        one layer -> LowRank (an nn.Sequential of the two factors)
     estimate_redundancy          rank per energy level for every front layer (decides nothing)
     compress_front               greedy per-layer rank under an accuracy budget, with a reason per layer
-    compress_front_at_level      the same energy level for every front layer (the planner's knob)
+    compress_with_ranks          the front with given per-layer ranks {layer name: rank}
+    compress_front_at_level      the planner's knob: the front at a catalog level, from its shipped ranks
+    compress_front_uniform       one energy fraction for every front layer (analysis only, not a level)
     quantize_front_int8          int8 weights + per-output-channel scales, dequantised in forward
     count_params / param_bytes   how many weights, and how many bytes they really take
+
+Compression levels (the float key of plans, PlanRow.compression_energy_kept and the cost model):
+1.0 is the uncompressed model; a level L < 1 is "the per-layer ranks chosen by `compress_front`
+for the whole model (every compressible layer of every stage; a bottleneck `Encoder` is never
+touched) under an accuracy budget of (1 - L) x 100 points on the calibration data", e.g. 0.99 =
+a 1-point budget (`level_budget_points` / `budget_level` convert). The catalog build
+(`pipelines.catalog.build_catalog`) chooses those ranks once per level and records them, with the
+digest of the weights they were chosen for, in the level's entry of `{model}.catalog.json`; the
+front at cut k is the first k stages of that compressed model. `compress_front_at_level` rebuilds
+exactly that front from the shipped ranks, so a device and the catalog run the same layers. A
+layer's name is "<stage name>.<path inside the stage>" (e.g. "fc1.1"; "classifier" for a stage
+that is itself the layer).
 
 Only stages [0, cut) are touched, always on a deep copy: the model passed in is never modified.
 """
@@ -19,10 +33,12 @@ Only stages [0, cut) are touched, always on a deep copy: the model passed in is 
 from __future__ import annotations
 
 import copy
+import hashlib
 import numbers
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from functools import reduce
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -407,12 +423,116 @@ def _check_levels(levels: Sequence[float]) -> tuple[float, ...]:
 
 
 # ---------------------------------------------------------------------------------------------
-# Fixed level
+# Levels: per-layer ranks chosen under an accuracy budget, shipped with the model
 
 
-def compress_front_at_level(model: StagedModel, cut: int, energy: float) -> StagedModel:
+def level_budget_points(level: float) -> float:
+    """The accuracy budget (points) a level < 1 stands for: (1 - level) x 100 (0.99 -> 1.0)."""
+    level = _check_energy(level)
+    return round((1.0 - level) * 100.0, 6)
+
+
+def budget_level(budget_points: float) -> float:
+    """The level key of an accuracy budget in points: 1 - budget / 100 (1.0 -> 0.99)."""
+    if isinstance(budget_points, bool) or not isinstance(budget_points, (int, float)):
+        raise ConfigError(f"budget_points must be a number of accuracy points, got {budget_points!r}")
+    if not 0 <= budget_points < 100:
+        raise ConfigError(f"budget_points must be in [0, 100), got {budget_points!r}")
+    return round(1.0 - float(budget_points) / 100.0, 9)
+
+
+def weights_digest(model: nn.Module) -> str:
+    """sha256 of the model's state (every parameter and buffer: name, dtype, shape, bytes), so that
+    ranks chosen for one set of weights are never applied to another."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        a = t.detach().cpu().contiguous()
+        h.update(f"{name}|{a.dtype}|{tuple(a.shape)}|".encode())
+        h.update(a.view(torch.uint8).numpy().tobytes() if a.numel() else b"")
+    return h.hexdigest()
+
+
+def layer_ranks(model: StagedModel) -> dict[str, int]:
+    """{layer name: rank} of every LowRank layer of `model` (what a compressed model carries)."""
+    out: dict[str, int] = {}
+
+    def walk(module: nn.Module, name: str) -> None:
+        if isinstance(module, LowRank):
+            out[name] = module.rank
+            return
+        for child_name, child in module.named_children():
+            walk(child, f"{name}.{child_name}")
+
+    for stage_name, stage in zip(model.stage_names, model.stages, strict=True):
+        walk(stage, stage_name)
+    return out
+
+
+def compress_with_ranks(model: StagedModel, cut: int, ranks: Mapping[str, int]) -> StagedModel:
+    """The layers of stages [0, cut) named in `ranks` replaced by their rank-r SVD; every other
+    layer (and every stage from `cut` on) untouched. `ranks` may name layers of the whole model
+    (the front takes its part); a name the model lacks, or a rank that is not in 1..full rank - 1
+    or does not save parameters, is a ModelError: ranks are applied exactly or not at all.
+    Returns a new model."""
+    out = _copy(model)
+    ok, _ = _svd_sites(out, out.n_stages)
+    by_name = {s.name: s for s in ok}
+    unknown = sorted(set(ranks) - set(by_name))
+    if unknown:
+        raise ModelError(
+            f"ranks name layers {unknown} that {model.name!r} has no compressible layer for "
+            f"(known: {sorted(by_name)}); were they chosen for another model?"
+        )
+    front = {s.name for s in _svd_sites(out, cut)[0]}
+    for name, rank in ranks.items():
+        site = by_name[name]
+        r_full = full_rank(site.layer)
+        if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank < r_full:
+            raise ModelError(f"rank of {model.name!r} layer {name!r} must be an int in 1..{r_full - 1}, got {rank!r}")
+        if lowrank_params(site.layer, rank) >= count_params(site.layer):
+            raise ModelError(f"rank {rank} of {model.name!r} layer {name!r} saves no parameters")
+        if name in front:
+            _replace(out, site.path, svd_layer(site.layer, rank))
+    return out
+
+
+def compress_front_at_level(
+    model: StagedModel,
+    cut: int,
+    level: float,
+    *,
+    ranks: Mapping[str, int] | None = None,
+    weights_dir: Path | None = None,
+) -> StagedModel:
+    """Stages [0, cut) of `model` compressed at catalog level `level` (1.0 = uncompressed, a copy).
+
+    A level < 1 applies the per-layer ranks the catalog build chose for the whole model under a
+    (1 - level) x 100-point accuracy budget (module docstring), read from the level's entry in
+    `{weights_dir}/{model.name}.catalog.json` (default: the shipped weights folder) and checked
+    against the digest of the weights they were chosen for; `ranks=` gives them directly instead.
+    A level the catalog lacks, one measured before ranks were recorded, or ranks chosen for other
+    weights: ModelError saying what to rebuild. Returns a new model."""
+    level = _check_energy(level)
+    if level >= 1.0:
+        model.check_cut(cut)
+        return _copy(model)
+    if ranks is None:
+        from pipelines.catalog import shipped_level_ranks  # the catalog imports this module
+
+        ranks, digest = shipped_level_ranks(model.name, level, weights_dir)
+        if digest is not None and digest != weights_digest(model):
+            raise ModelError(
+                f"the shipped ranks of {model.name!r} level {level:g} were chosen for other weights "
+                f"(sha256 {digest[:12]}..., this model {weights_digest(model)[:12]}...); rebuild its catalog "
+                f"(`splitsense models catalog --model {model.name}`) after training"
+            )
+    return compress_with_ranks(model, cut, ranks)
+
+
+def compress_front_uniform(model: StagedModel, cut: int, energy: float) -> StagedModel:
     """Every SVD-able layer of stages [0, cut) at the rank keeping `energy` of its singular-value
-    energy, where that saves parameters. energy 1.0 = uncompressed. Returns a new model."""
+    energy, where that saves parameters; energy 1.0 = uncompressed. One threshold for every layer
+    is not a planner level (it loses accuracy unevenly): for analysis and tests. Returns a new model."""
     energy = _check_energy(energy)
     out = _copy(model)
     if energy >= 1.0:
@@ -609,12 +729,17 @@ __all__ = [
     "LayerSvd",
     "LowRank",
     "compress_front",
+    "budget_level",
     "compress_front_at_level",
+    "compress_front_uniform",
+    "compress_with_ranks",
     "count_params",
     "estimate_redundancy",
     "front_param_bytes",
     "full_rank",
+    "layer_ranks",
     "layer_svd",
+    "level_budget_points",
     "lowrank_params",
     "param_bytes",
     "quantize_front_int8",
@@ -623,4 +748,5 @@ __all__ = [
     "svd_conv",
     "svd_layer",
     "svd_linear",
+    "weights_digest",
 ]

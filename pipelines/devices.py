@@ -60,6 +60,7 @@ if TYPE_CHECKING:
 __all__ = [
     "DEVICE_CLASSES",
     "DeviceClass",
+    "stage_device_ms",
     "FrontMemory",
     "MemoryBudget",
     "device_class",
@@ -90,6 +91,13 @@ class DeviceClass:
     ram_bytes: int | None = None  # peak activation of the front (+ its weights when weights_in_ram)
     storage_bytes: int | None = None  # the front's weights at rest (flash, eMMC, microSD)
     weights_in_ram: bool = True  # False: the runtime reads weights in place from flash (an MCU)
+    # Sustained MAC/s of the device's inference runtime. None: a stage takes its host time x
+    # speed_factor (an application processor running the same kind of framework as the host). Set
+    # for a microcontroller: TensorFlow Lite Micro / CMSIS-NN has no per-operator framework overhead
+    # to stretch (the host's eager PyTorch spends most of a tiny stage's time on dispatch, and x3000
+    # of that is not what an MCU pays), so a stage takes its MACs / macs_per_s, as MCU latency
+    # models do (MCUNet, NeurIPS 2020, profiles kernels the same way).
+    macs_per_s: float | None = None
 
     def __post_init__(self) -> None:
         if not self.name:
@@ -202,6 +210,7 @@ DEVICE_CLASSES: dict[str, DeviceClass] = {
         # Cortex-M4F @ 64 MHz: ~18 M MAC/s int8 with CMSIS-NN (module docstring: Lai et al. 2018's
         # Cortex-M7 figure scaled per cycle to the single-issue M4) vs the host's ~58 G MAC/s.
         speed_factor=3000.0,
+        macs_per_s=18e6,
         # nRF52840 Product Specification (v1.x, 3 V supply, DC/DC on): CPU running CoreMark from
         # flash at 64 MHz, cache on, 3.3 mA (52 uA/MHz) -> 9.9 mW; ~10 mW for the SoC computing.
         # The board's power LED and sensors are not counted (no class is charged for sensing).
@@ -245,6 +254,15 @@ def device_class(name: str) -> DeviceClass:
         raise ConfigError(f"unknown device class {name!r}; use one of: {known}") from None
 
 
+def stage_device_ms(device: DeviceClass | object, macs: float, host_ms: float) -> float:
+    """Device time of one stage: its MACs at the device's runtime rate when the class has one
+    (``macs_per_s``), else its host time x the speed factor."""
+    rate = getattr(device, "macs_per_s", None)
+    if rate:
+        return float(macs) / float(rate) * 1000.0
+    return float(host_ms) * float(getattr(device, "speed_factor", 1.0))
+
+
 def stretch(host_seconds: float, device: DeviceClass) -> float:
     """Device time for work that took ``host_seconds`` on this host."""
     if not (math.isfinite(host_seconds) and host_seconds >= 0):
@@ -286,7 +304,8 @@ class FrontMemory:
 
 def front_memory(catalog: ModelCatalog, cut: int, level: float = 1.0) -> FrontMemory:
     """Weights (``LevelEntry.front_params[cut]`` x 4 bytes) and peak activation (max over the front's
-    stages of input + output elements x 4 bytes, from ``catalog.activation_shapes``) of the front
+    stages, and over the layers inside them where the catalog recorded ``stage_peak_elems``, of input
+    + output elements x 4 bytes) of the front
     [0, cut) compressed at ``level``. Cut 0 (no front) needs nothing."""
     n = catalog.n_stages
     if isinstance(cut, bool) or not isinstance(cut, int) or not 0 <= cut <= n:
@@ -295,7 +314,10 @@ def front_memory(catalog: ModelCatalog, cut: int, level: float = 1.0) -> FrontMe
         return FrontMemory(0, 0)
     weights = int(catalog.level(level).front_params[cut]) * FP32_BYTES
     numel = [math.prod(shape) for shape in catalog.activation_shapes]
-    peak = max(numel[i] + numel[i + 1] for i in range(cut)) * FP32_BYTES
+    peaks = [numel[i] + numel[i + 1] for i in range(cut)]
+    if catalog.stage_peak_elems:  # layer by layer inside each stage, when the catalog measured it
+        peaks += list(catalog.stage_peak_elems[:cut])
+    peak = max(peaks) * FP32_BYTES
     return FrontMemory(weights, peak)
 
 

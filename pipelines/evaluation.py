@@ -361,14 +361,44 @@ def render_eval(out: dict[str, Any], console: Console) -> None:
                 f" ({r['worst_accuracy_loss_points']:.2f} points lost),"
                 f" worst bytes ratio {r['worst_bytes_ratio']:.3f} of fp32"
             )
+        b = e.get("bottleneck")
+        if b:
+            shared = f", shared with {', '.join(b['shared_with'])}" if b["shared_with"] else ""
+            console.print(
+                f"  bottleneck at cut {b['cut']} ({b['codec']}): {b['bytes']:.0f} B per window vs {b['input_bytes']} B of"
+                f" int8 input (x{b['bytes_vs_input']:.3f}), accuracy {b['accuracy']:.4f} (teacher"
+                f" {b['accuracy_teacher']}), front {b['front_macs'] / 1e6:.2f} M MACs = {100 * b['front_share_of_total']:.1f}%"
+                f" of the model, {100 * (b['front_share_of_teacher'] or 0):.1f}% of the teacher{shared}"
+            )
+        if e.get("sc2"):
+            t = Table(title=f"{name}: what to send (SC2 three-way: device MACs, bytes per window, accuracy)")
+            for col in ("kind", "cut", "codec", "device MMACs", "bytes", "accuracy"):
+                t.add_column(col, justify="right")
+            for r in e["sc2"]:
+                t.add_row(
+                    r["kind"],
+                    str(r["cut"]),
+                    r["codec"],
+                    f"{r['device_macs'] / 1e6:.2f}",
+                    f"{r['bytes']:,.0f}",
+                    f"{r['accuracy']:.4f}",
+                )
+            console.print(t)
 
 
-def build_model_catalog(name: str, repeats: int = 30, trained: TrainedModel | None = None) -> Any:
-    """Measure and return the planner's catalog of a shipped model (accuracies on the test split)."""
+def build_model_catalog(
+    name: str,
+    repeats: int = 30,
+    trained: TrainedModel | None = None,
+    log: Callable[[str], None] | None = None,
+) -> Any:
+    """Measure and return the planner's catalog of a shipped model: accuracies on the test split,
+    the per-layer ranks of each compression level chosen on `calibration_set` (never on test)."""
     from pipelines.catalog import build_catalog
 
     tm = trained or load_trained(name)
     x, y = held_out_set(tm)
+    xc, yc = calibration_set(tm)
     return build_catalog(
         tm.model.eval(),
         evaluate=lambda m: accuracy_of(m, x, y),
@@ -376,4 +406,7 @@ def build_model_catalog(name: str, repeats: int = 30, trained: TrainedModel | No
         entropy_coded_bytes=lambda m, k, c: mean_coded_bytes(m, x, k, c),
         repeats=repeats,
         window_s=tm.spec.window_s,
+        calibrate=lambda m: accuracy_of(m, xc, yc),
+        rank_energies=CompressionConfig().energy_kept,
+        log=log,
     )

@@ -107,3 +107,14 @@ class Standardizer:
     @classmethod
     def from_state(cls, state: dict[str, torch.Tensor], prefix: str = "preprocess.") -> Standardizer:
         return cls(mean=state[prefix + "mean"], std=state[prefix + "std"])
+
+
+def log_mel_ops(n_samples: int = WINDOW_SAMPLES) -> int:
+    """Multiply-accumulates (or equivalent real operations) of one window's log-mel on a device: per
+    frame a windowed real FFT of N_FFT points (~2 N log2 N), the power spectrum, the mel filterbank
+    (n_bins x N_MELS) and the log. What a CMSIS-DSP front end does; used to time preprocessing on a
+    microcontroller (pipelines/devices.py, macs_per_s)."""
+    frames = 1 + n_samples // HOP_LENGTH
+    n_bins = N_FFT // 2 + 1
+    per_frame = N_FFT + 2 * N_FFT * int(np.log2(N_FFT)) + 2 * n_bins + n_bins * N_MELS + N_MELS
+    return frames * per_frame

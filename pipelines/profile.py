@@ -175,6 +175,29 @@ def layer_macs(module: nn.Module, inputs: tuple[Any, ...], output: Any) -> int |
     return None
 
 
+def stage_peak_elems(stage: nn.Module, x: torch.Tensor) -> int:
+    """Largest input + output element count of any leaf layer of `stage` on x (per sample): the
+    activation memory a layer-by-layer runtime needs at once inside the stage."""
+    peak = 0
+
+    def hook(module: nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
+        nonlocal peak
+        if any(True for _ in module.children()):
+            return
+        n_in = sum(int(t[0].numel()) for t in inputs if isinstance(t, torch.Tensor) and t.dim() > 0)
+        n_out = int(output[0].numel()) if isinstance(output, torch.Tensor) and output.dim() > 0 else 0
+        peak = max(peak, n_in + n_out)
+
+    handles = [m.register_forward_hook(hook) for m in stage.modules()]
+    try:
+        with torch.no_grad():
+            stage(x)
+    finally:
+        for h in handles:
+            h.remove()
+    return max(peak, int(x[0].numel()))
+
+
 def stage_macs(stage: nn.Module, x: torch.Tensor) -> tuple[int, torch.Tensor]:
     """(MACs per sample, output) of running `stage` on x; x carries a batch dimension."""
     total = 0

@@ -63,6 +63,7 @@ from edge.transport import GrpcTransport
 from pipelines.catalog import ModelCatalog
 from pipelines.compress import compress_front_at_level
 from pipelines.devices import DEVICE_CLASSES, DeviceClass, front_fits
+from pipelines.features import log_mel_ops
 from pipelines.models import get_spec
 from pipelines.power import RadioEnergyMeter, radio_model
 from pipelines.stages import StagedModel
@@ -332,23 +333,49 @@ def usable_levels(config: Config, catalogs: Mapping[str, ModelCatalog]) -> dict[
     return {m: tuple(sorted(v)) for m, v in out.items()}
 
 
+def prep_ops(model: str) -> int:
+    """Operations of one window's preprocessing on a device (timed by MACs on a microcontroller)."""
+    spec = get_spec(model)
+    if spec.modality == "audio":
+        return log_mel_ops()
+    trained_shape = 9 * 128  # IMU: standardise each value (a multiply-add)
+    return trained_shape
+
+
 class ReferenceTime:
     """`device_time_ms` of EdgeDevice for compute_time "reference": the catalog's host time of the
-    stage at its compression level (preprocessing: `prep_ms`) x the class's speed factor."""
+    stage at its compression level (preprocessing: `prep_ms`) x the class's speed factor; for a class
+    with a runtime MAC rate (a microcontroller, pipelines.devices.DeviceClass.macs_per_s) the stage's
+    MACs (scaled by the level's latency ratio) and the preprocessing's `prep_ops` at that rate."""
 
-    def __init__(self, catalog: ModelCatalog, prep_ms: float, speed_factor: float) -> None:
+    def __init__(
+        self,
+        catalog: ModelCatalog,
+        prep_ms: float,
+        speed_factor: float,
+        macs_per_s: float | None = None,
+        prep_ops: int = 0,
+    ) -> None:
         self.speed_factor = speed_factor
         self.prep_ms = prep_ms
+        self.macs_per_s = macs_per_s
+        self.prep_ops = prep_ops
         self.stage_ms: dict[float, tuple[float, ...]] = {}
         for lvl in catalog.levels:
             front = lvl.front_latency_ms
             self.stage_ms[lvl.energy_kept] = tuple(front[i + 1] - front[i] for i in range(catalog.n_stages))
         self._full = self.stage_ms[1.0]
+        self._macs = catalog.stage_macs
 
     def __call__(self, stage: int, level: float, host_ms: float) -> float:
+        rate = self.macs_per_s
         if stage < 0:
-            return self.prep_ms * self.speed_factor
-        return max(self.stage_ms.get(level, self._full)[stage], 0.0) * self.speed_factor
+            return self.prep_ops / rate * 1000.0 if rate else self.prep_ms * self.speed_factor
+        ms = max(self.stage_ms.get(level, self._full)[stage], 0.0)
+        if not rate:
+            return ms * self.speed_factor
+        full = self._full[stage]
+        return self._macs[stage] / rate * 1000.0 * (ms / full if full > 0 else 1.0)
 
 
 class RadioTransport:
@@ -814,7 +841,13 @@ class FleetRunner:
                 speed_factor=dev.speed_factor,
                 compute_clock=time.thread_time,
                 device_time_ms=(
-                    ReferenceTime(self.catalogs[spec.model], self.prep_ms[spec.model], dev.speed_factor)
+                    ReferenceTime(
+                        self.catalogs[spec.model],
+                        self.prep_ms[spec.model],
+                        dev.speed_factor,
+                        dev.macs_per_s,
+                        prep_ops(spec.model),
+                    )
                     if sim.compute_time == "reference"
                     else None
                 ),

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pipelines.devices import DEVICE_CLASSES
 from simulators.traces import Trace, load_trace_dir
 from splitsense.config import Config, SimulatorConfig
 from splitsense.errors import ConfigError, DataError
@@ -193,6 +194,9 @@ def assign_devices(
         if not n_windows or not period or period <= 0:
             raise ConfigError(f"no test recording / window period for model {model!r} of class {cls!r}")
         trace = order[i % len(order)]
+        cap = sim.radio_cap_mbps.get(DEVICE_CLASSES[cls].radio.value) if cls in DEVICE_CLASSES else None
+        if cap is not None:
+            trace = trace.capped(cap)
         specs.append(
             DeviceSpec(
                 index=i,

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from splitsense.errors import DataError
+from splitsense.errors import ConfigError, DataError
 
 __all__ = [
     "MAHIMAHI_PACKET_BYTES",
@@ -89,6 +89,19 @@ class Trace:
         object.__setattr__(self, "duration_s", float(self.duration_s))
         object.__setattr__(self, "_grid_s", grid)
         object.__setattr__(self, "_cum_bytes", cum)
+
+    def capped(self, max_mbps: float) -> Trace:
+        """This trace behind a hop that carries at most `max_mbps` (a BLE link to the gateway whose
+        uplink the trace is): min(trace, cap) at every point."""
+        if not (math.isfinite(max_mbps) and max_mbps > 0):
+            raise ConfigError(f"a bandwidth cap must be > 0 Mbit/s, got {max_mbps!r}")
+        return Trace(
+            name=self.name,
+            family=self.family,
+            times_s=self.times_s.copy(),
+            mbps=np.minimum(self.mbps, float(max_mbps)),
+            duration_s=self.duration_s,
+        )
 
     @classmethod
     def constant(cls, mbps: float, duration_s: float = 1.0, name: str = "", family: str = "constant") -> Trace:

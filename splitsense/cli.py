@@ -445,7 +445,9 @@ def edge_run(
 @friendly
 def models_catalog(
     model: str = typer.Option(None, "--model", "-m", help="Model name (default: all)."),
-    repeats: int = typer.Option(101, help="Timed runs of the whole model, stages in sequence on one thread (median per stage)."),
+    repeats: int = typer.Option(
+        101, help="Timed runs of the whole model, stages in sequence on one thread (median per stage)."
+    ),
 ) -> None:
     """Measure the planner's catalog (latency, bytes, accuracy per cut, level and codec) beside the weights."""
     from pipelines.catalog import save_catalog
@@ -622,6 +624,43 @@ def controller_plan(
                           f"{r.compression_energy_kept:g}", r.codec.value, f"{r.predicted_latency_ms:.1f}",
                           f"{r.predicted_energy_mj:.1f}", r.reason)  # fmt: skip
         out.print(table)
+
+
+@bench_app.command("coders")
+@friendly
+def bench_coders_cmd(
+    model: str = typer.Option(None, "--model", "-m", help="Model name (default: all with a bottleneck)."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object keyed by model."),
+) -> None:
+    """constriction vs CompressAI's rANS on the real bottleneck codes: bytes, ideal bytes, encode/decode time."""
+    from rich.table import Table
+
+    from cloud.benchmarks.coders import bench_coders
+
+    with err.status("coding every test window's bottleneck code with each coder"):
+        out = bench_coders(_model_names(model))
+    if as_json:
+        emit_json(out)
+        return
+    table = Table(title="entropy coders on the bottleneck codes (one window per message, one thread)")
+    for col in ("model", "cut", "coder", "bytes/window", "ideal bytes", "encode us", "decode us", "exact"):
+        table.add_column(col, justify="right")
+    for name, m in out["models"].items():
+        for r in m["rows"]:
+            if "skipped" in r:
+                table.add_row(name, str(m["cut"]), r["coder"], r["skipped"], "", "", "", "")
+                continue
+            table.add_row(
+                name,
+                str(m["cut"]),
+                r["coder"],
+                f"{r['bytes_mean']:.1f}",
+                f"{m['ideal_bytes_mean']:.1f}",
+                f"{r['encode_us']:.0f}",
+                f"{r['decode_us']:.0f}",
+                "yes" if r["exact"] else "NO",
+            )
+    _out().print(table)
 
 
 @bench_app.command("plan")

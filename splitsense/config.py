@@ -110,7 +110,13 @@ class PlannerConfig:
     hysteresis_margin: float = 0.10
     low_battery_threshold: float = 0.20  # battery fraction below which a device uses its LOW rows
     min_telemetry_samples: int = 30  # per stage, before measured device latency replaces the profile
-    compression_levels: tuple[float, ...] = (1.0, 0.9, 0.7, 0.5)  # energy kept; catalogs measure these
+    # Front compression levels the catalogs measure (the key of PlanRow.compression_energy_kept):
+    # 1.0 = uncompressed; L < 1 = the DeepX-style per-layer SVD ranks chosen for the whole model under
+    # an accuracy budget of (1 - L) x 100 points on calibration data (0.995, 0.99, 0.98: 0.5, 1 and 2
+    # points), shipped in the catalog. A uniform energy threshold lost 5-50 points at 0.7/0.5 and was
+    # slower at 0.9; budgets around the classes' 1-point accuracy budget are the ones a plan can use.
+    # A level neither smaller nor faster than a cheaper one is dropped (catalog `dropped_levels`).
+    compression_levels: tuple[float, ...] = (1.0, 0.995, 0.99, 0.98)
     # Per device class; a scenario file replaces the whole table.
     classes: dict[str, ClassObjectiveConfig] = field(default_factory=_default_planner_classes, hash=False)
 
@@ -229,7 +235,7 @@ class BrokerConfig:
     static_plan_cut: int = 0
     static_plan_cuts: dict[str, int] = field(default_factory=dict, hash=False)
     static_plan_codec: str = "fp32"
-    static_plan_device_classes: tuple[str, ...] = ("phone", "iot_board", "watch")  # planner.classes
+    static_plan_device_classes: tuple[str, ...] = ("phone", "iot_board", "watch", "sensor_node")  # planner.classes
     shutdown_grace_s: float = 5.0  # in-flight windows finish; the devices fall back after that
 
     def __post_init__(self) -> None:
@@ -445,7 +451,9 @@ def _default_sim_models() -> dict[str, str]:
     # board, keyword spotting on a watch's microphone (a wake word). The watch is where the choice
     # moves with the link: its local audio model (~150 ms at 100x) is beaten by offloading above
     # about 1 Mbit/s of WiFi; the others' models are fast enough locally on these traces.
-    return {"phone": "uci_har", "iot_board": "fsdd_speaker", "watch": "fsdd_digit"}
+    # The sensor node (a TinyML board with a microphone) spots keywords: it holds only the shared
+    # audio encoder, so its windows go at the bottleneck or as the input, never fully local.
+    return {"phone": "uci_har", "iot_board": "fsdd_speaker", "watch": "fsdd_digit", "sensor_node": "fsdd_digit"}
 
 
 def _default_sim_rtt_ms() -> dict[str, float]:
@@ -461,8 +469,9 @@ def _default_sim_rtt_ms() -> dict[str, float]:
 class SimulatorConfig:
     """`splitsense simulate` and `demo` (simulators/): a fleet of simulated devices on real traces."""
 
-    devices: int = 12  # assigned round-robin to device_classes: 12 = 4 of each class
-    device_classes: tuple[str, ...] = ("phone", "iot_board", "watch")  # planner.classes names
+    devices: int = 12  # assigned round-robin to device_classes: 12 = 3 of each class
+    # planner.classes names; the sensor node is the class that cannot hold a whole model
+    device_classes: tuple[str, ...] = ("phone", "iot_board", "watch", "sensor_node")
     models: dict[str, str] = field(default_factory=_default_sim_models, hash=False)
     # Per policy: ~20 audio windows per device, long enough for a controller pass and a few
     # bandwidth changes of the traces, short enough that all six policies fit in a ~2.5-minute demo.
@@ -471,6 +480,11 @@ class SimulatorConfig:
     traces_dir: Path | None = None  # None: the project's traces (pipelines/data/traces)
     trace_families: tuple[str, ...] = ()  # sub-folders of traces_dir to use; empty: all of them
     rtt_ms: dict[str, float] = field(default_factory=_default_sim_rtt_ms, hash=False)
+    # The most a radio's first hop carries, Mbit/s: a device on BLE reaches the Internet through a
+    # gateway (a phone or hub) whose uplink is the trace; BLE itself carries ~0.7 Mbit/s of
+    # application data at best (1M PHY, 251-byte packets, a few per connection event; the nRF52840
+    # figures of pipelines/power.py), so the device sees min(trace, cap).
+    radio_cap_mbps: dict[str, float] = field(default_factory=lambda: {"ble": 0.7}, hash=False)
     loss: float = 0.0  # TCP segment loss probability on every link (0: the traces alone)
     # Scripted outages (start_s, end_s) from each policy's start, on every device's link: a run
     # with them shows the fallback path (zero lost windows) and the breaker's recovery.
@@ -501,6 +515,10 @@ class SimulatorConfig:
         object.__setattr__(self, "trace_families", tuple(self.trace_families))
         # A scenario names only what it changes: other classes and radios keep their defaults.
         object.__setattr__(self, "models", {**_default_sim_models(), **dict(self.models)})
+        caps = {str(k): float(v) for k, v in dict(self.radio_cap_mbps).items()}
+        if any(not v > 0 for v in caps.values()):
+            raise ConfigError(f"simulator.radio_cap_mbps must hold caps > 0 Mbit/s, got {caps}")
+        object.__setattr__(self, "radio_cap_mbps", caps)
         merged_rtt = {**_default_sim_rtt_ms(), **dict(self.rtt_ms)}
         object.__setattr__(self, "rtt_ms", {str(k): float(v) for k, v in merged_rtt.items()})
         if self.traces_dir is not None:

@@ -140,8 +140,23 @@ class SymbolPrior:
         return h.hexdigest()[:16]
 
     def bits(self, symbols: np.ndarray) -> float:
-        """Ideal code length in bits of integer `symbols` (batch first, channels on axis 1)."""
-        idx = np.asarray(symbols, dtype=np.int64) - self.low
+        """Ideal code length in bits of integer `symbols` (batch first, channels on axis 1).
+
+        CodecError for values that are not integers in [low, high] (a negative index would
+        otherwise wrap around to another symbol's probability) or a tensor of another width."""
+        arr = np.asarray(symbols)
+        if arr.ndim < 2 or arr.shape[1] != self.channels:
+            raise CodecError(
+                f"the symbol prior has {self.channels} channels but the symbols' shape {list(arr.shape)} has "
+                f"{arr.shape[1] if arr.ndim > 1 else 'no'} on axis 1 (batch first, channels second)"
+            )
+        if arr.size == 0:
+            return 0.0
+        with np.errstate(invalid="ignore"):
+            idx = arr.astype(np.int64)
+        if not np.array_equal(idx, arr) or idx.min() < self.low or idx.max() > self.high:
+            raise CodecError(f"symbols must be integers in [{self.low}, {self.high}]")
+        idx -= self.low
         ch = np.broadcast_to(np.arange(self.channels).reshape((1, -1) + (1,) * (idx.ndim - 2)), idx.shape)
         return float(-np.log2(self.pmf[ch, idx]).sum())
 

@@ -42,6 +42,7 @@ __all__ = [
     "OffloadRequest",
     "OffloadResponse",
     "RadioKind",
+    "TaskResult",
     "TelemetryObservation",
     "TelemetryReport",
     "Timing",
@@ -77,6 +78,7 @@ class ExecutionMode(StrEnum):
     OFFLOADED = "offloaded"  # the cloud ran stages [cut, N) and answered in time
     LOCAL = "local"  # the plan chose to run the whole model on the device
     FALLBACK = "fallback"  # the plan chose to offload, but the device finished the window itself
+    DEFERRED = "deferred"  # stored while the cloud was unreachable and forwarded later (no local model fits)
 
 
 class _FieldError(WireError):
@@ -155,11 +157,21 @@ class OffloadRequest:
     activation: EncodedTensor
     sent_unix_ms: int
     deadline_ms: int = 0  # from the broker receiving the window; 0: the call's own deadline
+    extra_models: tuple[str, ...] = ()  # tasks that share the front [0, cut): one upload serves all
 
     def __post_init__(self) -> None:
         o = "OffloadRequest"
         for name in ("window_id", "model", "device_id", "device_class"):
             _check_str(o, name, getattr(self, name))
+        if isinstance(self.extra_models, str) or not isinstance(self.extra_models, Sequence):
+            _bad(o, "extra_models", "a sequence of model names", self.extra_models)
+        extra = tuple(self.extra_models)
+        for m in extra:
+            if not isinstance(m, str) or not m:
+                _bad(o, "extra_models", "non-empty model names", extra)
+        if len(set(extra)) != len(extra) or self.model in extra:
+            _bad(o, "extra_models", f"distinct models other than {self.model!r}", extra)
+        object.__setattr__(self, "extra_models", extra)
         _check_int(o, "cut", self.cut, 0, _UINT32_MAX)
         if not isinstance(self.estimates, DeviceEstimates):
             _bad(o, "estimates", "a DeviceEstimates", self.estimates)
@@ -184,6 +196,32 @@ class Timing:
         _check_int("Timing", "batch_size", self.batch_size, 0, _UINT32_MAX)
 
 
+def _check_logits(o: str, logits_in: Any, prediction: Any) -> tuple[float, ...]:
+    if isinstance(logits_in, (str, bytes)) or not isinstance(logits_in, Sequence):
+        _bad(o, "logits", "a sequence of numbers", logits_in)
+    logits = tuple(logits_in)
+    if not logits:
+        _bad(o, "logits", "at least one logit", logits)
+    for x in logits:
+        if isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x):
+            _bad(o, "logits", "finite numbers", logits)
+    _check_int(o, "prediction", prediction, 0, len(logits) - 1)
+    return tuple(float(x) for x in logits)
+
+
+@dataclass(frozen=True)
+class TaskResult:
+    """The answer of one extra model of a window (a task sharing the window's activation)."""
+
+    model: str
+    logits: tuple[float, ...]
+    prediction: int
+
+    def __post_init__(self) -> None:
+        _check_str("TaskResult", "model", self.model)
+        object.__setattr__(self, "logits", _check_logits("TaskResult", self.logits, self.prediction))
+
+
 @dataclass(frozen=True)
 class OffloadResponse:
     """The cloud's result for one window. Logits travel as float32."""
@@ -192,22 +230,18 @@ class OffloadResponse:
     logits: tuple[float, ...]
     prediction: int  # index into logits
     timing: Timing
+    task_results: tuple[TaskResult, ...] = ()  # one per extra model of the request, in its order
 
     def __post_init__(self) -> None:
         o = "OffloadResponse"
         _check_str(o, "window_id", self.window_id)
-        if isinstance(self.logits, (str, bytes)) or not isinstance(self.logits, Sequence):
-            _bad(o, "logits", "a sequence of numbers", self.logits)
-        logits = tuple(self.logits)
-        if not logits:
-            _bad(o, "logits", "at least one logit", logits)
-        for x in logits:
-            if isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x):
-                _bad(o, "logits", "finite numbers", logits)
-        object.__setattr__(self, "logits", tuple(float(x) for x in logits))
-        _check_int(o, "prediction", self.prediction, 0, len(logits) - 1)
+        object.__setattr__(self, "logits", _check_logits(o, self.logits, self.prediction))
         if not isinstance(self.timing, Timing):
             _bad(o, "timing", "a Timing", self.timing)
+        tasks = tuple(self.task_results)
+        if any(not isinstance(t, TaskResult) for t in tasks):
+            _bad(o, "task_results", "TaskResult entries", tasks)
+        object.__setattr__(self, "task_results", tasks)
 
 
 @dataclass(frozen=True)
@@ -344,6 +378,7 @@ _MODE = _EnumMap(
         ExecutionMode.OFFLOADED: pb.EXECUTION_MODE_OFFLOADED,
         ExecutionMode.LOCAL: pb.EXECUTION_MODE_LOCAL,
         ExecutionMode.FALLBACK: pb.EXECUTION_MODE_FALLBACK,
+        ExecutionMode.DEFERRED: pb.EXECUTION_MODE_DEFERRED,
     },
     pb.ExecutionMode,
 )
@@ -452,6 +487,7 @@ def _request_to_pb(x: OffloadRequest) -> pb.OffloadRequest:
         activation=tensor_to_pb(x.activation),
         sent_unix_ms=x.sent_unix_ms,
         deadline_ms=x.deadline_ms,
+        extra_models=list(x.extra_models),
     )
 
 
@@ -469,6 +505,7 @@ def _request_from_pb(msg: pb.OffloadRequest, path: str = "OffloadRequest") -> Of
         activation=tensor_from_pb(_required(path, msg, "activation"), f"{path}.activation"),
         sent_unix_ms=msg.sent_unix_ms,
         deadline_ms=msg.deadline_ms,
+        extra_models=tuple(msg.extra_models),
     )
 
 
@@ -482,7 +519,13 @@ def _timing_from_pb(msg: pb.Timing, path: str = "Timing") -> Timing:
 
 def _response_to_pb(x: OffloadResponse) -> pb.OffloadResponse:
     return pb.OffloadResponse(
-        window_id=x.window_id, logits=list(x.logits), prediction=x.prediction, timing=_timing_to_pb(x.timing)
+        window_id=x.window_id,
+        logits=list(x.logits),
+        prediction=x.prediction,
+        timing=_timing_to_pb(x.timing),
+        task_results=[
+            pb.TaskResult(model=t.model, logits=list(t.logits), prediction=t.prediction) for t in x.task_results
+        ],
     )
 
 
@@ -494,6 +537,12 @@ def _response_from_pb(msg: pb.OffloadResponse, path: str = "OffloadResponse") ->
         logits=tuple(msg.logits),
         prediction=msg.prediction,
         timing=_timing_from_pb(_required(path, msg, "timing"), f"{path}.timing"),
+        task_results=tuple(
+            _build(
+                f"{path}.task_results[{i}]", TaskResult, model=t.model, logits=tuple(t.logits), prediction=t.prediction
+            )
+            for i, t in enumerate(msg.task_results)
+        ),
     )
 
 

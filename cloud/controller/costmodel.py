@@ -49,7 +49,7 @@ from types import MappingProxyType
 import numpy as np
 
 from pipelines.catalog import ModelCatalog
-from pipelines.devices import DeviceClass, front_fits
+from pipelines.devices import DeviceClass, front_fits, stage_device_ms
 from pipelines.power import (
     BITS_PER_BYTE,
     Radio,
@@ -107,6 +107,7 @@ class DeviceCostProfile:
     ram_bytes: int | None = None
     storage_bytes: int | None = None
     weights_in_ram: bool = True
+    macs_per_s: float | None = None  # set: a stage takes its MACs at this rate (pipelines.devices)
 
     @classmethod
     def of(cls, device: DeviceClass) -> DeviceCostProfile:
@@ -120,6 +121,7 @@ class DeviceCostProfile:
             ram_bytes=device.ram_bytes,
             storage_bytes=device.storage_bytes,
             weights_in_ram=device.weights_in_ram,
+            macs_per_s=device.macs_per_s,
         )
 
     def __post_init__(self) -> None:
@@ -281,9 +283,10 @@ def device_stage_ms(
     min_telemetry_samples: int = 30,
 ) -> tuple[tuple[float, ...], str]:
     """(per-stage device latency, where it came from: 'profile x<speed>' or 'telemetry i/N stages')."""
-    profile = [v * device.speed_factor for v in catalog.stage_latency_ms]
+    profile = [stage_device_ms(device, m, v) for m, v in zip(catalog.stage_macs, catalog.stage_latency_ms, strict=True)]
+    src = f"MACs at {device.macs_per_s:.3g}/s" if device.macs_per_s else f"profile x{device.speed_factor:g}"
     if telemetry is None:
-        return tuple(profile), f"profile x{device.speed_factor:g}"
+        return tuple(profile), src
     if len(telemetry.stage_ms) != catalog.n_stages:
         raise ConfigError(
             f"telemetry of {device.name!r} for {catalog.model!r} has {len(telemetry.stage_ms)} stages, "
@@ -292,7 +295,7 @@ def device_stage_ms(
     used = [s >= min_telemetry_samples for s in telemetry.samples]
     out = tuple(t if u else p for t, p, u in zip(telemetry.stage_ms, profile, used, strict=True))
     if not any(used):
-        return out, f"profile x{device.speed_factor:g}"
+        return out, src
     return out, f"telemetry {sum(used)}/{catalog.n_stages} stages"
 
 

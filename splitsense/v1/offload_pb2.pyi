@@ -165,6 +165,11 @@ class _ExecutionModeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Executi
     """EXECUTION_MODE_LOCAL means the plan chose to run the whole model on the device (cut = N)."""
     EXECUTION_MODE_FALLBACK: _ExecutionMode.ValueType  # 3
     """EXECUTION_MODE_FALLBACK means the plan chose to offload but the device finished locally."""
+    EXECUTION_MODE_DEFERRED: _ExecutionMode.ValueType  # 4
+    """EXECUTION_MODE_DEFERRED means the device could not finish the window itself (the whole model
+    does not fit it) and the cloud was unreachable: the device stored the encoded window and
+    forwarded it when the link came back (store-and-forward); the result came late, not lost.
+    """
 
 class ExecutionMode(_ExecutionMode, metaclass=_ExecutionModeEnumTypeWrapper):
     """ExecutionMode is where the stages of a window ended up running."""
@@ -177,6 +182,11 @@ EXECUTION_MODE_LOCAL: ExecutionMode.ValueType  # 2
 """EXECUTION_MODE_LOCAL means the plan chose to run the whole model on the device (cut = N)."""
 EXECUTION_MODE_FALLBACK: ExecutionMode.ValueType  # 3
 """EXECUTION_MODE_FALLBACK means the plan chose to offload but the device finished locally."""
+EXECUTION_MODE_DEFERRED: ExecutionMode.ValueType  # 4
+"""EXECUTION_MODE_DEFERRED means the device could not finish the window itself (the whole model
+does not fit it) and the cloud was unreachable: the device stored the encoded window and
+forwarded it when the link came back (store-and-forward); the result came late, not lost.
+"""
 Global___ExecutionMode: _TypeAlias = ExecutionMode  # noqa: Y015
 
 @_typing.final
@@ -281,6 +291,7 @@ class OffloadRequest(_message.Message):
     ACTIVATION_FIELD_NUMBER: _builtins.int
     SENT_UNIX_MS_FIELD_NUMBER: _builtins.int
     DEADLINE_MS_FIELD_NUMBER: _builtins.int
+    EXTRA_MODELS_FIELD_NUMBER: _builtins.int
     window_id: _builtins.str
     """The device-chosen id of the window, unique per device; it is echoed in the answer."""
     model: _builtins.str
@@ -307,6 +318,14 @@ class OffloadRequest(_message.Message):
     def activation(self) -> Global___Tensor:
         """The activation after stage k - 1 (the preprocessed input when k = 0)."""
 
+    @_builtins.property
+    def extra_models(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Other models that read the same activation: tasks whose stages [0, cut) are identical to
+        this model's (one shared encoder, e.g. speaker and digit on one microphone). The broker runs
+        every one's tail on the one activation and answers each in task_results; it refuses a model
+        whose front differs. Empty: this model only.
+        """
+
     def __init__(
         self,
         *,
@@ -320,14 +339,47 @@ class OffloadRequest(_message.Message):
         activation: Global___Tensor | None = ...,
         sent_unix_ms: _builtins.int = ...,
         deadline_ms: _builtins.int = ...,
+        extra_models: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["activation", b"activation", "estimates", b"estimates"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["activation", b"activation", "cut", b"cut", "deadline_ms", b"deadline_ms", "device_class", b"device_class", "device_id", b"device_id", "estimates", b"estimates", "model", b"model", "plan_version", b"plan_version", "sent_unix_ms", b"sent_unix_ms", "window_id", b"window_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["activation", b"activation", "cut", b"cut", "deadline_ms", b"deadline_ms", "device_class", b"device_class", "device_id", b"device_id", "estimates", b"estimates", "extra_models", b"extra_models", "model", b"model", "plan_version", b"plan_version", "sent_unix_ms", b"sent_unix_ms", "window_id", b"window_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___OffloadRequest: _TypeAlias = OffloadRequest  # noqa: Y015
+
+@_typing.final
+class TaskResult(_message.Message):
+    """TaskResult is the answer of one of a window's extra models."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    LOGITS_FIELD_NUMBER: _builtins.int
+    PREDICTION_FIELD_NUMBER: _builtins.int
+    model: _builtins.str
+    """The name of the model, one of the request's extra_models."""
+    prediction: _builtins.int
+    """The index of the predicted class (the argmax of logits)."""
+    @_builtins.property
+    def logits(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
+        """The logits of that model's output, one per class."""
+
+    def __init__(
+        self,
+        *,
+        model: _builtins.str = ...,
+        logits: _abc.Iterable[_builtins.float] | None = ...,
+        prediction: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["logits", b"logits", "model", b"model", "prediction", b"prediction"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TaskResult: _TypeAlias = TaskResult  # noqa: Y015
 
 @_typing.final
 class Timing(_message.Message):
@@ -369,6 +421,7 @@ class OffloadResponse(_message.Message):
     LOGITS_FIELD_NUMBER: _builtins.int
     PREDICTION_FIELD_NUMBER: _builtins.int
     TIMING_FIELD_NUMBER: _builtins.int
+    TASK_RESULTS_FIELD_NUMBER: _builtins.int
     window_id: _builtins.str
     """The window id of the request."""
     prediction: _builtins.int
@@ -381,6 +434,10 @@ class OffloadResponse(_message.Message):
     def timing(self) -> Global___Timing:
         """Where the cloud spent its time."""
 
+    @_builtins.property
+    def task_results(self) -> _containers.RepeatedCompositeFieldContainer[Global___TaskResult]:
+        """One result per extra model of the request, in the request's order."""
+
     def __init__(
         self,
         *,
@@ -388,10 +445,11 @@ class OffloadResponse(_message.Message):
         logits: _abc.Iterable[_builtins.float] | None = ...,
         prediction: _builtins.int = ...,
         timing: Global___Timing | None = ...,
+        task_results: _abc.Iterable[Global___TaskResult] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["timing", b"timing"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["logits", b"logits", "prediction", b"prediction", "timing", b"timing", "window_id", b"window_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["logits", b"logits", "prediction", b"prediction", "task_results", b"task_results", "timing", b"timing", "window_id", b"window_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -218,6 +218,40 @@ async def test_offloaded_fp32_logits_equal_local_logits_at_every_cut(
             assert resp.timing.batch_size >= 1 and resp.timing.compute_ms > 0
 
 
+async def test_ans_at_the_bottleneck_gives_the_local_logits_and_other_priors_are_refused(
+    stub: pb_grpc.OffloadServiceStub, registry: ModelRegistry, windows: dict[str, torch.Tensor]
+) -> None:
+    for name in MODELS:
+        model = registry.model(name)
+        prior = model.symbol_prior(1)
+        assert prior is not None and registry.info[name].symbol_prior(1) is not None
+        assert registry.info[name].symbol_prior(1).digest == prior.digest  # type: ignore[union-attr]
+        x = windows[name]
+        with torch.inference_mode():
+            local = model(x).numpy()
+        calls = []
+        for i in range(len(x)):
+            t = encode(front(registry, name, x[i : i + 1], 1), Codec.ANS, prior)
+            assert t.prior_digest == prior.digest
+            calls.append(
+                stub.Offload(
+                    offload_request(name, 1, t, window_id=f"{name}-ans-{i}"), metadata=creds("dev-1"), timeout=10
+                )
+            )
+        for resp, want in zip(await asyncio.gather(*calls), local, strict=True):
+            assert resp.prediction == int(np.argmax(want)), resp.window_id
+            assert np.max(np.abs(np.asarray(resp.logits, dtype=np.float32) - want)) <= 1e-4, resp.window_id
+    good = encode(
+        front(registry, "uci_har", windows["uci_har"][:1], 1), Codec.ANS, registry.model("uci_har").symbol_prior(1)
+    )
+    req = offload_request("uci_har", 1, good, device="dev-bad", window_id="other-prior")
+    req.activation.prior_digest = "0123456789abcdef"
+    err = await rpc_error(stub.Offload(req, metadata=creds("dev-bad"), timeout=5))
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "OffloadRequest.activation.prior_digest" in (err.details() or ""), err.details()
+    await assert_good_request_succeeds(stub, registry, windows)
+
+
 # --- malformed requests -----------------------------------------------------------------------
 
 
@@ -240,8 +274,8 @@ def _malformed(case: str, base: pb.OffloadRequest, registry: ModelRegistry) -> t
     md = creds("dev-bad")
     n = registry.info["uci_har"].n_stages
     if case == "wrong_shape":
-        # Cut 3's shape at cut 2: as many numbers (the payload length fits), wrong layout.
-        return _mutate(base, **{"activation.shape": [1, 256, 32]}), md
+        # Cut 2's numbers in another layout: the payload length fits, the shape does not.
+        return _mutate(base, **{"activation.shape": [1, 128, 64]}), md
     if case == "codec_mismatch":  # fp32 bytes labelled fp16: the payload length gives it away
         return _mutate(base, **{"activation.codec": pb.CODEC_FP16}), md
     if case == "codec_unspecified":
@@ -277,7 +311,7 @@ def _malformed(case: str, base: pb.OffloadRequest, registry: ModelRegistry) -> t
 MALFORMED = {
     "wrong_shape": (
         grpc.StatusCode.INVALID_ARGUMENT,
-        "OffloadRequest.activation.shape: expected [1, 128, 64]",
+        "OffloadRequest.activation.shape: expected [1, 256, 32]",
     ),
     "codec_mismatch": (grpc.StatusCode.INVALID_ARGUMENT, "OffloadRequest.activation: fp16 payload"),
     "codec_unspecified": (
@@ -285,8 +319,8 @@ MALFORMED = {
         "OffloadRequest.activation.codec: expected one of",
     ),
     "codec_unknown": (grpc.StatusCode.INVALID_ARGUMENT, "OffloadRequest.activation.codec: expected one of"),
-    "cut_fully_local": (grpc.StatusCode.INVALID_ARGUMENT, "OffloadRequest.cut: expected 0..6"),
-    "cut_huge": (grpc.StatusCode.INVALID_ARGUMENT, "OffloadRequest.cut: expected 0..6"),
+    "cut_fully_local": (grpc.StatusCode.INVALID_ARGUMENT, "OffloadRequest.cut: expected 0..5"),
+    "cut_huge": (grpc.StatusCode.INVALID_ARGUMENT, "OffloadRequest.cut: expected 0..5"),
     "nan_payload": (
         grpc.StatusCode.INVALID_ARGUMENT,
         "OffloadRequest.activation.data: expected finite numbers",
@@ -519,25 +553,25 @@ async def test_report_telemetry_updates_metrics(broker: Broker, stub: pb_grpc.Of
         observations=[
             pb.TelemetryObservation(
                 model="uci_har",
-                cut=7,
+                cut=6,
                 mode=pb.EXECUTION_MODE_LOCAL,
                 window_count=5,
                 latency_ms_total=50.0,
-                stage_ms_total=[1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0],
+                stage_ms_total=[1.0, 2.0, 3.0, 4.0, 5.0, 6.0],
             )
         ],
     )
     resp = await stub.ReportTelemetry(report, metadata=creds("dev-t"), timeout=5)
     assert resp.plan_version == broker.plans.version
     v = broker.metrics.registry.get_sample_value
-    labels = {"model": "uci_har", "device_class": "watch", "cut": "7", "mode": "local"}
+    labels = {"model": "uci_har", "device_class": "watch", "cut": "6", "mode": "local"}
     assert v("splitsense_device_windows_total", labels) == 5
     assert v("splitsense_device_rtt_seconds_count", {"device_class": "watch"}) == 1
     # A cut the model does not have is refused, naming the field.
     report.observations[0].cut = 9
     err = await rpc_error(stub.ReportTelemetry(report, metadata=creds("dev-t"), timeout=5))
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert "ReportTelemetryRequest.observations[0].cut: expected 0..7" in (err.details() or "")
+    assert "ReportTelemetryRequest.observations[0].cut: expected 0..6" in (err.details() or "")
 
 
 def _plan_set(version: int, cut: int) -> PlanSet:

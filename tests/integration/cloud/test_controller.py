@@ -102,7 +102,7 @@ WINDOW_PERIOD_S = 1.0 / SPEED
 PUSH_SLACK_S = 0.5  # store -> broker -> WatchPlan -> device, and one window in progress
 POLL_S = 0.2  # how often the test reads Prometheus itself
 LOW = 0.1  # battery fraction of the boards that run low
-N_STAGES = 7  # fsdd_digit's stages: cut 7 is fully local
+N_STAGES = 6  # fsdd_digit's stages (encoder, decoder, conv4, fc1, fc2, classifier): cut 6 is fully local
 BANDWIDTHS = (2.0, math.inf)  # a board's prior estimate, and a measured loopback one
 
 
@@ -135,7 +135,7 @@ def make_config(prometheus_url: str, redis_url: str, **controller: Any) -> Confi
             port=0,
             metrics_port=0,
             auth_secret=SECRET,
-            static_plan_cut=7,
+            static_plan_cut=N_STAGES,
             static_plan_device_classes=(CLASS,),
             shutdown_grace_s=0.5,
         ),  # fmt: skip

@@ -20,7 +20,7 @@ pytestmark = pytest.mark.integration
 TICK_S = 0.1  # the feeder's period: 10 ticks/s
 PHONE = DeviceEstimates(bandwidth_mbps=2.0, rtt_ms=40.0, battery_fraction=0.6, on_battery=True, radio=RadioKind.LTE)
 WATCH = DeviceEstimates(
-    bandwidth_mbps=0.3, rtt_ms=120.0, battery_fraction=0.15, on_battery=True, radio=RadioKind.THREE_G
+    bandwidth_mbps=0.3, rtt_ms=120.0, battery_fraction=0.15, on_battery=True, radio=RadioKind.THREEG
 )
 
 

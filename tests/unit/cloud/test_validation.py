@@ -9,14 +9,18 @@ from cloud.backend import ModelInfo
 from cloud.validation import validate_offload
 from pipelines.codecs import Codec, EncodedTensor, encode
 from splitsense.errors import ModelError, WireError
+from splitsense.kinds import SymbolPrior
 from splitsense.wire import DeviceEstimates, OffloadRequest, RadioKind
 
+# Cut 1 of the toy is a bottleneck: a quantised code of 4 channels with symbols -3..3.
+PRIOR = SymbolPrior(low=-3, pmf=np.arange(1.0, 29.0).reshape(4, 7))
 TOY = ModelInfo(
     name="toy",
     n_stages=3,
     num_classes=4,
     input_shape=(2, 8),
     activation_shapes=((2, 8), (4, 8), (16,), (4,)),
+    symbol_priors=(None, PRIOR, None, None),
 )
 MODELS = {"toy": TOY}
 
@@ -37,13 +41,23 @@ def request(activation: EncodedTensor, *, model: str = "toy", cut: int = 1) -> O
     )
 
 
+def code(seed: int = 0) -> np.ndarray:
+    """A quantised code as the toy's bottleneck (cut 1) emits it: integers in the prior's range."""
+    rng = np.random.default_rng(seed)
+    return rng.integers(PRIOR.low, PRIOR.high + 1, size=(1, *TOY.activation_shapes[1])).astype(np.float32)
+
+
 def act(cut: int = 1, codec: Codec = Codec.FP32, seed: int = 0) -> EncodedTensor:
+    if codec is Codec.ANS:
+        return encode(code(seed), codec, TOY.symbol_prior(cut))
     x = np.random.default_rng(seed).standard_normal((1, *TOY.activation_shapes[cut])).astype(np.float32)
     return encode(x, codec)
 
 
-@pytest.mark.parametrize("codec", list(Codec))
-@pytest.mark.parametrize("cut", [0, 1, 2])
+FIXED_SIZE_CODECS = [c for c in Codec if c.fixed_size]
+
+
+@pytest.mark.parametrize(("codec", "cut"), [(c, k) for c in FIXED_SIZE_CODECS for k in (0, 1, 2)] + [(Codec.ANS, 1)])
 def test_valid_request_is_decoded(codec: Codec, cut: int) -> None:
     t = act(cut, codec)
     v = validate_offload(request(t, cut=cut), MODELS)
@@ -51,6 +65,53 @@ def test_valid_request_is_decoded(codec: Codec, cut: int) -> None:
     assert v.activation.dtype == np.float32
     assert v.activation.shape == (1, *TOY.activation_shapes[cut])
     assert np.isfinite(v.activation).all()
+
+
+def test_ans_at_the_bottleneck_decodes_exactly() -> None:
+    x = code(seed=3)
+    t = encode(x, Codec.ANS, PRIOR)
+    assert t.prior_digest == PRIOR.digest
+    v = validate_offload(request(t, cut=1), MODELS)
+    assert np.array_equal(v.activation, x)
+
+
+@pytest.mark.parametrize("cut", [0, 2])
+def test_ans_at_a_plain_cut_names_the_codec(cut: int) -> None:
+    # A well-formed ans payload (coded against some prior of the right width) sent at a cut whose
+    # activation is not a quantised code: the broker holds no prior there and refuses.
+    shape = (1, *TOY.activation_shapes[cut])
+    other = SymbolPrior(low=-3, pmf=np.ones((shape[1], 7)))
+    t = encode(np.zeros(shape, dtype=np.float32), Codec.ANS, other)
+    with pytest.raises(WireError) as e:
+        validate_offload(request(t, cut=cut), MODELS)
+    msg = str(e.value)
+    assert msg.startswith("OffloadRequest.activation.codec:")
+    assert f"cut {cut}" in msg and "'toy'" in msg and "plain activation" in msg
+
+
+def test_ans_with_another_prior_names_the_prior_digest() -> None:
+    other = SymbolPrior(low=-3, pmf=np.ones((4, 7)))  # same shape, another table: other weights
+    assert other.digest != PRIOR.digest
+    t = encode(code(), Codec.ANS, other)
+    with pytest.raises(WireError) as e:
+        validate_offload(request(t, cut=1), MODELS)
+    msg = str(e.value)
+    assert msg.startswith("OffloadRequest.activation.prior_digest:")
+    assert PRIOR.digest in msg and other.digest in msg
+    # a payload that names no prior at all is refused the same way
+    blank = EncodedTensor(Codec.ANS, t.shape, t.data)
+    with pytest.raises(WireError, match=r"^OffloadRequest\.activation\.prior_digest:"):
+        validate_offload(request(blank, cut=1), MODELS)
+
+
+def test_ans_truncated_payload_names_the_data() -> None:
+    t = act(codec=Codec.ANS)
+    cut_short = EncodedTensor(Codec.ANS, t.shape, t.data[:-4], prior_digest=t.prior_digest)
+    with pytest.raises(WireError, match=r"^OffloadRequest\.activation\.data: .*ans payload"):
+        validate_offload(request(cut_short, cut=1), MODELS)
+    ragged = EncodedTensor(Codec.ANS, t.shape, t.data[:-1], prior_digest=t.prior_digest)
+    with pytest.raises(WireError, match=r"^OffloadRequest\.activation\.data: .*whole number of 4-byte words"):
+        validate_offload(request(ragged, cut=1), MODELS)
 
 
 def test_fp32_decodes_exactly() -> None:

@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch import nn
 
+from pipelines.bottleneck import Encoder, Quantizer
 from pipelines.catalog import (
     CodecEntry,
     LevelEntry,
@@ -197,3 +198,82 @@ def test_validation_names_the_problem() -> None:
         _tiny(stage_macs=(10,))
     with pytest.raises(ModelError, match="window_s"):
         _tiny(window_s=0.0)
+
+
+# --- codecs that exist only at some cuts (ans at a bottleneck) ---------------------------------
+
+
+def bottleneck_model() -> StagedModel:
+    torch.manual_seed(0)
+    encoder = Encoder(nn.Sequential(nn.Conv1d(6, 4, 5, padding=2), nn.MaxPool1d(2)), Quantizer(4, 7))
+    stages = [
+        ("encoder", encoder),  # cut 1 carries a quantised code (4 x 16 symbols)
+        ("decoder", nn.Sequential(nn.Conv1d(4, 16, 3, padding=1), nn.ReLU(), nn.Flatten())),
+        ("head", nn.Linear(16 * 16, 4)),
+    ]
+    return StagedModel("toy_bn", stages, (6, 32), ["a", "b", "c", "d"])
+
+
+def test_toy_without_a_bottleneck_has_no_ans(built: tuple[ModelCatalog, Recorder, StagedModel]) -> None:
+    cat, rec, _ = built
+    assert [c.codec for c in cat.codecs] == [Codec.FP32, Codec.FP16, Codec.INT8]
+    assert all(c.available is None and "available" not in c.to_dict() for c in cat.codecs)
+    assert all(codec is not Codec.ANS for _, codec in rec.codec_calls)
+    with pytest.raises(ModelError, match="has no codec 'ans'; known: fp32, fp16, int8"):
+        cat.codec(Codec.ANS)
+
+
+def test_ans_is_measured_only_at_the_bottleneck_and_round_trips(tmp_path: Path) -> None:
+    model = bottleneck_model()
+    rec = Recorder(model)
+    coded: list[tuple[int, Codec]] = []
+
+    def coded_bytes(m: StagedModel, k: int, codec: Codec) -> float:
+        coded.append((k, codec))
+        return 20.25  # mean bytes per window: rounded up to whole bytes in the catalog
+
+    cat = build_catalog(model, rec.evaluate, rec.with_codec, levels=(1.0,), repeats=1, warmup=0, window_s=1.0,
+                        entropy_coded_bytes=coded_bytes)  # fmt: skip
+    assert coded == [(1, Codec.ANS)] and (1, Codec.ANS) in rec.codec_calls
+    assert {k for k, c in rec.codec_calls if c is Codec.ANS} == {1}
+    ans = cat.codec("ans")
+    assert ans.available == (False, True, False, True)  # cut 3 is fully local: nothing to carry
+    assert [ans.available_at(k) for k in range(4)] == [False, True, False, True]
+    assert ans.activation_bytes == (0, 21, 0, 0) and ans.accuracy == (0.0, 0.9, 0.0, cat.base_accuracy)
+    fp32 = cat.codec("fp32")
+    assert fp32.available is None and all(fp32.available_at(k) for k in range(4))
+    assert fp32.activation_bytes[1] == encoded_nbytes((1, 4, 16), "fp32")
+    d = ans.to_dict()
+    assert d["available"] == [False, True, False, True] and "available" not in fp32.to_dict()
+    again = ModelCatalog.from_dict(json.loads(json.dumps(cat.to_dict())))
+    assert again == cat and again.codec("ans").available == ans.available
+    save_catalog(cat, tmp_path)
+    assert load_catalog("toy_bn", tmp_path).codec(Codec.ANS).available == (False, True, False, True)
+    # a data-dependent codec cannot be measured without a way to code real windows
+    with pytest.raises(ModelError, match=r"measuring ans needs entropy_coded_bytes\(model, k, codec\)"):
+        build_catalog(model, rec.evaluate, rec.with_codec, levels=(1.0,), repeats=1, warmup=0, window_s=1.0)
+
+
+def test_available_is_checked_and_all_true_means_every_cut() -> None:
+    fp32 = CodecEntry(Codec.FP32, (16, 8, 0), (0.8, 0.8, 0.8))
+    ans = _tiny(codecs=(fp32, CodecEntry(Codec.ANS, (0, 3, 0), (0.0, 0.8, 0.8), (False, True, True))))
+    assert ans.codec(Codec.ANS).available == (False, True, True)
+    every = _tiny(codecs=(fp32, CodecEntry(Codec.INT8, (4, 2, 0), (0.8, 0.8, 0.8), (True, True, True))))
+    assert every.codec(Codec.INT8).available is None  # normalised: every cut
+    assert "available" not in every.codec(Codec.INT8).to_dict()
+    with pytest.raises(ModelError, match=r"available needs 3 entries \(cuts 0..2\)"):
+        _tiny(codecs=(fp32, CodecEntry(Codec.ANS, (0, 3, 0), (0.0, 0.8, 0.8), (False, True))))
+    with pytest.raises(ModelError, match=r"cut 2 \(fully local, nothing sent\) is always available"):
+        _tiny(codecs=(fp32, CodecEntry(Codec.ANS, (0, 3, 0), (0.0, 0.8, 0.8), (False, True, False))))
+
+
+@pytest.mark.parametrize("name", ["fsdd_speaker", "fsdd_digit", "uci_har"])
+def test_shipped_catalogs_carry_ans_at_the_bottleneck_only(name: str) -> None:
+    cat = load_catalog(name)
+    n = cat.n_stages
+    assert n == 6 and cat.stage_names[:2] == ("encoder", "decoder")
+    ans = cat.codec(Codec.ANS)
+    assert ans.available == (False, True) + (False,) * (n - 2) + (True,)
+    int8 = cat.codec(Codec.INT8)
+    assert 0 < ans.activation_bytes[1] < int8.activation_bytes[1]  # fewer than a byte per symbol
+    assert ans.accuracy[1] == pytest.approx(cat.base_accuracy)  # lossless at the code

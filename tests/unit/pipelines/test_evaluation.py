@@ -20,7 +20,8 @@ def report() -> dict[str, Any]:
 def test_accuracy_and_cut_table(report: dict[str, Any]) -> None:
     assert report["accuracy"] >= 0.93 and report["n_test"] == 950
     cuts = report["cuts"]
-    assert [c["index"] for c in cuts] == list(range(8))
+    assert [c["index"] for c in cuts] == list(range(7))  # 6 stages: encoder, decoder, conv4, fc1, fc2, classifier
+    assert [c["name"] for c in cuts[:3]] == ["input", "encoder", "decoder"]
     for c in cuts:
         assert set(c) >= {"index", "name", "activation_bytes", "front_macs", "front_params", "host_latency_ms"}
     assert cuts[0]["front_macs"] == 0 and cuts[-1]["front_macs"] == report["total_macs"]
@@ -51,5 +52,22 @@ def test_fp32_codec_is_exact_at_every_cut() -> None:
 
 def test_compression_cut_is_the_smallest_interior_activation() -> None:
     m = load_trained("uci_har").model
-    # Index 7 is fully local (nothing crosses) and never chosen; ties go to the shallowest cut.
-    assert compression_cut(m, [100, 50, 10, 10, 10, 10, 10, 1]) == 2
+    # Index 6 is fully local (nothing crosses) and never chosen; ties go to the shallowest cut.
+    assert compression_cut(m, [100, 50, 10, 10, 10, 10, 1]) == 2
+    assert compression_cut(m, [100, 50, 60, 10, 10, 9, 0]) == 5
+
+
+def test_bottleneck_entry_is_lossless_and_smaller_than_the_input(report: dict[str, Any]) -> None:
+    b = report["bottleneck"]
+    prior = load_trained("uci_har").model.symbol_prior(1)
+    assert prior is not None
+    assert b["cut"] == 1 and b["codec"] == "ans" and b["prior_digest"] == prior.digest
+    assert b["accuracy"] == b["accuracy_local"] == report["accuracy"]  # ans carries the code exactly
+    assert 0 < b["bytes"] < b["input_bytes"] and b["bytes_vs_input"] == pytest.approx(
+        b["bytes"] / b["input_bytes"], abs=1e-4
+    )
+    assert b["code_shape"] == [8, 32] and 0 < b["front_share_of_total"] < 1
+    kinds = {r["kind"] for r in report["sc2"]}
+    assert {"input", "plain cut", "bottleneck", "local", "plain cut (teacher)", "local (teacher)"} <= kinds
+    (row,) = [r for r in report["sc2"] if r["kind"] == "bottleneck"]
+    assert row["bytes"] == b["bytes"] and row["accuracy"] == b["accuracy"]

@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 from cloud.controller.metrics_source import ClassSnapshot, FleetSnapshot
 from pipelines.catalog import CodecEntry, LevelEntry, ModelCatalog, save_catalog
 from pipelines.codecs import Codec
+from pipelines.devices import DEVICE_CLASSES
 from pipelines.models import MODEL_SPECS
 from splitsense.cli import app
 
@@ -55,7 +56,8 @@ def test_controller_plan_json_from_a_snapshot_prints_every_row_with_its_reason(s
     out = json.loads(result.stdout)
     assert out["source"] == "saved" and out["stored"] is False
     plans = out["plan_set"]["plans"]
-    assert len(plans) == len(MODEL_SPECS) * 3  # every model x phone, iot_board, watch
+    assert len(plans) == len(MODEL_SPECS) * len(DEVICE_CLASSES)  # every model x every device class
+    assert {p["device_class"] for p in plans} == {"phone", "iot_board", "watch", "sensor_node"}
     assert all(r["reason"] for p in plans for r in p["rows"])
     phone = [r for p in plans if p["device_class"] == "phone" for r in p["rows"]]
     assert all(r["cut"] == 3 and r["reason"].startswith("local only (cloud failure rate 90%") for r in phone)
@@ -79,7 +81,7 @@ def test_bench_plan_json(scenario: Path) -> None:
     result = runner.invoke(app, ["bench", "plan", "--json", "--repeats", "3", "-c", str(scenario)])
     assert result.exit_code == 0, result.output
     out = json.loads(result.stdout)
-    assert set(out) == {"replan_ms", "rows", "config"} and out["rows"] == len(MODEL_SPECS) * 3 * 20
+    assert set(out) == {"replan_ms", "rows", "config"} and out["rows"] == len(MODEL_SPECS) * len(DEVICE_CLASSES) * 20
     assert out["config"]["repeats"] == 3 and out["replan_ms"] > 0
     bad = runner.invoke(app, ["bench", "plan", "--repeats", "0"])
     assert bad.exit_code == 2 and "--repeats must be >= 1" in " ".join(bad.output.split())

@@ -19,6 +19,7 @@ import pytest
 from pipelines.codecs import Codec, EncodedTensor, decode, encode
 from splitsense import wire
 from splitsense.errors import WireError
+from splitsense.kinds import SymbolPrior
 from splitsense.plan import BatteryState, Objective, Plan, PlanRow, PlanSet
 from splitsense.v1 import offload_pb2 as pb
 from splitsense.wire import (
@@ -42,9 +43,19 @@ PROTO = REPO / "proto" / "splitsense" / "v1" / "offload.proto"
 # --- samples ----------------------------------------------------------------------------------
 
 
+# The coding table of a (pretend) bottleneck with 3 channels and symbols -2..5.
+PRIOR = SymbolPrior(low=-2, pmf=np.arange(1.0, 25.0).reshape(3, 8))
+
+
 def tensor(codec: Codec = Codec.INT8) -> EncodedTensor:
     x = np.linspace(-2.0, 5.0, 2 * 3 * 4, dtype=np.float32).reshape(2, 3, 4)
+    if codec is Codec.ANS:  # ans carries a quantised code: integers in the prior's range
+        return encode(np.round(x), codec, PRIOR)
     return encode(x, codec)
+
+
+def decoded(t: EncodedTensor) -> np.ndarray:
+    return decode(t, PRIOR if t.codec is Codec.ANS else None)
 
 
 def estimates(**kw: Any) -> DeviceEstimates:
@@ -104,7 +115,7 @@ def report() -> TelemetryReport:
     return TelemetryReport(
         device_id="phone-17",
         device_class="phone",
-        estimates=estimates(radio=RadioKind.THREE_G, on_battery=False),
+        estimates=estimates(radio=RadioKind.THREEG, on_battery=False),
         plan_version=12,
         period_start_unix_ms=1_700_000_000_000,
         period_end_unix_ms=1_700_000_010_000,
@@ -146,8 +157,10 @@ SAMPLES: dict[str, Callable[[], Any]] = {
     "tensor_fp32": lambda: tensor(Codec.FP32),
     "tensor_fp16": lambda: tensor(Codec.FP16),
     "tensor_int8": lambda: tensor(Codec.INT8),
+    "tensor_ans": lambda: tensor(Codec.ANS),
     "estimates": estimates,
     "request": request,
+    "request_ans_ble": lambda: request(cut=1, activation=tensor(Codec.ANS), estimates=estimates(radio=RadioKind.BLE)),
     "timing": lambda: Timing(queue_ms=0.0, compute_ms=2.0, batch_size=1),
     "response": response,
     "observation": observation,
@@ -176,7 +189,8 @@ def test_tensor_round_trip_decodes_to_the_same_numbers(codec: Codec) -> None:
     t = tensor(codec)
     back = wire.tensor_from_pb(pb.Tensor.FromString(wire.tensor_to_pb(t).SerializeToString()))
     assert back == t
-    np.testing.assert_array_equal(decode(back), decode(t))
+    np.testing.assert_array_equal(decoded(back), decoded(t))
+    assert back.prior_digest == (PRIOR.digest if codec is Codec.ANS else "")
 
 
 def test_to_pb_maps_every_field() -> None:
@@ -191,6 +205,12 @@ def test_to_pb_maps_every_field() -> None:
         math.inf,
     )
     assert to_pb(report()).observations[0].mode == pb.EXECUTION_MODE_FALLBACK
+    assert to_pb(report()).estimates.radio == pb.RADIO_KIND_3G
+    assert msg.activation.prior_digest == ""
+    ans = to_pb(request(activation=tensor(Codec.ANS), estimates=estimates(radio=RadioKind.BLE)))
+    assert ans.activation.codec == pb.CODEC_ANS and ans.activation.prior_digest == PRIOR.digest
+    assert ans.activation.data == tensor(Codec.ANS).data and len(ans.activation.data) % 4 == 0
+    assert ans.estimates.radio == pb.RADIO_KIND_BLE
 
 
 def test_stream_request_round_trip() -> None:
@@ -254,6 +274,7 @@ def _clear(field: str) -> Callable[[Any], None]:
         (_set("activation.shape[1]", -3), "activation.shape", "expected dimensions >= 0, got [2, -3, 4]"),
         (_set("activation.data", b"\x00" * 5), "activation", "payload is 5 bytes"),
         (_set("activation.scale", 0.0), "activation", "int8 scale must be a finite number > 0"),
+        (_set("activation.codec", pb.CODEC_ANS), "activation", "must name the symbol prior it was coded with"),
         (_clear("activation"), "activation", "expected a Tensor message, got none"),
         (_clear("estimates"), "estimates", "expected a DeviceEstimates message, got none"),
         (_set("estimates.radio", 0), "estimates.radio", "expected one of RADIO_KIND_WIFI"),
@@ -272,6 +293,32 @@ def test_malformed_request_names_the_field(mutate: Callable, field: str, expecte
     text = str(info.value)
     assert text.startswith(f"OffloadRequest.{field}: "), text
     assert expected in text, text
+
+
+@pytest.mark.parametrize(
+    ("mutate", "expected"),
+    [
+        (_set("activation.prior_digest", ""), "must name the symbol prior it was coded with (prior_digest)"),
+        (_set("activation.data", b"\x01" * 6), "ans payload is 6 bytes, not a whole number of 4-byte words"),
+    ],
+)
+def test_malformed_ans_activation_names_the_field(mutate: Callable, expected: str) -> None:
+    msg = to_pb(request(activation=tensor(Codec.ANS)))
+    mutate(msg)
+    with pytest.raises(WireError) as info:
+        from_pb(msg)
+    text = str(info.value)
+    assert text.startswith("OffloadRequest.activation: "), text
+    assert expected in text, text
+
+
+def test_ans_prior_digest_is_carried_not_judged_by_the_wire() -> None:
+    # The wire checks the payload's framing only; whether the digest is the broker's own prior is
+    # the broker's validation (cloud.validation), which knows the model.
+    msg = to_pb(request(activation=tensor(Codec.ANS)))
+    msg.activation.prior_digest = "0000000000000000"
+    back = from_pb(msg)
+    assert back.activation.prior_digest == "0000000000000000" and back.activation.codec is Codec.ANS
 
 
 def test_malformed_stream_request_names_the_path() -> None:
@@ -350,7 +397,7 @@ def test_malformed_plan_set_names_the_field(mutate: Callable, field: str, expect
 def test_dataclasses_check_their_values_when_built() -> None:
     with pytest.raises(WireError, match=r"^DeviceEstimates\.rtt_ms: expected a number"):
         estimates(rtt_ms=-1.0)
-    with pytest.raises(WireError, match=r"^DeviceEstimates\.radio: expected one of 'wifi', 'lte', '3g'"):
+    with pytest.raises(WireError, match=r"^DeviceEstimates\.radio: expected one of 'wifi', 'lte', '3g', 'ble'"):
         estimates(radio="5g")
     with pytest.raises(WireError, match=r"^OffloadRequest\.cut:"):
         request(cut=-1)
