@@ -791,6 +791,8 @@ class EdgeDevice:
     def _breaker_wait_s(self, now: float) -> float:
         """How long until the breaker may allow the next send (on `clock`, read as seconds)."""
         snap = self.breaker.snapshot(now)
+        if snap.state is BreakerState.HALF_OPEN:  # another send is the probe: its deadline bounds it
+            return self.config.deadline_ms / 1000.0 + _TRANSPORT_GRACE_S
         until = max(snap.open_until or now, snap.hold_until or now)
         return min(max(until - now, 0.001), self.breaker.backoff_bound_s())
 

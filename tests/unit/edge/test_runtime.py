@@ -459,3 +459,203 @@ async def test_jsonl_sink_writes_one_parseable_line_per_window() -> None:
         "energy_mj",
     }
     assert keys <= set(lines[0]) and lines[0]["mode"] == "offloaded"
+
+
+# --- store-and-forward: a device that cannot hold the whole model ---------------------------
+
+
+def sf_device(transport: FakeTransport, breaker: BreakerConfig, **kw: Any) -> EdgeDevice:
+    """A device without local fallback (the front up to cut 5 fits, the whole model does not)."""
+    cfg = config(default_cut=5, breaker=breaker, **kw.pop("cfg", {}))
+    return EdgeDevice(cfg, trained(MODEL), transport, local_fallback=False, **kw)
+
+
+async def test_without_local_fallback_an_outage_is_stored_then_forwarded_in_order_and_none_is_lost() -> None:
+    from prometheus_client import CollectorRegistry
+
+    clock, transport, registry = Clock(), FakeTransport(), CollectorRegistry()
+    down = False
+
+    def fail(request: OffloadRequest) -> None:
+        if down:
+            raise BrokerUnavailableError("broker unavailable (UNAVAILABLE: connection refused)")
+
+    transport.fail = fail
+    breaker = BreakerConfig(failure_threshold=2, backoff_base_s=3.0, backoff_factor=2.0, backoff_jitter=0.0)
+    device = sf_device(transport, breaker, clock=clock, metrics=EdgeMetrics(MODEL, "sensor_node", registry=registry))
+    ws = windows(MODEL, 20)
+
+    async def paced() -> AsyncIterator[SensorWindow]:  # one window per second; the link is down 3 <= t < 8
+        nonlocal down
+        for t, w in enumerate(ws):
+            clock.t, down = float(t), 3 <= t < 8
+            for _ in range(3):
+                await asyncio.sleep(0)  # the drain task's turn
+            yield replace(w, t_emit=clock.t)
+
+    sink, order = MemorySink(), []
+    summary = await device.run(paced(), sink, progress=lambda r: order.append(r.window_id))
+    # t 3: fails, stored | 4: the drain retries it: 2nd failure, open until 7 | 5, 6: stored | 7: the
+    # drain's probe (window 3) fails, open until 13 | 8-12: the link is back, the breaker still open:
+    # stored | 13: the probe succeeds and the drain forwards 3..12 before window 13 | 13-19: offloaded
+    modes = [r.mode for r in sink.results]
+    assert modes == [ExecutionMode.OFFLOADED] * 3 + [ExecutionMode.DEFERRED] * 10 + [ExecutionMode.OFFLOADED] * 7
+    assert order == [r.window_id for r in sink.results] == [w.window_id for w in ws]  # in order, each once
+    assert summary.windows == 20 and summary.lost == 0 and summary.pending == 0 and summary.lost_by_reason == {}
+    assert summary.by_mode == {"offloaded": 10, "local": 0, "fallback": 0, "deferred": 10}
+    assert [r.prediction for r in sink.results] == await run_local(MODEL, ws)
+    deferred = sink.results[3:13]
+    assert [r.latency_ms for r in deferred] == [(13 - i) * 1000.0 for i in range(3, 13)]  # the true delay
+    assert all(r.latency_ms == 0.0 for r in sink.results[13:])  # later windows never wait for stored ones
+    nbytes = sink.results[0].bytes_sent
+    assert deferred[0].bytes_sent == 4 * nbytes  # sent at t 3, 4, 7 and 13
+    assert deferred[0].reason.startswith("stored: 10.00 s in the store-and-forward buffer, forwarded on attempt 4")
+    assert "stored because unavailable: broker unavailable" in deferred[0].reason
+    assert all(r.bytes_sent == nbytes and "because circuit breaker open" in r.reason for r in deferred[1:])
+    assert all(r.cut == 5 and r.codec == "fp32" and r.stage_ms for r in deferred)
+    assert len(transport.requests) == 3 + 3 + 10 + 7
+    assert [r.window_id for r in transport.requests[3:16]] == [ws[3].window_id] * 4 + [w.window_id for w in ws[4:13]]
+    assert device.store.peak_bytes == 10 * nbytes and not device.store
+    assert device.breaker.state is BreakerState.CLOSED
+
+    def value(name: str, **labels: str) -> float:
+        return registry.get_sample_value(name, {"model": MODEL, "device_class": "sensor_node", **labels}) or 0.0
+
+    assert value("splitsense_edge_deferred_windows_total") == 10
+    assert value("splitsense_edge_windows_total", cut="5", mode="deferred") == 10
+    assert value("splitsense_edge_store_forward_delay_seconds_count") == 10
+    assert value("splitsense_edge_store_forward_delay_seconds_sum") == sum(range(1, 11))
+    assert value("splitsense_edge_stored_windows") == 0 and value("splitsense_edge_store_bytes") == 0
+
+
+class HangingTransport(FakeTransport):
+    """While `down`, a request gets no answer and hangs until its deadline (a link dropping packets)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.down = False
+        self.hanging = 0  # requests in flight that will time out
+
+    async def offload(self, request: OffloadRequest, timeout_s: float) -> OffloadResponse:
+        from splitsense.errors import OffloadDeadlineError
+
+        if not self.down:
+            return await super().offload(request, timeout_s)
+        self.requests.append(request)
+        self.hanging += 1
+        try:
+            await asyncio.sleep(timeout_s)
+        finally:
+            self.hanging -= 1
+        raise OffloadDeadlineError(f"no answer within {timeout_s * 1000:.0f} ms")
+
+
+async def test_without_local_fallback_the_window_loop_never_waits_for_stored_windows() -> None:
+    transport = HangingTransport()
+    # a probe every 100 ms while the link is down; each one hangs for its 40 ms deadline
+    breaker = BreakerConfig(
+        failure_threshold=1, backoff_base_s=0.1, backoff_factor=1.0, backoff_max_s=0.1, backoff_jitter=0.0
+    )
+    device = sf_device(transport, breaker, cfg={"deadline_ms": 40.0})
+    ws = windows(MODEL, 60)
+    during_probe: list[str] = []  # windows that arrived while a stored window's probe was hanging
+    loop = asyncio.get_running_loop()
+
+    async def paced() -> AsyncIterator[SensorWindow]:  # a window every 10 ms; down for windows 10..29
+        for i, w in enumerate(ws):
+            await asyncio.sleep(0.01)
+            transport.down = 10 <= i < 30
+            if transport.hanging:  # only a background send can hang while the loop asks for a window
+                during_probe.append(w.window_id)
+            yield replace(w, t_emit=loop.time())
+
+    sink = MemorySink()
+    summary = await device.run(paced(), sink)
+    ids = [r.window_id for r in sink.results]
+    assert sorted(ids) == sorted(w.window_id for w in ws) and len(set(ids)) == 60
+    assert summary.lost == 0 and summary.pending == 0 and summary.windows == 60
+    by_id = {r.window_id: r for r in sink.results}
+    assert during_probe and all(by_id[i].mode is ExecutionMode.DEFERRED for i in during_probe)
+    deferred = [r for r in sink.results if r.mode is ExecutionMode.DEFERRED]
+    assert [r.window_id for r in deferred] == [
+        w.window_id for w in ws if w.window_id in {r.window_id for r in deferred}
+    ]
+    assert deferred[0].window_id == ws[10].window_id and deferred[0].latency_ms >= 200.0  # the outage, at least
+    assert all(r.reason.startswith("stored: ") for r in deferred)
+    # after the drain, windows offload again at once, not behind the stored ones
+    assert all(by_id[w.window_id].mode is ExecutionMode.OFFLOADED for w in ws[-10:])
+    assert all(by_id[w.window_id].latency_ms < 40.0 for w in ws[-10:])
+
+
+async def test_a_full_store_refuses_windows_as_lost_and_what_is_left_at_the_end_is_pending() -> None:
+    from prometheus_client import CollectorRegistry
+
+    from edge.runtime import WindowUnansweredError
+
+    clock, transport, registry = Clock(), FakeTransport(), CollectorRegistry()
+
+    def fail(request: OffloadRequest) -> None:
+        if clock.t >= 1:
+            raise BrokerUnavailableError("broker unavailable (UNAVAILABLE: connection refused)")
+
+    transport.fail = fail
+    nbytes = math.prod(trained(MODEL).model.activation_shape(5)) * 4  # fp32 at cut 5
+    breaker = BreakerConfig(failure_threshold=1, backoff_base_s=3.0, backoff_factor=2.0, backoff_jitter=0.0)
+    device = sf_device(
+        transport,
+        breaker,
+        clock=clock,
+        metrics=EdgeMetrics(MODEL, "sensor_node", registry=registry),
+        store_capacity_bytes=3 * nbytes,
+        drain_timeout_s=0.0,  # the link never comes back: do not wait for it at the end
+    )
+    ws = windows(MODEL, 7)
+
+    async def paced() -> AsyncIterator[SensorWindow]:
+        for t, w in enumerate(ws):
+            clock.t = float(t)
+            for _ in range(3):
+                await asyncio.sleep(0)
+            yield replace(w, t_emit=clock.t)
+
+    sink = MemorySink()
+    summary = await device.run(paced(), sink)
+    assert [r.mode for r in sink.results] == [ExecutionMode.OFFLOADED]
+    assert summary.windows == 1 and summary.pending == 3 and summary.pending_bytes == 3 * nbytes
+    assert summary.lost == 3 and summary.lost_by_reason == {"refused": 3}
+    assert summary.to_dict()["pending"] == 3 and not device.store
+
+    def value(name: str, **labels: str) -> float:
+        return registry.get_sample_value(name, {"model": MODEL, "device_class": "sensor_node", **labels}) or 0.0
+
+    assert value("splitsense_edge_unanswered_windows_total", reason="refused") == 3
+    assert value("splitsense_edge_unanswered_windows_total", reason="pending") == 3
+    assert value("splitsense_edge_stored_windows") == 0
+
+    # process() waits for a stored window's answer; a refused one raises, with the reason
+    empty = sf_device(FakeTransport(), breaker, store_capacity_bytes=0)
+    empty.transport.fail = fail  # type: ignore[union-attr]
+    with pytest.raises(WindowUnansweredError, match="store full") as err:
+        await empty.process(ws[1])
+    assert err.value.kind == "refused" and err.value.nbytes == nbytes
+
+
+async def test_without_local_fallback_a_local_plan_row_is_sent_at_the_deepest_cut_that_fits() -> None:
+    from splitsense.errors import ConfigError
+
+    ws = windows(MODEL, 6)
+    transport = FakeTransport()
+    cfg = config(default_codec="ans")
+    device = EdgeDevice(cfg, trained(MODEL), transport, plan_set(1, row(N)), local_fallback=False, max_cut=1)
+    sink = MemorySink()
+    summary = await device.run(source(ws), sink)
+    assert summary.by_mode["offloaded"] == 6 and summary.by_mode["local"] == 0
+    assert all(r.cut == 1 and r.codec == "ans" for r in sink.results)
+    assert all(r.cut == 1 and r.activation.codec is Codec.ANS for r in transport.requests)
+    assert [r.prediction for r in sink.results] == await run_local(MODEL, ws)
+    with pytest.raises(ConfigError, match="needs a transport"):
+        EdgeDevice(cfg, trained(MODEL), None, local_fallback=False)
+    with pytest.raises(ConfigError, match="out of range"):
+        EdgeDevice(cfg, trained(MODEL), transport, local_fallback=False, max_cut=N)
+    with pytest.raises(ConfigError, match="max_cut"):
+        EdgeDevice(cfg, trained(MODEL), transport, max_cut=1)

@@ -12,19 +12,28 @@ from torch import nn
 from pipelines.bottleneck import Encoder, Quantizer
 from pipelines.catalog import (
     CodecEntry,
+    DroppedLevel,
     LevelEntry,
     ModelCatalog,
     build_catalog,
     catalog_path,
+    drop_dominated_levels,
     load_catalog,
     save_catalog,
 )
 from pipelines.codecs import Codec, encoded_nbytes
-from pipelines.compress import LowRank, compress_front_at_level
+from pipelines.compress import (
+    LowRank,
+    compress_front_at_level,
+    compress_with_ranks,
+    count_params,
+    layer_ranks,
+    weights_digest,
+)
 from pipelines.stages import StagedModel
 from splitsense.errors import ModelError
 
-LEVELS = (1.0, 0.9, 0.5)
+LEVELS = (1.0, 0.95, 0.8)  # uncompressed, ranks under a 5-point and under a 20-point budget
 
 
 def toy_model() -> StagedModel:
@@ -57,12 +66,22 @@ class Recorder:
         self.codec_calls.append((k, codec))
         return 0.9 - (0.01 if codec is Codec.INT8 else 0.0)
 
+    def calibrate(self, m: StagedModel) -> float:
+        """The 'calibration' accuracy ranks are chosen on: 0.9 less 0.3 per share of weights removed."""
+        return 0.9 - 0.3 * (1 - count_params(m) / self.params)
+
+    @property
+    def params(self) -> int:
+        return 34084  # toy_model's
+
 
 @pytest.fixture(scope="module")
 def built() -> tuple[ModelCatalog, Recorder, StagedModel]:
     model = toy_model()
     rec = Recorder(model)
-    cat = build_catalog(model, rec.evaluate, rec.with_codec, levels=LEVELS, repeats=2, warmup=0, window_s=2.0)
+    cat = build_catalog(
+        model, rec.evaluate, rec.with_codec, levels=LEVELS, repeats=2, warmup=0, window_s=2.0, calibrate=rec.calibrate
+    )
     return cat, rec, model
 
 
@@ -86,7 +105,8 @@ def test_levels_sorted_and_uncompressed_level_is_the_profile(
     built: tuple[ModelCatalog, Recorder, StagedModel],
 ) -> None:
     cat, _, _ = built
-    assert [e.energy_kept for e in cat.levels] == [1.0, 0.9, 0.5]
+    assert [e.energy_kept for e in cat.levels] == [1.0, 0.95, 0.8] and cat.dropped_levels == ()
+    assert [e.budget_points for e in cat.levels] == [None, 5.0, 20.0]
     top = cat.levels[0]
     assert top.accuracy == (cat.base_accuracy,) * 5
     running = 0.0
@@ -100,8 +120,8 @@ def test_compressed_levels_shrink_changed_stages_and_reuse_the_rest(
     built: tuple[ModelCatalog, Recorder, StagedModel],
 ) -> None:
     cat, _, model = built
-    for energy in (0.9, 0.5):
-        full = compress_front_at_level(model, 4, energy)
+    for energy in (0.95, 0.8):
+        full = compress_with_ranks(model, 4, cat.level(energy).rank_map())
         changed = [any(isinstance(m, LowRank) for m in s.modules()) for s in full.stages]
         entry = cat.level(energy)
         assert entry.front_params[0] == 0 and entry.accuracy[0] == cat.base_accuracy
@@ -114,7 +134,7 @@ def test_compressed_levels_shrink_changed_stages_and_reuse_the_rest(
                 assert stage_params == cat.stage_params[k - 1]
                 assert stage_ms == pytest.approx(cat.stage_latency_ms[k - 1])
                 assert entry.accuracy[k] == entry.accuracy[k - 1]
-    assert not any(isinstance(m, LowRank) for m in compress_front_at_level(model, 4, 0.5).stages[1].modules())
+    assert not any(isinstance(m, LowRank) for m in full.stages[1].modules())
 
 
 def test_measures_accuracy_only_where_the_front_changes(
@@ -122,14 +142,113 @@ def test_measures_accuracy_only_where_the_front_changes(
 ) -> None:
     cat, rec, model = built
     expected = 1  # the uncompressed model
-    for energy in (0.9, 0.5):
-        full = compress_front_at_level(model, 4, energy)
+    for energy in (0.95, 0.8):
+        full = compress_with_ranks(model, 4, cat.level(energy).rank_map())
         expected += sum(any(isinstance(m, LowRank) for m in s.modules()) for s in full.stages)
     assert rec.evaluate_calls == expected < 1 + 2 * 4
     # fp32 is exact and cut N encodes nothing: only fp16 and int8 at cuts 0..3 are evaluated
     assert sorted(rec.codec_calls) == sorted((k, c) for k in range(4) for c in (Codec.FP16, Codec.INT8))
     assert cat.codec(Codec.INT8).accuracy == (0.89, 0.89, 0.89, 0.89, cat.base_accuracy)
     assert cat.codec("fp32").accuracy == (cat.base_accuracy,) * 5
+
+
+def test_levels_carry_the_ranks_that_meet_their_budget_on_the_calibration_data(
+    built: tuple[ModelCatalog, Recorder, StagedModel],
+) -> None:
+    cat, rec, model = built
+    base = rec.calibrate(model)
+    for entry in cat.levels[1:]:
+        assert entry.ranks and entry.weights_sha256 == weights_digest(model)
+        assert [name for name, _ in entry.ranks] == [n for n in ("conv1.0", "fc.0", "head") if n in entry.rank_map()]
+        drop = (base - rec.calibrate(compress_with_ranks(model, 4, entry.rank_map()))) * 100
+        assert drop == pytest.approx(entry.calibration_drop_points, abs=1e-4)
+        assert 0 < drop <= entry.budget_points + 1e-9
+    # a bigger budget buys a smaller model
+    assert cat.level(0.8).front_params[4] < cat.level(0.95).front_params[4] < cat.levels[0].front_params[4]
+    assert cat.levels[0].ranks is None and "ranks" not in cat.levels[0].to_dict()
+
+
+def test_the_ranks_round_trip_and_rebuild_the_catalogs_front_exactly(
+    built: tuple[ModelCatalog, Recorder, StagedModel], tmp_path: Path
+) -> None:
+    cat, rec, model = built
+    save_catalog(cat, tmp_path)
+    data = json.loads(catalog_path("toy", tmp_path).read_text())
+    assert data["levels"][1]["ranks"] == dict(cat.levels[1].ranks or ())
+    assert data["levels"][1]["budget_points"] == 5.0 and data["dropped_levels"] == []
+    shipped = load_catalog("toy", tmp_path)
+    assert shipped == cat and shipped.level(0.8).ranks == cat.level(0.8).ranks
+    x = torch.randn((5, 6, 32), generator=torch.Generator().manual_seed(7))
+    for entry in cat.levels[1:]:
+        reference = compress_with_ranks(model, 4, entry.rank_map())  # what build_catalog measured
+        for k in range(1, 5):
+            front = compress_front_at_level(model, k, entry.energy_kept, weights_dir=tmp_path)
+            assert count_params(front.front(k)) == entry.front_params[k]
+            in_front = set(cat.stage_names[:k])
+            assert layer_ranks(front) == {n: r for n, r in entry.rank_map().items() if n.split(".")[0] in in_front}
+            assert rec.evaluate(front) == pytest.approx(entry.accuracy[k])
+            with torch.no_grad():
+                assert torch.equal(front.run(x, 0, k), reference.run(x, 0, k))
+
+
+def test_levels_that_cannot_be_rebuilt_say_why(
+    built: tuple[ModelCatalog, Recorder, StagedModel], tmp_path: Path
+) -> None:
+    cat, _, model = built
+    save_catalog(cat, tmp_path)
+    with pytest.raises(ModelError, match="has no level 0.9; known: 1, 0.95, 0.8"):
+        compress_front_at_level(model, 2, 0.9, weights_dir=tmp_path)
+    other = toy_model()
+    with torch.no_grad():
+        first = other.stages[0]
+        assert isinstance(first, nn.Sequential)
+        first[0].weight.add_(0.01)
+    with pytest.raises(ModelError, match="chosen for other weights"):
+        compress_front_at_level(other, 2, 0.95, weights_dir=tmp_path)
+    old = cat.to_dict()  # a catalog measured before ranks were recorded still loads ...
+    for e in old["levels"]:
+        for key in ("ranks", "budget_points", "weights_sha256", "calibration_drop_points"):
+            e.pop(key, None)
+    del old["dropped_levels"]
+    legacy = ModelCatalog.from_dict(old)
+    assert legacy.level(0.95).ranks is None and legacy.dropped_levels == ()
+    catalog_path("toy", tmp_path).write_text(json.dumps(old))
+    with pytest.raises(ModelError, match="has no per-layer ranks"):  # ... but cannot make a level's front
+        compress_front_at_level(model, 2, 0.95, weights_dir=tmp_path)
+
+
+def test_a_level_that_is_neither_smaller_nor_faster_is_dropped_with_its_reason(tmp_path: Path) -> None:
+    model = toy_model()
+    rec = Recorder(model)
+    # compression that costs nothing: every budget picks the same ranks, only the smallest is kept
+    cat = build_catalog(model, rec.evaluate, rec.with_codec, levels=(1.0, 0.99, 0.98), repeats=1, warmup=0,
+                        window_s=2.0, calibrate=lambda m: 0.9)  # fmt: skip
+    assert [e.energy_kept for e in cat.levels] == [1.0, 0.99]
+    assert cat.dropped_levels == (DroppedLevel(0.98, 2.0, "the same per-layer ranks as level 0.99"),)
+    save_catalog(cat, tmp_path)
+    assert load_catalog("toy", tmp_path).dropped_levels == cat.dropped_levels
+    with pytest.raises(ModelError, match="dropped level 0.98 .2-point budget.: the same per-layer ranks"):
+        compress_front_at_level(model, 2, 0.98, weights_dir=tmp_path)
+
+    def level(
+        key: float, params: tuple[int, ...], ms: tuple[float, ...], ranks: tuple[tuple[str, int], ...]
+    ) -> LevelEntry:
+        budget = None if key == 1.0 else round((1 - key) * 100, 6)
+        return LevelEntry(key, ms, params, (0.8,) * 3, budget, None if key == 1.0 else ranks)
+
+    top = level(1.0, (0, 5, 11), (0.0, 1.0, 3.0), ())
+    half = level(0.995, (0, 3, 9), (0.0, 1.0, 3.0), (("a", 1),))  # smaller: kept
+    same_size_slower = level(0.99, (0, 3, 9), (0.0, 1.2, 3.1), (("a", 1), ("b", 2)))
+    faster_at_2 = level(0.98, (0, 3, 9), (0.0, 1.0, 2.0), (("a", 1), ("b", 3)))
+    kept, dropped = drop_dominated_levels([faster_at_2, same_size_slower, top, half])
+    assert [e.energy_kept for e in kept] == [1.0, 0.995, 0.98]
+    assert [d.energy_kept for d in dropped] == [0.99] and dropped[0].budget_points == 1.0
+    assert dropped[0].reason == (
+        "neither smaller nor faster than a cheaper level at any cut (cut 1: 3 params / 1.200 ms vs level 0.995 "
+        "3 / 1.000; cut 2: 9 params / 3.100 ms vs level 0.995 9 / 3.000)"
+    )
+    nothing = level(0.97, (0, 5, 11), (0.0, 1.0, 3.0), ())
+    assert drop_dominated_levels([top, nothing])[1][0].reason.startswith("compresses nothing")
 
 
 def test_json_and_file_round_trip(built: tuple[ModelCatalog, Recorder, StagedModel], tmp_path: Path) -> None:

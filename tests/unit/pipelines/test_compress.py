@@ -13,16 +13,22 @@ from pipelines.compress import (
     Int8Conv,
     Int8Linear,
     LowRank,
+    budget_level,
     compress_front,
     compress_front_at_level,
+    compress_front_uniform,
+    compress_with_ranks,
     count_params,
     estimate_redundancy,
     front_param_bytes,
+    layer_ranks,
+    level_budget_points,
     param_bytes,
     quantize_front_int8,
     rank_for_energy,
     svd_conv,
     svd_linear,
+    weights_digest,
 )
 from pipelines.stages import StagedModel
 from splitsense.errors import ConfigError, ModelError
@@ -219,13 +225,13 @@ def test_compress_front_checks_arguments() -> None:
         compress_front(model, 2, lambda m: 87.0, 1.0)
 
 
-def test_compress_front_at_level() -> None:
+def test_compress_front_uniform() -> None:
     model = toy_model()
     before = _state(model)
-    same = compress_front_at_level(model, 3, 1.0)
+    same = compress_front_uniform(model, 3, 1.0)
     assert same is not model and _same_state(_state(same), before)
-    low = compress_front_at_level(model, 3, 0.5)
-    high = compress_front_at_level(model, 3, 0.99)
+    low = compress_front_uniform(model, 3, 0.5)
+    high = compress_front_uniform(model, 3, 0.99)
     assert _same_state(_state(model), before)
     assert count_params(low.front(3)) < count_params(high.front(3)) <= count_params(model.front(3))
     assert count_params(low.tail(3)) == count_params(model.tail(3))
@@ -237,7 +243,56 @@ def test_compress_front_at_level() -> None:
         assert low(x).shape == ref.shape
         assert (low(x) - ref).abs().max() >= (high(x) - ref).abs().max()
     with pytest.raises(ConfigError):
-        compress_front_at_level(model, 3, 1.5)
+        compress_front_uniform(model, 3, 1.5)
+
+
+# --- levels: per-layer ranks under a budget, applied from what ships -------------------------
+
+
+def test_level_and_budget_convert_both_ways() -> None:
+    assert [level_budget_points(v) for v in (0.995, 0.99, 0.98, 1.0)] == [0.5, 1.0, 2.0, 0.0]
+    assert [budget_level(b) for b in (0.5, 1.0, 2.0)] == [0.995, 0.99, 0.98]
+    with pytest.raises(ConfigError):
+        budget_level(100.0)
+
+
+def test_compress_with_ranks_reproduces_the_greedy_choice_and_touches_only_the_front() -> None:
+    model = toy_model()
+    fake = FakeAccuracy(0.9, 0.05, count_params(model.front(3)))
+    chosen = compress_front(model, model.n_stages, fake, budget_points=2.0)
+    ranks = {d.name: d.rank for d in chosen.layers if d.compressed}
+    assert ranks and layer_ranks(chosen.model) == ranks
+    again = compress_with_ranks(model, model.n_stages, ranks)
+    assert _same_state(_state(again), _state(chosen.model))  # the same factors, bit for bit
+    front = compress_with_ranks(model, 2, ranks)  # the front takes its part of the whole-model ranks
+    assert layer_ranks(front) == {k: v for k, v in ranks.items() if k.startswith(("conv1", "conv2"))}
+    assert front.stages[2] is not model.stages[2] and _same_state(_state(front.stages[2]), _state(model.stages[2]))
+    x = torch.randn(3, 6, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(front.run(x, 0, 2), again.run(x, 0, 2), rtol=0, atol=0)
+    with pytest.raises(ModelError, match="no compressible layer"):
+        compress_with_ranks(model, 2, {"nope.0": 3})
+    with pytest.raises(ModelError, match=r"must be an int in 1\.\.31"):
+        compress_with_ranks(model, 2, {"conv2.0": 32})
+    with pytest.raises(ModelError, match="saves no parameters"):
+        compress_with_ranks(model, 2, {"conv2.0": 31})
+
+
+def test_compress_front_at_level_needs_shipped_ranks(tmp_path: Any) -> None:
+    model = toy_model()
+    same = compress_front_at_level(model, 3, 1.0)  # uncompressed: nothing needs shipping
+    assert _same_state(_state(same), _state(model))
+    with pytest.raises(ModelError, match="no catalog for model 'toy'"):
+        compress_front_at_level(model, 3, 0.99, weights_dir=tmp_path)
+    given = compress_front_at_level(model, 3, 0.99, ranks={"fc.0": 8})
+    assert layer_ranks(given) == {"fc.0": 8}
+
+
+def test_weights_digest_tells_weights_apart() -> None:
+    a, b = toy_model(0), toy_model(0)
+    assert weights_digest(a) == weights_digest(b) and len(weights_digest(a)) == 64
+    assert weights_digest(a) != weights_digest(toy_model(1))
+    assert weights_digest(compress_front_uniform(a, 3, 0.5)) != weights_digest(a)
 
 
 # --- int8 -------------------------------------------------------------------------------------
@@ -271,7 +326,7 @@ def test_quantize_front_int8_error_bound_and_bytes() -> None:
 
 
 def test_int8_after_svd_quantises_the_factors() -> None:
-    model = compress_front_at_level(toy_model(), 2, 0.5)
+    model = compress_front_uniform(toy_model(), 2, 0.5)
     q = quantize_front_int8(model, 2)
     low = first_layer(q, 1)
     assert isinstance(low, LowRank) and all(isinstance(m, Int8Conv) for m in low)
