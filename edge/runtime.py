@@ -47,7 +47,7 @@ import math
 import random
 import time
 from collections import Counter, deque
-from collections.abc import AsyncIterable, Callable
+from collections.abc import AsyncIterable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -63,6 +63,7 @@ from edge.store import DEFAULT_CAPACITY_BYTES, DEFAULT_MAX_AGE_S, ForwardStore, 
 from edge.transport import OffloadTransport
 from pipelines.codecs import encode
 from pipelines.compress import compress_front_at_level
+from pipelines.groups import GROUP_SEPARATOR, shared_cut
 from pipelines.power import RadioEnergyMeter, compute_energy_mj, promotion_delay_s, radio_model
 from pipelines.stages import StagedModel
 from pipelines.training import TrainedModel
@@ -223,6 +224,26 @@ class _Held:
     attempts: int = 0  # sends that carried it (the live one included)
 
 
+def _answered_tasks(window: SensorWindow, response: OffloadResponse) -> tuple[tuple[str, int, int], ...]:
+    labels = dict(window.task_labels)
+    return tuple((t.model, labels.get(t.model, -1), t.prediction) for t in response.task_results)
+
+
+def _check_shared_front(main: TrainedModel, task: TrainedModel, cut: int) -> None:
+    """ConfigError unless `task` computes exactly `main`'s activation at `cut` (same preprocessing
+    statistics, same weights of stages [0, cut))."""
+    a, b = main.standardizer.state(), task.standardizer.state()
+    same = a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    for i in range(cut):
+        sa, sb = main.model.stages[i].state_dict(), task.model.stages[i].state_dict()
+        same = same and sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    if not same:
+        raise ConfigError(
+            f"model {task.spec.name!r} does not share stages [0, {cut}) with {main.spec.name!r}: "
+            "they cannot read one window's front (retrain them as one encoder group)"
+        )
+
+
 class EdgeDevice:
     """One device running one model on one sensor stream."""
 
@@ -248,6 +269,7 @@ class EdgeDevice:
         store_capacity_bytes: int = DEFAULT_CAPACITY_BYTES,
         store_max_age_s: float = DEFAULT_MAX_AGE_S,
         drain_timeout_s: float | None = None,
+        tasks: Sequence[TrainedModel] = (),
     ) -> None:
         """`clock` (monotonic seconds) times latency, deadlines and the breaker; `wall_clock` (Unix
         seconds) stamps what goes on the wire. `low_battery_threshold` must be the planner's
@@ -269,11 +291,24 @@ class EdgeDevice:
         comes later with mode deferred (`submit`, `run`). At the end of a run (or `close()`) the
         device keeps forwarding until the store is empty or `drain_timeout_s` has passed without
         a window forwarded (default: the breaker's longest back-off plus one deadline, so at least
-        one probe goes); what is left is reported pending."""
+        one probe goes); what is left is reported pending.
+
+        `tasks` are extra models that read the same sensor stream and share this model's front
+        (pipelines/groups.py: one bottleneck encoder for the FSDD speaker and digit tasks): the
+        shared front runs once per window, one upload of its activation serves every task (the
+        request's extra_models), and a window finished here runs every task's own tail. The
+        config's model is then the group's name ("fsdd_speaker+fsdd_digit"), which names its plan."""
         if not (math.isfinite(speed_factor) and speed_factor > 0):
             raise ConfigError(f"speed_factor must be > 0, got {speed_factor!r}")
-        if trained.spec.name != config.model:
-            raise ConfigError(f"edge.model is {config.model!r} but the trained model is {trained.spec.name!r}")
+        self.tasks = tuple(tasks)
+        names = (trained.spec.name, *(t.spec.name for t in self.tasks))
+        if GROUP_SEPARATOR.join(names) != config.model:
+            raise ConfigError(
+                f"edge.model is {config.model!r} but the trained models are {GROUP_SEPARATOR.join(names)!r}"
+            )
+        self.shared_cut = shared_cut(names) if self.tasks else 0
+        for t in self.tasks:
+            _check_shared_front(trained, t, self.shared_cut)
         self.config = config
         self.trained = trained
         self.model: StagedModel = trained.model
@@ -445,7 +480,9 @@ class EdgeDevice:
             t = self._compute_clock()
             x = self.trained.prepare_window(window.raw)
             prep_ms = self._device_ms(-1, 1.0, (self._compute_clock() - t) * 1000.0)
-            act = self._run_stages(model, x, 0, choice.cut, stage_ms, choice.level)
+            k_shared = min(choice.cut, self.shared_cut)
+            shared_act = self._run_stages(model, x, 0, k_shared, stage_ms, choice.level)
+            act = self._run_stages(model, shared_act, k_shared, choice.cut, stage_ms, choice.level)
         front_ms = prep_ms + sum(stage_ms)
         await self._simulated_hardware(t_front, front_ms)
         if not self.local_fallback:
@@ -490,7 +527,10 @@ class EdgeDevice:
             await self._simulated_hardware(t_tail, sum(tail_ms))
             prediction = int(logits.argmax(dim=1)[0])
 
-        compute_s = (front_ms + sum(tail_ms)) / 1000.0
+        task_results, task_ms = await self._task_results(
+            window, k_shared, attempt.response if attempt is not None else None, shared_act
+        )
+        compute_s = (front_ms + sum(tail_ms) + task_ms) / 1000.0
         energy = compute_energy_mj(self.config.active_mw, compute_s)
         bytes_sent = 0
         if attempt is not None and encoded is not None:  # the radio was used, answered or not
@@ -515,10 +555,42 @@ class EdgeDevice:
             reason=reason,
             plan_version=choice.plan_version,
             stage_ms=tuple(stage_ms + tail_ms) if mode is not ExecutionMode.OFFLOADED else tuple(stage_ms),
+            tasks=task_results,
         )
         self.metrics.observe(result, fallback_label)
         self.metrics.set_state(self.breaker.state, self.estimates())
         return result
+
+    def _riders(self, cut: int) -> tuple[str, ...]:
+        """The extra tasks whose front is the same as this model's at `cut`: one upload serves them."""
+        return tuple(t.spec.name for t in self.tasks) if cut <= self.shared_cut else ()
+
+    async def _task_results(
+        self, window: SensorWindow, start: int, response: OffloadResponse | None, shared_act: Any
+    ) -> tuple[tuple[tuple[str, int, int], ...], float]:
+        """((model, label, prediction) per extra task, device ms spent on their tails here): from the
+        cloud's answer when the task rode along, else its stages [start, N) run on this device on
+        `shared_act`, the activation at `start` <= shared_cut, which every task shares (only a device
+        with local fallback gets here without an answer). Simulated time uses the main model's stage
+        times for the same stage indices (the tasks' stages have the same shapes)."""
+        if not self.tasks:
+            return (), 0.0
+        labels = dict(window.task_labels)
+        answered = {t.model: t.prediction for t in response.task_results} if response is not None else {}
+        out: list[tuple[str, int, int]] = []
+        times: list[float] = []
+        t_tail = self._clock()
+        for t in self.tasks:
+            name = t.spec.name
+            if name in answered:
+                pred = answered[name]
+            else:
+                with torch.inference_mode():
+                    logits = self._run_stages(t.model, shared_act, start, t.model.n_stages, times, 1.0)
+                pred = int(logits.argmax(dim=1)[0])
+            out.append((name, labels.get(name, -1), pred))
+        await self._simulated_hardware(t_tail, sum(times))
+        return tuple(out), sum(times)
 
     def _run_stages(
         self, model: StagedModel, x: torch.Tensor, start: int, stop: int, times_ms: list[float], level: float
@@ -549,7 +621,8 @@ class EdgeDevice:
         c = self.config
         request = OffloadRequest(
             window_id=window.window_id,
-            model=c.model,
+            model=self.trained.spec.name,
+            extra_models=self._riders(choice.cut),
             cut=choice.cut,
             device_id=c.device_id,
             device_class=c.device_class,
@@ -571,6 +644,12 @@ class EdgeDevice:
                 raise BrokerUnavailableError(
                     f"answer for window {response.window_id!r} with {len(response.logits)} logits; "
                     f"expected window {window.window_id!r} with {self.model.num_classes}"
+                )
+            got = tuple(t.model for t in response.task_results)
+            if got != request.extra_models:
+                raise BrokerUnavailableError(
+                    f"answer for window {window.window_id!r} carries tasks {list(got)}, "
+                    f"expected {list(request.extra_models)}"
                 )
         except ShedError as e:
             kind, detail, retry_after_s = FailureKind.SHED, str(e), e.retry_after_ms / 1000.0
@@ -713,6 +792,7 @@ class EdgeDevice:
                     reason="",
                     plan_version=choice.plan_version,
                     stage_ms=tuple(stage_ms),
+                    tasks=_answered_tasks(window, attempt.response),
                 )
                 self.metrics.observe(result)
                 self.metrics.set_state(self.breaker.state, self.estimates())
@@ -824,6 +904,7 @@ class EdgeDevice:
             reason=reason,
             plan_version=h.choice.plan_version,
             stage_ms=h.stage_ms,
+            tasks=_answered_tasks(h.window, response),
         )
 
     def _resolve(

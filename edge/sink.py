@@ -43,6 +43,9 @@ class WindowResult:
     reason: str  # why local, fallback or deferred; "" when offloaded
     plan_version: int  # 0: no plan, the config's default
     stage_ms: tuple[float, ...] = ()  # on-device time of each stage that ran here, stage 0 first
+    # (model, label, prediction) of each extra task that read this window's front (one upload, or
+    # the shared front run once on the device); empty for a single-task window
+    tasks: tuple[tuple[str, int, int], ...] = ()
 
     @property
     def correct(self) -> bool:
@@ -64,6 +67,7 @@ class WindowResult:
             "reason": self.reason,
             "plan_version": self.plan_version,
             "stage_ms": [round(x, 3) for x in self.stage_ms],
+            "tasks": [{"model": m, "label": lab, "prediction": p} for m, lab, p in self.tasks],
         }
 
 

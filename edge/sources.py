@@ -21,6 +21,7 @@ that falls behind sees its backlog in its latency), for speed 0 the moment it wa
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -54,6 +55,7 @@ class RecordedWindow:
     label: int
     raw: np.ndarray  # audio: (8000,) float32; IMU: (9, 128) float32
     stream_t_s: float
+    task_labels: tuple[tuple[str, int], ...] = ()  # (model, label) of each extra task of the window
 
 
 @dataclass(frozen=True)
@@ -65,6 +67,7 @@ class SensorWindow:
     label: int
     raw: np.ndarray
     t_emit: float  # on the source's clock: when the window became available
+    task_labels: tuple[tuple[str, int], ...] = ()  # (model, label) of each extra task of the window
 
 
 class FrameAssembler:
@@ -181,17 +184,41 @@ class ReplaySource:
                 t_emit = due
             else:
                 t_emit = self._clock()
-            yield SensorWindow(window_id=rec.window_id, index=index, label=rec.label, raw=rec.raw, t_emit=t_emit)
+            yield SensorWindow(
+                window_id=rec.window_id,
+                index=index,
+                label=rec.label,
+                raw=rec.raw,
+                t_emit=t_emit,
+                task_labels=rec.task_labels,
+            )
 
 
-def recorded_windows(spec: ModelSpec, *, frame_ms: float = 80.0) -> Iterator[RecordedWindow]:
-    """The test recording of a model's dataset, with the labels of its task."""
+def recorded_windows(
+    spec: ModelSpec, *, frame_ms: float = 80.0, tasks: tuple[ModelSpec, ...] = ()
+) -> Iterator[RecordedWindow]:
+    """The test recording of a model's dataset, with the labels of its task (and of every extra task
+    in `tasks`, models of the same dataset, in each window's `task_labels`)."""
+    if any(t.dataset != spec.dataset for t in tasks):
+        raise DataError(f"extra tasks {[t.name for t in tasks]} do not read {spec.name!r}'s {spec.dataset} stream")
     if spec.dataset == "fsdd":
         clips = datasets.load_fsdd()
         test = clips.subset(clips.test_mask)
-        labels = test.speakers if spec.task.startswith("speaker") else test.digits
-        return audio_windows(test.waveforms, labels, frame_ms=frame_ms)
+
+        def labels_of(s: ModelSpec) -> np.ndarray:
+            return np.asarray(test.speakers if s.task.startswith("speaker") else test.digits)
+
+        windows = audio_windows(test.waveforms, labels_of(spec), frame_ms=frame_ms)
+        if not tasks:
+            return windows
+        extra = [(t.name, labels_of(t)) for t in tasks]
+        return (
+            dataclasses.replace(w, task_labels=tuple((name, int(lab[i])) for name, lab in extra))
+            for i, w in enumerate(windows)
+        )
     if spec.dataset == "uci_har":
+        if tasks:
+            raise DataError("UCI HAR has one task per window")
         s = datasets.load_uci_har("test")
         return imu_windows(s.x, s.y, sample_rate_hz=s.sample_rate_hz)
     raise DataError(f"no recording to replay for dataset {spec.dataset!r} of model {spec.name!r}")

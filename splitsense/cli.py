@@ -454,13 +454,28 @@ def models_catalog(
     from pipelines.evaluation import build_model_catalog
 
     for name in _model_names(model):
-        with err.status(f"measuring the catalog of {name}"):
-            cat = build_model_catalog(name, repeats=repeats)
+        with err.status(f"measuring the catalog of {name}") as status:
+            cat = build_model_catalog(name, repeats=repeats, log=lambda m: status.update(m))
         path = save_catalog(cat)
         err.print(
             f"{name}: {len(cat.levels)} compression levels x {len(cat.codecs)} codecs x "
             f"{cat.n_stages + 1} cuts -> {path}"
         )
+        n = cat.n_stages
+        for lvl in cat.levels:
+            if lvl.energy_kept >= 1.0:
+                what = "uncompressed"
+            else:
+                what = (
+                    f"{lvl.budget_points:g}-point budget, {len(lvl.ranks or ())} layers at reduced rank, "
+                    f"{lvl.calibration_drop_points:.2f} points lost on calibration"
+                )
+            err.print(
+                f"  level {lvl.energy_kept:g} ({what}): whole model {lvl.front_params[n]:,} params, "
+                f"{lvl.front_latency_ms[n]:.3f} ms, test accuracy {min(lvl.accuracy):.4f}-{max(lvl.accuracy):.4f}"
+            )
+        for d in cat.dropped_levels:
+            err.print(f"  dropped level {d.energy_kept:g} ({d.budget_points:g}-point budget): {d.reason}")
 
 
 def _controller_config(config: Path | None, **overrides: Any) -> Any:

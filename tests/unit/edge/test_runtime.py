@@ -151,7 +151,7 @@ async def test_whole_imu_recording_offloaded_at_fp32_equals_local() -> None:
     device = EdgeDevice(config(default_cut=3), trained(MODEL), transport)
     summary = await device.run(source(ws), sink)
     assert summary.windows == len(ws) == 950 and summary.lost == 0
-    assert summary.by_mode == {"offloaded": 950, "local": 0, "fallback": 0}
+    assert summary.by_mode == {"offloaded": 950, "local": 0, "fallback": 0, "deferred": 0}
     assert [r.window_id for r in sink.results] == [w.window_id for w in ws]
     local = await run_local(MODEL, ws)
     assert [r.prediction for r in sink.results] == local
@@ -380,7 +380,7 @@ async def test_cut_n_runs_locally_without_the_transport() -> None:
 
 async def test_no_transport_means_local_only() -> None:
     summary = await EdgeDevice(config(), trained(MODEL), None).run(source(windows(MODEL, 3)))
-    assert summary.by_mode == {"offloaded": 0, "local": 3, "fallback": 0} and summary.bytes_sent == 0
+    assert summary.by_mode == {"offloaded": 0, "local": 3, "fallback": 0, "deferred": 0} and summary.bytes_sent == 0
 
 
 async def test_low_battery_rows_take_over_as_the_battery_drains() -> None:
@@ -423,7 +423,7 @@ async def test_telemetry_reports_add_up_to_the_windows_and_metrics_count_modes()
     metrics = EdgeMetrics(MODEL, "phone", registry=registry)
     device = EdgeDevice(config(default_cut=5, telemetry_period_s=1e-6), trained(MODEL), transport, metrics=metrics)
     summary = await device.run(source(windows(MODEL, 10)))
-    assert summary.by_mode == {"offloaded": 8, "local": 0, "fallback": 2}
+    assert summary.by_mode == {"offloaded": 8, "local": 0, "fallback": 2, "deferred": 0}
     assert summary.fallbacks_by_reason == {"unavailable": 2}
     obs = [o for r in transport.reports for o in r.observations]
     assert sum(o.window_count for o in obs) == 10
