@@ -556,6 +556,7 @@ class EdgeDevice:
             plan_version=choice.plan_version,
             stage_ms=tuple(stage_ms + tail_ms) if mode is not ExecutionMode.OFFLOADED else tuple(stage_ms),
             tasks=task_results,
+            task_ms=task_ms,
         )
         self.metrics.observe(result, fallback_label)
         self.metrics.set_state(self.breaker.state, self.estimates())

@@ -46,6 +46,7 @@ class WindowResult:
     # (model, label, prediction) of each extra task that read this window's front (one upload, or
     # the shared front run once on the device); empty for a single-task window
     tasks: tuple[tuple[str, int, int], ...] = ()
+    task_ms: float = 0.0  # on-device time of the extra tasks' tails that ran here
 
     @property
     def correct(self) -> bool:

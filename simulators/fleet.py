@@ -64,6 +64,7 @@ from pipelines.catalog import ModelCatalog
 from pipelines.compress import compress_front_at_level
 from pipelines.devices import DEVICE_CLASSES, DeviceClass, front_fits
 from pipelines.features import log_mel_ops
+from pipelines.groups import group_members
 from pipelines.models import get_spec
 from pipelines.power import RadioEnergyMeter, radio_model
 from pipelines.stages import StagedModel
@@ -165,6 +166,7 @@ class WindowRecord:
     estimate_mbps: float  # the device's own estimate then
     plan_version: int
     reason: str  # why local or fallback, first words ("" when offloaded)
+    tasks_correct: tuple[tuple[str, bool], ...] = ()  # (model, correct) of each extra task of the window
 
     @property
     def energy_mj(self) -> float:
@@ -195,6 +197,7 @@ class WindowRecord:
             "estimate_mbps": round(self.estimate_mbps, 4),
             "plan_version": self.plan_version,
             "reason": self.reason,
+            "tasks_correct": {m: c for m, c in self.tasks_correct},
         }
 
 
@@ -260,7 +263,7 @@ def device_windows(base: list[RecordedWindow], offset: int, duration_s: float, p
         if phase_s + t > duration_s:
             return out
         src = base[(offset + j) % len(base)]
-        out.append(RecordedWindow(f"{src.window_id}@{j}", src.label, src.raw, t))
+        out.append(RecordedWindow(f"{src.window_id}@{j}", src.label, src.raw, t, src.task_labels))
         j += 1
 
 
@@ -335,11 +338,10 @@ def usable_levels(config: Config, catalogs: Mapping[str, ModelCatalog]) -> dict[
 
 def prep_ops(model: str) -> int:
     """Operations of one window's preprocessing on a device (timed by MACs on a microcontroller)."""
-    spec = get_spec(model)
+    spec = get_spec(group_members(model)[0])  # a task group preprocesses once, for its first member
     if spec.modality == "audio":
         return log_mel_ops()
-    trained_shape = 9 * 128  # IMU: standardise each value (a multiply-add)
-    return trained_shape
+    return 9 * 128  # IMU: standardise each value (a multiply-add)
 
 
 class ReferenceTime:
@@ -492,14 +494,21 @@ class _Ledger:
     def on_result(self, r: WindowResult) -> None:
         now = time.monotonic()
         window = self.emitted.pop(r.window_id)
-        start = max(window.t_emit, self.prev_done)
-        self.prev_done = now
-        offloaded = r.mode is ExecutionMode.OFFLOADED
-        compute_ms = r.front_ms + (0.0 if offloaded else sum(r.stage_ms[r.cut :]))
+        deferred = r.mode is ExecutionMode.DEFERRED
+        if deferred:  # answered long after later windows: it never held the device up
+            start = window.t_emit
+        else:
+            start = max(window.t_emit, self.prev_done)
+            self.prev_done = now
+        offloaded = r.mode in (ExecutionMode.OFFLOADED, ExecutionMode.DEFERRED)
+        compute_ms = r.front_ms + (0.0 if offloaded else sum(r.stage_ms[r.cut :])) + r.task_ms
         compute_mj = self.cls.active_mw * compute_ms / 1000.0
         radio_mj = wait_mj = 0.0
         if r.bytes_sent > 0:
-            sent = max(start + r.front_ms / 1000.0, self.meter.busy_until_s or -math.inf)
+            # A deferred window's radio time is charged when it was forwarded (its last attempt, just
+            # before the answer), in the meter's time order.
+            first = now - self.deadline_s if deferred else start + r.front_ms / 1000.0
+            sent = max(first, self.meter.busy_until_s or -math.inf)
             on_air = min(self.schedule.time_to_send(r.bytes_sent, self.link_time(sent)), self.deadline_s)
             mbps = max(r.bytes_sent / BYTES_PER_MBIT / max(on_air, 1e-6), 1e-6)
             down = self.num_classes * _BYTES_PER_LOGIT if offloaded else 0
@@ -529,6 +538,7 @@ class _Ledger:
             estimate_mbps=estimate,
             plan_version=r.plan_version,
             reason=r.reason.split(":", 1)[0] if r.reason else "",
+            tasks_correct=tuple((m, p == lab) for m, lab, p in r.tasks),
         )
         self.mine.append(record)
         self.out.append(record)
@@ -567,6 +577,7 @@ class FleetRunner:
         self.cloud_overhead_ms = RAY_CLOUD_OVERHEAD_MS if backend == "ray" else IN_PROCESS_CLOUD_OVERHEAD_MS
         self.trained: dict[str, TrainedModel] = {}
         self.recordings: dict[str, list[RecordedWindow]] = {}
+        self.tasks: dict[str, tuple[TrainedModel, ...]] = {}  # per model or group: its extra tasks
         self.fronts: dict[str, dict[tuple[int, float], StagedModel]] = {}
         self.host_stage_ms: dict[str, list[float]] = {}
         self.prep_ms: dict[str, float] = {}
@@ -603,11 +614,21 @@ class FleetRunner:
                 raise ConfigError(f"simulator.rtt_ms has no RTT for radio {DEVICE_CLASSES[cls].radio.value!r}")
         models = sorted({sim.models[c] for c in sim.device_classes})
         traces = self.traces()
-        for m in models:
-            tm = load_trained(m, cfg.paths.weights_dir)
+        for m in models:  # a model, or a task group "a+b" (pipelines/groups.py): its first member runs the front
+            members = group_members(m)
+            tm = load_trained(members[0], cfg.paths.weights_dir)
             tm.model.eval()
             self.trained[m] = tm
-            self.recordings[m] = list(recorded_windows(get_spec(m), frame_ms=cfg.edge.audio_frame_ms))
+            self.tasks[m] = tuple(load_trained(t, cfg.paths.weights_dir) for t in members[1:])
+            for t in self.tasks[m]:
+                t.model.eval()
+            self.recordings[m] = list(
+                recorded_windows(
+                    get_spec(members[0]),
+                    frame_ms=cfg.edge.audio_frame_ms,
+                    tasks=tuple(get_spec(t) for t in members[1:]),
+                )
+            )
             self.fronts[m] = {}
             self.host_stage_ms[m] = measure_host_stage_ms(tm)
             self.prep_ms[m] = measure_prep_ms(tm, self.recordings[m][0])
@@ -853,6 +874,10 @@ class FleetRunner:
                 ),
                 choose=self._chooser(policy, spec, schedule, link_zero, t0 + spec.phase_s - link_zero),
                 front_cache=self.fronts[spec.model],
+                tasks=self.tasks[spec.model],
+                # A class that cannot hold the whole model keeps no local fallback: what it cannot
+                # offload now it stores and forwards (edge/store.py), at most its deepest fitting cut.
+                **self._fallback(dev, spec.model),
             )
             ledger.device = device
             windows = device_windows(self.recordings[spec.model], spec.recording_offset, sim.duration_s, spec.phase_s)
@@ -866,6 +891,14 @@ class FleetRunner:
                     await transport.close()
             if link is not None:
                 await link.close()
+
+    def _fallback(self, dev: DeviceClass, model: str) -> dict[str, Any]:
+        catalog = self.catalogs[model]
+        n = catalog.n_stages
+        if front_fits(dev, catalog, n) is None:
+            return {}
+        fitting = [k for k in range(n) if front_fits(dev, catalog, k) is None]
+        return {"local_fallback": False, "max_cut": max(fitting)}
 
     def _chooser(
         self, policy: Policy, spec: DeviceSpec, schedule: ShapingSchedule, zero: float, start_s: float

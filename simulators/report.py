@@ -40,6 +40,7 @@ from typing import Any
 import numpy as np
 
 from pipelines.devices import DEVICE_CLASSES
+from pipelines.groups import group_members
 from simulators.fleet import FleetProgress, FleetResult, PolicyRun, WindowRecord
 from simulators.link import ShapingSchedule
 from simulators.scenario import DeviceSpec
@@ -143,6 +144,11 @@ def _is_split(r: WindowRecord) -> bool:
     return 0 < r.cut < r.n_stages
 
 
+def _cloud_answered(r: WindowRecord) -> bool:
+    """The cloud ran the tail: offloaded now, or stored and forwarded later (deferred)."""
+    return r.mode in ("offloaded", "deferred")
+
+
 def _cut_key(r: WindowRecord) -> str:
     return "local" if r.cut >= r.n_stages else str(r.cut)
 
@@ -197,11 +203,17 @@ def class_stats(records: Sequence[WindowRecord], expected: int, *, full: bool = 
         "latency_ms_p95": _r(np.percentile(lat, 95)),
         "latency_ms_mean": _r(lat.mean()),
         "energy_mj_per_window": _r(energy.mean(), 4),
-        "offload_ratio": _r(sum(r.mode == "offloaded" for r in records) / n, 4),
-        "split_ratio": _r(sum(r.mode == "offloaded" and _is_split(r) for r in records) / n, 4),
+        "offload_ratio": _r(sum(_cloud_answered(r) for r in records) / n, 4),
+        "split_ratio": _r(sum(_cloud_answered(r) and _is_split(r) for r in records) / n, 4),
         "split_attempt_ratio": _r(sum(_is_split(r) for r in records) / n, 4),
         "mechanisms": mechanisms(records),
     }
+    tasks: dict[str, list[bool]] = defaultdict(list)
+    for r in records:
+        for m, ok in r.tasks_correct:
+            tasks[m].append(ok)
+    if tasks:  # a window that served several tasks: each extra task's accuracy too
+        out["task_accuracy"] = {m: _r(sum(v) / len(v), 4) for m, v in tasks.items()}
     if full:
         modes: dict[str, int] = defaultdict(int)
         reasons: dict[str, int] = defaultdict(int)
@@ -321,7 +333,7 @@ def comparison(result: FleetResult) -> dict[str, Any]:
         oracle_shares = {b: _share(oracle_recs, preds[b]) for b in BASELINES}
         adaptive_shares = {b: _share(adaptive_recs, preds[b]) for b in BASELINES}
         local_share, cloud_share = oracle_shares["all_local"], oracle_shares["all_cloud"]
-        split = _share(adaptive_recs, lambda r: r.mode == "offloaded" and _is_split(r))
+        split = _share(adaptive_recs, lambda r: _cloud_answered(r) and _is_split(r))
         entry: dict[str, Any] = {
             "objective": objective,
             "metric": "mean energy per window (mJ)" if objective == "energy" else "mean latency (ms)",
@@ -420,7 +432,7 @@ def _budget(result: FleetResult, cls: str, objective: str) -> float | None:
     if objective == "latency":
         if obj.energy_budget_mw is None:
             return None
-        return obj.energy_budget_mw * get_spec(result.config.simulator.models[cls]).window_s
+        return obj.energy_budget_mw * get_spec(group_members(result.config.simulator.models[cls])[0]).window_s
     return obj.deadline_ms
 
 

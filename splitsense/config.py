@@ -451,9 +451,15 @@ def _default_sim_models() -> dict[str, str]:
     # board, keyword spotting on a watch's microphone (a wake word). The watch is where the choice
     # moves with the link: its local audio model (~150 ms at 100x) is beaten by offloading above
     # about 1 Mbit/s of WiFi; the others' models are fast enough locally on these traces.
-    # The sensor node (a TinyML board with a microphone) spots keywords: it holds only the shared
-    # audio encoder, so its windows go at the bottleneck or as the input, never fully local.
-    return {"phone": "uci_har", "iot_board": "fsdd_speaker", "watch": "fsdd_digit", "sensor_node": "fsdd_digit"}
+    # The sensor node (a TinyML board with a microphone) answers both audio tasks of each window
+    # (who speaks, which keyword) through one shared encoder: it holds only that encoder, so its
+    # windows go at the bottleneck or as the input, never fully local (pipelines/groups.py).
+    return {
+        "phone": "uci_har",
+        "iot_board": "fsdd_speaker",
+        "watch": "fsdd_digit",
+        "sensor_node": "fsdd_speaker+fsdd_digit",
+    }
 
 
 def _default_sim_rtt_ms() -> dict[str, float]:
