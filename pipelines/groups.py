@@ -100,12 +100,12 @@ def group_catalog(catalogs: Sequence[ModelCatalog], shared: int) -> ModelCatalog
     codecs = []
     for entry in first.codecs:
         try:
-            entries = [c.codec(entry.codec) for c in catalogs]
+            per = [c.codec(entry.codec) for c in catalogs]
         except ModelError:
             continue
-        avail = [k <= shared and all(e.available_at(k) for e in entries) for k in range(n)] + [True]
-        nbytes = [entries[0].activation_bytes[k] if avail[k] else 0 for k in range(n)] + [0]
-        acc = [_acc(bases, [e.accuracy[k] for e in entries]) if avail[k] else 0.0 for k in range(n)]
+        avail = [k <= shared and all(e.available_at(k) for e in per) for k in range(n)] + [True]
+        nbytes = [per[0].activation_bytes[k] if avail[k] else 0 for k in range(n)] + [0]
+        acc = [_acc(bases, [e.accuracy[k] for e in per]) if avail[k] else 0.0 for k in range(n)]
         acc.append(_acc(bases, bases))
         codecs.append(CodecEntry(entry.codec, tuple(nbytes), tuple(acc), tuple(avail)))
 
