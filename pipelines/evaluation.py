@@ -106,7 +106,7 @@ def evaluate_model(
     result = compress_front(
         model,
         cut,
-        evaluate=lambda m: accuracy_of(m, xc, yc),
+        evaluate=guarded_accuracy(model, xc, yc),  # as the catalog's levels: bounds changed predictions too
         budget_points=cfg.accuracy_budget_points,
         levels=cfg.energy_kept,
     )

@@ -65,7 +65,9 @@ def test_sensor_node_is_a_ble_microcontroller() -> None:
     # the planner and the simulator know it (it is not in the default fleet yet)
     assert PlannerConfig().classes["sensor_node"].objective == "energy"
     assert SimulatorConfig().rtt_ms["ble"] > 0
-    assert "sensor_node" not in SimulatorConfig().device_classes
+    sim = SimulatorConfig()
+    assert "sensor_node" in sim.device_classes and sim.models["sensor_node"] == "fsdd_speaker+fsdd_digit"
+    assert sim.radio_cap_mbps["ble"] < 1.0
 
 
 def test_budgets_are_checked() -> None:

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from pipelines.compress import compress_front_at_level, quantize_front_int8, svd_conv
+from pipelines.compress import compress_front_uniform, quantize_front_int8, svd_conv
 from pipelines.profile import ModelProfile, layer_macs, profile_model, stage_macs
 from pipelines.stages import StagedModel
 from splitsense.errors import ModelError
@@ -104,7 +104,7 @@ def test_compressed_fronts_are_counted_correctly() -> None:
     low = svd_conv(first_layer(model, 1), 4)
     macs, _ = stage_macs(low, torch.zeros(1, 32, 32))
     assert macs == 4 * 16 * 32 * 3 + 32 * 16 * 4  # k-tap conv to rank 4, then 1x1 to 32
-    svd = profile_model(compress_front_at_level(model, 3, 0.5), repeats=1, warmup=0)
+    svd = profile_model(compress_front_uniform(model, 3, 0.5), repeats=1, warmup=0)
     assert svd.front_macs(3) < sum(TOY_MACS[:3])
     assert svd.tail_macs(3) == TOY_MACS[3]
     assert svd.front_params(3) < sum(TOY_PARAMS[:3]) + 64

@@ -14,6 +14,7 @@ from prometheus_client import CollectorRegistry, Histogram
 
 from cloud.controller.costmodel import CloudState
 from edge.sources import RecordedWindow
+from cloud.stack import load_catalogs
 from pipelines.catalog import ModelCatalog, load_catalog
 from pipelines.codecs import Codec
 from pipelines.compress import compress_front_at_level
@@ -106,19 +107,19 @@ def test_device_windows_rotate_the_recording_and_keep_its_timing() -> None:
 
 def test_shared_fronts_equal_compressing_each_cut() -> None:
     model = load_trained("uci_har").model.eval()
-    fronts = compressed_fronts(model, (1.0, 0.9))
-    assert set(fronts) == {(k, 0.9) for k in range(1, model.n_stages + 1)}
+    fronts = compressed_fronts(model, (1.0, 0.99))
+    assert set(fronts) == {(k, 0.99) for k in range(1, model.n_stages + 1)}
     x = torch.randn(2, *model.input_shape, generator=torch.Generator().manual_seed(0))
     k = 4
     with torch.inference_mode():
-        ours = fronts[(k, 0.9)](x)
-        theirs = compress_front_at_level(model, k, 0.9).eval()(x)
+        ours = fronts[(k, 0.99)](x)
+        theirs = compress_front_at_level(model, k, 0.99).eval()(x)
     torch.testing.assert_close(ours, theirs)
 
 
 def test_usable_levels_are_those_within_an_accuracy_budget() -> None:
     cfg = Config()
-    cats = {m: load_catalog(m) for m in set(cfg.simulator.models.values())}
+    cats = load_catalogs(tuple(cfg.serving.models))  # the models and their task groups
     levels = usable_levels(cfg, cats)
     for model, kept in levels.items():
         cat = cats[model]

@@ -12,8 +12,8 @@ from simulators.traces import Trace
 from splitsense.config import Config, SimulatorConfig
 from splitsense.errors import ConfigError
 
-WINDOWS = {"fsdd_digit": 300, "fsdd_speaker": 300, "uci_har": 950}
-PERIODS = {"fsdd_digit": 1.0, "fsdd_speaker": 1.0, "uci_har": 1.28}
+WINDOWS = {"fsdd_digit": 300, "fsdd_speaker": 300, "uci_har": 950, "fsdd_speaker+fsdd_digit": 300}
+PERIODS = {"fsdd_digit": 1.0, "fsdd_speaker": 1.0, "uci_har": 1.28, "fsdd_speaker+fsdd_digit": 1.0}
 
 
 def _traces(n: int) -> list[Trace]:
@@ -60,8 +60,9 @@ def test_assignment_is_seeded_round_robin_and_covers_the_traces() -> None:
     a = assign_devices(sim, traces, WINDOWS, PERIODS)
     b = assign_devices(sim, traces, WINDOWS, PERIODS)
     assert [s.to_dict() for s in a] == [s.to_dict() for s in b]
-    assert [s.device_class for s in a] == ["phone", "iot_board", "watch"] * 2 + ["phone"]
-    assert [s.model for s in a[:3]] == ["uci_har", "fsdd_speaker", "fsdd_digit"]
+    assert [s.device_class for s in a] == ["phone", "iot_board", "watch", "sensor_node"] + ["phone", "iot_board", "watch"]
+    assert [s.model for s in a[:4]] == ["uci_har", "fsdd_speaker", "fsdd_digit", "fsdd_speaker+fsdd_digit"]
+    assert max(a[3].trace.mbps) <= sim.radio_cap_mbps["ble"]  # BLE carries at most its cap
     assert {s.trace.name for s in a[:5]} == {t.name for t in traces}  # dealt round-robin
     assert len({s.device_id for s in a}) == 7
     for s in a:

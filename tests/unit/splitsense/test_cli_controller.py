@@ -56,7 +56,9 @@ def test_controller_plan_json_from_a_snapshot_prints_every_row_with_its_reason(s
     out = json.loads(result.stdout)
     assert out["source"] == "saved" and out["stored"] is False
     plans = out["plan_set"]["plans"]
-    assert len(plans) == len(MODEL_SPECS) * len(DEVICE_CLASSES)  # every model x every device class
+    # every model and the one task group (speaker + digit share an encoder) x every device class
+    assert len(plans) == (len(MODEL_SPECS) + 1) * len(DEVICE_CLASSES)
+    assert "fsdd_speaker+fsdd_digit" in {p["model"] for p in plans}
     assert {p["device_class"] for p in plans} == {"phone", "iot_board", "watch", "sensor_node"}
     assert all(r["reason"] for p in plans for r in p["rows"])
     phone = [r for p in plans if p["device_class"] == "phone" for r in p["rows"]]
