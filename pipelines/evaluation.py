@@ -364,11 +364,12 @@ def render_eval(out: dict[str, Any], console: Console) -> None:
         b = e.get("bottleneck")
         if b:
             shared = f", shared with {', '.join(b['shared_with'])}" if b["shared_with"] else ""
+            own, teacher = 100 * b["front_share_of_total"], 100 * (b["front_share_of_teacher"] or 0)
             console.print(
-                f"  bottleneck at cut {b['cut']} ({b['codec']}): {b['bytes']:.0f} B per window vs {b['input_bytes']} B of"
-                f" int8 input (x{b['bytes_vs_input']:.3f}), accuracy {b['accuracy']:.4f} (teacher"
-                f" {b['accuracy_teacher']}), front {b['front_macs'] / 1e6:.2f} M MACs = {100 * b['front_share_of_total']:.1f}%"
-                f" of the model, {100 * (b['front_share_of_teacher'] or 0):.1f}% of the teacher{shared}"
+                f"  bottleneck at cut {b['cut']} ({b['codec']}): {b['bytes']:.0f} B per window vs {b['input_bytes']} B"
+                f" of int8 input (x{b['bytes_vs_input']:.3f}), accuracy {b['accuracy']:.4f} (teacher"
+                f" {b['accuracy_teacher']}), front {b['front_macs'] / 1e6:.2f} M MACs = {own:.1f}%"
+                f" of the model, {teacher:.1f}% of the teacher{shared}"
             )
         if e.get("sc2"):
             t = Table(title=f"{name}: what to send (SC2 three-way: device MACs, bytes per window, accuracy)")

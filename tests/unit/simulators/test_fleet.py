@@ -13,8 +13,8 @@ import torch
 from prometheus_client import CollectorRegistry, Histogram
 
 from cloud.controller.costmodel import CloudState
-from edge.sources import RecordedWindow
 from cloud.stack import load_catalogs
+from edge.sources import RecordedWindow
 from pipelines.catalog import ModelCatalog, load_catalog
 from pipelines.codecs import Codec
 from pipelines.compress import compress_front_at_level

@@ -60,7 +60,11 @@ def test_assignment_is_seeded_round_robin_and_covers_the_traces() -> None:
     a = assign_devices(sim, traces, WINDOWS, PERIODS)
     b = assign_devices(sim, traces, WINDOWS, PERIODS)
     assert [s.to_dict() for s in a] == [s.to_dict() for s in b]
-    assert [s.device_class for s in a] == ["phone", "iot_board", "watch", "sensor_node"] + ["phone", "iot_board", "watch"]
+    assert [s.device_class for s in a] == ["phone", "iot_board", "watch", "sensor_node"] + [
+        "phone",
+        "iot_board",
+        "watch",
+    ]
     assert [s.model for s in a[:4]] == ["uci_har", "fsdd_speaker", "fsdd_digit", "fsdd_speaker+fsdd_digit"]
     assert max(a[3].trace.mbps) <= sim.radio_cap_mbps["ble"]  # BLE carries at most its cap
     assert {s.trace.name for s in a[:5]} == {t.name for t in traces}  # dealt round-robin
