@@ -233,6 +233,10 @@ def source_for_model(
     clock: Callable[[], float] = time.monotonic,
     sleep: Callable[[float], Awaitable[None]] = _asyncio_sleep,
 ) -> ReplaySource:
-    """The paced replay of the test recording `model` was evaluated on."""
-    spec = get_spec(model)
-    return ReplaySource(recorded_windows(spec, frame_ms=frame_ms), speed=speed, limit=limit, clock=clock, sleep=sleep)
+    """The paced replay of the test recording `model` was evaluated on (a task group "a+b": the first
+    member's recording, with every member's labels)."""
+    names = [m.strip() for m in model.split("+")]
+    spec = get_spec(names[0])
+    tasks = tuple(get_spec(n) for n in names[1:])
+    windows = recorded_windows(spec, frame_ms=frame_ms, tasks=tasks)
+    return ReplaySource(windows, speed=speed, limit=limit, clock=clock, sleep=sleep)

@@ -326,13 +326,17 @@ def bench_serve(
 @edge_app.command("run")
 @friendly
 def edge_run(
-    model: str = typer.Option(..., "--model", "-m", help="Model to run (its test recording is replayed)."),
+    model: str = typer.Option(
+        ..., "--model", "-m", help="Model to run, or tasks sharing an encoder ('fsdd_speaker+fsdd_digit')."
+    ),
     broker: str = typer.Option(None, help="Broker HOST:PORT (default: edge.broker_address)."),
     token: str = typer.Option(None, envvar="SPLITSENSE_TOKEN", help="This device's token (`cloud token`)."),
     device_id: str = typer.Option(None, help="Device id (default: edge.device_id)."),
-    device_class: str = typer.Option(None, help="phone, iot_board or watch: selects plan and power figures."),
+    device_class: str = typer.Option(
+        None, help="phone, iot_board, watch or sensor_node: selects plan, power and memory figures."
+    ),
     cut: int = typer.Option(None, help="Cut used until a plan arrives (default: smallest activation)."),
-    codec: str = typer.Option(None, help="fp32, fp16 or int8, used until a plan arrives."),
+    codec: str = typer.Option(None, help="fp32, fp16, int8 or ans (at a bottleneck), used until a plan arrives."),
     windows: int = typer.Option(None, help="Stop after this many windows (default: the whole recording)."),
     speed: float = typer.Option(None, help="Replay speed: 1 real time, 0 as fast as possible."),
     out: Path = typer.Option(None, help="Write one JSON line per window here."),
@@ -352,6 +356,7 @@ def edge_run(
     from edge.sources import recorded_windows, source_for_model
     from edge.transport import GrpcTransport
     from pipelines.codecs import parse_codec
+    from pipelines.groups import group_members
     from pipelines.models import get_spec
     from pipelines.training import load_trained
     from splitsense.errors import ConfigError
@@ -380,9 +385,21 @@ def edge_run(
             "a device needs its token to offload: --token T (or SPLITSENSE_TOKEN; mint one with "
             "`splitsense cloud token DEVICE_ID`), or run with --local-only"
         )
-    trained = load_trained(model, cfg.paths.weights_dir)
-    total = sum(1 for _ in recorded_windows(get_spec(model), frame_ms=ecfg.audio_frame_ms))
+    members = group_members(model)
+    trained = load_trained(members[0], cfg.paths.weights_dir)
+    tasks = tuple(load_trained(m, cfg.paths.weights_dir) for m in members[1:])
+    total = sum(1 for _ in recorded_windows(get_spec(members[0]), frame_ms=ecfg.audio_frame_ms))
     total = min(total, windows) if windows is not None else total
+    fallback: dict[str, Any] = {}
+    if device_class is not None and not local_only:  # a class that cannot hold the whole model stores and forwards
+        from pipelines.catalog import load_catalog
+        from pipelines.devices import DEVICE_CLASSES, front_fits
+
+        dev = DEVICE_CLASSES.get(device_class)
+        cat = load_catalog(members[0], cfg.paths.weights_dir)
+        if dev is not None and front_fits(dev, cat, cat.n_stages) is not None:
+            fitting = [k for k in range(cat.n_stages) if front_fits(dev, cat, k) is None]
+            fallback = {"local_fallback": False, "max_cut": max(fitting)}
 
     async def go() -> Any:
         transport = None
@@ -391,40 +408,47 @@ def edge_run(
                 ecfg.broker_address, ecfg.token, device_id=ecfg.device_id,
                 use_stream=ecfg.use_stream, max_message_bytes=ecfg.max_message_bytes,
             )  # fmt: skip
-        device = EdgeDevice(ecfg, trained, transport, low_battery_threshold=cfg.planner.low_battery_threshold)
+        device = EdgeDevice(
+            ecfg, trained, transport, low_battery_threshold=cfg.planner.low_battery_threshold, tasks=tasks, **fallback
+        )
         source = source_for_model(model, speed=ecfg.replay_speed, limit=windows, frame_ms=ecfg.audio_frame_ms)
         sink = JsonlSink(out) if out is not None else None
-        counts = {"offloaded": 0, "local": 0, "fallback": 0}
+        counts = dict.fromkeys(("offloaded", "local", "fallback", "deferred"), 0)
+        task_right: dict[str, list[bool]] = {t.spec.name: [] for t in tasks}
         columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn())
         with Progress(*columns, TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=err) as bar:
             task = bar.add_task(f"{ecfg.device_id} {model}", total=total, info="")
 
             def progress(r: WindowResult) -> None:
                 counts[r.mode.value] += 1
+                for name, label, pred in r.tasks:
+                    task_right[name].append(label == pred)
                 info = " ".join(f"{k} {v}" for k, v in counts.items()) + f" | breaker {device.breaker.state}"
                 bar.update(task, advance=1, info=info)
 
             try:
-                return await device.run(source, sink, progress)
+                return await device.run(source, sink, progress), task_right
             finally:
                 if sink is not None:
                     sink.close()
                 if transport is not None:
                     await transport.close()
 
-    summary = asyncio.run(go())
+    summary, task_right = asyncio.run(go())
+    task_accuracy = {m: (sum(v) / len(v) if v else None) for m, v in task_right.items()}
     if as_json:
-        emit_json(summary.to_dict())
+        emit_json({**summary.to_dict(), "task_accuracy": task_accuracy})
         return
     table = Table(title=f"edge run: {model} on {ecfg.device_class} {ecfg.device_id}")
     table.add_column("metric")
     table.add_column("value", justify="right")
-    modes = " / ".join(str(summary.by_mode[m]) for m in ("offloaded", "local", "fallback"))
+    modes = " / ".join(str(summary.by_mode.get(m, 0)) for m in ("offloaded", "local", "fallback", "deferred"))
     rows = [
         ("windows", str(summary.windows)),
-        ("offloaded / local / fallback", modes),
+        ("offloaded / local / fallback / deferred", modes),
         ("lost", str(summary.lost)),
-        ("accuracy", f"{summary.accuracy:.4f}"),
+        (f"accuracy ({members[0]})", f"{summary.accuracy:.4f}"),
+        *((f"accuracy ({m})", "-" if a is None else f"{a:.4f}") for m, a in task_accuracy.items()),
         ("latency p50 / p95", f"{summary.latency_p50_ms:.1f} / {summary.latency_p95_ms:.1f} ms"),
         ("bytes sent", f"{summary.bytes_sent:,}"),
         ("energy", f"{summary.energy_mj / 1000:.2f} J"),
