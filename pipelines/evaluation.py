@@ -292,14 +292,16 @@ def split_comparison(
 
 def plot_sc2(out: dict[str, Any], path: Any) -> None:
     """The SC2-style picture: bytes per window (log) against accuracy, one panel per model, marker
-    area by device MACs."""
+    area by the device MACs a choice costs (square root, relative to the most expensive row)."""
+    import math
+
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     names = [m for m in out if out[m].get("sc2")]
-    fig, axes = plt.subplots(1, len(names), figsize=(5.2 * len(names), 4.2), squeeze=False)
+    fig, axes = plt.subplots(1, len(names), figsize=(5.6 * len(names), 4.4), squeeze=False)
     styles = {
         "input": ("s", "tab:gray"),
         "plain cut (teacher)": ("v", "tab:red"),
@@ -307,28 +309,42 @@ def plot_sc2(out: dict[str, Any], path: Any) -> None:
         "bottleneck": ("*", "tab:green"),
     }
     for ax, name in zip(axes[0], names, strict=True):
+        rows = [r for r in out[name]["sc2"] if r["bytes"] > 0]
+        top = max(r["device_macs"] for r in out[name]["sc2"]) or 1
         for kind, (marker, color) in styles.items():
-            rows = [r for r in out[name]["sc2"] if r["kind"] == kind and r["bytes"] > 0]
-            if not rows:
+            mine = [r for r in rows if r["kind"] == kind]
+            if not mine:
                 continue
             ax.scatter(
-                [r["bytes"] for r in rows],
-                [100 * r["accuracy"] for r in rows],
+                [r["bytes"] for r in mine],
+                [100 * r["accuracy"] for r in mine],
                 marker=marker,
                 c=color,
-                s=[30 + 300 * (r["device_macs"] / max(1, out[name]["total_macs"])) for r in rows],
+                s=[40 + 400 * math.sqrt(r["device_macs"] / top) for r in mine],
                 label=kind,
-                alpha=0.8,
+                alpha=0.75,
                 edgecolors="k",
-                linewidths=0.4,
+                linewidths=0.5,
             )
+        for r in rows:
+            ax.annotate(
+                f"{r['device_macs'] / 1e6:.1f}M",
+                (r["bytes"], 100 * r["accuracy"]),
+                textcoords="offset points",
+                xytext=(6, 6),
+                fontsize=7,
+            )
+        accs = [100 * r["accuracy"] for r in rows]
+        ax.set_ylim(min(accs) - 1.0, max(accs) + 1.0)
         ax.set_xscale("log")
         ax.set_xlabel("bytes per window on the wire (log)")
         ax.set_ylabel("test accuracy (%)")
         ax.set_title(name)
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=7, loc="lower right")
-    fig.suptitle("What to send: input vs naive cuts vs learned bottleneck (marker area: device MACs)")
+    fig.suptitle(
+        "What a device sends: its input, a naive cut of the teacher, or the learned bottleneck (label: device MACs)"
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
