@@ -733,6 +733,32 @@ class EdgeDevice:
             fp32 = _Choice(choice.cut, Codec.FP32, choice.level, choice.plan_version, why)
             return encode(act, Codec.FP32), fp32
 
+    async def _compact(
+        self, act: Any, choice: _Choice, encoded: EncodedTensor, stage_ms: list[float]
+    ) -> tuple[EncodedTensor, _Choice, float] | None:
+        """The window as the model's bottleneck code (ans) when this device can compute it from
+        `act` (the bottleneck is at or after the choice's cut, within max_cut) and it is smaller than
+        `encoded`: what a node keeps while it cannot reach the cloud (a 16 KB fp32 input would fill
+        its store in two windows; the code is a few hundred bytes). (encoded, choice, device ms of
+        the extra stages), or None to keep the window as chosen."""
+        b = next((k for k in range(choice.cut, self.max_cut + 1) if self.model.symbol_prior(k) is not None), None)
+        if b is None or (b == choice.cut and choice.codec is Codec.ANS):
+            return None
+        times: list[float] = []
+        t0 = self._clock()
+        with torch.inference_mode():
+            code = self._run_stages(self._front_model(b, choice.level), act, choice.cut, b, times, choice.level)
+        try:
+            small = encode(code, Codec.ANS, self.model.symbol_prior(b))
+        except CodecError:
+            return None
+        if small.nbytes >= encoded.nbytes:
+            return None
+        await self._simulated_hardware(t0, sum(times))
+        stage_ms.extend(times)
+        why = f"{choice.why}; stored as the bottleneck's code (cut {b}, ans, {small.nbytes} B vs {encoded.nbytes} B)"
+        return small, _Choice(b, Codec.ANS, choice.level, choice.plan_version, why), sum(times)
+
     def _radio_mj(self, attempt: _Attempt, nbytes: int) -> float:
         """Radio energy of one send (answered or not), at the device's bandwidth estimate."""
         down = len(attempt.response.logits) * _BYTES_PER_LOGIT if attempt.response else 0
@@ -806,6 +832,13 @@ class EdgeDevice:
         else:
             snap = self.breaker.snapshot(now)
             why = f"circuit breaker {snap.state.value}: {snap.reason}"
+        compact = await self._compact(act, choice, encoded, stage_ms)
+        if compact is not None:  # kept as the bottleneck's code: the store holds ~10x more windows
+            encoded, choice, extra_ms = compact
+            front_ms += extra_ms
+            more = compute_energy_mj(self.config.active_mw, extra_ms / 1000.0)
+            self.battery.drain(more)
+            energy += more
         held = _Held(window, choice, encoded, t_ready, front_ms, tuple(stage_ms), energy, bytes_sent, why, future)
         held.attempts = 1 if bytes_sent else 0
         admission = self.store.put(held, encoded.nbytes, self._clock())

@@ -132,3 +132,41 @@ def test_a_model_with_another_front_cannot_be_a_task() -> None:
         EdgeDevice(cfg, model(MAIN), TaskTransport(), tasks=(load_trained("uci_har"),))
     with pytest.raises(ConfigError, match="edge.model"):
         EdgeDevice(EdgeConfig(model=MAIN), model(MAIN), TaskTransport(), tasks=(model(TASK),))
+
+
+class FlakyTransport(TaskTransport):
+    """Down for the first `down_for` calls, then up."""
+
+    def __init__(self, down_for: int) -> None:
+        super().__init__()
+        self.down_for = down_for
+
+    async def offload(self, request: OffloadRequest, timeout_s: float) -> OffloadResponse:
+        self.down = len(self.requests) < self.down_for
+        return await super().offload(request, timeout_s)
+
+
+async def test_a_node_without_the_whole_model_stores_the_code_not_the_input_and_loses_nothing() -> None:
+    ws = windows(10)
+    transport = FlakyTransport(down_for=4)
+    cfg = EdgeConfig(
+        model=GROUP,
+        replay_speed=0,
+        default_cut=0,  # the plan says: upload the fp32 input (16 KB a window)
+        default_codec="fp32",
+        breaker=BreakerConfig(failure_threshold=1, backoff_base_s=0.05, backoff_max_s=0.1, backoff_jitter=0.0),
+    )
+    node = EdgeDevice(
+        cfg, model(MAIN), transport, tasks=(model(TASK),), local_fallback=False, max_cut=2, store_capacity_bytes=8192
+    )
+    sink = MemorySink()
+    summary = await node.run(source(ws), sink)
+    assert summary.lost == 0 and summary.pending == 0 and len(sink.results) == 10
+    deferred = [r for r in sink.results if r.mode.value == "deferred"]
+    assert deferred, "the outage must have stored some windows"
+    # 8 KiB holds no 16 KB fp32 input: every stored window was kept (and forwarded) as its ~370 B code
+    assert all(r.cut == 1 and r.codec == "ans" for r in deferred)
+    local = local_predictions(ws)
+    by_id = {r.window_id: r for r in sink.results}
+    assert [by_id[w.window_id].prediction for w in ws] == local[MAIN]
+    assert [by_id[w.window_id].tasks[0][2] for w in ws] == local[TASK]
