@@ -63,6 +63,8 @@ __all__ = [
     "validate_plan_set",
 ]
 
+_CLOSE_TIMEOUT_S = 2.0  # bound on closing a pub/sub connection when a watch ends
+
 log = logging.getLogger(__name__)
 
 KEY_PREFIX = "splitsense:plans"
@@ -427,8 +429,10 @@ class PlanStore:
                 log.error("ignoring an unreadable plan set while watching: %s", e)
                 await asyncio.sleep(poll_s)
             finally:
-                with contextlib.suppress(RedisError, OSError):
-                    await pubsub.aclose()
+                # Bounded: redis-py's pubsub close can wait forever on a connection whose read was
+                # cancelled mid-message (a watch stopped while a message was arriving).
+                with contextlib.suppress(RedisError, OSError, TimeoutError):
+                    await asyncio.wait_for(pubsub.aclose(), _CLOSE_TIMEOUT_S)
 
 
 # ---------------------------------------------------------------------------------------------

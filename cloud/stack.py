@@ -179,12 +179,14 @@ class PlanSubscriber:
         except PlanError as e:
             log.error("plan subscriber: refused plan set v%d: %s", plan_set.version, e)
 
-    async def stop(self) -> None:
+    async def stop(self, timeout_s: float = 5.0) -> None:
         task, self._task = self._task, None
         if task is not None:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await task
+                done, _ = await asyncio.wait({task}, timeout=timeout_s)
+                if not done:
+                    log.warning("plan subscriber did not stop within %.0f s; leaving it behind", timeout_s)
 
 
 # ---------------------------------------------------------------------------------------------
