@@ -42,7 +42,8 @@ __all__ = [
 
 SCENARIOS: dict[str, dict[str, Any]] = {
     "smoke": {
-        "simulator": {"devices": 3, "duration_s": 6.0, "outages": [[2.0, 4.0]]},
+        # one device of each class (the sensor node included: it stores and forwards in the outage)
+        "simulator": {"devices": 4, "duration_s": 6.0, "outages": [[2.0, 4.0]]},
         "controller": {"period_s": 2.0},
     },
     "demo": {

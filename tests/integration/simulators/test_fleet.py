@@ -21,8 +21,9 @@ from simulators.report import CLASS_KEYS, PLOTS
 
 pytestmark = pytest.mark.integration
 
-POLICIES = ("adaptive", "all_local", "all_cloud", "fixed_cut", "oracle")
-CLASSES = ("phone", "iot_board", "watch")
+POLICIES = ("adaptive", "all_local", "all_cloud", "cloud_input", "fixed_cut", "oracle")
+CLASSES = ("phone", "iot_board", "watch", "sensor_node")
+NODE = "sensor_node"  # holds only the shared encoder: no local model, stores and forwards offline
 
 
 @pytest.fixture(scope="module")
@@ -49,10 +50,15 @@ def test_summary_schema_and_no_lost_window(run: dict[str, Any]) -> None:
     assert tuple(s["policies"]) == POLICIES
     for policy, classes in s["policies"].items():
         assert tuple(classes) == CLASSES, policy
-        for stats in classes.values():
-            assert tuple(stats) == CLASS_KEYS
+        for cls, stats in classes.items():
+            if policy == "all_local" and cls == NODE:  # the whole model does not fit the node
+                assert stats["infeasible"] is True and "flash budget of sensor_node" in stats["reason"]
+                continue
+            assert tuple(k for k in stats if k != "task_accuracy") == CLASS_KEYS
             assert stats["lost"] == 0 and stats["windows"] > 0, policy
-    assert s["config"]["devices"] == 3 and s["config"]["outages"] == [[2.0, 4.0]]
+    node = s["policies"]["adaptive"][NODE]
+    assert node["split_ratio"] > 0.5 and node["task_accuracy"]["fsdd_digit"] > 0.9  # one code, two tasks
+    assert s["config"]["devices"] == 4 and s["config"]["outages"] == [[2.0, 4.0]]
     assert 0.8 < s["realtime_factor"] <= 1.0
     assert run["report"]["comparison"]["zero_lost_windows"] is True
     for policy in POLICIES:  # one progress line per policy on stderr (not a terminal)
@@ -60,9 +66,12 @@ def test_summary_schema_and_no_lost_window(run: dict[str, Any]) -> None:
 
 
 def test_same_inputs_under_every_policy(run: dict[str, Any]) -> None:
-    keys = {p: sorted((w["device_id"], w["index"]) for w in _of(run, p)) for p in POLICIES}
+    def ran_everywhere(p: str) -> list[dict[str, Any]]:  # all_local has no windows on the node
+        return [w for w in _of(run, p) if w["device_class"] != NODE]
+
+    keys = {p: sorted((w["device_id"], w["index"]) for w in ran_everywhere(p)) for p in POLICIES}
     assert len({tuple(k) for k in keys.values()}) == 1  # the same windows of the same devices
-    truth = {p: sorted((w["device_id"], w["index"], w["correct"]) for w in _of(run, p)) for p in POLICIES}
+    truth = {p: sorted((w["device_id"], w["index"], w["correct"]) for w in ran_everywhere(p)) for p in POLICIES}
     assert truth["all_cloud"] == truth["all_local"]  # fp32 offload: the local model's predictions
 
 
@@ -71,12 +80,15 @@ def test_the_policies_do_what_they_say(run: dict[str, Any]) -> None:
         w["mode"] == "local" and w["cut"] == w["n_stages"] and w["bytes_sent"] == 0 for w in _of(run, "all_local")
     )
     cloud = _of(run, "all_cloud")
-    assert all(w["cut"] == 0 for w in cloud) and any(w["mode"] == "offloaded" for w in cloud)
-    # windows that found every link down (2-4 s) were finished on the device, none lost
+    # the node stores what it cannot send as the bottleneck's code (cut 1), forwarded later
+    assert all(w["cut"] == 0 or w["mode"] == "deferred" for w in cloud)
+    assert any(w["mode"] == "offloaded" for w in cloud)
+    # windows that found every link down (2-4 s) were finished on the device or stored, none lost
     in_outage = [w for w in cloud if 2.0 <= w["t_s"] < 3.6 and w["true_mbps"] == 0.0]
-    assert in_outage and all(w["mode"] in ("fallback", "local") for w in in_outage)
+    assert in_outage and all(w["mode"] in ("fallback", "local", "deferred") for w in in_outage)
+    assert any(w["mode"] == "deferred" and w["device_class"] == NODE for w in in_outage)
     for w in _of(run, "oracle"):  # the oracle knows when nothing gets through
-        if w["true_mbps"] == 0.0:
+        if w["true_mbps"] == 0.0 and w["device_class"] != NODE:
             assert w["cut"] == w["n_stages"]
     for device in {w["device_id"] for w in _of(run, "fixed_cut")}:  # one cut for the whole run
         assert len({w["cut"] for w in _of(run, "fixed_cut") if w["device_id"] == device}) == 1
