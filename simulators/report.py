@@ -885,7 +885,7 @@ def render_summary(result: FleetResult, console: Any, report_dir: Path | None = 
         acc = c.get("accuracy")
         if acc is not None:
             parts.append(
-                f"accuracy -{acc['paired_points_below_local']:.2f} pts vs local on {acc['paired_windows']} same"
+                f"accuracy {-acc['paired_points_below_local']:+.2f} pts vs local on {acc['paired_windows']} same"
                 f" windows (budget {ACCURACY_POINTS:g} + noise {acc['noise_points_95']:.2f}:"
                 f" {'ok' if acc['met'] else 'NOT MET'})"
             )
