@@ -103,7 +103,8 @@ CODE_MAX_SYMBOL = 15  # symbols in -15..15
 
 def build_audio_encoder() -> Encoder:
     # 1x40x101 -(3x3 stride 2)-> 16x20x51 -(pool)-> 16x10x25 -(3x3)-> 8x10x25: 0.15 M + 0.29 M MACs, 1.3 k
-    # parameters, a 81 KiB fp32 peak: small enough for a Cortex-M4 sensor node (pipelines/devices.py).
+    # parameters, a 127.5 KiB fp32 peak layer by layer: small enough for a Cortex-M4 sensor node
+    # (pipelines/devices.py).
     body = nn.Sequential(
         nn.Conv2d(1, 16, 3, stride=2, padding=1, bias=False),
         nn.BatchNorm2d(16),
