@@ -65,6 +65,7 @@ __all__ = [
     "MemoryBudget",
     "device_class",
     "format_bytes",
+    "edge_fallback",
     "front_fits",
     "front_memory",
     "stretch",
@@ -344,6 +345,16 @@ def front_fits(device: MemoryBudget, catalog: ModelCatalog, cut: int, level: flo
             f"{what} needs {format_bytes(ram_need)} of RAM ({parts}) > {format_bytes(ram)} RAM budget of {device.name}"
         )
     return None
+
+
+def edge_fallback(device: MemoryBudget, catalog: ModelCatalog) -> dict[str, object]:
+    """How an EdgeDevice of this class runs `catalog`'s model: {} when the whole model fits (local
+    fallback), else {"local_fallback": False, "max_cut": the deepest cut whose front fits} (it
+    stores and forwards instead). Cut 0 always fits."""
+    n = catalog.n_stages
+    if front_fits(device, catalog, n) is None:
+        return {}
+    return {"local_fallback": False, "max_cut": max(k for k in range(n) if front_fits(device, catalog, k) is None)}
 
 
 def _storage_word(device: MemoryBudget) -> str:

@@ -156,6 +156,22 @@ def _input_int8_bytes(shape: tuple[int, ...]) -> int:
     return codecs.encoded_nbytes((1, *shape), codecs.Codec.INT8)
 
 
+def _int8_cut_row(
+    kind: str, label: str, model: StagedModel, prof: Any, k: int, x: torch.Tensor, y: torch.Tensor
+) -> dict[str, Any]:
+    """One SC2 row: the activation at plain cut k sent as int8."""
+    return {
+        "kind": kind,
+        "model": label,
+        "cut": k,
+        "name": model.cut_name(k),
+        "codec": "int8",
+        "device_macs": prof.front_macs(k),
+        "bytes": codecs.encoded_nbytes((1, *model.activation_shape(k)), codecs.Codec.INT8),
+        "accuracy": round(accuracy_with_codec(model, x, y, k, codecs.Codec.INT8), 4),
+    }
+
+
 def split_comparison(
     tm: TrainedModel, x: torch.Tensor, y: torch.Tensor, prof: Any, acc: float, repeats: int = 5
 ) -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:
@@ -198,18 +214,7 @@ def split_comparison(
         tprof = profile_model(tmod, repeats=repeats)
         t_acc = accuracy_of(tmod, x, y)
         for k in range(1, teacher.model.n_stages):
-            rows.append(
-                {
-                    "kind": "plain cut (teacher)",
-                    "model": "teacher",
-                    "cut": k,
-                    "name": tmod.cut_name(k),
-                    "codec": "int8",
-                    "device_macs": tprof.front_macs(k),
-                    "bytes": codecs.encoded_nbytes((1, *tmod.activation_shape(k)), codecs.Codec.INT8),
-                    "accuracy": round(accuracy_with_codec(tmod, x, y, k, codecs.Codec.INT8), 4),
-                }
-            )
+            rows.append(_int8_cut_row("plain cut (teacher)", "teacher", tmod, tprof, k, x, y))
         rows.append(
             {
                 "kind": "local (teacher)",
@@ -225,18 +230,7 @@ def split_comparison(
     for k in range(1, n):
         prior = model.symbol_prior(k)
         if prior is None:
-            rows.append(
-                {
-                    "kind": "plain cut",
-                    "model": "split-aware",
-                    "cut": k,
-                    "name": model.cut_name(k),
-                    "codec": "int8",
-                    "device_macs": prof.front_macs(k),
-                    "bytes": codecs.encoded_nbytes((1, *model.activation_shape(k)), codecs.Codec.INT8),
-                    "accuracy": round(accuracy_with_codec(model, x, y, k, codecs.Codec.INT8), 4),
-                }
-            )
+            rows.append(_int8_cut_row("plain cut", "split-aware", model, prof, k, x, y))
             continue
         nbytes = mean_coded_bytes(model, x, k, codecs.Codec.ANS)
         b_acc = accuracy_with_codec(model, x, y, k, codecs.Codec.ANS)

@@ -62,7 +62,7 @@ from edge.sources import RecordedWindow, ReplaySource, SensorWindow, recorded_wi
 from edge.transport import GrpcTransport
 from pipelines.catalog import ModelCatalog
 from pipelines.compress import compress_front_at_level
-from pipelines.devices import DEVICE_CLASSES, DeviceClass, front_fits
+from pipelines.devices import DEVICE_CLASSES, DeviceClass, edge_fallback, front_fits
 from pipelines.features import log_mel_ops
 from pipelines.groups import group_members
 from pipelines.models import get_spec
@@ -877,7 +877,7 @@ class FleetRunner:
                 tasks=self.tasks[spec.model],
                 # A class that cannot hold the whole model keeps no local fallback: what it cannot
                 # offload now it stores and forwards (edge/store.py), at most its deepest fitting cut.
-                **self._fallback(dev, spec.model),
+                **edge_fallback(dev, self.catalogs[spec.model]),  # type: ignore[arg-type]
             )
             ledger.device = device
             windows = device_windows(self.recordings[spec.model], spec.recording_offset, sim.duration_s, spec.phase_s)
@@ -891,14 +891,6 @@ class FleetRunner:
                     await transport.close()
             if link is not None:
                 await link.close()
-
-    def _fallback(self, dev: DeviceClass, model: str) -> dict[str, Any]:
-        catalog = self.catalogs[model]
-        n = catalog.n_stages
-        if front_fits(dev, catalog, n) is None:
-            return {}
-        fitting = [k for k in range(n) if front_fits(dev, catalog, k) is None]
-        return {"local_fallback": False, "max_cut": max(fitting)}
 
     def _chooser(
         self, policy: Policy, spec: DeviceSpec, schedule: ShapingSchedule, zero: float, start_s: float

@@ -393,13 +393,11 @@ def edge_run(
     fallback: dict[str, Any] = {}
     if device_class is not None and not local_only:  # a class that cannot hold the whole model stores and forwards
         from pipelines.catalog import load_catalog
-        from pipelines.devices import DEVICE_CLASSES, front_fits
+        from pipelines.devices import DEVICE_CLASSES, edge_fallback
 
         dev = DEVICE_CLASSES.get(device_class)
-        cat = load_catalog(members[0], cfg.paths.weights_dir)
-        if dev is not None and front_fits(dev, cat, cat.n_stages) is not None:
-            fitting = [k for k in range(cat.n_stages) if front_fits(dev, cat, k) is None]
-            fallback = {"local_fallback": False, "max_cut": max(fitting)}
+        if dev is not None:
+            fallback = edge_fallback(dev, load_catalog(members[0], cfg.paths.weights_dir))
 
     async def go() -> Any:
         transport = None
