@@ -16,6 +16,13 @@ which lost the cloud together do not all probe it together when it returns. The 
 stays local after the cloud is back is therefore `backoff_max_s * (1 + backoff_jitter)`
 (`backoff_bound_s()`), plus one window.
 
+Evidence, not only a count. The platform's link signal (association or bearer lost: edge/hardware.py)
+opens the breaker at once (`record_link_down`), with no probe until the link is back; the link's
+return (`record_link_up`) lets the next window probe at once instead of after the back-off. A
+window whose answer is late relative to the link estimate (FailureKind.LATE, hedged: its local
+tail answered first) counts as a failure, so a dead path opens the breaker after a few windows that
+each cost a hedge delay, not a deadline.
+
 A shed (RESOURCE_EXHAUSTED) is not a link failure: the broker answered, it is just full. It never
 trips the breaker (it even counts as proof that the link works, so it resets the run of failures
 and closes a half-open breaker), but the device honours its retry-after hint: no offload until the
@@ -56,6 +63,7 @@ class FailureKind(StrEnum):
     REJECTED = "rejected"  # the broker refused the request (auth, invalid argument)
     SHED = "shed"  # the broker shed the request (RESOURCE_EXHAUSTED): not a link failure
     ERROR = "error"  # anything else the transport raised
+    LATE = "late"  # no answer yet, much later than the link estimate says it should be (hedged)
 
 
 @dataclass(frozen=True)
@@ -81,6 +89,7 @@ class CircuitBreaker:
         self._open_until = -math.inf
         self._hold_until = -math.inf
         self._hold_reason = ""
+        self._link_down = False
 
     @property
     def state(self) -> BreakerState:
@@ -167,6 +176,24 @@ class CircuitBreaker:
         self._level = level
         self._open_until = now + backoff
         self._reason = f"{reason}; fully local for {backoff:.2f} s (back-off level {level})"
+
+    def record_link_down(self, now: float, detail: str = "") -> None:
+        """The platform says the link is gone: fully local (or storing) until it is back."""
+        what = f"link down ({detail})" if detail else "link down"
+        self._state = BreakerState.OPEN
+        self._level = max(self._level, 1)
+        self._open_until = math.inf
+        self._link_down = True
+        self._reason = f"{what}: no offload until the platform reports the link back"
+
+    def record_link_up(self, now: float) -> None:
+        """The link is back: the next window may probe at once."""
+        if not self._link_down:
+            return
+        self._link_down = False
+        if self._state is BreakerState.OPEN:
+            self._open_until = now
+            self._reason = "link back: the next window probes the cloud"
 
     def _shed(self, now: float, retry_after_s: float, what: str) -> None:
         c = self.config

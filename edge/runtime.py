@@ -56,7 +56,10 @@ import torch
 
 from edge.breaker import BreakerState, CircuitBreaker, FailureKind
 from edge.estimator import LinkEstimator
+from edge.hardware import Hardware
 from edge.metrics import EdgeMetrics
+from edge.radio import RadioState, RadioTransfer, TrafficKind
+from edge.route import FallbackKind, Route, RouteDecision, RouteInputs, decide_route, hedge_after_s
 from edge.sink import ResultSink, WindowResult
 from edge.sources import SensorWindow
 from edge.store import DEFAULT_CAPACITY_BYTES, DEFAULT_MAX_AGE_S, ForwardStore, Stored
@@ -64,9 +67,10 @@ from edge.transport import OffloadTransport
 from pipelines.codecs import encode
 from pipelines.compress import compress_front_at_level
 from pipelines.groups import GROUP_SEPARATOR, shared_cut
-from pipelines.power import RadioEnergyMeter, compute_energy_mj, promotion_delay_s, radio_model
+from pipelines.power import compute_energy_mj, radio_model
 from pipelines.stages import StagedModel
 from pipelines.training import TrainedModel
+from splitsense import wire
 from splitsense.config import EdgeConfig, PlannerConfig
 from splitsense.errors import (
     BrokerUnavailableError,
@@ -89,7 +93,10 @@ log = logging.getLogger(__name__)
 # for it: a well-behaved transport raises at the deadline; this only bounds a broken one.
 _TRANSPORT_GRACE_S = 0.05
 _TELEMETRY_TIMEOUT_S = 2.0
+_TELEMETRY_ANSWER_BYTES = 8  # ReportTelemetryResponse: the newest plan version
 _BYTES_PER_LOGIT = 4  # float32 on the wire
+_SERVER_EWMA_ALPHA = 0.2  # the cloud's queue + compute per window, smoothed for the hedge's expectation
+_REQUEST_OVERHEAD_BYTES = 160  # an OffloadRequest's fields besides the activation (ids, estimates)
 
 
 class Battery:
@@ -183,6 +190,18 @@ class _Attempt:
     detail: str
     sent_at: float
     elapsed_s: float
+    transfer: RadioTransfer | None = None  # what the call cost the radio
+
+    @property
+    def radio_mj(self) -> float:
+        return self.transfer.energy_mj if self.transfer is not None else 0.0
+
+
+class _Call:
+    """Filled in by `_offload` as it goes: the radio transfer of a call that may be cancelled (a
+    hedged window's offload, cancelled when its local tail answered first)."""
+
+    transfer: RadioTransfer | None = None
 
 
 class WindowUnansweredError(OffloadError):
@@ -222,6 +241,8 @@ class _Held:
     why: str  # why it was stored
     future: asyncio.Future[WindowResult]
     attempts: int = 0  # sends that carried it (the live one included)
+    radio_mj: float = 0.0  # radio energy of every attempt that carried it (in energy_mj too)
+    estimate_mbps: float | None = None  # the bandwidth estimate when its row was chosen
 
 
 def _answered_tasks(window: SensorWindow, response: OffloadResponse) -> tuple[tuple[str, int, int], ...]:
@@ -259,9 +280,7 @@ class EdgeDevice:
         rng: random.Random | None = None,
         metrics: EdgeMetrics | None = None,
         low_battery_threshold: float | None = None,
-        speed_factor: float = 1.0,
-        compute_clock: Callable[[], float] = time.perf_counter,
-        device_time_ms: Callable[[int, float, float], float] | None = None,
+        hardware: Hardware | None = None,
         choose: Callable[[], ForcedChoice | None] | None = None,
         front_cache: dict[tuple[int, float], StagedModel] | None = None,
         local_fallback: bool = True,
@@ -275,13 +294,11 @@ class EdgeDevice:
         seconds) stamps what goes on the wire. `low_battery_threshold` must be the planner's
         (`Config.planner.low_battery_threshold`, the default).
 
-        Hooks for simulated hardware (simulators/fleet.py; the defaults change nothing):
-        `speed_factor` stretches every on-device compute time, measured on `compute_clock`, to the
-        simulated device's (device s = host s x speed_factor), and the window waits out the
-        difference on `clock`, so its latency and energy are the device's; `device_time_ms(stage,
-        level, host_ms)` replaces that stretch (stage -1 is preprocessing; level the compression of
-        the stage, 1.0 uncompressed); `choose` may impose a window's choice (None from it: the plan
-        decides); `front_cache` shares compressed fronts between devices running the same model.
+        `hardware` is the platform (edge/hardware.py): a real device's by default; the simulator's
+        `SimulatedHardware` stretches compute to the simulated device's speed, makes calls wait the
+        promotion the device's radio state says is due, and raises the emulated radio's link
+        signals. `choose` may impose a window's choice (the simulators' policies; None from it: the
+        plan decides); `front_cache` shares compressed fronts between devices running the same model.
 
         `local_fallback=False` says the whole model does not fit this device: only the front up
         to `max_cut` does (default N - 1; `pipelines.devices.front_fits` says which cuts fit a
@@ -298,8 +315,6 @@ class EdgeDevice:
         shared front runs once per window, one upload of its activation serves every task (the
         request's extra_models), and a window finished here runs every task's own tail. The
         config's model is then the group's name ("fsdd_speaker+fsdd_digit"), which names its plan."""
-        if not (math.isfinite(speed_factor) and speed_factor > 0):
-            raise ConfigError(f"speed_factor must be > 0, got {speed_factor!r}")
         self.tasks = tuple(tasks)
         names = (trained.spec.name, *(t.spec.name for t in self.tasks))
         if GROUP_SEPARATOR.join(names) != config.model:
@@ -321,24 +336,28 @@ class EdgeDevice:
             PlannerConfig().low_battery_threshold if low_battery_threshold is None else low_battery_threshold
         )
         self.breaker = CircuitBreaker(config.breaker, self._rng)
-        self._probes: set[asyncio.Task[None]] = set()  # half-open probes in flight (see _start_probe)
-        self.estimator = LinkEstimator(config.estimator, clock)
+        self._probes: set[asyncio.Task[Any]] = set()  # half-open probes in flight (see _start_probe)
+        self.hardware = hardware or Hardware()
+        hint = self.hardware.hint_mbps()
+        # The one model of this device's radio: the estimator, the energy of every transfer and
+        # (simulated) the promotion a call waits all read it.
+        self.radio = RadioState(radio_model(config.radio), clock, hint_mbps=hint)
+        self.estimator = LinkEstimator(config.estimator, clock, hint_mbps=hint)
+        self._server_s: float | None = None  # smoothed cloud queue + compute per window
         self.metrics = metrics or EdgeMetrics(config.model, config.device_class)
         self.battery = Battery(config.battery_mwh, config.battery_initial_fraction, config.on_battery)
-        self.radio = RadioEnergyMeter(radio_model(config.radio))
         self._default = self._default_choice()
         self._plan_set: PlanSet | None = None
         self._plan: Plan | None = None
         self._next_plan: PlanSet | None = None
         self.plan_log: deque[str] = deque(maxlen=100)  # the last plan sets applied or refused, with why
         self._fronts: dict[tuple[int, float], StagedModel] = {} if front_cache is None else front_cache
-        self.speed_factor = speed_factor
-        self._compute_clock = compute_clock
-        self._device_time_ms = device_time_ms
+        self._compute_clock = self.hardware.compute_clock
         self._choose_hook = choose
         self._telemetry_task: asyncio.Task[None] | None = None
         self._period_start_ms = int(self._wall() * 1000)
         self._period_start_t = clock()
+        self._reported = False  # the first report goes after the first window (the cloud hears early)
         self.local_fallback = local_fallback
         if local_fallback:
             if max_cut is not None:
@@ -471,6 +490,7 @@ class EdgeDevice:
         start = self._clock()
         t_ready = min(window.t_emit, start)
         choice = self._choose()
+        estimate = self.estimator.bandwidth_mbps  # what the row was chosen by
         if choice.cut > self.max_cut:
             choice = self._within_reach(choice)
         model = self._front_model(choice.cut, choice.level)
@@ -486,60 +506,48 @@ class EdgeDevice:
         front_ms = prep_ms + sum(stage_ms)
         await self._simulated_hardware(t_front, front_ms)
         if not self.local_fallback:
-            return await self._offload_or_store(window, choice, act, t_ready, front_ms, stage_ms)
+            return await self._offload_or_store(window, choice, act, t_ready, front_ms, stage_ms, estimate)
 
-        mode, reason, fallback_label = ExecutionMode.LOCAL, "", None
+        decision = self._route(choice)
+        mode, kind, reason = ExecutionMode.LOCAL, decision.kind, decision.reason
         encoded: EncodedTensor | None = None
         attempt: _Attempt | None = None
-        if choice.cut >= self.n_stages:
-            reason = f"plan keeps the whole model on the device: {choice.why}"
-        elif self.transport is None:
-            reason = "no broker: running local only"
-        elif self.breaker.peek(self._clock()):  # encode only when it may be sent
+        call = _Call()
+        local_tail: tuple[Any, list[float]] | None = None  # (logits, stage ms) when the tail ran here
+        if decision.route in (Route.OFFLOAD, Route.PROBE):  # encode only when it will be sent
             try:
                 encoded = encode(act, choice.codec, self.model.symbol_prior(choice.cut))
             except CodecError as e:
-                mode, fallback_label, reason = ExecutionMode.FALLBACK, "codec", f"codec: {e}"
-        probing = encoded is not None and self.breaker.state is BreakerState.OPEN
-        if probing and encoded is not None and self.breaker.allow_offload(self._clock()):  # grants the probe
-            self._start_probe(window, choice, encoded)
-            reason = "circuit breaker half open: probing the cloud in the background; this window runs locally"
-        elif encoded is not None and self.breaker.allow_offload(self._clock()):
-            attempt = await self._offload(window, choice, encoded)
+                mode, kind, reason = ExecutionMode.FALLBACK, FallbackKind.CODEC, f"codec: {e}"
+        if encoded is not None and decision.route is Route.PROBE and self.breaker.allow_offload(self._clock()):
+            self._start_probe(window, choice, encoded)  # the breaker's probe; this window runs here
+        elif encoded is not None and decision.route is Route.OFFLOAD and self.breaker.allow_offload(self._clock()):
+            attempt, local_tail = await self._offload_hedged(window, choice, encoded, model, act, call)
             if attempt.response is None:
                 assert attempt.kind is not None
-                mode, fallback_label = ExecutionMode.FALLBACK, attempt.kind.value
+                mode, kind = ExecutionMode.FALLBACK, FallbackKind.of_failure(attempt.kind)
                 reason = f"{attempt.kind.value}: {attempt.detail}"
             else:
-                mode = ExecutionMode.OFFLOADED
-        elif mode is ExecutionMode.LOCAL and not reason:
-            snap = self.breaker.snapshot(self._clock())
-            reason = f"circuit breaker {snap.state.value}: {snap.reason}"
+                mode, kind = ExecutionMode.OFFLOADED, None
 
         tail_ms: list[float] = []
         if mode is ExecutionMode.OFFLOADED:
             assert attempt is not None and attempt.response is not None
             prediction = attempt.response.prediction
         else:
-            t_tail = self._clock()
-            with torch.inference_mode():
-                logits = self._run_stages(model, act, choice.cut, self.n_stages, tail_ms, 1.0)
-            await self._simulated_hardware(t_tail, sum(tail_ms))
+            if local_tail is None:
+                local_tail = await self._local_tail(model, act, choice.cut)
+            logits, tail_ms = local_tail
             prediction = int(logits.argmax(dim=1)[0])
 
         task_results, task_ms = await self._task_results(
             window, k_shared, attempt.response if attempt is not None else None, shared_act
         )
         compute_s = (front_ms + sum(tail_ms) + task_ms) / 1000.0
-        energy = compute_energy_mj(self.config.active_mw, compute_s)
-        bytes_sent = 0
-        if attempt is not None and encoded is not None:  # the radio was used, answered or not
-            bytes_sent = encoded.nbytes
-            down = len(attempt.response.logits) * _BYTES_PER_LOGIT if attempt.response else 0
-            # at the bandwidth the device believes it has (the estimate this transfer just updated)
-            mbps = max(self.estimator.bandwidth_mbps, 1e-3)
-            energy += self.radio.record(attempt.sent_at, bytes_sent, mbps, down, mbps)
-        self.battery.drain(energy)
+        compute_mj = compute_energy_mj(self.config.active_mw, compute_s)
+        self.battery.drain(compute_mj)  # the radio's energy was drained as each transfer ended
+        radio_mj = call.transfer.energy_mj if call.transfer is not None else 0.0
+        bytes_sent = encoded.nbytes if attempt is not None and encoded is not None else 0
         result = WindowResult(
             window_id=window.window_id,
             label=window.label,
@@ -551,16 +559,105 @@ class EdgeDevice:
             latency_ms=(self._clock() - t_ready) * 1000.0,
             front_ms=front_ms,
             bytes_sent=bytes_sent,
-            energy_mj=energy,
+            energy_mj=compute_mj + radio_mj,
             reason=reason,
             plan_version=choice.plan_version,
             stage_ms=tuple(stage_ms + tail_ms) if mode is not ExecutionMode.OFFLOADED else tuple(stage_ms),
             tasks=task_results,
             task_ms=task_ms,
+            kind=kind,
+            radio_mj=radio_mj,
+            estimate_mbps=estimate,
         )
-        self.metrics.observe(result, fallback_label)
+        self.metrics.observe(result, kind.value if mode is ExecutionMode.FALLBACK and kind is not None else None)
         self.metrics.set_state(self.breaker.state, self.estimates())
         return result
+
+    def _sync_link(self) -> bool:
+        """Read the platform's link signal; tell the breaker when it changed. Returns link up."""
+        up = self.hardware.link_up()
+        now = self._clock()
+        if self.radio.set_link(up, now):
+            if up:
+                self.breaker.record_link_up(now)
+            else:
+                self.breaker.record_link_down(now, "the platform lost the radio's association or bearer")
+        return up
+
+    def _route(self, choice: _Choice) -> RouteDecision:
+        now = self._clock()
+        link_up = self._sync_link()
+        snap = self.breaker.snapshot(now)
+        return decide_route(
+            RouteInputs(
+                cut=choice.cut,
+                n_stages=self.n_stages,
+                plan_why=choice.why,
+                local_fallback=self.local_fallback,
+                has_transport=self.transport is not None,
+                link_up=link_up,
+                breaker=snap.state,
+                breaker_allows=self.breaker.peek(now),
+                breaker_reason=snap.reason,
+            )
+        )
+
+    async def _local_tail(self, model: StagedModel, act: Any, cut: int) -> tuple[Any, list[float]]:
+        """Stages [cut, N) here, with the device's time waited out: (logits, per-stage ms)."""
+        tail_ms: list[float] = []
+        t_tail = self._clock()
+        with torch.inference_mode():
+            logits = self._run_stages(model, act, cut, self.n_stages, tail_ms, 1.0)
+        await self.hardware.wait_compute(t_tail, sum(tail_ms))
+        return logits, tail_ms
+
+    def expected_offload_s(self, nbytes: int) -> tuple[float, float]:
+        """(seconds an offload of an `nbytes` activation should take from now, its 1-sigma spread):
+        the link estimate's network time, the cloud's usual queue + compute, the promotion due."""
+        network, sigma = self.estimator.expected_network_s(
+            nbytes + _REQUEST_OVERHEAD_BYTES, self.model.num_classes * (_BYTES_PER_LOGIT + 1) + 32
+        )
+        server = self._server_s if self._server_s is not None else 0.0
+        return network + server + self.radio.promotion_due_s(), sigma
+
+    async def _offload_hedged(
+        self, window: SensorWindow, choice: _Choice, encoded: EncodedTensor, model: StagedModel, act: Any, call: _Call
+    ) -> tuple[_Attempt, tuple[Any, list[float]] | None]:
+        """Offload; if the answer is late relative to the estimate (`hedge_after_s`), start the
+        local tail too, and take whichever answers first. Returns the attempt (a late one that
+        lost: FailureKind.LATE, its call cancelled) and the local tail's output if it ran."""
+        c = self.config
+        deadline_s = c.deadline_ms / 1000.0
+        expected, sigma = self.expected_offload_s(encoded.nbytes)
+        wait_s = hedge_after_s(expected, sigma, deadline_s, c.hedge_factor, c.hedge_margin_ms / 1000.0)
+        task: asyncio.Future[Any] = asyncio.ensure_future(self._offload(window, choice, encoded, call=call))
+        if wait_s >= deadline_s:
+            return await task, None
+        done, _ = await asyncio.wait({task}, timeout=wait_s)
+        if done:
+            return task.result(), None
+        sent = self._clock() - wait_s
+        local = asyncio.ensure_future(self._local_tail(model, act, choice.cut))
+        racers: set[asyncio.Future[Any]] = {task, local}
+        done, _ = await asyncio.wait(racers, return_when=asyncio.FIRST_COMPLETED)
+        if task in done and task.result().response is not None:  # the cloud answered first after all
+            local.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await local
+            return task.result(), None
+        tail = await local
+        if task.done():  # it failed on its own while the tail ran
+            return task.result(), tail
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        now = self._clock()
+        detail = (
+            f"no answer after {wait_s * 1000:.0f} ms ({expected * 1000:.0f} ms expected at "
+            f"{self.estimator.bandwidth_mbps:.3g} Mbit/s): the local tail answered first"
+        )
+        self.breaker.record_failure(now, FailureKind.LATE, detail=detail)
+        return _Attempt(None, FailureKind.LATE, detail, sent, now - sent, call.transfer), tail
 
     def _riders(self, cut: int) -> tuple[str, ...]:
         """The extra tasks whose front is the same as this model's at `cut`: one upload serves them."""
@@ -604,22 +701,28 @@ class EdgeDevice:
         return x
 
     def _device_ms(self, stage: int, level: float, host_ms: float) -> float:
-        if self._device_time_ms is not None:
-            return self._device_time_ms(stage, level, host_ms)
-        return host_ms * self.speed_factor
+        return self.hardware.device_ms(stage, level, host_ms)
 
     async def _simulated_hardware(self, since: float, device_ms: float) -> None:
         """Simulated slower hardware: wait until `device_ms` of device time has passed on `clock`
         since `since` (nothing to wait for on real hardware, where that time has passed already)."""
-        if self.speed_factor == 1.0 and self._device_time_ms is None:
-            return
-        wait = since + device_ms / 1000.0 - self._clock()
-        if wait > 0:
-            await asyncio.sleep(wait)
+        await self.hardware.wait_compute(since, device_ms)
 
-    async def _offload(self, window: SensorWindow, choice: _Choice, encoded: EncodedTensor) -> _Attempt:
+    async def _offload(
+        self,
+        window: SensorWindow,
+        choice: _Choice,
+        encoded: EncodedTensor,
+        *,
+        call: _Call | None = None,
+        traffic: TrafficKind = TrafficKind.OFFLOAD,
+    ) -> _Attempt:
+        """One offload on the radio: the promotion the radio state says is due (waited by simulated
+        hardware; a real modem does it inside the call), the call within the deadline, then the
+        radio's energy (drained from the battery here), the estimator and the breaker."""
         assert self.transport is not None
         c = self.config
+        call = call or _Call()
         request = OffloadRequest(
             window_id=window.window_id,
             model=self.trained.spec.name,
@@ -633,12 +736,23 @@ class EdgeDevice:
             sent_unix_ms=int(self._wall() * 1000),
             deadline_ms=int(c.deadline_ms),
         )
+        up_bytes = wire.to_pb(request).ByteSize()
         timeout_s = c.deadline_ms / 1000.0
-        sent = self._clock()
+        ticket = self.radio.begin(traffic)
+        sent = ticket.start_s
         retry_after_s = 0.0
+        response: OffloadResponse | None = None
         try:
-            async with asyncio.timeout(timeout_s + _TRANSPORT_GRACE_S):
-                response = await self.transport.offload(request, timeout_s)
+            await self.hardware.promote(min(ticket.promotion_s, timeout_s))
+            left_s = timeout_s - (self._clock() - sent)
+            # (simulated hardware waited the promotion just now; a real modem promotes inside the call)
+            if left_s <= 0 or (self.hardware.simulated and ticket.promotion_s >= timeout_s):
+                raise OffloadDeadlineError(
+                    f"radio promotion ({ticket.promotion_s * 1000:.0f} ms) outlasts the deadline "
+                    f"({c.deadline_ms:.0f} ms)"
+                )
+            async with asyncio.timeout(left_s + _TRANSPORT_GRACE_S):
+                response = await self.transport.offload(request, left_s)
             if not isinstance(response, OffloadResponse):
                 raise BrokerUnavailableError(f"the transport returned {type(response).__name__}, not an answer")
             if response.window_id != window.window_id or len(response.logits) != self.model.num_classes:
@@ -652,6 +766,9 @@ class EdgeDevice:
                     f"answer for window {window.window_id!r} carries tasks {list(got)}, "
                     f"expected {list(request.extra_models)}"
                 )
+        except asyncio.CancelledError:  # hedged: the local tail answered first; the bytes went up
+            self._end_call(call, ticket, up_bytes, 0, answered=False)
+            raise
         except ShedError as e:
             kind, detail, retry_after_s = FailureKind.SHED, str(e), e.retry_after_ms / 1000.0
         except (OffloadDeadlineError, TimeoutError) as e:
@@ -668,20 +785,32 @@ class EdgeDevice:
         else:
             now = self._clock()
             elapsed = now - sent
+            down_bytes = wire.to_pb(response).ByteSize()
+            transfer = self._end_call(call, ticket, up_bytes, down_bytes, answered=True)
             self.breaker.record_success(now)
             t = response.timing
-            self.estimator.record_transfer(
-                encoded.nbytes,
-                len(response.logits) * _BYTES_PER_LOGIT,
-                elapsed,
-                # Not the link's doing: the cloud's queue and compute, and the radio's promotion
-                # from idle (a device knows its radio state; the delay is Huang et al.'s).
-                (t.queue_ms + t.compute_ms) / 1000.0 + self._promotion_s(sent),
-            )
-            return _Attempt(response, None, "", sent, elapsed)
+            server_s = (t.queue_ms + t.compute_ms) / 1000.0
+            a = _SERVER_EWMA_ALPHA
+            self._server_s = server_s if self._server_s is None else (1 - a) * self._server_s + a * server_s
+            # Not the link's doing: the cloud's queue and compute, and the promotion this call paid
+            # (the device's own radio state says whether there was one).
+            self.estimator.record_transfer(up_bytes, down_bytes, elapsed, server_s, ticket.promotion_s)
+            return _Attempt(response, None, "", sent, elapsed, transfer)
         now = self._clock()
+        transfer = self._end_call(call, ticket, up_bytes, 0, answered=False)
         self.breaker.record_failure(now, kind, retry_after_s=retry_after_s, detail=detail)
-        return _Attempt(None, kind, detail, sent, now - sent)
+        return _Attempt(None, kind, detail, sent, now - sent, transfer)
+
+    def _end_call(self, call: _Call, ticket: Any, up_bytes: int, down_bytes: int, answered: bool) -> RadioTransfer:
+        """End a call on the radio: its energy (what the platform says its bytes took on the air,
+        else at the estimate) is charged and drained from the battery."""
+        on_air = self.hardware.on_air_s(up_bytes, down_bytes, ticket.start_s + ticket.promotion_s)
+        transfer = self.radio.end(
+            ticket, up_bytes, down_bytes, on_air_s=on_air, mbps=self.estimator.bandwidth_mbps, answered=answered
+        )
+        self.battery.drain(transfer.energy_mj)
+        call.transfer = transfer
+        return transfer
 
     def _start_probe(self, window: SensorWindow, choice: Any, encoded: EncodedTensor) -> None:
         """Send this window's activation as the breaker's probe, in the background.
@@ -689,36 +818,30 @@ class EdgeDevice:
         A probe through a dead link waits out a whole deadline; carrying a real window, that wait
         would land on the window. Here the window runs locally at once, and the probe (the same
         request, so it exercises the whole path down to the Ray tail) only decides the breaker:
-        success closes it, and the next window offloads again."""
-        task = asyncio.create_task(self._probe(window, choice, encoded), name=f"probe-{window.window_id}")
+        success closes it, and the next window offloads again. Its radio energy is drained from
+        the battery and kept under the radio state's `probe` traffic."""
+        task = asyncio.create_task(
+            self._offload(window, choice, encoded, traffic=TrafficKind.PROBE), name=f"probe-{window.window_id}"
+        )
         self._probes.add(task)
         task.add_done_callback(self._probes.discard)
-
-    async def _probe(self, window: SensorWindow, choice: Any, encoded: EncodedTensor) -> None:
-        attempt = await self._offload(window, choice, encoded)  # records the outcome on the breaker
-        down = len(attempt.response.logits) * _BYTES_PER_LOGIT if attempt.response else 0
-        mbps = max(self.estimator.bandwidth_mbps, 1e-3)
-        try:
-            self.battery.drain(self.radio.record(attempt.sent_at, encoded.nbytes, mbps, down, mbps))
-        except ValueError:  # a later window's transfer was recorded first: its energy is counted
-            pass
-
-    def _promotion_s(self, at: float) -> float:
-        """The radio's promotion delay before a transfer starting at `at` (0 while still in its tail)."""
-        last = self.radio.busy_until_s
-        gap = math.inf if last is None else max(at - last, 0.0)
-        return promotion_delay_s(self.radio.model, gap)
 
     # --- store-and-forward (a device without local fallback) --------------------------------
 
     def _within_reach(self, choice: _Choice) -> _Choice:
-        """A choice deeper than this device can run (a local plan row included), sent at `max_cut`
-        with the config's default codec (fp32 if that cannot code it: `_encode_storable`)."""
+        """A choice deeper than this device can run (a local plan row included): sent at the
+        model's bottleneck within reach, coded (ans: the fewest bytes the device can make), else at
+        `max_cut` with the config's default codec (fp32 if that cannot code it: `_encode_storable`)."""
+        b = max((k for k in range(1, self.max_cut + 1) if self.model.symbol_prior(k) is not None), default=None)
+        if b is not None:
+            cut, codec = b, Codec.ANS
+        else:
+            cut, codec = self.max_cut, self._default.codec
         why = (
             f"{choice.why}; this device holds only stages [0, {self.max_cut}) (no local fallback): "
-            f"sent at cut {self.max_cut}"
+            f"sent at cut {cut} ({codec.value})"
         )
-        return _Choice(self.max_cut, self._default.codec, choice.level, choice.plan_version, why)
+        return _Choice(cut, codec, choice.level, choice.plan_version, why)
 
     def _encode_storable(self, act: Any, choice: _Choice) -> tuple[EncodedTensor, _Choice]:
         """The activation encoded with the choice's codec, or with fp32 when that codec cannot
@@ -759,15 +882,6 @@ class EdgeDevice:
         why = f"{choice.why}; stored as the bottleneck's code (cut {b}, ans, {small.nbytes} B vs {encoded.nbytes} B)"
         return small, _Choice(b, Codec.ANS, choice.level, choice.plan_version, why), sum(times)
 
-    def _radio_mj(self, attempt: _Attempt, nbytes: int) -> float:
-        """Radio energy of one send (answered or not), at the device's bandwidth estimate."""
-        down = len(attempt.response.logits) * _BYTES_PER_LOGIT if attempt.response else 0
-        mbps = max(self.estimator.bandwidth_mbps, 1e-3)
-        try:
-            return self.radio.record(attempt.sent_at, nbytes, mbps, down, mbps)
-        except ValueError:  # a concurrent send's transfer was recorded first: its energy is counted
-            return 0.0
-
     def _unanswered(self, window_id: str, kind: str, detail: str, nbytes: int) -> WindowUnansweredError:
         self.metrics.observe_unanswered(kind)
         return WindowUnansweredError(window_id, kind, detail, nbytes)
@@ -780,6 +894,7 @@ class EdgeDevice:
         t_ready: float,
         front_ms: float,
         stage_ms: list[float],
+        estimate: float | None = None,
     ) -> WindowResult | asyncio.Future[WindowResult]:
         """Steps 3-4 for a device without local fallback: offload when the breaker is closed,
         otherwise (or when that fails) store the window for the drain task."""
@@ -795,12 +910,14 @@ class EdgeDevice:
             return future
         now = self._clock()
         bytes_sent = 0
-        # Closed: offload now. Open, half open (the drain task's probe is out) or holding after a
-        # shed: straight to the store; the drain task probes with the oldest stored window.
-        if self.breaker.state is BreakerState.CLOSED and self.breaker.allow_offload(now):
+        radio = 0.0
+        # Closed and the link up: offload now. Link down, open, half open (the drain task's probe
+        # is out) or holding after a shed: straight to the store; the drain task probes with the
+        # oldest stored window.
+        decision = self._route(choice)
+        if decision.route is Route.OFFLOAD and self.breaker.allow_offload(now):
             attempt = await self._offload(window, choice, encoded)
-            radio = self._radio_mj(attempt, encoded.nbytes)
-            self.battery.drain(radio)
+            radio = attempt.radio_mj  # drained from the battery as the call ended
             energy += radio
             bytes_sent = encoded.nbytes
             if attempt.response is not None:
@@ -820,6 +937,8 @@ class EdgeDevice:
                     plan_version=choice.plan_version,
                     stage_ms=tuple(stage_ms),
                     tasks=_answered_tasks(window, attempt.response),
+                    radio_mj=radio,
+                    estimate_mbps=estimate,
                 )
                 self.metrics.observe(result)
                 self.metrics.set_state(self.breaker.state, self.estimates())
@@ -830,8 +949,7 @@ class EdgeDevice:
                 future.set_exception(self._unanswered(window.window_id, "rejected", why, encoded.nbytes))
                 return future
         else:
-            snap = self.breaker.snapshot(now)
-            why = f"circuit breaker {snap.state.value}: {snap.reason}"
+            why = decision.reason
         compact = await self._compact(act, choice, encoded, stage_ms)
         if compact is not None:  # kept as the bottleneck's code: the store holds ~10x more windows
             encoded, choice, extra_ms = compact
@@ -840,6 +958,8 @@ class EdgeDevice:
             self.battery.drain(more)
             energy += more
         held = _Held(window, choice, encoded, t_ready, front_ms, tuple(stage_ms), energy, bytes_sent, why, future)
+        held.radio_mj = radio
+        held.estimate_mbps = estimate
         held.attempts = 1 if bytes_sent else 0
         admission = self.store.put(held, encoded.nbytes, self._clock())
         self.metrics.set_state(self.breaker.state, self.estimates())
@@ -884,12 +1004,15 @@ class EdgeDevice:
         if not self.breaker.peek(now):
             await self._wait_wake(self._breaker_wait_s(now))
             return
+        if not self._sync_link():  # nothing gets through: look again when the link may be back
+            await self._wait_wake(self.config.breaker.backoff_base_s)
+            return
         self.breaker.allow_offload(now)  # grants the probe when open: this window is the probe
         h = head.item
         attempt = await self._offload(h.window, h.choice, h.encoded)
-        radio = self._radio_mj(attempt, h.encoded.nbytes)
-        self.battery.drain(radio)
+        radio = attempt.radio_mj  # drained from the battery as the call ended
         h.energy_mj += radio
+        h.radio_mj += radio
         h.bytes_sent += h.encoded.nbytes
         h.attempts += 1
         if attempt.response is not None:
@@ -939,6 +1062,8 @@ class EdgeDevice:
             plan_version=h.choice.plan_version,
             stage_ms=h.stage_ms,
             tasks=_answered_tasks(h.window, response),
+            radio_mj=h.radio_mj,
+            estimate_mbps=h.estimate_mbps,
         )
 
     def _resolve(
@@ -1033,8 +1158,8 @@ class EdgeDevice:
             if progress is not None:
                 progress(result)
             modes[result.mode.value] += 1
-            if result.mode is ExecutionMode.FALLBACK:
-                reasons[result.reason.split(":", 1)[0]] += 1
+            if result.mode is ExecutionMode.FALLBACK and result.kind is not None:
+                reasons[result.kind.value] += 1
             latencies.append(result.latency_ms)
             correct += result.correct
             bytes_sent += result.bytes_sent
@@ -1129,10 +1254,13 @@ class EdgeDevice:
     def _maybe_report(self) -> None:
         if self.transport is None or (self._telemetry_task is not None and not self._telemetry_task.done()):
             return
-        if self._clock() - self._period_start_t >= self.config.telemetry_period_s:
+        if not self._reported or self._clock() - self._period_start_t >= self.config.telemetry_period_s:
+            self._reported = True
             self._telemetry_task = asyncio.ensure_future(self._send_report())
 
     async def _send_report(self) -> None:
+        """One telemetry report, on the radio like any other call: it may pay a promotion, its
+        energy is charged (TrafficKind.TELEMETRY), and its time is a (small) sample of the link."""
         assert self.transport is not None
         end_ms = int(self._wall() * 1000)
         report = self.metrics.drain_report(
@@ -1141,14 +1269,24 @@ class EdgeDevice:
         self._period_start_ms, self._period_start_t = end_ms, self._clock()
         if not report.observations:
             return
+        up_bytes = wire.to_pb(report).ByteSize()
+        ticket = self.radio.begin(TrafficKind.TELEMETRY)
+        call = _Call()
         try:
+            await self.hardware.promote(ticket.promotion_s)
             await self.transport.report_telemetry(report, _TELEMETRY_TIMEOUT_S)
         except asyncio.CancelledError:
+            self._end_call(call, ticket, up_bytes, 0, answered=False)
             self.metrics.restore(report)
             raise
         except Exception as e:  # telemetry is best effort; its sums ride on the next report
             log.debug("telemetry report failed: %s", e)
+            self._end_call(call, ticket, up_bytes, 0, answered=False)
             self.metrics.restore(report)
+        else:
+            elapsed = self._clock() - ticket.start_s
+            self._end_call(call, ticket, up_bytes, _TELEMETRY_ANSWER_BYTES, answered=True)
+            self.estimator.record_transfer(up_bytes, _TELEMETRY_ANSWER_BYTES, elapsed, 0.0, ticket.promotion_s)
 
     async def _final_report(self) -> None:
         if self._telemetry_task is not None and not self._telemetry_task.done():

@@ -10,7 +10,10 @@ window itself and `reason` says why) or deferred (a device that cannot hold the 
 stored the window while the cloud could not answer it and forwarded it later: its line comes when
 the answer does, after lines of later windows; `latency_ms` is the whole store-and-forward delay
 and `reason`, "stored: ...", says how long it was stored and why). `codec` is null when nothing
-was sent.
+was sent. `kind` is why a window was not answered by the cloud, typed (edge/route.py FallbackKind:
+plan, no_broker, link_down, breaker, probing, codec, late, unavailable, deadline, rejected, shed,
+error; null when the cloud answered), and `radio_mj` the radio energy of this window's own
+transfers (part of `energy_mj`).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Protocol
 
+from edge.route import FallbackKind
 from splitsense.wire import ExecutionMode
 
 __all__ = ["JsonlSink", "MemorySink", "ResultSink", "WindowResult"]
@@ -47,6 +51,9 @@ class WindowResult:
     # the shared front run once on the device); empty for a single-task window
     tasks: tuple[tuple[str, int, int], ...] = ()
     task_ms: float = 0.0  # on-device time of the extra tasks' tails that ran here
+    kind: FallbackKind | None = None  # why the cloud did not answer it (None: it did)
+    radio_mj: float = 0.0  # radio energy of this window's own transfers (included in energy_mj)
+    estimate_mbps: float | None = None  # the device's bandwidth estimate when it chose this window's row
 
     @property
     def correct(self) -> bool:
@@ -69,6 +76,9 @@ class WindowResult:
             "plan_version": self.plan_version,
             "stage_ms": [round(x, 3) for x in self.stage_ms],
             "tasks": [{"model": m, "label": lab, "prediction": p} for m, lab, p in self.tasks],
+            "kind": self.kind.value if self.kind is not None else None,
+            "radio_mj": round(self.radio_mj, 4),
+            "estimate_mbps": None if self.estimate_mbps is None else round(self.estimate_mbps, 4),
         }
 
 

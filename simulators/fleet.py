@@ -16,18 +16,22 @@ What is stretched (`simulator.compute_time`):
                here at start. The default: 200 devices sharing 2 cores inflate each window's own
                CPU time 2-3x, and that is the host's congestion, not the simulated device's speed.
     measured   the CPU time the window's thread actually took (`time.thread_time`).
-The radio is simulated hardware too: a transfer that starts after the radio dropped to idle (a gap
-longer than its tails) first waits the radio's promotion delay (Huang et al. 2012: LTE 260 ms,
-WiFi 79 ms), as the cost model assumes. That stretch and that delay are the simulated hardware;
-the report says so.
+The radio is simulated hardware too (simulators/hardware.py, `SimulatedHardware`: the device's one
+hook into the simulator): a call that starts after the radio dropped to idle (a gap longer than
+its tails) first waits the radio's promotion delay (Huang et al. 2012: LTE 260 ms, WiFi 79 ms), as
+the cost model assumes, because the device's own radio state (edge/radio.py) says it is due; the
+bytes' time on the air is their serialisation on the true trace; the platform reports the link
+lost a radio-specific detection time after a scripted outage starts.
 
-Energy per window (mJ), computed here on the TRUE link, with the power model the controller uses:
+Energy per window (mJ), with the power model the controller uses:
     compute  active_mw x stretched compute time (preprocessing, front, and the tail when local)
-    radio    RadioEnergyMeter (Huang et al. 2012: promotion, active, tails between transfers) on
-             the transfer's real time on air: the trace's serialisation time of the bytes from the
-             moment they were sent (outages included, capped at the deadline when it failed)
-    wait     idle_mw x the time waiting for the cloud's answer
-The radio tail still pending when a device's run ends is charged to its last window.
+    radio    the device's radio state (edge/radio.py, Huang et al. 2012: promotion, active, the
+             tail since the previous call, the connected wait): the energy of this window's own
+             calls, their bytes' time on air taken from the true trace
+    wait     idle_mw x the time the device waited for the cloud's answer
+Radio energy that belongs to no window (telemetry reports, breaker probes, the tail still pending
+when the run ends) is each device's `radio_overhead_mj` (PolicyRun): window radio energy plus that
+overhead equals the device radio state's total, by construction and by test.
 
 Policies (simulators/policies.py) run one after the other, each for `duration_s`, on the same
 inputs: the same devices, traces, trace offsets, recording positions, start phases and seeds, and
@@ -66,9 +70,9 @@ from pipelines.devices import DEVICE_CLASSES, DeviceClass, edge_fallback, front_
 from pipelines.features import log_mel_ops
 from pipelines.groups import group_members
 from pipelines.models import get_spec
-from pipelines.power import RadioEnergyMeter, radio_model
 from pipelines.stages import StagedModel
 from pipelines.training import TrainedModel, load_trained
+from simulators.hardware import LINK_LOSS_DETECT_S, SimulatedHardware
 from simulators.link import BYTES_PER_MBIT, LinkEmulator, ShapingSchedule
 from simulators.policies import (
     OracleTable,
@@ -86,7 +90,7 @@ from simulators.policies import (
 from simulators.scenario import DeviceSpec, assign_devices, select_traces
 from simulators.traces import Trace
 from splitsense.config import Config, EdgeConfig
-from splitsense.errors import ConfigError, OffloadDeadlineError
+from splitsense.errors import ConfigError
 from splitsense.wire import ExecutionMode
 
 __all__ = [
@@ -163,9 +167,9 @@ class WindowRecord:
     radio_mj: float
     wait_mj: float
     true_mbps: float  # the link's real bandwidth when the window started (0 in an outage)
-    estimate_mbps: float  # the device's own estimate then
+    estimate_mbps: float  # the device's own estimate then (what it chose its plan row by)
     plan_version: int
-    reason: str  # why local or fallback, first words ("" when offloaded)
+    reason: str  # why local or fallback: the result's typed kind ("" when the cloud answered)
     tasks_correct: tuple[tuple[str, bool], ...] = ()  # (model, correct) of each extra task of the window
 
     @property
@@ -215,6 +219,8 @@ class PolicyRun:
     plan_versions: list[int]  # plan versions the devices used (adaptive)
     loop_lag_ms: dict[str, float] = field(default_factory=dict)  # how late the event loop woke up
     infeasible: dict[str, str] = field(default_factory=dict)  # device class -> why it was not run
+    # per device: radio energy charged to no window (telemetry, probes, the final tail), mJ
+    radio_overhead_mj: dict[str, float] = field(default_factory=dict)
 
     @property
     def lost(self) -> int:
@@ -380,58 +386,6 @@ class ReferenceTime:
         return self._macs[stage] / rate * 1000.0 * (ms / full if full > 0 else 1.0)
 
 
-class RadioTransport:
-    """The device's radio around its transport: a call that starts after the radio has dropped to
-    idle (no traffic for longer than its tails) first waits the promotion delay (pipelines.power,
-    Huang et al. 2012), inside the window's deadline. Everything else passes through."""
-
-    def __init__(self, inner: GrpcTransport, radio: Any, clock: Callable[[], float] = time.monotonic) -> None:
-        self.inner = inner
-        self.radio = radio  # pipelines.power.RadioPowerModel
-        self._clock = clock
-        self._last_end = -math.inf  # when the radio last carried traffic
-        self._active = 0
-        self.promotions = 0
-
-    async def _promote(self, timeout_s: float) -> float:
-        if self._active == 0 and self._clock() - self._last_end > self.radio.total_tail_s:
-            self.promotions += 1
-            delay = self.radio.promotion_s
-            if delay >= timeout_s:
-                await asyncio.sleep(timeout_s)
-                raise OffloadDeadlineError(f"radio promotion ({delay * 1000:.0f} ms) outlasts the deadline")
-            await asyncio.sleep(delay)
-            return timeout_s - delay
-        return timeout_s
-
-    async def offload(self, request: Any, timeout_s: float) -> Any:
-        timeout_s = await self._promote(timeout_s)
-        self._active += 1
-        try:
-            return await self.inner.offload(request, timeout_s)
-        finally:
-            self._active -= 1
-            self._last_end = self._clock()
-
-    async def report_telemetry(self, report: Any, timeout_s: float = 5.0) -> int:
-        timeout_s = await self._promote(timeout_s)
-        self._active += 1
-        try:
-            return await self.inner.report_telemetry(report, timeout_s)
-        finally:
-            self._active -= 1
-            self._last_end = self._clock()
-
-    async def get_plan(self, *args: Any, **kwargs: Any) -> Any:
-        return await self.inner.get_plan(*args, **kwargs)
-
-    def watch_plans(self, *args: Any, **kwargs: Any) -> Any:
-        return self.inner.watch_plans(*args, **kwargs)
-
-    async def close(self) -> None:
-        await self.inner.close()
-
-
 def measure_prep_ms(trained: TrainedModel, window: RecordedWindow, runs: int = _CALIBRATION_RUNS) -> float:
     """Median thread-CPU ms of preprocessing one window in this process."""
     samples = []
@@ -450,7 +404,8 @@ def measure_prep_ms(trained: TrainedModel, window: RecordedWindow, runs: int = _
 
 
 class _Ledger:
-    """Builds a device's WindowRecords: its windows' emit times, energy on the true link."""
+    """Builds a device's WindowRecords: its windows' emit times, the energy the device's radio
+    state charged them, the link's true bandwidth."""
 
     def __init__(
         self,
@@ -458,8 +413,6 @@ class _Ledger:
         spec: DeviceSpec,
         device_class: DeviceClass,
         n_stages: int,
-        num_classes: int,
-        deadline_s: float,
         schedule: ShapingSchedule,
         clock_zero: Callable[[], float],
         t0: float,
@@ -470,18 +423,16 @@ class _Ledger:
         self.spec = spec
         self.cls = device_class
         self.n_stages = n_stages
-        self.num_classes = num_classes
-        self.deadline_s = deadline_s
         self.schedule = schedule
         self.clock_zero = clock_zero  # monotonic time at which the link's clock reads 0
         self.t0 = t0
         self.out = out
         self.progress = progress
-        self.meter = RadioEnergyMeter(radio_model(device_class.radio))
         self.emitted: dict[str, SensorWindow] = {}
         self.prev_done = -math.inf
         self.device: EdgeDevice | None = None
         self.mine: list[WindowRecord] = []
+        self.overhead_mj = 0.0
 
     async def watch(self, source: ReplaySource) -> AsyncIterator[SensorWindow]:
         async for window in source:
@@ -503,18 +454,10 @@ class _Ledger:
         offloaded = r.mode in (ExecutionMode.OFFLOADED, ExecutionMode.DEFERRED)
         compute_ms = r.front_ms + (0.0 if offloaded else sum(r.stage_ms[r.cut :])) + r.task_ms
         compute_mj = self.cls.active_mw * compute_ms / 1000.0
-        radio_mj = wait_mj = 0.0
-        if r.bytes_sent > 0:
-            # A deferred window's radio time is charged when it was forwarded (its last attempt, just
-            # before the answer), in the meter's time order.
-            first = now - self.deadline_s if deferred else start + r.front_ms / 1000.0
-            sent = max(first, self.meter.busy_until_s or -math.inf)
-            on_air = min(self.schedule.time_to_send(r.bytes_sent, self.link_time(sent)), self.deadline_s)
-            mbps = max(r.bytes_sent / BYTES_PER_MBIT / max(on_air, 1e-6), 1e-6)
-            down = self.num_classes * _BYTES_PER_LOGIT if offloaded else 0
-            radio_mj = self.meter.record(sent, r.bytes_sent, mbps, down, mbps)
-            wait_mj = self.cls.idle_mw * max(0.0, now - sent - on_air) / 1000.0
-        estimate = self.device.estimator.bandwidth_mbps if self.device is not None else 0.0
+        wait_mj = 0.0
+        if r.bytes_sent > 0 and not deferred:  # the device idled while its call was out
+            lag_ms = max(0.0, start - window.t_emit) * 1000.0
+            wait_mj = self.cls.idle_mw * max(0.0, r.latency_ms - lag_ms - compute_ms) / 1000.0
         record = WindowRecord(
             policy=self.policy,
             device_id=self.spec.device_id,
@@ -532,12 +475,12 @@ class _Ledger:
             correct=r.correct,
             bytes_sent=r.bytes_sent,
             compute_mj=compute_mj,
-            radio_mj=radio_mj,
+            radio_mj=r.radio_mj,
             wait_mj=wait_mj,
             true_mbps=self.schedule.bandwidth_at(self.link_time(start)),
-            estimate_mbps=estimate,
+            estimate_mbps=r.estimate_mbps if r.estimate_mbps is not None else 0.0,
             plan_version=r.plan_version,
-            reason=r.reason.split(":", 1)[0] if r.reason else "",
+            reason=r.kind.value if r.kind is not None else "",
             tasks_correct=tuple((m, p == lab) for m, lab, p in r.tasks),
         )
         self.mine.append(record)
@@ -545,10 +488,11 @@ class _Ledger:
         self.progress.window_done(self.policy, record)
 
     def close(self, end: float) -> None:
-        """Charge the radio tail still pending at the end of the run to the last window."""
-        pending = self.meter.energy_until(end) - self.meter.total_mj
-        if pending > 0 and self.mine:
-            self.mine[-1].radio_mj += pending
+        """The radio energy of this device that no window carries (telemetry, probes, the tail
+        pending at the end): the device radio state's total less its windows' radio energy."""
+        if self.device is not None:
+            total = self.device.radio.energy_until(end)
+            self.overhead_mj = max(total - sum(r.radio_mj for r in self.mine), 0.0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -728,11 +672,13 @@ class FleetRunner:
         gc.freeze()
         records: list[WindowRecord] = []
         errors: dict[str, str] = {}
+        overhead: dict[str, float] = {}
         before = _batch_totals(self.cloud.broker.metrics.registry)
         loop = asyncio.get_running_loop()
         t0 = loop.time() + _START_DELAY_S
         tasks = [
-            asyncio.create_task(self._device(policy, spec, t0, records, errors), name=spec.device_id) for spec in specs
+            asyncio.create_task(self._device(policy, spec, t0, records, errors, overhead), name=spec.device_id)
+            for spec in specs
         ]
         lags: list[float] = []
         monitor = asyncio.create_task(_watch_loop_lag(lags), name="loop-lag")
@@ -756,6 +702,7 @@ class FleetRunner:
             plan_versions=sorted({r.plan_version for r in records}),
             loop_lag_ms=_lag_stats(lags),
             infeasible=infeasible,
+            radio_overhead_mj={k: round(v, 4) for k, v in sorted(overhead.items())},
         )
         self.progress.policy_done(policy.value, run)
         return run
@@ -772,17 +719,25 @@ class FleetRunner:
         return out
 
     async def _device(
-        self, policy: Policy, spec: DeviceSpec, t0: float, records: list[WindowRecord], errors: dict[str, str]
+        self,
+        policy: Policy,
+        spec: DeviceSpec,
+        t0: float,
+        records: list[WindowRecord],
+        errors: dict[str, str],
+        overhead: dict[str, float],
     ) -> None:
         try:
-            await self._device_run(policy, spec, t0, records)
+            await self._device_run(policy, spec, t0, records, overhead)
         except asyncio.CancelledError:
             raise
         except Exception as e:  # one device's bug must not stop the fleet; its windows count as lost
             log.exception("device %s failed under %s", spec.device_id, policy.value)
             errors[spec.device_id] = f"{type(e).__name__}: {e}"
 
-    async def _device_run(self, policy: Policy, spec: DeviceSpec, t0: float, records: list[WindowRecord]) -> None:
+    async def _device_run(
+        self, policy: Policy, spec: DeviceSpec, t0: float, records: list[WindowRecord], overhead: dict[str, float]
+    ) -> None:
         sim, cfg = self.sim, self.config
         dev = DEVICE_CLASSES[spec.device_class]
         trained = self.trained[spec.model]
@@ -790,7 +745,7 @@ class FleetRunner:
         deadline_ms = objective.deadline_ms or cfg.edge.deadline_ms
         loop = asyncio.get_running_loop()
         link: LinkEmulator | None = None
-        transport: RadioTransport | None = None
+        transport: GrpcTransport | None = None
         try:
             # Every policy, all_local included, has its link and transport: the same plan watch and
             # telemetry load on the host, so that only the choices differ between policies.
@@ -810,14 +765,11 @@ class FleetRunner:
             await link.start()
             assert link.uplink is not None
             schedule, zero = link.uplink, link.started_at  # what the link really does
-            transport = RadioTransport(
-                GrpcTransport(
-                    link.address,
-                    self.cloud.token_for(spec.device_id),
-                    device_id=spec.device_id,
-                    max_message_bytes=cfg.edge.max_message_bytes,
-                ),
-                radio_model(dev.radio),
+            transport = GrpcTransport(
+                link.address,
+                self.cloud.token_for(spec.device_id),
+                device_id=spec.device_id,
+                max_message_bytes=cfg.edge.max_message_bytes,
             )
             ecfg = EdgeConfig(
                 broker_address=link.address,
@@ -845,22 +797,13 @@ class FleetRunner:
                 spec,
                 dev,
                 trained.model.n_stages,
-                trained.model.num_classes,
-                deadline_ms / 1000.0,
                 schedule,
                 lambda: link_zero,
                 t0,
                 records,
                 self.progress,
             )
-            device = EdgeDevice(
-                ecfg,
-                trained,
-                transport,
-                rng=random.Random(spec.seed),
-                low_battery_threshold=cfg.planner.low_battery_threshold,
-                speed_factor=dev.speed_factor,
-                compute_clock=time.thread_time,
+            hardware = SimulatedHardware(
                 device_time_ms=(
                     ReferenceTime(
                         self.catalogs[spec.model],
@@ -872,6 +815,21 @@ class FleetRunner:
                     if sim.compute_time == "reference"
                     else None
                 ),
+                speed_factor=dev.speed_factor,
+                schedule=schedule,
+                link_zero=lambda: link_zero,
+                outages=schedule.outages,
+                detect_s=LINK_LOSS_DETECT_S.get(dev.radio.value, 1.0),
+                # what a BLE stack knows: its PHY's application rate (the simulator's cap)
+                hint_mbps=sim.radio_cap_mbps.get(dev.radio.value),
+            )
+            device = EdgeDevice(
+                ecfg,
+                trained,
+                transport,
+                rng=random.Random(spec.seed),
+                low_battery_threshold=cfg.planner.low_battery_threshold,
+                hardware=hardware,
                 choose=self._chooser(policy, spec, schedule, link_zero, t0 + spec.phase_s - link_zero),
                 front_cache=self.fronts[spec.model],
                 tasks=self.tasks[spec.model],
@@ -885,6 +843,7 @@ class FleetRunner:
             source = ReplaySource(windows, speed=1.0)
             await device.run(ledger.watch(source), progress=ledger.on_result)
             ledger.close(time.monotonic())
+            overhead[spec.device_id] = ledger.overhead_mj
         finally:
             if transport is not None:
                 with contextlib.suppress(Exception):

@@ -10,7 +10,9 @@ wraps it.
 * Pure: :class:`ShapingSchedule` maps wall-clock seconds since the link started to the trace's
   capacity (time offset, time compression, bandwidth scale, scripted outages) and answers
   ``bytes_between(t0, t1)`` and ``time_to_send(nbytes, now)``; :class:`TokenBucket` queues
-  transfers on it FIFO; :func:`retransmission_delay_s` is the loss model.
+  transfers on it FIFO; :func:`retransmission_delay_s` is the loss model;
+  :func:`slow_start_release_s`, :func:`burst_completion_s` and :class:`SlowStart` are the slow-start
+  model, and ``ShapingSchedule.time_to_deliver`` applies it to the trace.
 * I/O: :class:`LinkEmulator` is the proxy.
 
 How each impairment is emulated (and why):
@@ -39,6 +41,20 @@ outages    Scripted ``(start_s, end_s)`` windows, in wall seconds since the link
            but black-holed (nothing is forwarded, the upstream is not even dialled) until the
            outage ends. Callers see their deadlines fire (gRPC DEADLINE_EXCEEDED), as on a real
            phone, not an instant connection refusal. When the outage ends, traffic resumes.
+slow start A TCP sender does not fill the link at once: its congestion window starts at IW = 10
+           segments (RFC 6928) and, with no loss, doubles every RTT (RFC 5681 slow start). Linux
+           (``tcp_slow_start_after_idle=1``, the default) shrinks it back when the send side has
+           been idle for longer than one RTO (RFC 2861, RFC 7661; Linux halves it per idle RTO down
+           to IW, the emulator resets it to IW at once, as RFC 5681 4.1 does). So each direction of
+           each connection counts *bursts*: bytes that arrive when nothing is in flight and the
+           last byte left more than one RTO ago start one, and the byte at offset ``o`` of a burst
+           leaves no sooner than ``start + slow_start_release_s(o, rtt)`` (round ``k``, of
+           ``IW * 2**k`` segments, starts ``k * rtt`` after the burst). A chunk is split where a
+           round ends and each part is held until its round, then shaped as above, so a lone
+           transfer takes :func:`burst_completion_s` plus the one-way delay. Bytes that arrive later
+           in a burst (less than an RTO after the previous ones left) count on from its start: the
+           rounds that passed are credited to them (Linux would not grow the window of a sender that
+           did not fill it). Both directions, shaped or not; ``slow_start=False`` turns it off.
 time       ``time_offset_s`` is the trace time at which the link starts (200 devices can start at
            200 places of a trace); ``time_scale`` is trace seconds per wall second (2.0 replays the
            trace twice as fast, at the trace's own Mbit/s); ``bandwidth_scale`` multiplies Mbit/s.
@@ -55,6 +71,18 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from types import TracebackType
 
+from pipelines.tcp import INITIAL_WINDOW_SEGMENTS as TCP_INITIAL_WINDOW_SEGMENTS
+from pipelines.tcp import (
+    TCP_MIN_RTO_S,
+    TCP_MSS_BYTES,
+    burst_completion_s,
+    check_window,
+    default_rto_s,
+    round_first_byte,
+    round_of,
+    slow_start_release_s,
+    slow_start_rounds,
+)
 from simulators.traces import Trace
 from splitsense.errors import ConfigError
 
@@ -62,18 +90,20 @@ __all__ = [
     "LinkCounters",
     "LinkEmulator",
     "ShapingSchedule",
+    "SlowStart",
     "TokenBucket",
+    "TCP_INITIAL_WINDOW_SEGMENTS",
     "TCP_MIN_RTO_S",
     "TCP_MSS_BYTES",
+    "burst_completion_s",
     "default_rto_s",
     "merge_outages",
     "outage_end",
     "retransmission_delay_s",
+    "slow_start_release_s",
 ]
 
 BYTES_PER_MBIT = 1e6 / 8
-TCP_MSS_BYTES = 1448  # 1500-byte MTU minus IPv4, TCP and timestamp-option headers
-TCP_MIN_RTO_S = 0.2  # Linux TCP_RTO_MIN
 MIN_CHUNK_BYTES = 1500  # one packet
 MAX_CHUNK_BYTES = 16 * 1024
 _WAITED_S = 0.001  # a read that took longer than this waited for its bytes
@@ -110,11 +140,6 @@ def outage_end(outages: Sequence[Outage], now_s: float) -> float | None:
         if start > now_s:
             break
     return None
-
-
-def default_rto_s(rtt_s: float) -> float:
-    """Retransmission timeout used for lost segments: ``max(200 ms, 2 * rtt)``."""
-    return max(TCP_MIN_RTO_S, 2.0 * rtt_s)
 
 
 def retransmission_delay_s(nbytes: int, loss: float, rto_s: float, uniform: float) -> float:
@@ -213,6 +238,35 @@ class ShapingSchedule:
             cursor = end
         return self._raw_finish(cursor, remaining) - now_s
 
+    def time_to_deliver(
+        self,
+        nbytes: float,
+        now_s: float,
+        rtt_s: float,
+        slow_start: bool = True,
+        *,
+        mss: int = TCP_MSS_BYTES,
+        iw_segments: int = TCP_INITIAL_WINDOW_SEGMENTS,
+    ) -> float:
+        """Seconds from ``now_s`` until the last of ``nbytes`` has left the sender: a lone transfer on an
+        idle link (and an idle connection: the window starts at ``iw_segments``), as the link emulator
+        carries it.
+
+        :meth:`time_to_send` with each slow-start round held until ``k * rtt_s`` after ``now_s``
+        (:func:`slow_start_release_s`), serialised FIFO on the trace. The one-way delay is not
+        included (the last byte arrives ``rtt_s / 2`` later). ``slow_start=False``: ``time_to_send``.
+        """
+        check_window(rtt_s, mss, iw_segments)
+        if not slow_start or rtt_s == 0:
+            return self.time_to_send(nbytes, now_s)
+        if not (math.isfinite(nbytes) and nbytes >= 0):
+            raise ValueError(f"nbytes must be finite and >= 0, got {nbytes!r}")
+        cursor = now_s
+        for k, _, size in slow_start_rounds(nbytes, mss, iw_segments):
+            start = max(cursor, now_s + k * rtt_s)
+            cursor = start + self.time_to_send(size, start)
+        return cursor - now_s
+
     def quantum_bytes(self, t_s: float, quantum_s: float) -> int:
         """How much to move in one step: about ``quantum_s`` of link time, within [1500 B, 16 KiB]."""
         ideal = self.bandwidth_at(t_s) * BYTES_PER_MBIT * quantum_s
@@ -259,6 +313,60 @@ class TokenBucket:
         return finish
 
 
+class SlowStart:
+    """When the bytes of one direction of one TCP connection may leave, by slow start (pure).
+
+    The caller passes the time. :meth:`admit` takes bytes as they arrive and returns them as pieces
+    that never straddle a round, each with its release time (admitted bytes count as queued, not
+    idle, until then); :meth:`sent` records when the last of them left. Bytes that arrive when
+    nothing is in flight (the last byte left at least ``rtt_s`` ago, so its ACK is back) and the last
+    byte left more than ``rto_s`` ago start a new burst (Linux's ``tcp_slow_start_after_idle`` test,
+    which compares the RTO with the time since the last send); others continue the current one. A
+    new connection starts with a burst.
+    """
+
+    def __init__(
+        self,
+        rtt_s: float,
+        rto_s: float,
+        mss: int = TCP_MSS_BYTES,
+        iw_segments: int = TCP_INITIAL_WINDOW_SEGMENTS,
+    ) -> None:
+        check_window(rtt_s, mss, iw_segments)
+        if not (math.isfinite(rto_s) and rto_s > 0):
+            raise ConfigError(f"rto_s must be > 0, got {rto_s!r}")
+        self.rtt_s = rtt_s
+        self.rto_s = rto_s
+        self.mss = mss
+        self.iw_segments = iw_segments
+        self.burst_start_s = -math.inf
+        self.offset_bytes = 0  # bytes admitted since the burst started
+        self.bursts = 0
+        self._last_sent_s = -math.inf
+
+    def admit(self, nbytes: int, now_s: float) -> list[tuple[int, float]]:
+        """``(bytes, release time)`` pieces, in order, of ``nbytes`` that arrived at ``now_s``."""
+        idle_s = now_s - self._last_sent_s
+        if idle_s > self.rto_s and idle_s >= self.rtt_s:
+            self.burst_start_s, self.offset_bytes = now_s, 0
+            self.bursts += 1
+        pieces: list[tuple[int, float]] = []
+        offset, end = self.offset_bytes, self.offset_bytes + nbytes
+        while offset < end:
+            k = round_of(offset, self.mss, self.iw_segments)
+            stop = min(end, round_first_byte(k + 1, self.mss, self.iw_segments))
+            pieces.append((stop - offset, self.burst_start_s + k * self.rtt_s))
+            offset = stop
+        self.offset_bytes = end
+        if pieces:  # queued: not idle before they have left
+            self._last_sent_s = max(self._last_sent_s, now_s, pieces[-1][1])
+        return pieces
+
+    def sent(self, t_s: float) -> None:
+        """The admitted bytes have left the sender (been serialised) by ``t_s``."""
+        self._last_sent_s = max(self._last_sent_s, t_s)
+
+
 @dataclass
 class LinkCounters:
     """What a :class:`LinkEmulator` has done so far (a snapshot when read from ``link.counters``)."""
@@ -277,7 +385,7 @@ class LinkEmulator:
     ``async with LinkEmulator(upstream=("127.0.0.1", port), trace=trace, rtt_ms=60) as link:``
     then dial ``link.address``. Without ``trace`` (and ``uplink_mbps``) the uplink is unshaped;
     the downlink is shaped by ``downlink_trace`` or ``downlink_mbps`` if given, else unshaped.
-    Delay, loss and outages apply to both directions.
+    Delay, slow start (``slow_start=False`` turns it off), loss and outages apply to both directions.
     """
 
     def __init__(
@@ -300,6 +408,7 @@ class LinkEmulator:
         host: str = "127.0.0.1",
         port: int = 0,
         seed: int | None = 0,
+        slow_start: bool = True,
     ) -> None:
         if trace is not None and uplink_mbps is not None:
             raise ConfigError("give the uplink a trace or a fixed uplink_mbps, not both")
@@ -318,7 +427,9 @@ class LinkEmulator:
             raise ConfigError(f"quantum_s must be > 0, got {quantum_s!r}")
         self.upstream = (upstream[0], int(upstream[1]))
         self.outages = merge_outages(outages)
-        self.one_way_s = rtt_ms / 2000.0
+        self.rtt_s = rtt_ms / 1000.0
+        self.one_way_s = self.rtt_s / 2.0
+        self.slow_start = bool(slow_start)  # TCP slow start after idle (see the module docstring)
         self.loss = loss
         self.rto_s = default_rto_s(rtt_ms / 1000.0) if rto_ms is None else rto_ms / 1000.0
         self.quantum_s = quantum_s
@@ -483,6 +594,8 @@ class LinkEmulator:
         bucket: TokenBucket | None,
     ) -> None:
         loop = asyncio.get_running_loop()
+        # One per direction and connection: a TCP congestion window is the connection's own.
+        window = SlowStart(self.rtt_s, self.rto_s) if self.slow_start and self.rtt_s > 0 else None
         last_delivery = 0.0
         while True:
             await self._wait_link_up()  # an outage stops reading: the sender's buffers fill, it stalls
@@ -495,17 +608,31 @@ class LinkEmulator:
             now = loop.time() - self._t0
             # Bytes that were already waiting queued behind the previous chunk (catch-up allowed);
             # bytes we had to wait for start now.
-            backlogged = now - before < _WAITED_S
-            done = bucket.reserve(len(data), now, backlogged) if bucket else now
-            if done > now:
-                await asyncio.sleep(done - now)
-            extra = retransmission_delay_s(len(data), self.loss, self.rto_s, self._rng.random())
-            if extra:
-                self._counters.retransmissions += 1
-            # Never before it was read (catch-up recovers capacity, it does not shorten latency);
-            # in order: a chunk held back by a retransmission holds back the ones behind it.
-            last_delivery = max(last_delivery, max(done, now) + self.one_way_s + extra)
-            await queue.put((last_delivery, data))
+            at, backlogged = now, now - before < _WAITED_S
+            pieces = window.admit(len(data), now) if window else [(len(data), now)]
+            cut = 0
+            for i, (n, release) in enumerate(pieces):
+                piece, cut = data[cut : cut + n], cut + n
+                if i:  # queued behind the previous piece
+                    at, backlogged = loop.time() - self._t0, True
+                if release > at:  # slow start: not before its round; then it starts no sooner
+                    hold = release - (loop.time() - self._t0)
+                    if hold > 0:
+                        await asyncio.sleep(hold)
+                    at, backlogged = release, False
+                done = bucket.reserve(n, at, backlogged) if bucket else at
+                if window:
+                    window.sent(max(done, at))
+                wait = done - (loop.time() - self._t0)
+                if wait > 0:
+                    await asyncio.sleep(wait)
+                extra = retransmission_delay_s(n, self.loss, self.rto_s, self._rng.random())
+                if extra:
+                    self._counters.retransmissions += 1
+                # Never before it was read (catch-up recovers capacity, it does not shorten latency);
+                # in order: a chunk held back by a retransmission holds back the ones behind it.
+                last_delivery = max(last_delivery, max(done, at) + self.one_way_s + extra)
+                await queue.put((last_delivery, piece))
 
     async def _deliver(
         self,

@@ -11,7 +11,7 @@ from contextlib import asynccontextmanager
 import numpy as np
 import pytest
 
-from simulators.link import LinkEmulator
+from simulators.link import LinkEmulator, burst_completion_s
 from simulators.traces import Trace, default_trace_dir, load_trace
 
 pytestmark = pytest.mark.integration
@@ -281,10 +281,54 @@ async def test_a_lone_message_pays_its_serialisation_and_delay() -> None:
     echo = Echo()
     async with (
         serving(echo),
-        LinkEmulator(upstream=("127.0.0.1", echo.port), uplink_mbps=8.0, rtt_ms=50) as link,
+        LinkEmulator(upstream=("127.0.0.1", echo.port), uplink_mbps=8.0, rtt_ms=50, slow_start=False) as link,
     ):
         reader, writer = await dial(link)
         await asyncio.sleep(0.1)  # an idle link banks nothing
         rtt = await echo_rtt(reader, writer, b"s" * 100_000)  # 0.1 s at 1 MB/s, plus 50 ms
         writer.close()
     assert 0.15 <= rtt < 0.2
+
+
+async def test_a_lone_message_pays_slow_start_after_idle() -> None:
+    # 5 Mbit/s, rtt 100 ms (RTO 200 ms): 4 kB fits the initial window (14480 B); 20 kB needs a second
+    # round 100 ms later, 60 kB a third at 200 ms. Each message follows more than an RTO of idleness
+    # on the same connection, so each starts from the initial window again.
+    sink = Sink()
+    mbps, rtt_ms = 5.0, 100.0
+    async with (
+        serving(sink),
+        LinkEmulator(upstream=("127.0.0.1", sink.port), uplink_mbps=mbps, rtt_ms=rtt_ms) as link,
+    ):
+        assert link.uplink is not None
+        _, writer = await dial(link)
+        loop = asyncio.get_running_loop()
+        rows = []
+        received = 0
+        for size in (4_000, 20_000, 60_000, 20_000):
+            await asyncio.sleep(0.35)  # idle: > RTO since the last byte left, and its ACK is back
+            sent = loop.time()
+            writer.write(b"m" * size)
+            await writer.drain()
+            modelled = burst_completion_s(size, rtt_ms / 1000, mbps) + link.one_way_s
+            await asyncio.sleep(modelled + 0.1)
+            received += size
+            arrived = next(t for t, total in accumulate(sink.arrivals) if total >= received)
+            rows.append((size, arrived - sent, modelled))
+        writer.close()
+        without = link.uplink.time_to_send(60_000, 0.0) + link.one_way_s
+        schedule = link.uplink.time_to_deliver(60_000, 0.0, link.rtt_s) + link.one_way_s
+    shown = ", ".join(f"{n} B measured {m * 1000:.1f} ms, modelled {e * 1000:.1f} ms" for n, m, e in rows)
+    print(f"\nslow start at 5 Mbit/s, rtt 100 ms: {shown}; 60 kB without slow start {without * 1000:.1f} ms")
+    assert schedule == pytest.approx(rows[2][2])
+    for _, measured, modelled in rows:
+        assert measured == pytest.approx(modelled, abs=0.005)
+
+
+def accumulate(arrivals: list[tuple[float, int]]) -> list[tuple[float, int]]:
+    """(time, bytes received so far) after each read."""
+    total, out = 0, []
+    for t, n in arrivals:
+        total += n
+        out.append((t, total))
+    return out

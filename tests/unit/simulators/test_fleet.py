@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import math
 from types import SimpleNamespace
 from typing import Any
@@ -19,11 +18,9 @@ from pipelines.catalog import ModelCatalog, load_catalog
 from pipelines.codecs import Codec
 from pipelines.compress import compress_front_at_level
 from pipelines.devices import DEVICE_CLASSES
-from pipelines.power import Radio, radio_model
 from pipelines.training import load_trained
 from simulators.fleet import (
     FleetRunner,
-    RadioTransport,
     ReferenceTime,
     _batch_delta,
     _batch_totals,
@@ -35,7 +32,6 @@ from simulators.fleet import (
 )
 from simulators.policies import Policy, policy_inputs
 from splitsense.config import Config
-from splitsense.errors import OffloadDeadlineError
 from tests.unit.cloud.controller.synthetic import make_catalog
 
 
@@ -52,48 +48,6 @@ def test_reference_time_is_the_catalog_times_the_speed_factor() -> None:
         low.front_latency_ms[-1] * 100.0
     )
     assert ref(0, 0.123, 0.0) == ref(0, 1.0, 0.0)  # a level the catalog lacks: the uncompressed time
-
-
-class _Inner:
-    def __init__(self, delay_s: float = 0.0) -> None:
-        self.delay_s = delay_s
-        self.calls: list[float] = []
-
-    async def offload(self, request: Any, timeout_s: float) -> str:
-        self.calls.append(timeout_s)
-        await asyncio.sleep(self.delay_s)
-        return "answer"
-
-    async def report_telemetry(self, report: Any, timeout_s: float = 5.0) -> int:
-        return 7
-
-    async def close(self) -> None:
-        pass
-
-
-async def test_radio_promotion_only_after_the_tail() -> None:
-    now = [0.0]
-    wifi = radio_model(Radio.WIFI)  # 79 ms promotion, 238 ms tail
-    inner = _Inner()
-    radio = RadioTransport(inner, wifi, clock=lambda: now[0])  # type: ignore[arg-type]
-    loop = asyncio.get_running_loop()
-    t = loop.time()
-    assert await radio.offload("w0", 0.3) == "answer"
-    assert radio.promotions == 1 and loop.time() - t >= wifi.promotion_s * 0.9
-    assert inner.calls[-1] == pytest.approx(0.3 - wifi.promotion_s)  # the delay comes out of the deadline
-    now[0] = 0.1  # inside the tail: no promotion
-    await radio.offload("w1", 0.3)
-    assert radio.promotions == 1 and inner.calls[-1] == 0.3
-    now[0] = 0.1 + wifi.total_tail_s + 0.01  # the radio went idle
-    await radio.report_telemetry("r", 1.0)
-    assert radio.promotions == 2
-
-
-async def test_radio_promotion_longer_than_the_deadline_fails_in_time() -> None:
-    lte = radio_model(Radio.LTE)  # 260 ms promotion
-    radio = RadioTransport(_Inner(), lte, clock=lambda: 0.0)  # type: ignore[arg-type]
-    with pytest.raises(OffloadDeadlineError):
-        await radio.offload("w", 0.05)
 
 
 def test_device_windows_rotate_the_recording_and_keep_its_timing() -> None:
