@@ -192,7 +192,9 @@ class CircuitBreaker:
             return
         self._link_down = False
         if self._state is BreakerState.OPEN:
-            self._open_until = now
+            # -inf, not `now`: a caller that read its clock before reporting the link (the runtime
+            # peeks with the time its window started) must still see the probe allowed
+            self._open_until = -math.inf
             self._reason = "link back: the next window probes the cloud"
 
     def _shed(self, now: float, retry_after_s: float, what: str) -> None:

@@ -16,11 +16,11 @@ A device in user space has no per-ACK delivery samples, so here the two are esti
 The model of one request/response (network time, i.e. the call's time less the cloud's queue and
 compute it reports, less the radio promotion the device's radio state says this call paid):
 
-    network_s = rtt + max_k (k x rtt + s x Mbit_k) + s_down x Mbit_down
+    network_s = rtt + max_k (k x rtt + s x Mbit_k)
 
 with s = seconds per Mbit of the uplink (1 / bandwidth), Mbit_k the wire bits of the request from
-slow-start round k on (pipelines/tcp.py: framing, TCP/IP headers, IW10 slow start after idle), and
-the answer's bits at the same rate (they are a few hundred bytes). It is linear in (rtt, s) for
+slow-start round k on (pipelines/tcp.py: framing, TCP/IP headers, IW10 slow start after idle); the
+answer (a few hundred bytes, the same for every window) rides in the round trip. It is linear in (rtt, s) for
 a given binding round, so a Kalman filter tracks both (extended: the binding round is taken at the
 current estimate):
 
@@ -32,10 +32,14 @@ current estimate):
 * a small transfer (a telemetry report, a 300-byte bottleneck code) mostly informs rtt, a large
   one mostly s: the filter weighs each by how much its size says about each quantity, instead of
   a byte threshold below which a sample is thrown away;
-* a sample far outside its predicted spread (> 3 sigma) first inflates the state's uncertainty
-  (the link changed) and is then clipped to 3 sigma (one event-loop stall must not move it far);
-  a call more than 4x (+ 100 ms) slower than predicted is a stall (an outage not yet reported, a
-  retransmission timeout) and ignored, unless the next one is too.
+* the noise of a call's time is the configured jitter or, when the innovations show more (a
+  cloud's batching waits, a busy scheduler), what they show (Sage-Husa's adaptive estimate), so
+  small calls on a noisy path stop moving the rate;
+* a sample far outside its predicted spread is clipped to 3 sigma (one event-loop stall must not
+  move it far; a real change of the link shows in the next samples too, and the random walk's
+  growing uncertainty lets them through); a call more than 2x (+ 50 ms) slower than predicted
+  is a stall (an outage not yet reported, a retransmission timeout) and ignored, unless the next
+  one is too.
 
 `bandwidth_mbps` is 1 / s. `expected_network_s(bytes_up, bytes_down)` is the model's prediction,
 what the runtime hedges against (a window whose answer is much later than this starts its local
@@ -59,9 +63,11 @@ _MAX_MBPS = 100_000.0  # 100 Gbit/s: a loopback transfer must not read as infini
 _MIN_S = 1.0 / _MAX_MBPS
 _MAX_S = 1.0 / 0.005  # 5 kbit/s: below that, nothing a device sends arrives in time anyway
 _GATE_SIGMA = 3.0
-_MAX_INFLATION = 25.0
-_STALL_FACTOR = 4.0  # a call this many times slower than predicted (+ _STALL_S) is a stall ...
-_STALL_S = 0.1
+_NOISE_ALPHA = 0.05  # the learned noise follows the last ~20 calls ...
+_NOISE_SETTLE = 10  # ... after the first 10 (the prior's error is not noise)
+_NOISE_MAX_S = 0.02  # and says at most 20 ms (1 sigma): more is a stall or a changed link
+_STALL_FACTOR = 2.0  # a call this many times slower than predicted (+ _STALL_S) is a stall ...
+_STALL_S = 0.05
 _STALLS_TO_BELIEVE = 2  # ... unless it is the second in a row
 
 
@@ -109,6 +115,8 @@ class LinkEstimator:
         self._t: float | None = None  # time of the last predict step
         self._samples: deque[tuple[float, bool]] = deque(maxlen=256)  # (t, informs bandwidth)
         self._stalls = 0  # stalls in a row (see record_transfer)
+        self._learned_noise = 0.0  # EWMA of the innovations' excess variance (Sage-Husa), s^2
+        self._updates = 0
 
     # --- the prior --------------------------------------------------------------------------
 
@@ -129,19 +137,25 @@ class LinkEstimator:
         if dt == 0:
             return
         c = self.config
-        if dt > c.max_sample_age_s:  # nothing heard for that long: the evidence is forgotten
+        # Nothing heard for that long (reading the estimate is not hearing): the evidence is forgotten.
+        stale = bool(self._samples) and now - self._samples[-1][0] > c.max_sample_age_s
+        if dt > c.max_sample_age_s or stale:
             self._r = c.prior_rtt_ms / 1000.0
             self._s = self._prior_s
             self._p = [[self._r**2, 0.0], [0.0, self._prior_var_s]]
+            self._updates, self._learned_noise = 0, 0.0
             return
         p = self._p
         p[0][0] += (c.rtt_drift_ms_per_sqrt_s / 1000.0) ** 2 * dt
         p[1][1] = min(p[1][1] + (c.rate_drift_per_sqrt_s * self._s) ** 2 * dt, max(self._prior_var_s, p[1][1]))
 
     def _h(self, bits_up: float, bits_down: float, nbytes_up: int) -> tuple[float, float, float]:
-        """(predicted network seconds, d/d rtt, d/d s) at the current state."""
+        """(predicted network seconds, d/d rtt, d/d s) at the current state. The answer's bits are
+        not charged at the uplink's rate: a few hundred bytes of logits, the same for every window
+        of a model, on a downlink that is usually faster; their time rides in the round trip."""
+        del bits_down
         k, first = binding_round(nbytes_up, self._r, 1.0 / self._s) if self.config.slow_start else (0, 0)
-        mbit = (max(bits_up - first * 8.0, 0.0) + bits_down) / 1e6
+        mbit = max(bits_up - first * 8.0, 0.0) / 1e6
         return self._r * (1 + k) + self._s * mbit, 1.0 + k, mbit
 
     def expected_network_s(self, bytes_up: int, bytes_down: int = 0) -> tuple[float, float]:
@@ -153,8 +167,10 @@ class LinkEstimator:
         return y, math.sqrt(max(var, 0.0))
 
     def _noise(self, y: float) -> float:
+        """Variance of one call's time: the configured jitter, or what the innovations show when
+        they say it is larger (a loaded cloud's batching waits, a busy device's scheduler)."""
         c = self.config
-        return (c.jitter_ms / 1000.0) ** 2 + (c.jitter_rel * y) ** 2
+        return max((c.jitter_ms / 1000.0) ** 2 + (c.jitter_rel * y) ** 2, self._learned_noise)
 
     # --- evidence ---------------------------------------------------------------------------
 
@@ -194,6 +210,18 @@ class LinkEstimator:
         self._samples.append((now, informs))
         return TransferSample(network_s, predicted, self.bandwidth_mbps, self.rtt_ms, informs)
 
+    def record_lower_bound(
+        self, bytes_up: int, bytes_down: int, waited_s: float, server_s: float = 0.0, promotion_s: float = 0.0
+    ) -> TransferSample | None:
+        """A call given up after `waited_s` without an answer (a hedged window whose local tail
+        answered first): its network time was at least that. A censored sample: it moves the
+        estimate only when the bound says the link is slower than believed, as if it had taken
+        exactly that long (a conservative step toward the truth). None when it says nothing."""
+        predicted, _ = self.expected_network_s(bytes_up, bytes_down)
+        if waited_s - server_s - promotion_s <= predicted:
+            return None
+        return self.record_transfer(bytes_up, bytes_down, waited_s, server_s, promotion_s)
+
     def record_rtt(self, rtt_s: float) -> None:
         """A round trip of an (almost) empty call measured some other way."""
         if not (math.isfinite(rtt_s) and rtt_s >= 0):
@@ -208,16 +236,14 @@ class LinkEstimator:
         s = max(h_r * ph0 + h_s * ph1, 0.0) + r_noise
         nu = y - predicted
         gate = _GATE_SIGMA * math.sqrt(s)
-        if abs(nu) > gate:  # a surprise: the link changed, so the belief is older than it looks
-            inflate = min((abs(nu) / gate) ** 2, _MAX_INFLATION)
-            for i in range(2):
-                for j in range(2):
-                    p[i][j] *= inflate
-            ph0 = p[0][0] * h_r + p[0][1] * h_s
-            ph1 = p[1][0] * h_r + p[1][1] * h_s
-            s = max(h_r * ph0 + h_s * ph1, 0.0) + r_noise
-            gate = _GATE_SIGMA * math.sqrt(s)
-            nu = max(-gate, min(gate, nu))  # ... but one stall moves it by 3 sigma at most
+        nu = max(-gate, min(gate, nu))  # one odd sample moves the belief by 3 sigma at most
+        # Sage-Husa: the innovations' variance beyond what the state's uncertainty explains is noise
+        # (not from the first calls, whose innovations are the prior's error, not noise)
+        self._updates += 1
+        if self._updates > _NOISE_SETTLE:
+            excess = nu * nu - (s - r_noise)
+            learned = (1 - _NOISE_ALPHA) * self._learned_noise + _NOISE_ALPHA * excess
+            self._learned_noise = min(max(learned, 0.0), _NOISE_MAX_S**2)
         k0, k1 = ph0 / s, ph1 / s
         self._r = max(self._r + k0 * nu, 0.0)
         self._s = min(max(self._s + k1 * nu, _MIN_S), _MAX_S)

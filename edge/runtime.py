@@ -585,8 +585,8 @@ class EdgeDevice:
         return up
 
     def _route(self, choice: _Choice) -> RouteDecision:
+        link_up = self._sync_link()  # first: the link's return lets this very window probe
         now = self._clock()
-        link_up = self._sync_link()
         snap = self.breaker.snapshot(now)
         return decide_route(
             RouteInputs(
@@ -657,6 +657,15 @@ class EdgeDevice:
             f"{self.estimator.bandwidth_mbps:.3g} Mbit/s): the local tail answered first"
         )
         self.breaker.record_failure(now, FailureKind.LATE, detail=detail)
+        if self.radio.link_up:  # the link is at least this slow (unless the platform says it is gone)
+            promotion = call.transfer.promotion_s if call.transfer is not None else 0.0
+            self.estimator.record_lower_bound(
+                encoded.nbytes + _REQUEST_OVERHEAD_BYTES,
+                0,
+                now - sent,
+                self._server_s or 0.0,
+                promotion,
+            )
         return _Attempt(None, FailureKind.LATE, detail, sent, now - sent, call.transfer), tail
 
     def _riders(self, cut: int) -> tuple[str, ...]:
@@ -794,7 +803,9 @@ class EdgeDevice:
             self._server_s = server_s if self._server_s is None else (1 - a) * self._server_s + a * server_s
             # Not the link's doing: the cloud's queue and compute, and the promotion this call paid
             # (the device's own radio state says whether there was one).
-            self.estimator.record_transfer(up_bytes, down_bytes, elapsed, server_s, ticket.promotion_s)
+            changed = self.radio.link_changed_s
+            if changed is None or changed < sent:  # a call across a link loss times the outage, not the link
+                self.estimator.record_transfer(up_bytes, down_bytes, elapsed, server_s, ticket.promotion_s)
             return _Attempt(response, None, "", sent, elapsed, transfer)
         now = self._clock()
         transfer = self._end_call(call, ticket, up_bytes, 0, answered=False)

@@ -12,8 +12,14 @@ A :class:`ModelCatalog` holds, for one StagedModel with N stages,
                                   and the digest of the weights they were chosen for
     dropped levels                the levels asked for but not kept, each with the reason
 
-plus the window period (how often a device runs the model) and the size of the result (fp32
-logits) that comes back. The cost model (``cloud.controller.costmodel``) reads nothing else.
+plus the window period (how often a device runs the model), the size of the result (fp32
+logits) that comes back, and the preprocessing every window pays on the device before stage 0,
+whatever the cut (log-mel for audio, standardisation for IMU: ``TrainedModel.prepare_window``):
+``prep_ms`` its host latency, measured like the stages (``profile.profile_prep``), and ``prep_ops``
+its operations on a device without a framework (``profile.prep_ops``). Both are 0 in catalogs
+measured before they were recorded; ``update_prep`` adds them to a catalog file in place, leaving
+every other figure as it was (``splitsense models catalog --prep-only``). The cost model
+(``cloud.controller.costmodel``) reads nothing else.
 
 Combining the two accuracy tables is the cost model's job (it adds the two drops); the catalog
 records only what was measured. By construction the uncompressed level and the fp32 codec cost
@@ -43,6 +49,8 @@ faster or slower. Profiles are taken the way a device runs (``profile.profile_mo
 stages in sequence, median of `repeats` runs); a compressed stage more than 10x slower or faster than
 uncompressed is profiled again with 3x the runs, and a warning gives the figures if it stays so.
 
+A task group's catalog (pipelines/groups.py) preprocesses once, as its first member does.
+
 Catalogs are plain data: ``to_dict``/``from_dict`` round-trip through JSON, and
 ``save_catalog``/``load_catalog`` keep them beside the weights as ``{name}.catalog.json``.
 """
@@ -53,10 +61,11 @@ import json
 import math
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -70,10 +79,14 @@ from pipelines.compress import (
     level_budget_points,
     weights_digest,
 )
-from pipelines.profile import FP32_BYTES, profile_model, stage_peak_elems
+from pipelines.features import WINDOW_SAMPLES
+from pipelines.profile import FP32_BYTES, prep_ops, profile_model, profile_prep, stage_peak_elems
 from pipelines.stages import StagedModel
 from splitsense.config import PathsConfig, PlannerConfig
 from splitsense.errors import ModelError
+
+if TYPE_CHECKING:
+    from pipelines.training import TrainedModel
 
 __all__ = [
     "CATALOG_FORMAT",
@@ -85,8 +98,11 @@ __all__ = [
     "catalog_path",
     "drop_dominated_levels",
     "load_catalog",
+    "measure_prep",
+    "prep_window",
     "save_catalog",
     "shipped_level_ranks",
+    "update_prep",
 ]
 
 CATALOG_FORMAT = 1  # bumped when the JSON layout changes; load_catalog refuses other formats
@@ -223,9 +239,18 @@ class ModelCatalog:
     stage_peak_elems: tuple[int, ...] = ()
     # levels asked for but not kept (neither smaller nor faster than a cheaper one), with the reason
     dropped_levels: tuple[DroppedLevel, ...] = ()
+    # one window's preprocessing on the device, before stage 0, at every cut: host latency (median,
+    # one thread, batch 1, as the stages) and operations on a device without a framework; 0 for
+    # catalogs measured before they were recorded
+    prep_ms: float = 0.0
+    prep_ops: int = 0
 
     def __post_init__(self) -> None:
         where = f"catalog of {self.model!r}"
+        _check_nonneg(f"{where}: prep_ms", (self.prep_ms,))
+        if isinstance(self.prep_ops, bool) or not isinstance(self.prep_ops, int) or self.prep_ops < 0:
+            raise ModelError(f"{where}: prep_ops must be an int >= 0, got {self.prep_ops!r}")
+        object.__setattr__(self, "prep_ms", float(self.prep_ms))
         peaks = tuple(int(v) for v in self.stage_peak_elems)
         if peaks and len(peaks) != len(self.stage_names):
             raise ModelError(f"{where}: stage_peak_elems needs one entry per stage or none")
@@ -373,6 +398,8 @@ class ModelCatalog:
             "codecs": [c.to_dict() for c in self.codecs],
             "stage_peak_elems": list(self.stage_peak_elems),
             "dropped_levels": [d.to_dict() for d in self.dropped_levels],
+            "prep_ms": self.prep_ms,
+            "prep_ops": self.prep_ops,
         }
 
     @classmethod
@@ -406,6 +433,8 @@ class ModelCatalog:
                 ),
                 stage_peak_elems=tuple(int(v) for v in data.get("stage_peak_elems", ())),
                 dropped_levels=tuple(DroppedLevel.from_dict(d) for d in data.get("dropped_levels", ())),
+                prep_ms=float(data.get("prep_ms", 0.0)),
+                prep_ops=_int(data.get("prep_ops", 0)),
             )
         except (KeyError, TypeError, ValueError) as e:
             raise ModelError(f"malformed model catalog: {e!r}") from None
@@ -463,6 +492,8 @@ def build_catalog(
     calibrate: Callable[[StagedModel], float] | None = None,
     rank_energies: Sequence[float] = DEFAULT_LEVELS,
     log: Callable[[str], None] | None = None,
+    prepare: Callable[[], object] | None = None,
+    prep_ops: int = 0,
 ) -> ModelCatalog:
     """Measure `model`'s catalog (see the module docstring for what is measured and reused).
 
@@ -474,7 +505,9 @@ def build_catalog(
     at cut k through `codec`; `entropy_coded_bytes(m, k, codec)` the mean bytes per window of a
     data-dependent codec (ans), measured only at the cuts whose activation is a quantised code.
     `repeats`/`warmup` are profile_model's. `window_s` defaults to the model's ModelSpec. `log`
-    receives progress lines and the outlier warnings.
+    receives progress lines and the outlier warnings. `prepare()` preprocesses one raw window as the
+    device does (see `measure_prep`), timed into `prep_ms` with the same repeats; `prep_ops` is
+    recorded as given. Without `prepare` (a model fed its input directly) `prep_ms` is 0.
     """
     level_set = sorted({float(e) for e in levels} | {1.0}, reverse=True)
     for e in level_set:
@@ -489,6 +522,7 @@ def build_catalog(
     model.eval()
     try:
         base_profile = profile_model(model, repeats=repeats, warmup=warmup)
+        prep_ms = 0.0 if prepare is None else profile_prep(prepare, repeats=repeats, warmup=warmup)
         base_acc = _checked_accuracy("evaluate", evaluate(model))
         shapes = [base_profile.activation_shape(k) for k in range(n + 1)]
         stage_ms = [s.host_latency_ms for s in base_profile.stages]
@@ -558,6 +592,8 @@ def build_catalog(
         codecs=tuple(codec_entries),
         stage_peak_elems=tuple(_stage_peaks(model)),
         dropped_levels=tuple(dropped),
+        prep_ms=prep_ms,
+        prep_ops=prep_ops,
     )
 
 
@@ -768,3 +804,41 @@ def shipped_level_ranks(name: str, level: float, weights_dir: Path | None = None
             f"they were recorded); rebuild it: `splitsense models catalog --model {name}`"
         )
     return entry.rank_map(), entry.weights_sha256
+
+
+# ---------------------------------------------------------------------------------------------
+# Preprocessing
+
+
+def prep_window(trained: TrainedModel) -> np.ndarray:
+    """One raw sensor window to time `trained`'s preprocessing on: a second of noise for audio, a
+    window of the model's input shape for IMU (neither's cost depends on the values)."""
+    shape = (WINDOW_SAMPLES,) if trained.spec.modality == "audio" else tuple(trained.model.input_shape)
+    return (0.1 * np.random.default_rng(0).standard_normal(shape)).astype(np.float32)
+
+
+def measure_prep(trained: TrainedModel, repeats: int = 30, warmup: int = 5) -> tuple[float, int]:
+    """(prep_ms, prep_ops) of `trained`'s preprocessing (``prepare_window``) of one `prep_window`,
+    timed as the stages are (``profile.profile_prep``)."""
+    window = prep_window(trained)
+    ms = profile_prep(lambda: trained.prepare_window(window), repeats=repeats, warmup=warmup)
+    return ms, prep_ops(trained.spec.name)
+
+
+def update_prep(
+    name: str,
+    weights_dir: Path | None = None,
+    repeats: int = 101,
+    warmup: int = 5,
+    trained: TrainedModel | None = None,
+) -> ModelCatalog:
+    """Measure model `name`'s preprocessing (`measure_prep`) into its catalog file in place; every
+    other figure of the file stays as it was. Returns the updated catalog."""
+    from pipelines.training import load_trained
+
+    catalog = load_catalog(name, weights_dir)
+    tm = trained or load_trained(name, weights_dir)
+    ms, ops = measure_prep(tm, repeats=repeats, warmup=warmup)
+    updated = replace(catalog, prep_ms=ms, prep_ops=ops)
+    save_catalog(updated, weights_dir)
+    return updated

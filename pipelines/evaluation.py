@@ -15,7 +15,7 @@ from rich.table import Table
 
 from pipelines import codecs
 from pipelines.compress import compress_front, count_params
-from pipelines.profile import profile_model
+from pipelines.profile import prep_ops, profile_model
 from pipelines.stages import StagedModel
 from pipelines.training import TrainedModel, accuracy_of, augment, held_out_set, load_trained, split_for
 from splitsense.config import CompressionConfig
@@ -428,11 +428,12 @@ def build_model_catalog(
 ) -> Any:
     """Measure and return the planner's catalog of a shipped model: accuracies on the test split,
     the per-layer ranks of each compression level chosen on `calibration_set` (never on test)."""
-    from pipelines.catalog import build_catalog
+    from pipelines.catalog import build_catalog, prep_window
 
     tm = trained or load_trained(name)
     x, y = held_out_set(tm)
     xc, yc = calibration_set(tm)
+    window = prep_window(tm)
     return build_catalog(
         tm.model.eval(),
         evaluate=lambda m: accuracy_of(m, x, y),
@@ -443,4 +444,6 @@ def build_model_catalog(
         calibrate=guarded_accuracy(tm.model.eval(), xc, yc),
         rank_energies=CompressionConfig().energy_kept,
         log=log,
+        prepare=lambda: tm.prepare_window(window),
+        prep_ops=prep_ops(tm.spec.name),
     )

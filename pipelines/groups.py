@@ -18,6 +18,7 @@ optimise the whole window without knowing about groups:
     result bytes         the sum (every task's logits come back)
     accuracy             mean(base) - max over members of (base_i - accuracy_i): the planner's budget
                          on "points lost" then binds the worst task, so both tasks' budgets hold
+    preprocessing        the first member's (prep_ms, prep_ops): the window is preprocessed once
 """
 
 from __future__ import annotations
@@ -126,4 +127,6 @@ def group_catalog(catalogs: Sequence[ModelCatalog], shared: int) -> ModelCatalog
         levels=tuple(levels),
         codecs=tuple(codecs),
         stage_peak_elems=tuple(peaks),
+        prep_ms=first.prep_ms,  # one window, preprocessed once for every task
+        prep_ops=first.prep_ops,
     )

@@ -7,6 +7,11 @@ SVD-compressed layer is a LowRank made of plain Linear/Conv, so it counts itself
 ops, pooling and normalisation count 0 MACs. Latency is the median of `repeats` timed runs of
 each stage alone on its real input, after `warmup` runs, under torch.no_grad and in eval mode.
 
+Preprocessing (log-mel for audio, standardisation for IMU: ``TrainedModel.prepare_window``) runs on
+the device before stage 0 for every window, whatever the cut. ``profile_prep`` times it the same way
+as the stages (one thread, median of `repeats` runs after `warmup`); ``prep_ops`` counts its
+operations for a device without a framework, timed at its MAC rate (pipelines/devices.py).
+
 A profile is plain data: `to_dict()` / `from_dict()` round-trip through JSON.
 """
 
@@ -15,6 +20,7 @@ from __future__ import annotations
 import math
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,6 +28,8 @@ import torch
 from torch import nn
 
 from pipelines.compress import Int8Conv, Int8Linear, count_params
+from pipelines.features import log_mel_ops
+from pipelines.models import get_spec
 from pipelines.stages import StagedModel
 from splitsense.errors import ModelError
 
@@ -281,3 +289,41 @@ def profile_model(model: StagedModel, repeats: int = 30, warmup: int = 5) -> Mod
         input_bytes=math.prod(model.input_shape) * FP32_BYTES,
         stages=stages,
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# Preprocessing
+
+
+IMU_PREP_OPS = 9 * 128  # standardise each value of a (9 channels, 128 steps) window: a multiply-add
+
+
+def prep_ops(model: str) -> int:
+    """Operations of one window's preprocessing of the shipped model `model` on a device without a
+    framework (timed at its MAC rate): the log-mel's (``features.log_mel_ops``) for audio, one
+    multiply-add per value for IMU. A task group preprocesses once: pass its first member."""
+    spec = get_spec(model)
+    return log_mel_ops() if spec.modality == "audio" else IMU_PREP_OPS
+
+
+def profile_prep(prepare: Callable[[], object], repeats: int = 30, warmup: int = 5) -> float:
+    """Host ms of one window's preprocessing, `prepare()`, timed as `profile_model` times the stages:
+    one thread, batch 1, under torch.no_grad, median of `repeats` runs after `warmup` (torch's
+    thread count is restored)."""
+    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
+        raise ModelError(f"repeats must be an int >= 1, got {repeats!r}")
+    if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
+        raise ModelError(f"warmup must be an int >= 0, got {warmup!r}")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as a device preprocesses: one thread
+    samples = []
+    try:
+        with torch.no_grad():
+            for r in range(warmup + repeats):
+                t0 = time.perf_counter()
+                prepare()
+                if r >= warmup:
+                    samples.append((time.perf_counter() - t0) * 1000.0)
+    finally:
+        torch.set_num_threads(threads)
+    return float(statistics.median(samples))

@@ -11,11 +11,13 @@ thread), and their time is stretched by the class's `speed_factor` (pipelines/de
 slower than this host each class is, with the published sources); the device waits out the
 stretched time before it goes on, so latency, the deadline and energy see the device's speed.
 What is stretched (`simulator.compute_time`):
-    reference  the stage's host time in the model's catalog (this host, uncontended, 2 threads: the
-               basis the speed factors are defined on) and, for preprocessing, its median measured
-               here at start. The default: 200 devices sharing 2 cores inflate each window's own
-               CPU time 2-3x, and that is the host's congestion, not the simulated device's speed.
-    measured   the CPU time the window's thread actually took (`time.thread_time`).
+    reference  the stage's and the preprocessing's host time in the model's catalog (this host,
+               uncontended: the basis the speed factors are defined on; a microcontroller: their
+               MACs / operations at its rate), the numbers the planner's cost model uses. The
+               default: 200 devices sharing 2 cores inflate each window's own CPU time 2-3x, and
+               that is the host's congestion, not the simulated device's speed.
+    measured   the CPU time the window's thread actually took (`time.thread_time`); what fixed_cut
+               and the oracle know is this host's stage and preprocessing times measured at start.
 The radio is simulated hardware too (simulators/hardware.py, `SimulatedHardware`: the device's one
 hook into the simulator): a call that starts after the radio dropped to idle (a gap longer than
 its tails) first waits the radio's promotion delay (Huang et al. 2012: LTE 260 ms, WiFi 79 ms), as
@@ -66,8 +68,7 @@ from edge.sources import RecordedWindow, ReplaySource, SensorWindow, recorded_wi
 from edge.transport import GrpcTransport
 from pipelines.catalog import ModelCatalog
 from pipelines.compress import compress_front_at_level
-from pipelines.devices import DEVICE_CLASSES, DeviceClass, edge_fallback, front_fits
-from pipelines.features import log_mel_ops
+from pipelines.devices import DEVICE_CLASSES, DeviceClass, edge_fallback, front_fits, stage_device_ms
 from pipelines.groups import group_members
 from pipelines.models import get_spec
 from pipelines.stages import StagedModel
@@ -342,32 +343,17 @@ def usable_levels(config: Config, catalogs: Mapping[str, ModelCatalog]) -> dict[
     return {m: tuple(sorted(v)) for m, v in out.items()}
 
 
-def prep_ops(model: str) -> int:
-    """Operations of one window's preprocessing on a device (timed by MACs on a microcontroller)."""
-    spec = get_spec(group_members(model)[0])  # a task group preprocesses once, for its first member
-    if spec.modality == "audio":
-        return log_mel_ops()
-    return 9 * 128  # IMU: standardise each value (a multiply-add)
-
-
 class ReferenceTime:
     """`device_time_ms` of EdgeDevice for compute_time "reference": the catalog's host time of the
-    stage at its compression level (preprocessing: `prep_ms`) x the class's speed factor; for a class
-    with a runtime MAC rate (a microcontroller, pipelines.devices.DeviceClass.macs_per_s) the stage's
-    MACs (scaled by the level's latency ratio) and the preprocessing's `prep_ops` at that rate."""
+    stage at its compression level (preprocessing, stage -1: the catalog's `prep_ms`) x the class's
+    speed factor; for a class with a runtime MAC rate (a microcontroller,
+    pipelines.devices.DeviceClass.macs_per_s) the stage's MACs (scaled by the level's latency ratio)
+    and the catalog's `prep_ops` at that rate. The cost model's numbers (`costmodel.device_prep_ms`)."""
 
-    def __init__(
-        self,
-        catalog: ModelCatalog,
-        prep_ms: float,
-        speed_factor: float,
-        macs_per_s: float | None = None,
-        prep_ops: int = 0,
-    ) -> None:
+    def __init__(self, catalog: ModelCatalog, speed_factor: float, macs_per_s: float | None = None) -> None:
         self.speed_factor = speed_factor
-        self.prep_ms = prep_ms
         self.macs_per_s = macs_per_s
-        self.prep_ops = prep_ops
+        self.prep_device_ms = stage_device_ms(self, catalog.prep_ops, catalog.prep_ms)  # every window
         self.stage_ms: dict[float, tuple[float, ...]] = {}
         for lvl in catalog.levels:
             front = lvl.front_latency_ms
@@ -378,7 +364,7 @@ class ReferenceTime:
     def __call__(self, stage: int, level: float, host_ms: float) -> float:
         rate = self.macs_per_s
         if stage < 0:
-            return self.prep_ops / rate * 1000.0 if rate else self.prep_ms * self.speed_factor
+            return self.prep_device_ms
         ms = max(self.stage_ms.get(level, self._full)[stage], 0.0)
         if not rate:
             return ms * self.speed_factor
@@ -387,7 +373,8 @@ class ReferenceTime:
 
 
 def measure_prep_ms(trained: TrainedModel, window: RecordedWindow, runs: int = _CALIBRATION_RUNS) -> float:
-    """Median thread-CPU ms of preprocessing one window in this process."""
+    """Median thread-CPU ms of preprocessing one window in this process (compute_time "measured":
+    what fixed_cut and the oracle know of it, as `measure_host_stage_ms` of the stages)."""
     samples = []
     with torch.inference_mode():
         for _ in range(3):
@@ -524,7 +511,7 @@ class FleetRunner:
         self.tasks: dict[str, tuple[TrainedModel, ...]] = {}  # per model or group: its extra tasks
         self.fronts: dict[str, dict[tuple[int, float], StagedModel]] = {}
         self.host_stage_ms: dict[str, list[float]] = {}
-        self.prep_ms: dict[str, float] = {}
+        self.prep_ms: dict[str, float] = {}  # compute_time "measured" only: this host's, at start
         self.catalogs: dict[str, ModelCatalog] = {}  # what the oracle and fixed_cut know
         self.inputs: dict[str, PolicyInputs] = {}  # per device class
         self.oracles: dict[str, OracleTable] = {}
@@ -575,7 +562,8 @@ class FleetRunner:
             )
             self.fronts[m] = {}
             self.host_stage_ms[m] = measure_host_stage_ms(tm)
-            self.prep_ms[m] = measure_prep_ms(tm, self.recordings[m][0])
+            if sim.compute_time == "measured":  # "reference" charges the catalog's prep_ms / prep_ops
+                self.prep_ms[m] = measure_prep_ms(tm, self.recordings[m][0])
         periods = {m: _period(r) for m, r in self.recordings.items()}
         self.specs = assign_devices(sim, traces, {m: len(r) for m, r in self.recordings.items()}, periods)
         self._prepared = True
@@ -600,7 +588,7 @@ class FleetRunner:
             if sim.compute_time == "reference":  # the simulated hardware is the catalog x speed
                 catalog = catalogs[model]
             else:  # ... or this host's own time, measured at start
-                catalog = calibrated_catalog(catalogs[model], self.host_stage_ms[model])
+                catalog = calibrated_catalog(catalogs[model], self.host_stage_ms[model], self.prep_ms[model])
             self.catalogs[model] = catalog
             self.inputs[cls] = policy_inputs(
                 catalog,
@@ -644,7 +632,11 @@ class FleetRunner:
             host_stage_ms=self.host_stage_ms,
             cloud_overhead_ms=self.cloud_overhead_ms,
             wall_s=time.monotonic() - t_start,
-            extra={"host_prep_ms_measured_at_start": {m: round(v, 4) for m, v in self.prep_ms.items()}},
+            extra={
+                # the preprocessing's host ms fixed_cut and the oracle know: the catalog's, or this host's
+                "host_prep_ms": {m: round(c.prep_ms, 4) for m, c in self.catalogs.items()},
+                "policy_inputs": dict(self.inputs),  # what the report checks budgets' feasibility on
+            },
         )
 
     async def _wait_for_plan(self) -> None:
@@ -805,13 +797,7 @@ class FleetRunner:
             )
             hardware = SimulatedHardware(
                 device_time_ms=(
-                    ReferenceTime(
-                        self.catalogs[spec.model],
-                        self.prep_ms[spec.model],
-                        dev.speed_factor,
-                        dev.macs_per_s,
-                        prep_ops(spec.model),
-                    )
+                    ReferenceTime(self.catalogs[spec.model], dev.speed_factor, dev.macs_per_s)
                     if sim.compute_time == "reference"
                     else None
                 ),

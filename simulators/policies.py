@@ -27,6 +27,11 @@ Device memory: `PolicyInputs.unfit` names the (cut, level) fronts the class cann
 fit (`infeasible_reason`); cloud_input and all_cloud need nothing beyond preprocessing; fixed_cut's
 argmin and the oracle only consider fronts that fit (cut 0 always does).
 
+Budgets. `budget_feasibility` says, per bandwidth, whether any choice the oracle may take meets the
+class's energy budget (latency objective) or deadline (energy objective), by the planner's own test,
+and the least value any of them reaches: the report tells a budget no choice can meet from one that
+a policy exceeds.
+
 Pure: numbers in, choices out. The fleet runner (simulators/fleet.py) turns a choice into an
 `edge.runtime.ForcedChoice` for the device; the adaptive policy imposes nothing.
 """
@@ -43,6 +48,7 @@ import numpy as np
 from cloud.controller.costmodel import (
     Choice,
     CloudState,
+    CostGrid,
     DeviceCostProfile,
     LinkState,
     device_stage_ms,
@@ -65,11 +71,13 @@ from splitsense.plan import BatteryState, Objective
 
 __all__ = [
     "POLICIES",
+    "BudgetFeasibility",
     "Policy",
     "PolicyInputs",
     "OracleTable",
     "all_cloud_choice",
     "all_local_choice",
+    "budget_feasibility",
     "calibrated_catalog",
     "choice_text",
     "cloud_input_choice",
@@ -241,13 +249,7 @@ class OracleTable:
         todo = [v for v in values if v not in self._cache]
         if not todo:
             return
-        grid = estimate_grid(
-            self.inputs.catalog, self.inputs.device, [LinkState(v, self.inputs.rtt_ms) for v in todo], self.inputs.cloud
-        )
-        unfit = self.inputs.unfit
-        if unfit:  # fronts the device cannot hold are never chosen: out of every accuracy budget
-            mask = np.array([not self.inputs.fits(c.cut, c.level) for c in grid.choices])
-            grid = replace(grid, accuracy_loss_points=np.where(mask, np.inf, grid.accuracy_loss_points))
+        grid = _oracle_grid(self.inputs, todo)
         for b, v in enumerate(todo):
             choice = grid.choices[select(grid, b, self.inputs.constraints).index]
             if not self.inputs.fits(choice.cut, choice.level):  # nothing fits and meets the budget
@@ -266,6 +268,57 @@ class OracleTable:
         return len(self._cache)
 
 
+def _oracle_grid(inputs: PolicyInputs, bandwidths_mbps: Sequence[float]) -> CostGrid:
+    """Every choice's cost at each bandwidth; fronts the device cannot hold are put out of every
+    accuracy budget, so that neither the oracle nor a budget check counts them."""
+    links = [LinkState(v, inputs.rtt_ms) for v in bandwidths_mbps]
+    grid = estimate_grid(inputs.catalog, inputs.device, links, inputs.cloud)
+    if inputs.unfit:
+        mask = np.array([not inputs.fits(c.cut, c.level) for c in grid.choices])
+        grid = replace(grid, accuracy_loss_points=np.where(mask, np.inf, grid.accuracy_loss_points))
+    return grid
+
+
+@dataclass(frozen=True)
+class BudgetFeasibility:
+    """Per bandwidth (in the order given): whether some choice meets the class's budget, and the least
+    value of the budgeted metric any choice reaches (energy mJ per window, or latency ms)."""
+
+    budget: str  # "energy" (a latency class's energy budget) | "deadline" (an energy class's)
+    limit: float  # mJ per window or ms; inf: the class has no such budget
+    feasible: np.ndarray  # (B,) bool
+    least: np.ndarray  # (B,) float
+
+    @property
+    def share(self) -> float | None:
+        """The share of the bandwidths at which the budget can be met (None: none given)."""
+        return float(self.feasible.mean()) if self.feasible.size else None
+
+
+def budget_feasibility(inputs: PolicyInputs, bandwidths_mbps: Sequence[float] | np.ndarray) -> BudgetFeasibility:
+    """Whether any choice within the class's accuracy budget, whose front the device can hold, meets
+    its energy budget (latency objective) or deadline (energy objective) at each bandwidth: the
+    planner's own test (`planner.select(...).feasible`), on the candidates the oracle has."""
+    cons = inputs.constraints
+    latency_first = cons.objective is Objective.LATENCY
+    budget, limit = ("energy", cons.energy_budget_mj) if latency_first else ("deadline", cons.deadline_ms)
+    values = [_bandwidth(b) for b in np.asarray(bandwidths_mbps, dtype=np.float64).ravel()]
+    if not values:
+        return BudgetFeasibility(budget, limit, np.zeros(0, dtype=bool), np.zeros(0))
+    distinct = sorted(set(values))
+    grid = _oracle_grid(inputs, distinct)
+    candidates = (grid.accuracy_loss_points <= cons.accuracy_budget_points + _ACC_SLACK_POINTS) & grid.fits
+    metric = grid.energy_mj if latency_first else grid.total_ms
+    by_value = {}
+    for b, v in enumerate(distinct):
+        least = np.where(candidates, metric[b], np.inf).min() if candidates.any() else np.inf
+        sel = select(grid, b, cons)
+        by_value[v] = (sel.feasible and sel.fits, float(least))
+    feasible = np.array([by_value[v][0] for v in values], dtype=bool)
+    least = np.array([by_value[v][1] for v in values])
+    return BudgetFeasibility(budget, limit, feasible, least)
+
+
 _ACC_SLACK_POINTS = 1e-9  # as the planner: accuracies equal up to float noise meet a budget
 
 
@@ -282,10 +335,13 @@ def _bandwidth(value: float) -> float:
 # Knowing the simulated hardware
 
 
-def calibrated_catalog(catalog: ModelCatalog, host_stage_ms: Sequence[float]) -> ModelCatalog:
+def calibrated_catalog(
+    catalog: ModelCatalog, host_stage_ms: Sequence[float], host_prep_ms: float | None = None
+) -> ModelCatalog:
     """`catalog` with its per-stage host latency replaced by `host_stage_ms` (measured where the
     simulated devices actually run), every compression level's front scaled by the same per-cut
-    ratio. What the oracle and fixed_cut know of the device's compute: the truth of this host."""
+    ratio, and its preprocessing's `prep_ms` by `host_prep_ms` when given. What the oracle and
+    fixed_cut know of the device's compute: the truth of this host."""
     new = [float(v) for v in host_stage_ms]
     if len(new) != catalog.n_stages or not all(math.isfinite(v) and v >= 0 for v in new):
         raise ConfigError(
@@ -306,7 +362,10 @@ def calibrated_catalog(catalog: ModelCatalog, host_stage_ms: Sequence[float]) ->
                 for k, f in enumerate(lvl.front_latency_ms)
             )
         levels.append(LevelEntry(lvl.energy_kept, front, lvl.front_params, lvl.accuracy))
-    return replace(catalog, stage_latency_ms=tuple(new), levels=tuple(levels))
+    if host_prep_ms is not None and not (math.isfinite(host_prep_ms) and host_prep_ms >= 0):
+        raise ConfigError(f"host_prep_ms must be a finite number >= 0 for {catalog.model!r}, got {host_prep_ms!r}")
+    prep_ms = catalog.prep_ms if host_prep_ms is None else float(host_prep_ms)
+    return replace(catalog, stage_latency_ms=tuple(new), levels=tuple(levels), prep_ms=prep_ms)
 
 
 def choice_text(catalog: ModelCatalog, choice: Choice) -> str:

@@ -3,11 +3,16 @@
     summarize(result)        the `simulate --json` object: {"config", "objective", "policies":
                              {policy: {class: {windows, lost, accuracy, latency_ms_p50,
                              latency_ms_p95, latency_ms_mean, energy_mj_per_window, offload_ratio,
-                             split_ratio, split_attempt_ratio, mechanisms}}}, "realtime_factor"};
-                             a policy that cannot run on a class (the device cannot hold what it
-                             needs) has {"infeasible": true, "reason": ...} for that class instead
+                             split_ratio, split_attempt_ratio, mechanisms, estimate_error,
+                             radio_overhead_mj_per_window}}},
+                             "realtime_factor"}; a policy that cannot run on a class (the device
+                             cannot hold what it needs) has {"infeasible": true, "reason": ...} for
+                             that class instead
     comparison(result)       per class, on its objective: adaptive against all_local, all_cloud,
-                             cloud_input and oracle, and its accuracy against the local full model
+                             cloud_input and oracle, its accuracy against the local full model, and
+                             its budget (the energy budget of a latency class, the deadline of an
+                             energy class): each policy's mean against it, and the share of windows
+                             at which any choice could meet it at all
     write_report(result, d)  d/report.json (every figure and the configuration it was measured
                              with), d/windows.jsonl (one line per window), and PNG plots:
                              latency_cdf.png, energy_per_window.png, device_timeline.png
@@ -23,8 +28,20 @@ Which mechanisms were really used, per policy and class (N: the model's number o
     mechanisms           shares of windows: "mode" (offloaded | local | fallback), "cut" (the
                          choice's k, "local" for k = N), "codec" (of what was sent, "none" when
                          nothing was), "level" (front compression, energy kept), and "fallback"
-                         (per kind, the first words of the reason: windows whose choice offloaded
-                         but that ran on the device, e.g. "deadline", "circuit breaker open")
+                         (per typed kind, edge.route.FallbackKind: windows whose choice offloaded
+                         but that ran on the device, e.g. "deadline", "late" (hedged: the local tail
+                         answered first), "link_down", "breaker", "probing")
+    estimate_error       the device's own bandwidth estimate against the link's true bandwidth when
+                         the window ran, estimate / true, over the windows the cloud answered that
+                         sent something on a live link (true > 0): {median_ratio, p10_ratio,
+                         p90_ratio, windows}; null when the policy sent no such window
+
+A budget no choice can meet is not one a policy exceeds: `comparison` gives each class's budget a
+`feasible_share`, the share of its windows (the oracle's, at their true bandwidth) at which some choice
+within the accuracy budget and the device's memory met it under the cost model
+(`simulators.policies.budget_feasibility`, the planner's own test), and the summary says "infeasible
+for every choice at N% of windows" where that share is below 1. It needs the class's policy inputs,
+`result.extra["policy_inputs"]` ({class: PolicyInputs}); without them the share is null.
 """
 
 from __future__ import annotations
@@ -43,6 +60,8 @@ from pipelines.devices import DEVICE_CLASSES
 from pipelines.groups import group_members
 from simulators.fleet import FleetProgress, FleetResult, PolicyRun, WindowRecord
 from simulators.link import ShapingSchedule
+from simulators.policies import BudgetFeasibility, PolicyInputs
+from simulators.policies import budget_feasibility as _feasibility
 from simulators.scenario import DeviceSpec
 
 __all__ = [
@@ -52,10 +71,13 @@ __all__ = [
     "MECHANISM_KEYS",
     "PLOTS",
     "TIE_TOLERANCE",
+    "budget_feasibility",
     "class_stats",
     "comparison",
+    "estimate_error",
     "infeasible_entry",
     "mechanisms",
+    "budget_verdict",
     "render_summary",
     "summarize",
     "timeline_device",
@@ -74,6 +96,8 @@ CLASS_KEYS = (
     "split_ratio",
     "split_attempt_ratio",
     "mechanisms",
+    "estimate_error",
+    "radio_overhead_mj_per_window",  # set by the policy tables from PolicyRun.radio_overhead_mj
 )
 MECHANISM_KEYS = ("mode", "cut", "codec", "level", "fallback")
 BASELINES = ("all_local", "all_cloud", "cloud_input")  # what adaptive is compared with, besides the oracle
@@ -184,6 +208,26 @@ def mechanisms(records: Sequence[WindowRecord]) -> dict[str, dict[str, float]]:
     }
 
 
+def estimate_error(records: Sequence[WindowRecord]) -> dict[str, Any] | None:
+    """estimate_mbps / true_mbps over the windows the cloud answered (offloaded or deferred) that sent
+    something while the link was up: {median_ratio, p10_ratio, p90_ratio, windows}; None without any."""
+    ratios = np.array(
+        [
+            r.estimate_mbps / r.true_mbps
+            for r in records
+            if _cloud_answered(r) and r.bytes_sent > 0 and r.true_mbps > 0 and math.isfinite(r.estimate_mbps)
+        ]
+    )
+    if ratios.size == 0:
+        return None
+    return {
+        "median_ratio": _r(np.median(ratios), 4),
+        "p10_ratio": _r(np.percentile(ratios, 10), 4),
+        "p90_ratio": _r(np.percentile(ratios, 90), 4),
+        "windows": int(ratios.size),
+    }
+
+
 def class_stats(records: Sequence[WindowRecord], expected: int, *, full: bool = False) -> dict[str, Any]:
     """The per-class figures of one policy (CLASS_KEYS; `full` adds tails, energy parts, counts)."""
     n = len(records)
@@ -191,7 +235,8 @@ def class_stats(records: Sequence[WindowRecord], expected: int, *, full: bool = 
         base: dict[str, Any] = dict.fromkeys(CLASS_KEYS, 0)
         base.update(windows=0, lost=expected, accuracy=None, latency_ms_p50=None, latency_ms_p95=None)
         base.update(latency_ms_mean=None, energy_mj_per_window=None, offload_ratio=None)
-        base.update(split_ratio=None, split_attempt_ratio=None, mechanisms=mechanisms([]))
+        base.update(split_ratio=None, split_attempt_ratio=None, mechanisms=mechanisms([]), estimate_error=None)
+        base.update(radio_overhead_mj_per_window=None)
         return base
     lat = np.array([r.latency_ms for r in records])
     energy = np.array([r.energy_mj for r in records])
@@ -207,6 +252,8 @@ def class_stats(records: Sequence[WindowRecord], expected: int, *, full: bool = 
         "split_ratio": _r(sum(_cloud_answered(r) and _is_split(r) for r in records) / n, 4),
         "split_attempt_ratio": _r(sum(_is_split(r) for r in records) / n, 4),
         "mechanisms": mechanisms(records),
+        "estimate_error": estimate_error(records),
+        "radio_overhead_mj_per_window": None,
     }
     tasks: dict[str, list[bool]] = defaultdict(list)
     for r in records:
@@ -260,6 +307,20 @@ def _policy_tables(result: FleetResult, *, full: bool) -> dict[str, dict[str, di
             )
             for c in _class_order(result)
         }
+        overhead = _radio_overhead_by_class(run, result.specs)
+        for c, entry in out[policy].items():
+            if not entry.get("infeasible") and entry.get("windows"):
+                entry["radio_overhead_mj_per_window"] = _r(overhead.get(c, 0.0) / entry["windows"], 4)
+    return out
+
+
+def _radio_overhead_by_class(run: PolicyRun, specs: Sequence[DeviceSpec]) -> dict[str, float]:
+    """Radio energy no window carries (telemetry reports, breaker probes, the tail pending at the
+    end; PolicyRun.radio_overhead_mj), summed per class: the same for every policy but the probes."""
+    cls = {s.device_id: s.device_class for s in specs}
+    out: dict[str, float] = defaultdict(float)
+    for device_id, mj in run.radio_overhead_mj.items():
+        out[cls[device_id]] += mj
     return out
 
 
@@ -366,10 +427,22 @@ def comparison(result: FleetResult) -> dict[str, Any]:
                 for p, g in groups.items()
                 for recs in [g.get(cls, [])]
             }
+            feas = budget_feasibility(result, cls)
+            infeasible_least = None if feas is None else feas.least[~feas.feasible]
+            if infeasible_least is not None:  # inf: no choice the device can hold runs there at all
+                infeasible_least = infeasible_least[np.isfinite(infeasible_least)]
             entry["budget"] = {
                 "what": f"{key} <= {budget:g}",
                 "values": {p: None if v is None else _r(v, 4) for p, v in other.items()},
                 "within": {p: None if v is None else v <= budget * (1 + 1e-9) for p, v in other.items()},
+                # the share of the class's windows at which some choice met the budget (cost model)
+                "feasible_share": None if feas is None or feas.share is None else _r(feas.share, 4),
+                "windows": None if feas is None else int(feas.feasible.size),
+                # where none could: the least value any choice reached, median over those windows
+                # (null: none, or no choice the device can hold could run at all)
+                "least_where_infeasible": None
+                if infeasible_least is None or infeasible_least.size == 0
+                else _r(np.median(infeasible_least), 4),
             }
         a = metric.get("adaptive")
         if a is not None:
@@ -406,7 +479,15 @@ def comparison(result: FleetResult) -> dict[str, Any]:
                 }
             o = metric.get("oracle")
             if o is not None and o > 0:
-                entry["adaptive_vs_oracle"] = {"ratio": _r(a / o, 4), "met": a <= o * (1 + ORACLE_MARGIN)}
+                same = same_choice_share(adaptive_recs, oracle_recs)
+                within = a <= o * (1 + ORACLE_MARGIN)
+                entry["adaptive_vs_oracle"] = {
+                    "ratio": _r(a / o, 4),
+                    # windows (device, index) both ran where adaptive chose what the oracle chose
+                    "same_choice_share": None if same is None else _r(same, 4),
+                    # identical choices on every window: what is left between them is host timing
+                    "met": within or same == 1.0,
+                }
             recs_a = groups.get("adaptive", {}).get(cls, [])
             recs_l = groups.get("all_local", {}).get(cls, [])
             acc_a, acc_l = _accuracy(recs_a), _accuracy(recs_l)
@@ -428,6 +509,22 @@ def comparison(result: FleetResult) -> dict[str, Any]:
     return out
 
 
+def budget_feasibility(result: FleetResult, cls: str) -> BudgetFeasibility | None:
+    """Whether some choice could meet the class's budget at each of its windows, at the bandwidth the
+    window really had: the oracle's windows (else the first policy's that ran the class). None when
+    the result carries no policy inputs for the class (`extra["policy_inputs"]`) or no window."""
+    inputs = result.extra.get("policy_inputs", {}).get(cls)
+    if not isinstance(inputs, PolicyInputs):
+        return None
+    runs = [result.runs["oracle"]] if "oracle" in result.runs else []
+    runs += [run for name, run in result.runs.items() if name != "oracle"]
+    for run in runs:
+        bandwidths = [r.true_mbps for r in run.records if r.device_class == cls]
+        if bandwidths:
+            return _feasibility(inputs, bandwidths)
+    return None
+
+
 def _budget(result: FleetResult, cls: str, objective: str) -> float | None:
     """The budget of the class's objective, per window: energy (mJ) for latency classes (the power
     budget x the model's window, as the planner reads it), the deadline (ms) for energy classes."""
@@ -441,6 +538,21 @@ def _budget(result: FleetResult, cls: str, objective: str) -> float | None:
             return None
         return obj.energy_budget_mw * get_spec(group_members(result.config.simulator.models[cls])[0]).window_s
     return obj.deadline_ms
+
+
+def _choice_key(r: WindowRecord) -> tuple[Any, ...]:
+    """What a window chose and how it ended up being answered (cloud or device)."""
+    return (r.cut, r.codec, r.level, _cloud_answered(r))
+
+
+def same_choice_share(adaptive: Sequence[WindowRecord], other: Sequence[WindowRecord]) -> float | None:
+    """Share of the windows both policies ran (paired by device and window index) on which adaptive
+    made the same choice as `other` and was answered the same way (None: no window paired)."""
+    by_key = {(r.device_id, r.index): _choice_key(r) for r in other}
+    pairs = [(by_key[(r.device_id, r.index)], _choice_key(r)) for r in adaptive if (r.device_id, r.index) in by_key]
+    if not pairs:
+        return None
+    return sum(a == b for a, b in pairs) / len(pairs)
 
 
 def paired_accuracy_drop(adaptive: Sequence[WindowRecord], local: Sequence[WindowRecord]) -> tuple[float, float, int]:
@@ -875,13 +987,15 @@ def render_summary(result: FleetResult, console: Any, report_dir: Path | None = 
                 parts.append(f"vs {word}: infeasible on this class")
             elif v is not None:
                 tag = "ok" if v["met"] else "NOT MET"
+                same = v.get("same_choice_share")
+                if key == "adaptive_vs_oracle" and same is not None:
+                    tag += f", same choice on {same:.0%} of windows"
                 parts.append(f"vs {word} x{v['ratio']:.2f} ({tag})")
         if c.get("adaptive_split_ratio") is not None:
             parts.append(f"adaptive split {c['adaptive_split_ratio']:.0%}")
         bud = c.get("budget")
         if bud is not None:
-            outside = [p for p, ok in bud["within"].items() if ok is False]
-            parts.append(f"{bud['what']}: " + (f"exceeded by {', '.join(outside)}" if outside else "all within"))
+            parts.append(f"{bud['what']}: {budget_verdict(bud)}")
         acc = c.get("accuracy")
         if acc is not None:
             parts.append(
@@ -890,6 +1004,13 @@ def render_summary(result: FleetResult, console: Any, report_dir: Path | None = 
                 f" {'ok' if acc['met'] else 'NOT MET'})"
             )
         console.print("  " + "  ".join(parts))
+        err = tables.get("adaptive", {}).get(cls, {}).get("estimate_error")
+        if err is not None:
+            console.print(
+                f"    {cls} adaptive estimate/true: median {err['median_ratio']:.2f} (p10 {err['p10_ratio']:.2f}, "
+                f"p90 {err['p90_ratio']:.2f}) over {err['windows']} offloaded windows",
+                highlight=False,
+            )
     rt = realtime(result)
     line = ", ".join(
         f"{p} x{v['realtime_factor']:.3f} ({v['windows_per_s']:.0f} windows/s, loop lag p95 "
@@ -899,6 +1020,40 @@ def render_summary(result: FleetResult, console: Any, report_dir: Path | None = 
     console.print(f"  real-time factor: {line}; lost windows: {sum(r.lost for r in result.runs.values())}")
     if report_dir is not None:
         console.print(f"  report: {report_dir}")
+
+
+def budget_verdict(budget: dict[str, Any]) -> str:
+    """The summary's words for a `comparison` budget entry. Where no choice could meet the budget at
+    some windows, it says so instead of "exceeded by" every policy: none could have met it there."""
+    within = {p: ok for p, ok in budget["within"].items() if ok is not None}
+    outside = [p for p, ok in within.items() if not ok]
+    share = budget.get("feasible_share")
+    if share is not None and share < 1:
+        text = f"infeasible for every choice at {_percent(1 - share)} of windows"
+        least = budget.get("least_where_infeasible")
+        if least is not None:
+            unit = "ms" if str(budget.get("what", "")).startswith("latency") else "mJ"
+            text += f" (the least any choice reached there: median {least:g} {unit})"
+        if outside and len(outside) < len(within):
+            text += f"; exceeded by {', '.join(outside)}"
+        elif within:  # all or none: the windows no choice could meet may be why
+            text += "; no policy within it on average" if outside else "; every policy within it on average"
+        return text
+    if not outside:
+        return "all within"
+    text = f"exceeded by {', '.join(outside)}"
+    if share is not None and len(outside) == len(within):  # the cost model said some choice met it
+        text += " (though the cost model had a choice within it at every window)"
+    return text
+
+
+def _percent(x: float) -> str:
+    """'37%'; '<1%' for a share above 0 that rounds to 0, '>99%' for one below 1 that rounds to 100."""
+    if 0 < x < 0.005:
+        return "<1%"
+    if 0.995 <= x < 1:
+        return ">99%"
+    return f"{x:.0%}"
 
 
 # ---------------------------------------------------------------------------------------------

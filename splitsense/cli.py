@@ -470,11 +470,24 @@ def models_catalog(
     repeats: int = typer.Option(
         101, help="Timed runs of the whole model, stages in sequence on one thread (median per stage)."
     ),
+    prep_only: bool = typer.Option(
+        False,
+        "--prep-only",
+        help="Only measure the preprocessing (prep_ms, prep_ops) into the existing catalog; keep every other figure.",
+    ),
 ) -> None:
     """Measure the planner's catalog (latency, bytes, accuracy per cut, level and codec) beside the weights."""
-    from pipelines.catalog import save_catalog
+    from pipelines.catalog import catalog_path, save_catalog, update_prep
     from pipelines.evaluation import build_model_catalog
 
+    if prep_only:
+        for name in _model_names(model):
+            cat = update_prep(name, repeats=repeats)
+            err.print(
+                f"{name}: preprocessing {cat.prep_ms:.4f} ms on this host, {cat.prep_ops:,} operations "
+                f"-> {catalog_path(name)}"
+            )
+        return
     for name in _model_names(model):
         with err.status(f"measuring the catalog of {name}") as status:
             cat = build_model_catalog(name, repeats=repeats, log=lambda m: status.update(m))

@@ -4,19 +4,24 @@ Pure: numbers in, numbers out (no clock, no I/O). For a model's catalog (pipelin
 device class, a link and the cloud's state it predicts, per choice ``Choice(cut k, compression
 level, codec)``:
 
-    device_ms    the front [0, k) compressed at `level`, on the device. Per stage: the device's
-                 reported latency when telemetry has at least `min_telemetry_samples` samples of
-                 that stage, else the host profile x the class's `speed_factor`. Telemetry is of the
-                 uncompressed stages; a compressed front is scaled by the host's measured ratio
-                 (compressed front / uncompressed front at the same cut).
+    device_ms    the window's preprocessing, paid at every cut (k = 0 included), plus the front
+                 [0, k) compressed at `level`, on the device. Preprocessing (``device_prep_ms``): the
+                 catalog's `prep_ops` at the class's `macs_per_s` when it has one, else its host
+                 `prep_ms` x the class's `speed_factor`, the basis of the stages' profile (telemetry
+                 reports stages only). Per stage: the device's reported latency when telemetry has
+                 at least `min_telemetry_samples` samples of that stage, else the stage's MACs at
+                 `macs_per_s` or its host profile x `speed_factor`. Telemetry is of the uncompressed
+                 stages; a compressed front is scaled by the host's measured ratio (compressed
+                 front / uncompressed front at the same cut).
     transfer_ms  for k < N: radio promotion (only when the radio dropped to idle since the previous
                  window) + activation bytes (codec) / uplink + RTT + result bytes (fp32 logits) /
                  downlink. 0 for k = N (nothing crosses). Encoding time is not modelled.
     cloud_ms     for k < N: the tail [k, N) uncompressed (per-stage cloud latency the broker
                  reports, or host profile / `speedup_vs_host`) + the queueing the broker reports +
                  a fixed per-request serving overhead. 0 for k = N.
-    energy_mj    device compute (active_mw x device time) + radio energy + waiting for the answer
-                 (idle_mw x (RTT + cloud time)), in mJ (mW x s).
+    energy_mj    device compute (active_mw x device time, preprocessing included) + radio energy +
+                 waiting for the answer (idle_mw x (RTT + cloud time)), in mJ (mW x s). The
+                 breakdown gives the preprocessing's share: `prep_device_ms` and `prep_mj`.
     accuracy     base + (drop of the compressed front at k) + (drop of the codec at k): the two
                  drops are measured separately in the catalog and added.
     fits         whether the device can hold the front [0, k) at `level` in its memory budgets
@@ -71,6 +76,7 @@ __all__ = [
     "LinkState",
     "TelemetryStats",
     "choices_of",
+    "device_prep_ms",
     "device_stage_ms",
     "estimate",
     "estimate_grid",
@@ -276,6 +282,12 @@ def choices_of(catalog: ModelCatalog, *, local_only: bool = False) -> tuple[Choi
     return tuple(out)
 
 
+def device_prep_ms(catalog: ModelCatalog, device: DeviceCostProfile) -> float:
+    """Device time of one window's preprocessing, on the stages' basis (``stage_device_ms``): the
+    catalog's `prep_ops` at the class's `macs_per_s` when it has one, else `prep_ms` x `speed_factor`."""
+    return stage_device_ms(device, catalog.prep_ops, catalog.prep_ms)
+
+
 def device_stage_ms(
     catalog: ModelCatalog,
     device: DeviceCostProfile,
@@ -324,12 +336,15 @@ def estimate(
     dev_stage, _ = device_stage_ms(catalog, device, telemetry, min_telemetry_samples)
     host_front = top.front_latency_ms[k]
     ratio = lvl.front_latency_ms[k] / host_front if host_front > 0 else 1.0
-    device_ms = sum(dev_stage[:k]) * ratio
+    prep_ms = device_prep_ms(catalog, device)
+    device_ms = prep_ms + sum(dev_stage[:k]) * ratio
     compute_mj = device.active_mw * device_ms / _MS_PER_S
     accuracy = lvl.accuracy[k] + cod.accuracy[k] - catalog.base_accuracy
     accuracy = min(max(accuracy, 0.0), 1.0)
     breakdown: dict[str, float] = {
         "compute_mj": compute_mj,
+        "prep_device_ms": prep_ms,
+        "prep_mj": device.active_mw * prep_ms / _MS_PER_S,
         "radio_mj": 0.0,
         "wait_mj": 0.0,
         "promotion_ms": 0.0,
@@ -405,7 +420,7 @@ class CostGrid:
     cloud_ms: np.ndarray  # (M,)
     accuracy: np.ndarray  # (M,)
     accuracy_loss_points: np.ndarray  # (M,)
-    compute_mj: np.ndarray  # (M,)
+    compute_mj: np.ndarray  # (M,) preprocessing included
     wait_mj: np.ndarray  # (B, M)
     bytes_up: np.ndarray  # (M,)
     bytes_down: np.ndarray  # (M,)
@@ -420,6 +435,8 @@ class CostGrid:
     cloud_compute_ms: np.ndarray  # (M,)
     queue_ms: float
     overhead_ms: float
+    prep_device_ms: float  # one window's preprocessing on the device, in every choice's device_ms
+    prep_mj: float  # its energy, in every choice's compute_mj
     fits: np.ndarray  # (M,) bool: the device can hold the choice's front (memory budgets)
     refusals: Mapping[int, str] = field(default_factory=dict)  # m -> why its front does not fit
     _index: dict[tuple[int, float, Codec], int] = field(default_factory=dict, repr=False)
@@ -437,6 +454,8 @@ class CostGrid:
         offload = self.cut[m] < self.catalog.n_stages
         breakdown = {
             "compute_mj": float(self.compute_mj[m]),
+            "prep_device_ms": self.prep_device_ms,
+            "prep_mj": self.prep_mj,
             "radio_mj": float(self.radio_mj[b, m]),
             "wait_mj": float(self.wait_mj[b, m]),
             "promotion_ms": float(self.promotion_ms[b, m]),
@@ -485,14 +504,15 @@ def estimate_grid(
     ci = np.fromiter((codec_pos[c.codec] for c in choices), dtype=np.int64, count=len(choices))
     offload = cut < n
 
-    # Device compute of the (compressed) front.
+    # Device compute: the window's preprocessing, then the (compressed) front.
+    prep_ms = device_prep_ms(catalog, device)
     dev_stage, source = device_stage_ms(catalog, device, telemetry, min_telemetry_samples)
     dev_cum = np.concatenate(([0.0], np.cumsum(dev_stage)))
     host_front = np.array([e.front_latency_ms for e in catalog.levels])  # (L, N+1)
     top = host_front[0]
     with np.errstate(divide="ignore", invalid="ignore"):
         ratio = np.where(top > 0, host_front / np.where(top > 0, top, 1.0), 1.0)
-    device_ms = dev_cum[cut] * ratio[li, cut]
+    device_ms = prep_ms + dev_cum[cut] * ratio[li, cut]
     compute_mj = device.active_mw * device_ms / _MS_PER_S
 
     # Cloud tail.
@@ -575,6 +595,8 @@ def estimate_grid(
         cloud_compute_ms=cloud_compute,
         queue_ms=cloud.queue_ms,
         overhead_ms=cloud.overhead_ms,
+        prep_device_ms=prep_ms,
+        prep_mj=device.active_mw * prep_ms / _MS_PER_S,
         fits=fits,
         refusals=MappingProxyType(refusals),
         _index={(c.cut, c.level, c.codec): i for i, c in enumerate(choices)},

@@ -31,6 +31,10 @@ Metrics (registry= like every holder here; None: prometheus_client's global regi
     splitsense_controller_snapshot_missing                   gauge   what the last snapshot lacked
     splitsense_controller_class_local_only{device_class}     gauge   1 while a class is local only
     splitsense_controller_class_battery_saving{device_class} gauge   1 while a class saves energy
+    splitsense_controller_infeasible_rows{device_class,model,budget}
+                                                             gauge   rows of the last plan no choice can meet:
+                                                                     budget "energy" (a latency row's) or
+                                                                     "deadline" (an energy row's)
 """
 
 from __future__ import annotations
@@ -47,6 +51,7 @@ from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histo
 
 from cloud.controller.inputs import Memory, SnapshotInputs, inputs_from_snapshot, plan_differences, plan_from_snapshot
 from cloud.controller.metrics_source import FleetSnapshot, MetricsSource
+from cloud.controller.planner import infeasible_rows
 from cloud.planstore import plan_validator
 from pipelines.catalog import ModelCatalog
 from pipelines.devices import DeviceClass
@@ -139,6 +144,19 @@ class ControllerMetrics:
             ("device_class",),
             registry=r,
         )
+        self.infeasible_rows = Gauge(
+            "splitsense_controller_infeasible_rows",
+            "Rows of the last plan computed whose budget no choice can meet (energy: a latency row's energy "
+            "budget, deadline: an energy row's deadline); they take the least energy or least latency choice.",
+            ("device_class", "model", "budget"),
+            registry=r,
+        )
+
+    def set_infeasible_rows(self, plan_set: PlanSet) -> None:
+        """The infeasible-row gauge from `plan_set` alone: a (class, model) it no longer plans disappears."""
+        self.infeasible_rows.clear()
+        for (device_class, model, budget), n in infeasible_rows(plan_set).items():
+            self.infeasible_rows.labels(device_class, model, budget).set(n)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -307,6 +325,7 @@ class Controller:
         for d in inputs.classes:
             self.metrics.local_only.labels(d.device_class).set(1 if d.local_only_reason else 0)
             self.metrics.battery_saving.labels(d.device_class).set(1 if d.battery_saving_reason else 0)
+        self.metrics.set_infeasible_rows(plan)
         changed = plan_differences(previous, plan)
         known = previous.version if previous is not None else None
         if not store_ok:

@@ -19,9 +19,13 @@ Objectives (per class, from PlannerConfig.classes):
 A LOW battery row always uses ENERGY with the class's deadline. Ties go to the other metric,
 then to the earlier choice in ``costmodel.choices_of`` order (shallower cut, less compression,
 wider codec). The fully local choice k = N needs neither link nor cloud and always belongs to the
-candidates (uncompressed, it costs no accuracy), so a row is never empty; when no candidate meets
-the energy budget or the deadline, the row is *best effort*: the least energy (LATENCY) or least
-latency (ENERGY) among those within the accuracy budget, and its reason says so. When a class's
+candidates (uncompressed, it costs no accuracy), so a row is never empty. When no candidate meets
+the energy budget (LATENCY) or the deadline (ENERGY), the budget is *infeasible* for that row: the
+row takes the least energy (LATENCY) or least latency (ENERGY) choice among those within the
+accuracy budget, and its reason starts with "infeasible: energy budget ..." or "infeasible:
+deadline ...", naming the budget, the least value any choice reaches and the choice taken
+(``INFEASIBLE_PREFIXES``; ``infeasible_rows`` counts such rows per class, model and budget, which the
+controller exports). When a class's
 failure rate says the cloud is broken, the caller sets ``ClassInputs.cloud_available = False``: its
 rows are chosen among the local choices only (still over the compression levels), and say why.
 
@@ -32,8 +36,9 @@ such a front, the row's reason says so ("... refused: front of M at cut k needs 
 the input) needs no front and always fits, so a row with the cloud reachable always has a fitting
 candidate; when none of a row's candidates fits and has a finite cost (the cloud is unreachable, or
 the row is planned at 0 Mbit/s, and the device cannot hold any local front), the row is chosen as if
-memory were unlimited and its reason starts with "NO choice fits": the device cannot run that row as
-planned, and the plan set's reason counts such rows.
+memory were unlimited and its reason starts with "NO choice fits" (after the infeasible verdict, when
+its budget is infeasible too): the device cannot run that row as planned, and the plan set's reason
+counts such rows.
 
 Hysteresis. With a previous PlanSet, a row keeps its previous (cut, level, codec) unless the new
 optimum improves the row's objective by more than ``hysteresis_margin`` (relative) -- provided the
@@ -95,6 +100,7 @@ from splitsense.errors import ConfigError
 from splitsense.plan import BatteryState, Objective, Plan, PlanRow, PlanSet
 
 __all__ = [
+    "INFEASIBLE_PREFIXES",
     "Bucket",
     "ClassInputs",
     "Constraints",
@@ -105,6 +111,7 @@ __all__ = [
     "changed_rows",
     "dads_min_cut",
     "exhaustive_best",
+    "infeasible_rows",
     "inputs_from_config",
     "neurosurgeon_argmin",
     "plan_fleet",
@@ -114,6 +121,11 @@ __all__ = [
 
 _REL_SLACK = 1e-9  # budgets and deadlines tolerate float noise of this relative size
 _ACC_SLACK_POINTS = 1e-9
+# How the reason of a row that no choice can meet its budget starts, per budget: the energy budget
+# of a LATENCY row, the deadline of an ENERGY row. `infeasible_rows` reads them back.
+INFEASIBLE_PREFIXES: Mapping[str, str] = MappingProxyType(
+    {"energy": "infeasible: energy budget ", "deadline": "infeasible: deadline "}
+)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -293,7 +305,7 @@ def row_constraints(cls: ClassInputs, catalog: ModelCatalog, battery: BatterySta
 @dataclass(frozen=True)
 class Selection:
     index: int  # into the grid's choices
-    feasible: bool  # False: best effort (no choice met the energy budget / deadline)
+    feasible: bool  # False: infeasible (no choice met the energy budget / deadline): the least violating
     fits: bool = True  # False: no candidate fits the device's memory; chosen as if memory were unlimited
 
 
@@ -437,7 +449,7 @@ def plan_fleet(inputs: PlannerInputs, previous: PlanSet | None = None) -> PlanSe
     buckets = bandwidth_buckets(inputs.bandwidth_edges_mbps)
     prev = _previous_choices(previous)
     plans = []
-    kept = best_effort = refused = unfit = 0
+    kept = infeasible = refused = unfit = 0
     for cls in inputs.classes:
         links = [LinkState(bk.planned_mbps, cls.rtt_ms) for bk in buckets]
         for catalog in inputs.catalogs:
@@ -450,9 +462,9 @@ def plan_fleet(inputs: PlannerInputs, previous: PlanSet | None = None) -> PlanSe
                 min_telemetry_samples=inputs.min_telemetry_samples,
                 local_only=not cls.cloud_available,
             )
-            plan, k, be, mem = _plan_one(cls, catalog, grid, buckets, prev, inputs.hysteresis_margin)
+            plan, k, inf, mem = _plan_one(cls, catalog, grid, buckets, prev, inputs.hysteresis_margin)
             plans.append(plan)
-            kept, best_effort = kept + k, best_effort + be
+            kept, infeasible = kept + k, infeasible + inf
             refused, unfit = refused + mem[0], unfit + mem[1]
 
     version = 1 if previous is None else previous.version + 1
@@ -464,8 +476,8 @@ def plan_fleet(inputs: PlannerInputs, previous: PlanSet | None = None) -> PlanSe
             f"{changed_rows(previous, plan_set)} rows changed since v{previous.version}, "
             f"{kept} kept by {inputs.hysteresis_margin:.0%} hysteresis"
         )
-    if best_effort:
-        parts.append(f"{best_effort} best-effort rows")
+    if infeasible:
+        parts.append(f"{infeasible} infeasible rows (no choice meets their energy budget or deadline)")
     if refused:
         parts.append(f"{refused} rows refused a front that does not fit the device's memory")
     if unfit:
@@ -484,10 +496,10 @@ def _plan_one(
     prev: dict[_RowKey, Choice],
     margin: float,
 ) -> tuple[Plan, int, int, tuple[int, int]]:
-    """The plan of one (class, model), how many rows hysteresis kept, how many are best effort, and
+    """The plan of one (class, model), how many rows hysteresis kept, how many are infeasible, and
     (rows whose optimum was refused for memory, rows where no choice fits)."""
     local_m, cloud_m = grid.index(Choice(catalog.n_stages)), grid.index(Choice(0))
-    rows, kept, best_effort, refused, unfit = [], 0, 0, 0, 0
+    rows, kept, infeasible, refused, unfit = [], 0, 0, 0, 0
     for battery in (BatteryState.NORMAL, BatteryState.LOW):
         cons = row_constraints(cls, catalog, battery)
         for b, bk in enumerate(buckets):
@@ -495,7 +507,7 @@ def _plan_one(
             old = prev.get((catalog.model, cls.name, battery, bk.min_mbps, bk.max_mbps))
             m, kept_note = _hysteresis(grid, b, sel, cons, old, margin)
             kept += bool(kept_note)
-            best_effort += not sel.feasible
+            infeasible += not sel.feasible
             memory_note = _memory_note(cls, grid, b, cons, sel, m)
             refused += bool(memory_note) and sel.fits
             unfit += not sel.fits
@@ -505,6 +517,8 @@ def _plan_one(
                 cls, catalog, grid, b, m, est, cons, battery, bk, sel.feasible, kept_note, local_m, cloud_m
             )  # fmt: skip
             reason = memory_note + reason
+            if not sel.feasible:  # the verdict first: no choice can meet this row's budget
+                reason = _infeasible_note(cons) + reason
             rows.append(
                 PlanRow(
                     min_bandwidth_mbps=bk.min_mbps,
@@ -519,7 +533,7 @@ def _plan_one(
                 )
             )
     plan = Plan(model=catalog.model, device_class=cls.name, rows=tuple(rows), objective=cls.objective)
-    return plan, kept, best_effort, (refused, unfit)
+    return plan, kept, infeasible, (refused, unfit)
 
 
 def _memory_note(cls: ClassInputs, grid: CostGrid, b: int, cons: Constraints, sel: Selection, m: int) -> str:
@@ -587,6 +601,24 @@ def _choice_text(catalog: ModelCatalog, c: Choice) -> str:
     return f"cut {c.cut} ({catalog.cut_name(c.cut)}) {c.codec.value} level {c.level:g}"
 
 
+def _infeasible_note(cons: Constraints) -> str:
+    """How the reason of a row starts when no choice meets its budget (INFEASIBLE_PREFIXES)."""
+    if cons.objective is Objective.LATENCY:
+        return f"{INFEASIBLE_PREFIXES['energy']}{_fmt(cons.energy_budget_mj, 'mJ')} met by no choice; "
+    return f"{INFEASIBLE_PREFIXES['deadline']}{cons.deadline_ms:g} ms met by no choice; "
+
+
+def infeasible_rows(plan_set: PlanSet) -> dict[tuple[str, str, str], int]:
+    """Per (device class, model, budget) of `plan_set`, budget "energy" or "deadline": how many rows
+    no choice can meet that budget in (their reasons start with INFEASIBLE_PREFIXES[budget]); every
+    plan has both keys, 0 when none. Works on a plan set read back from the store too."""
+    out: dict[tuple[str, str, str], int] = {}
+    for plan in plan_set.plans:
+        for budget, prefix in INFEASIBLE_PREFIXES.items():
+            out[(plan.device_class, plan.model, budget)] = sum(r.reason.startswith(prefix) for r in plan.rows)
+    return out
+
+
 def _reason(
     cls: ClassInputs,
     catalog: ModelCatalog,
@@ -606,11 +638,8 @@ def _reason(
     word = "latency" if kept_note else "least latency"
     e_word = "energy" if kept_note else "least energy"
     if cons.objective is Objective.LATENCY:
-        if not feasible:
-            head = (
-                f"best effort, no choice meets energy <= {_fmt(cons.energy_budget_mj, 'mJ')}: least energy "
-                f"{_fmt(est.energy_mj, 'mJ')} ({_fmt(est.total_ms, 'ms')})"
-            )
+        if not feasible:  # `_infeasible_note` names the budget; the choice is the least energy
+            head = f"least energy any choice reaches {_fmt(est.energy_mj, 'mJ')} ({_fmt(est.total_ms, 'ms')})"
         elif math.isfinite(cons.energy_budget_mj):
             head = (
                 f"{word} {_fmt(est.total_ms, 'ms')} (energy {_fmt(est.energy_mj, 'mJ')} <= "
@@ -618,11 +647,8 @@ def _reason(
             )
         else:
             head = f"{word} {_fmt(est.total_ms, 'ms')} ({_fmt(est.energy_mj, 'mJ')})"
-    elif not feasible:
-        head = (
-            f"best effort, no choice meets the {cons.deadline_ms:g} ms deadline: least latency "
-            f"{_fmt(est.total_ms, 'ms')} ({_fmt(est.energy_mj, 'mJ')})"
-        )
+    elif not feasible:  # ... the least latency
+        head = f"least latency any choice reaches {_fmt(est.total_ms, 'ms')} ({_fmt(est.energy_mj, 'mJ')})"
     elif math.isfinite(cons.deadline_ms):
         within = f"{_fmt(est.total_ms, 'ms')} <= {cons.deadline_ms:g} ms deadline"
         head = f"{e_word} {_fmt(est.energy_mj, 'mJ')} ({within})"

@@ -172,3 +172,87 @@ def test_gauge_values() -> None:
 def test_bad_config_is_refused(kw: dict) -> None:
     with pytest.raises(ConfigError):
         BreakerConfig(**kw)
+
+
+# --- evidence: the platform's link signal, late answers -------------------------------------
+
+
+def test_link_down_opens_at_once_and_no_probe_goes_however_long_it_lasts() -> None:
+    b = make(failure_threshold=3, backoff_base_s=1.0, backoff_max_s=30.0)
+    assert b.state is BreakerState.CLOSED
+    b.record_link_down(10.0, "bearer lost")
+    snap = b.snapshot(10.0)
+    assert snap.state is BreakerState.OPEN and "link down (bearer lost)" in snap.reason
+    for t in (10.0, 11.0, 50.0, 3600.0, 1e9):
+        assert not b.peek(t) and not b.allow_offload(t)
+    assert b.state is BreakerState.OPEN  # no probe was granted
+
+
+def test_link_down_while_half_open_also_holds_every_offload() -> None:
+    b = make(failure_threshold=1, backoff_base_s=1.0)
+    b.record_failure(0.0, FailureKind.UNAVAILABLE)
+    assert b.allow_offload(1.0) and b.state is BreakerState.HALF_OPEN
+    b.record_link_down(1.1)
+    assert b.state is BreakerState.OPEN and not b.peek(100.0)
+
+
+def test_link_up_lets_the_next_window_probe_at_once_and_success_closes() -> None:
+    b = make(failure_threshold=3, backoff_base_s=5.0)
+    b.record_link_down(10.0)
+    b.record_link_up(20.0)
+    assert b.state is BreakerState.OPEN and "link back" in b.reason
+    assert b.peek(20.0)  # not after a back-off: now
+    assert b.allow_offload(20.0) and b.state is BreakerState.HALF_OPEN
+    assert not b.allow_offload(20.0)  # one probe at a time
+    b.record_success(20.1)
+    assert b.state is BreakerState.CLOSED and b.snapshot(20.1).level == 0 and b.allow_offload(20.2)
+
+
+def test_link_up_after_a_failed_probe_backs_off_again() -> None:
+    b = make(failure_threshold=3, backoff_base_s=2.0, backoff_factor=2.0)
+    b.record_link_down(0.0)
+    b.record_link_up(1.0)
+    assert b.allow_offload(1.0)
+    b.record_failure(1.0, FailureKind.DEADLINE)
+    snap = b.snapshot(1.0)
+    assert snap.state is BreakerState.OPEN and snap.level == 2
+    assert snap.open_until == pytest.approx(1.0 + 4.0) and not b.peek(4.9) and b.peek(5.0)
+
+
+def test_link_up_without_a_link_down_changes_nothing() -> None:
+    closed = make()
+    closed.record_link_up(1.0)
+    assert closed.state is BreakerState.CLOSED and closed.reason == "no failures yet"
+    backing_off = make(failure_threshold=1, backoff_base_s=4.0)
+    backing_off.record_failure(0.0, FailureKind.UNAVAILABLE)
+    backing_off.record_link_up(1.0)  # the cloud failed, not the link: the back-off stands
+    assert not backing_off.peek(3.9) and backing_off.peek(4.0)
+
+
+def test_late_answers_count_towards_the_failure_threshold() -> None:
+    b = make(failure_threshold=3)
+    b.record_failure(0.0, FailureKind.LATE)
+    b.record_failure(1.0, FailureKind.LATE, detail="no answer after 60 ms (25 ms expected)")
+    assert b.state is BreakerState.CLOSED
+    b.record_failure(2.0, "late")
+    assert b.state is BreakerState.OPEN and "3 consecutive failed offloads, last late" in b.reason
+    assert b.snapshot(2.0).consecutive_failures == 3
+
+
+def test_late_answers_mix_with_other_failures_and_a_success_resets_them() -> None:
+    b = make(failure_threshold=3)
+    b.record_failure(0.0, FailureKind.LATE)
+    b.record_success(0.5)
+    b.record_failure(1.0, FailureKind.LATE)
+    b.record_failure(2.0, FailureKind.DEADLINE)
+    assert b.state is BreakerState.CLOSED
+    b.record_failure(3.0, FailureKind.LATE)
+    assert b.state is BreakerState.OPEN
+
+
+def test_link_up_allows_the_probe_even_to_a_clock_read_before_it() -> None:
+    # the runtime reads its clock when a window starts, then syncs the link signal, then peeks
+    b = make(backoff_base_s=5.0)
+    b.record_link_down(10.0)
+    b.record_link_up(20.0)
+    assert b.peek(19.999) and b.allow_offload(19.999)

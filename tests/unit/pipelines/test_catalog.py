@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -20,6 +21,7 @@ from pipelines.catalog import (
     drop_dominated_levels,
     load_catalog,
     save_catalog,
+    update_prep,
 )
 from pipelines.codecs import Codec, encoded_nbytes
 from pipelines.compress import (
@@ -30,7 +32,10 @@ from pipelines.compress import (
     layer_ranks,
     weights_digest,
 )
+from pipelines.features import log_mel_ops
+from pipelines.profile import prep_ops
 from pipelines.stages import StagedModel
+from pipelines.training import load_trained
 from splitsense.errors import ModelError
 
 LEVELS = (1.0, 0.95, 0.8)  # uncompressed, ranks under a 5-point and under a 20-point budget
@@ -79,9 +84,11 @@ class Recorder:
 def built() -> tuple[ModelCatalog, Recorder, StagedModel]:
     model = toy_model()
     rec = Recorder(model)
+    x = torch.randn((1, 6, 32))
     cat = build_catalog(
-        model, rec.evaluate, rec.with_codec, levels=LEVELS, repeats=2, warmup=0, window_s=2.0, calibrate=rec.calibrate
-    )
+        model, rec.evaluate, rec.with_codec, levels=LEVELS, repeats=2, warmup=0, window_s=2.0, calibrate=rec.calibrate,
+        prepare=lambda: (x - x.mean()) / x.std(), prep_ops=6 * 32,
+    )  # fmt: skip
     return cat, rec, model
 
 
@@ -253,8 +260,9 @@ def test_a_level_that_is_neither_smaller_nor_faster_is_dropped_with_its_reason(t
 
 def test_json_and_file_round_trip(built: tuple[ModelCatalog, Recorder, StagedModel], tmp_path: Path) -> None:
     cat, _, _ = built
+    assert cat.prep_ms > 0 and cat.prep_ops == 6 * 32  # the preprocessing, measured and recorded
     again = ModelCatalog.from_dict(json.loads(json.dumps(cat.to_dict())))
-    assert again == cat
+    assert again == cat and (again.prep_ms, again.prep_ops) == (cat.prep_ms, cat.prep_ops)
     path = save_catalog(cat, tmp_path)
     assert path == catalog_path("toy", tmp_path) == tmp_path / "toy.catalog.json"
     assert load_catalog("toy", tmp_path) == cat
@@ -279,6 +287,32 @@ def test_load_errors_say_what_to_do(built: tuple[ModelCatalog, Recorder, StagedM
     (tmp_path / "toy.catalog.json").rename(tmp_path / "other.catalog.json")
     with pytest.raises(ModelError, match="is for model 'toy'"):
         load_catalog("other", tmp_path)
+
+
+def test_a_catalog_measured_before_preprocessing_was_recorded_loads_with_none(
+    built: tuple[ModelCatalog, Recorder, StagedModel], tmp_path: Path
+) -> None:
+    cat, _, _ = built
+    old = cat.to_dict()
+    del old["prep_ms"], old["prep_ops"]
+    (tmp_path / "toy.catalog.json").write_text(json.dumps(old))
+    loaded = load_catalog("toy", tmp_path)
+    assert (loaded.prep_ms, loaded.prep_ops) == (0.0, 0)
+    assert replace(loaded, prep_ms=cat.prep_ms, prep_ops=cat.prep_ops) == cat
+    bare = build_catalog(toy_model(), lambda m: 0.9, lambda m, k, c: 0.9, levels=(1.0,), repeats=1, window_s=1.0)
+    assert bare.prep_ms == 0.0  # nothing to time: a model fed its input directly
+
+
+def test_update_prep_measures_the_preprocessing_into_the_file_and_keeps_the_rest(tmp_path: Path) -> None:
+    shipped = json.loads(catalog_path("uci_har").read_text())
+    old = {k: v for k, v in shipped.items() if k not in ("prep_ms", "prep_ops")}
+    (tmp_path / "uci_har.catalog.json").write_text(json.dumps(old, indent=1))
+    cat = update_prep("uci_har", tmp_path, repeats=3, warmup=0, trained=load_trained("uci_har"))
+    assert cat.prep_ms > 0 and cat.prep_ops == prep_ops("uci_har") == 9 * 128
+    new = json.loads((tmp_path / "uci_har.catalog.json").read_text())
+    assert (new.pop("prep_ms"), new.pop("prep_ops")) == (cat.prep_ms, cat.prep_ops)
+    assert new == old  # every other figure as it was
+    assert prep_ops("fsdd_digit") == log_mel_ops()
 
 
 def _tiny(**overrides: object) -> ModelCatalog:
@@ -317,6 +351,10 @@ def test_validation_names_the_problem() -> None:
         _tiny(stage_macs=(10,))
     with pytest.raises(ModelError, match="window_s"):
         _tiny(window_s=0.0)
+    with pytest.raises(ModelError, match="prep_ms"):
+        _tiny(prep_ms=-1.0)
+    with pytest.raises(ModelError, match="prep_ops"):
+        _tiny(prep_ops=1.5)
 
 
 # --- codecs that exist only at some cuts (ans at a bottleneck) ---------------------------------

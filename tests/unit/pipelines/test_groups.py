@@ -44,6 +44,13 @@ def test_accuracy_binds_the_worst_task() -> None:
     assert int8.accuracy[1] == pytest.approx(0.85)
 
 
+def test_the_window_is_preprocessed_once_as_the_first_member_does() -> None:
+    a = make_catalog([1.0, 2.0, 3.0], [400, 100, 800], base=0.9, name="a", prep_ms=0.3, prep_ops=1000)
+    b = make_catalog([1.0, 5.0, 1.0], [400, 100, 300], base=0.8, name="b", prep_ms=0.4, prep_ops=2000)
+    g = group_catalog([a, b], shared=1)
+    assert (g.prep_ms, g.prep_ops) == (0.3, 1000)
+
+
 def test_round_trips_through_json() -> None:
     a, b = _two()
     g = group_catalog([a, b], shared=1)

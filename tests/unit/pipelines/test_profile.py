@@ -10,7 +10,8 @@ import torch
 from torch import nn
 
 from pipelines.compress import compress_front_uniform, quantize_front_int8, svd_conv
-from pipelines.profile import ModelProfile, layer_macs, profile_model, stage_macs
+from pipelines.features import log_mel_ops
+from pipelines.profile import ModelProfile, layer_macs, prep_ops, profile_model, profile_prep, stage_macs
 from pipelines.stages import StagedModel
 from splitsense.errors import ModelError
 
@@ -111,3 +112,21 @@ def test_compressed_fronts_are_counted_correctly() -> None:
     q = profile_model(quantize_front_int8(model, 3), repeats=1, warmup=0)
     assert [s.macs for s in q.stages] == TOY_MACS  # int8 weights, same arithmetic
     assert q.front_params(4) == sum(TOY_PARAMS) + 64
+
+
+def test_profile_prep_is_the_median_on_one_thread_and_restores_the_thread_count() -> None:
+    threads = torch.get_num_threads()
+    seen: list[int] = []
+
+    def prepare() -> None:
+        seen.append(torch.get_num_threads())
+
+    assert profile_prep(prepare, repeats=7, warmup=2) >= 0.0
+    assert seen == [1] * 9 and torch.get_num_threads() == threads
+    with pytest.raises(ModelError, match="repeats"):
+        profile_prep(prepare, repeats=0)
+
+
+def test_prep_ops_of_the_shipped_models() -> None:
+    assert prep_ops("fsdd_digit") == prep_ops("fsdd_speaker") == log_mel_ops() > 0  # log-mel
+    assert prep_ops("uci_har") == 9 * 128  # one multiply-add per IMU value

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import math
+from dataclasses import replace
 from types import SimpleNamespace
 from typing import Any
 
@@ -11,7 +13,7 @@ import pytest
 import torch
 from prometheus_client import CollectorRegistry, Histogram
 
-from cloud.controller.costmodel import CloudState
+from cloud.controller.costmodel import Choice, CloudState, LinkState, device_prep_ms, estimate
 from cloud.stack import load_catalogs
 from edge.sources import RecordedWindow
 from pipelines.catalog import ModelCatalog, load_catalog
@@ -36,9 +38,9 @@ from tests.unit.cloud.controller.synthetic import make_catalog
 
 
 def test_reference_time_is_the_catalog_times_the_speed_factor() -> None:
-    cat = load_catalog("uci_har")
-    ref = ReferenceTime(cat, prep_ms=0.2, speed_factor=100.0)
-    assert ref(-1, 1.0, 123.0) == pytest.approx(20.0)  # preprocessing, whatever the host measured
+    cat = replace(load_catalog("uci_har"), prep_ms=0.2, prep_ops=1152)
+    ref = ReferenceTime(cat, speed_factor=100.0)
+    assert ref(-1, 1.0, 123.0) == pytest.approx(20.0)  # the catalog's preprocessing, whatever the host measured
     for i in range(cat.n_stages):
         assert ref(i, 1.0, 9.9) == pytest.approx(cat.stage_latency_ms[i] * 100.0)
     whole = sum(ref(i, 1.0, 0.0) for i in range(cat.n_stages))
@@ -48,6 +50,24 @@ def test_reference_time_is_the_catalog_times_the_speed_factor() -> None:
         low.front_latency_ms[-1] * 100.0
     )
     assert ref(0, 0.123, 0.0) == ref(0, 1.0, 0.0)  # a level the catalog lacks: the uncompressed time
+
+
+@pytest.mark.parametrize("cls", ["watch", "sensor_node"])  # speed factor; a MAC rate
+@pytest.mark.parametrize("name", ["uci_har", "fsdd_digit", "fsdd_speaker+fsdd_digit"])
+def test_reference_preprocessing_is_what_the_cost_model_charges(cls: str, name: str) -> None:
+    cat = load_catalogs(("fsdd_speaker", "fsdd_digit", "uci_har"))[name]  # and their task group
+    assert cat.prep_ms > 0 and cat.prep_ops > 0  # the shipped catalogs carry their preprocessing
+    dev = DEVICE_CLASSES[cls]
+    ref = ReferenceTime(cat, dev.speed_factor, dev.macs_per_s)
+    want = device_prep_ms(cat, cost_profile(dev))
+    assert want > 0 and ref(-1, 1.0, 0.0) == pytest.approx(want, rel=1e-12)
+    if dev.macs_per_s:
+        assert want == pytest.approx(cat.prep_ops / dev.macs_per_s * 1000.0)
+    else:
+        assert want == pytest.approx(cat.prep_ms * dev.speed_factor)
+    local = estimate(cat, cost_profile(dev), LinkState(1.0, 50.0), CloudState(), Choice(cat.n_stages))
+    stages = sum(ref(i, 1.0, 0.0) for i in range(cat.n_stages))
+    assert local.device_ms == pytest.approx(ref(-1, 1.0, 0.0) + stages)  # the simulator charges the plan's figure
 
 
 def test_device_windows_rotate_the_recording_and_keep_its_timing() -> None:
@@ -165,3 +185,63 @@ def test_cloud_input_forces_the_input_with_the_best_codec() -> None:
     # the watch's accuracy budget (1 point) rules out int8 (-2 points): fp16 is the smallest left
     assert (forced.cut, forced.codec, forced.level) == (0, Codec.FP16, 1.0)
     assert forced.why.startswith("policy cloud_input")
+
+
+async def test_the_ledger_books_exactly_the_energy_the_device_radio_state_charged() -> None:
+    """Window radio energy + the overhead no window carries (telemetry, the final tail) equals the
+    device radio state's total; the windows carry exactly the offloads' energy."""
+    import time as _time
+
+    from edge.radio import TrafficKind
+    from edge.runtime import EdgeDevice
+    from simulators.fleet import _Ledger
+    from simulators.hardware import SimulatedHardware
+    from simulators.link import ShapingSchedule
+    from simulators.scenario import DeviceSpec
+    from simulators.traces import Trace
+    from tests.unit.edge.test_runtime import MODEL, FakeTransport, config, plan_set, row, trained, windows
+
+    trace = Trace.constant(2.0)
+    schedule = ShapingSchedule(trace)
+    zero = _time.monotonic()
+    hw = SimulatedHardware(speed_factor=1.0, schedule=schedule, link_zero=lambda: zero)
+    device = EdgeDevice(
+        config(default_cut=3, radio="wifi", telemetry_period_s=0.05, deadline_ms=2000.0),
+        trained(MODEL),
+        FakeTransport(),
+        plan_set(1, row(1, Codec.ANS)),
+        hardware=hw,
+    )
+    spec = DeviceSpec(0, "d0", "phone", MODEL, trace, 0.0, 0, 0.0, 0)
+    out: list[Any] = []
+    ledger = _Ledger("adaptive", spec, DEVICE_CLASSES["phone"], 6, schedule, lambda: zero, zero, out, _NoProgress())
+    ledger.device = device
+    now = _time.monotonic()
+
+    async def paced() -> Any:
+        for i, w in enumerate(windows(MODEL, 6, t_emit=now)):
+            await asyncio.sleep(0.12 if i else 0.0)  # past WiFi's 238 ms tail every other window
+            yield replace(w, window_id=f"{w.window_id}@{i}")  # the fleet's ids: recording id @ index
+
+    await device.run(ledger.watch(paced()), progress=ledger.on_result)  # type: ignore[arg-type]
+    end = _time.monotonic()
+    ledger.close(end)
+    assert len(ledger.mine) == 6 and all(r.mode == "offloaded" for r in ledger.mine)
+    windows_mj = sum(r.radio_mj for r in ledger.mine)
+    assert windows_mj == pytest.approx(device.radio.energy_by_kind[TrafficKind.OFFLOAD])
+    assert device.radio.energy_by_kind[TrafficKind.TELEMETRY] > 0  # reports went and were charged
+    pending_tail = device.radio.energy_until(end) - device.radio.total_mj
+    assert ledger.overhead_mj == pytest.approx(
+        device.radio.energy_by_kind[TrafficKind.TELEMETRY]
+        + device.radio.energy_by_kind[TrafficKind.PROBE]
+        + pending_tail
+    )
+    assert windows_mj + ledger.overhead_mj == pytest.approx(device.radio.energy_until(end))
+    assert device.battery.capacity_mj - device.battery._left_mj == pytest.approx(
+        device.radio.total_mj + sum(r.compute_mj for r in ledger.mine), rel=1e-6
+    )
+
+
+class _NoProgress:
+    def window_done(self, policy: str, record: Any) -> None:
+        pass

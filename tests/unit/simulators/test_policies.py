@@ -162,6 +162,15 @@ def test_calibrated_catalog_replaces_host_latency_and_scales_levels() -> None:
         calibrated_catalog(cat, (1.0, -2.0, 1.0))
 
 
+def test_calibrated_catalog_takes_this_hosts_preprocessing_when_given() -> None:
+    cat = replace(toy_catalog(), prep_ms=0.3, prep_ops=1000)
+    assert calibrated_catalog(cat, (4.0, 12.0, 2.0)).prep_ms == 0.3  # not measured: the catalog's
+    cal = calibrated_catalog(cat, (4.0, 12.0, 2.0), host_prep_ms=0.5)
+    assert (cal.prep_ms, cal.prep_ops) == (0.5, 1000)
+    with pytest.raises(ConfigError):
+        calibrated_catalog(cat, (4.0, 12.0, 2.0), host_prep_ms=math.nan)
+
+
 def test_choice_text() -> None:
     cat = toy_catalog()
     assert choice_text(cat, Choice(3)) == "local"

@@ -10,11 +10,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from cloud.controller.costmodel import CloudState, DeviceCostProfile
+from pipelines.power import Radio
 from simulators.fleet import FleetResult, PolicyRun, WindowRecord
+from simulators.policies import PolicyInputs, policy_inputs
+from simulators.policies import budget_feasibility as budget_feasibility_of
 from simulators.report import (
     CLASS_KEYS,
     MECHANISM_KEYS,
     PLOTS,
+    budget_verdict,
     class_stats,
     comparison,
     render_summary,
@@ -24,7 +29,8 @@ from simulators.report import (
 )
 from simulators.scenario import DeviceSpec
 from simulators.traces import Trace
-from splitsense.config import Config
+from splitsense.config import ClassObjectiveConfig, Config
+from tests.unit.cloud.controller.synthetic import make_catalog
 
 POLICIES = ("adaptive", "all_local", "all_cloud", "cloud_input", "fixed_cut", "oracle")
 CLASSES = ("phone", "watch")
@@ -352,3 +358,136 @@ def test_paired_accuracy_drop_counts_only_windows_answered_differently() -> None
     assert n == 100 and drop == pytest.approx(0.10) and noise == pytest.approx(1.96 * math.sqrt(10) / 100)
     assert drop * 100 > 1.0 + noise * 100  # 10 points lost on 100 windows is a real breach
     assert paired_accuracy_drop(adaptive, []) == (0.0, 0.0, 0)
+
+
+# ---------------------------------------------------------------------------------------------
+# The device's bandwidth estimate against the truth
+
+
+def test_estimate_error_is_estimate_over_true_on_the_windows_that_sent_on_a_live_link() -> None:
+    def sent(estimate: float, true: float, mode: str = "offloaded", codec: str | None = "int8") -> WindowRecord:
+        return dataclasses.replace(_window(0, mode, codec), estimate_mbps=estimate, true_mbps=true)
+
+    counted = [sent(float(k), 1.0) for k in range(1, 10)] + [sent(10.0, 1.0, "deferred")]  # ratios 1..10
+    ignored = [
+        sent(5.0, 0.0),  # sent into an outage: no true bandwidth to compare with
+        sent(5.0, 1.0, "fallback"),  # the cloud never answered
+        sent(5.0, 1.0, "local", None),  # nothing sent
+    ]
+    err = class_stats(counted + ignored, 13)["estimate_error"]
+    ratios = np.arange(1.0, 11.0)
+    assert err == {
+        "median_ratio": pytest.approx(float(np.median(ratios))),
+        "p10_ratio": pytest.approx(float(np.percentile(ratios, 10))),
+        "p90_ratio": pytest.approx(float(np.percentile(ratios, 90))),
+        "windows": 10,
+    }
+    assert class_stats(ignored, 3)["estimate_error"] is None  # none to judge: null, the key stays
+    assert class_stats([], 3)["estimate_error"] is None
+
+
+def test_summary_and_report_give_each_offloading_policy_its_estimate_error(tmp_path: Path) -> None:
+    from rich.console import Console
+
+    result = _result()
+    out = summarize(result)
+    # the watch's adaptive windows: estimate 2 Mbit/s on a 1, 3 and 4 Mbit/s link (the outage window ran locally)
+    err = out["policies"]["adaptive"]["watch"]["estimate_error"]
+    assert err["windows"] == 3 and err["median_ratio"] == pytest.approx(2 / 3, abs=1e-4)
+    assert err["p10_ratio"] == pytest.approx(0.5333, abs=1e-4) and err["p90_ratio"] == pytest.approx(1.7333, abs=1e-4)
+    assert out["policies"]["all_local"]["watch"]["estimate_error"] is None  # never offloads
+    assert out["policies"]["cloud_input"]["phone"]["estimate_error"]["windows"] == 3
+    report = json.loads((write_report(result, tmp_path / "r") / "report.json").read_text())
+    assert report["policies"]["adaptive"]["watch"]["estimate_error"] == err
+    console = Console(record=True, width=200)
+    render_summary(result, console)
+    text = console.export_text()
+    assert "watch adaptive estimate/true: median 0.67 (p10 0.53, p90 1.73) over 3 offloaded windows" in text
+    assert "phone adaptive estimate/true" not in text  # adaptive keeps the phone local
+
+
+# ---------------------------------------------------------------------------------------------
+# Budgets no choice can meet
+
+SLOW_WATCH = DeviceCostProfile("watch", speed_factor=100.0, active_mw=400.0, idle_mw=25.0, radio=Radio.WIFI)
+WATCH_DEADLINE = ClassObjectiveConfig("energy", deadline_ms=300.0)  # the fixture's watch: least energy within 300 ms
+
+
+def _watch_inputs(fp32_bytes: list[int]) -> PolicyInputs:
+    # local: 2 stages x 5 ms x 100 = 1000 ms, never within 300 ms; what offloading takes depends on the bytes
+    return policy_inputs(make_catalog([5.0, 5.0], fp32_bytes), SLOW_WATCH, WATCH_DEADLINE, 20.0, CloudState())
+
+
+def _with_inputs(result: FleetResult, inputs: PolicyInputs, *, watch_extra_ms: float = 0.0) -> FleetResult:
+    for run in result.runs.values():
+        run.records = [
+            dataclasses.replace(r, latency_ms=r.latency_ms + watch_extra_ms) if r.device_class == "watch" else r
+            for r in run.records
+        ]
+    result.extra["policy_inputs"] = {"watch": inputs}
+    return result
+
+
+def test_budget_feasibility_is_the_planners_test_per_bandwidth() -> None:
+    small = _watch_inputs([1000, 100])  # the input goes up in ~110 ms at 1 Mbit/s; nothing goes up at 0
+    feas = budget_feasibility_of(small, [0.0, 1.0, 3.0, 0.0])
+    assert feas.budget == "deadline" and feas.limit == 300.0
+    assert feas.feasible.tolist() == [False, True, True, False] and feas.share == 0.5
+    assert feas.least[0] == pytest.approx(1000.0) and feas.least[1] < 300.0
+    huge = _watch_inputs([10_000_000, 100])  # 80 Mbit: seconds at any of these rates
+    assert not budget_feasibility_of(huge, [1.0, 4.0]).feasible.any()
+    assert budget_feasibility_of(huge, []).share is None
+
+
+def test_a_budget_infeasible_at_some_windows_says_so_instead_of_exceeded() -> None:
+    from rich.console import Console
+
+    result = _with_inputs(_result(), _watch_inputs([1000, 100]), watch_extra_ms=400.0)
+    budget = comparison(result)["watch"]["budget"]
+    # the watch's windows at 1, 0 (outage), 3 and 4 Mbit/s: no choice answers within 300 ms in the outage
+    assert budget["feasible_share"] == 0.75 and budget["windows"] == 4
+    assert budget["least_where_infeasible"] == pytest.approx(1000.0)  # local, the only choice at 0 Mbit/s
+    assert not any(budget["within"].values())  # every policy's mean is over the deadline ...
+    verdict = budget_verdict(budget)  # ... but the summary does not say "exceeded by" all of them
+    assert verdict == (
+        "infeasible for every choice at 25% of windows (the least any choice reached there: median 1000 ms); "
+        "no policy within it on average"
+    )
+    console = Console(record=True, width=300)
+    render_summary(result, console)
+    assert f"latency_ms_mean <= 300: {verdict}" in " ".join(console.export_text().split())
+
+
+def test_a_budget_no_choice_ever_meets_is_infeasible_at_every_window() -> None:
+    result = _with_inputs(_result(), _watch_inputs([10_000_000, 100]), watch_extra_ms=400.0)
+    budget = comparison(result)["watch"]["budget"]
+    assert budget["feasible_share"] == 0.0
+    verdict = budget_verdict(budget)
+    assert verdict.startswith("infeasible for every choice at 100% of windows") and "exceeded" not in verdict
+
+
+def test_a_feasible_budget_keeps_its_exceeded_verdict() -> None:
+    # feasible at every window (no outage in these bandwidths) but two policies over it on average
+    budget = {"within": {"adaptive": True, "all_cloud": False, "oracle": True, "fixed_cut": False}}
+    assert budget_verdict({**budget, "feasible_share": 1.0}) == "exceeded by all_cloud, fixed_cut"
+    assert budget_verdict({**budget, "feasible_share": None}) == "exceeded by all_cloud, fixed_cut"
+    everyone = {"within": {"adaptive": False, "oracle": False}, "feasible_share": 1.0}
+    assert budget_verdict(everyone) == (
+        "exceeded by adaptive, oracle (though the cost model had a choice within it at every window)"
+    )
+    partly = {**budget, "feasible_share": 0.996, "least_where_infeasible": None}
+    assert budget_verdict(partly) == "infeasible for every choice at <1% of windows; exceeded by all_cloud, fixed_cut"
+    # without the class's policy inputs the report cannot tell: no share, the old verdict
+    plain = comparison(_result())["watch"]["budget"]
+    assert plain["feasible_share"] is None and plain["windows"] is None and budget_verdict(plain) == "all within"
+
+
+def test_where_nothing_the_device_holds_can_run_there_is_no_least_value() -> None:
+    # the node holds no front at all: in the outage nothing runs; on the link the input goes up
+    cat = make_catalog([5.0, 5.0], [1000, 100])
+    no_room = {(1, 1.0): "no room", (2, 1.0): "no room"}
+    inputs = policy_inputs(cat, SLOW_WATCH, WATCH_DEADLINE, 20.0, CloudState(), no_room)
+    assert budget_feasibility_of(inputs, [0.0]).least.tolist() == [math.inf]
+    budget = comparison(_with_inputs(_result(), inputs))["watch"]["budget"]
+    assert budget["feasible_share"] == 0.75 and budget["least_where_infeasible"] is None
+    assert budget_verdict(budget) == "infeasible for every choice at 25% of windows; every policy within it on average"

@@ -21,10 +21,13 @@ def make_catalog(
     window_s: float = 1.0,
     result_bytes: int = 40,
     name: str = "synthetic",
+    prep_ms: float = 0.0,
+    prep_ops: int = 0,
 ) -> ModelCatalog:
     """Synthetic catalog (same shape as test_costmodel's): per-stage latency, fp32 bytes per cut
     0..N-1, per level a latency factor per stage and an accuracy drop per cut 0..N, per codec an
-    accuracy drop per cut 0..N-1 (fp16 halves the bytes, int8 quarters them)."""
+    accuracy drop per cut 0..N-1 (fp16 halves the bytes, int8 quarters them); no preprocessing unless
+    `prep_ms`/`prep_ops` say so."""
     n = len(stage_ms)
     level_factors, level_drops, codec_drops = level_factors or {}, level_drops or {}, codec_drops or {}
 
@@ -67,11 +70,14 @@ def make_catalog(
         base_accuracy=base,
         levels=tuple(levels),
         codecs=tuple(codecs),
+        prep_ms=prep_ms,
+        prep_ops=prep_ops,
     )
 
 
 @st.composite
-def catalogs(draw: st.DrawFn) -> ModelCatalog:
+def catalogs(draw: st.DrawFn, prep: bool = False) -> ModelCatalog:
+    """A synthetic catalog; `prep`: with a window preprocessing (prep_ms, prep_ops) too."""
     n = draw(st.integers(2, 6))
     stage_ms = draw(st.lists(st.floats(0.01, 50.0), min_size=n, max_size=n))
     fp32_bytes = draw(st.lists(st.integers(4, 2_000_000), min_size=n, max_size=n))
@@ -90,6 +96,8 @@ def catalogs(draw: st.DrawFn) -> ModelCatalog:
         base=draw(st.floats(0.5, 1.0)),
         window_s=draw(st.sampled_from([0.05, 1.0, 2.56, 20.0])),
         result_bytes=draw(st.integers(0, 4096)),
+        prep_ms=draw(st.floats(0.001, 5.0)) if prep else 0.0,
+        prep_ops=draw(st.integers(1, 2_000_000)) if prep else 0,
     )
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -15,6 +16,7 @@ from cloud.controller.costmodel import (
     LinkState,
     TelemetryStats,
     choices_of,
+    device_prep_ms,
     device_stage_ms,
     estimate,
     estimate_grid,
@@ -27,6 +29,9 @@ from tests.unit.cloud.controller.synthetic import catalogs, clouds, devices, mak
 
 DEVICE = DeviceCostProfile("phone", speed_factor=2.0, active_mw=2000.0, idle_mw=11.4, radio=Radio.LTE)
 
+
+# a class with a speed factor, or a microcontroller that times MACs (and preprocessing operations)
+any_devices = st.one_of(devices, st.builds(replace, devices, macs_per_s=st.floats(1e6, 1e10)))
 
 links = st.builds(
     LinkState,
@@ -42,8 +47,8 @@ def _close(a: float, b: float) -> bool:
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
-    cat=catalogs(),
-    device=devices,
+    cat=catalogs(prep=True),
+    device=any_devices,
     link_list=st.lists(links, min_size=1, max_size=3),
     cloud=clouds,
     data=st.data(),
@@ -104,6 +109,36 @@ def test_local_choice_costs_only_device_compute() -> None:
     assert est.transfer_ms == est.cloud_ms == 0.0 and est.total_ms == pytest.approx(12.0)
     assert est.energy_mj == pytest.approx(2000.0 * 0.012)  # 2 W x 12 ms
     assert est.breakdown["radio_mj"] == 0.0 and est.accuracy == cat.base_accuracy
+
+
+MCU = DeviceCostProfile("mcu", 3000.0, 10.0, 0.5, Radio.BLE, macs_per_s=18e6)
+
+
+@pytest.mark.parametrize(("device", "prep_ms"), [(DEVICE, 0.3 * 2.0), (MCU, 990_810 / 18e6 * 1000.0)])
+def test_every_choice_pays_the_preprocessing(device: DeviceCostProfile, prep_ms: float) -> None:
+    bare = make_catalog([1.0, 2.0, 3.0], [400, 800, 40], level_factors={0.5: [0.5, 0.5, 0.5]},
+                        codec_drops={Codec.INT8: [0.0, 0.0, 0.0]})  # fmt: skip
+    cat = replace(bare, prep_ms=0.3, prep_ops=990_810)
+    assert device_prep_ms(cat, device) == pytest.approx(prep_ms)  # prep_ms x speed, or prep_ops at the MAC rate
+    assert device_prep_ms(bare, device) == 0.0  # a catalog measured before preprocessing was recorded
+    links = [LinkState(1.0, 50.0), LinkState(0.0, 50.0)]
+    grid, bare_grid = (estimate_grid(c, device, links, CloudState()) for c in (cat, bare))
+    assert len({c.cut for c in grid.choices}) == cat.n_stages + 1  # k = 0..N, cut 0 included
+    prep_mj = device.active_mw * prep_ms / 1000.0
+    for b, link in enumerate(links):
+        for m, choice in enumerate(grid.choices):
+            est, without = estimate(cat, device, link, CloudState(), choice), bare_grid.estimate(b, m)
+            assert est.device_ms == pytest.approx(without.device_ms + prep_ms), choice
+            assert est.total_ms == pytest.approx(without.total_ms + prep_ms) or math.isinf(est.total_ms)
+            assert est.energy_mj == pytest.approx(without.energy_mj + prep_mj) or math.isinf(est.energy_mj)
+            assert est.breakdown["compute_mj"] == pytest.approx(without.breakdown["compute_mj"] + prep_mj)
+            assert est.breakdown["prep_device_ms"] == pytest.approx(prep_ms)
+            assert est.breakdown["prep_mj"] == pytest.approx(prep_mj)
+            assert without.breakdown["prep_device_ms"] == without.breakdown["prep_mj"] == 0.0
+            got = grid.estimate(b, m)  # the grid charges it the same
+            for name in ("device_ms", "total_ms", "energy_mj"):
+                assert _close(getattr(got, name), getattr(est, name)), (name, choice)
+            assert dict(got.breakdown) == pytest.approx(dict(est.breakdown))
 
 
 def test_offload_terms_follow_the_docs() -> None:

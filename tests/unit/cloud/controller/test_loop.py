@@ -39,7 +39,7 @@ from pipelines.devices import DeviceClass
 from pipelines.power import Radio
 from splitsense.config import ClassObjectiveConfig, Config, ControllerConfig, PlannerConfig
 from splitsense.errors import ConfigError, DependencyError, PlanError
-from splitsense.plan import Objective, Plan, PlanSet
+from splitsense.plan import BatteryState, Objective, Plan, PlanSet
 
 MODEL, CLASS = "toy", "board"
 N = 3
@@ -210,6 +210,29 @@ async def test_a_quarter_of_the_class_on_low_battery_switches_its_normal_rows_to
     source.snapshot_value = snap(rtt_p50_ms=5.0, battery_p25=0.35)
     back = await ctl.run_once()
     assert back is not None and plan_of(back).objective is Objective.LATENCY and row(back, 1.0) == (N, Codec.FP32)
+
+
+async def test_rows_whose_budget_no_choice_meets_are_counted_per_class_model_and_budget() -> None:
+    # 1 mW x the 1-s window = 1 mJ: local (174 mJ) and offloading (~50 mJ) both exceed it
+    tight = ClassObjectiveConfig("latency", energy_budget_mw=1.0, deadline_ms=300.0)
+    cfg = dataclasses.replace(config(), planner=PlannerConfig(classes={CLASS: tight}))
+    source, store, registry = FakeSource(), FakeStore(), CollectorRegistry()
+    ctl = Controller(cfg, source, store, {MODEL: toy_catalog()}, {CLASS: BOARD}, registry, clock=Clock())
+    published = await ctl.run_once()
+    assert published is not None
+    normal = plan_of(published).rows_for(BatteryState.NORMAL)
+    assert all(r.reason.startswith("infeasible: energy budget 1.0 mJ met by no choice; ") for r in normal)
+
+    def gauge(budget: str) -> float | None:
+        labels = {"device_class": CLASS, "model": MODEL, "budget": budget}
+        return registry.get_sample_value("splitsense_controller_infeasible_rows", labels)
+
+    assert gauge("energy") == len(normal)  # every NORMAL row
+    assert gauge("deadline") == 0  # the LOW rows meet their 300-ms deadline
+    # a budget every row can meet: the gauge follows the next plan
+    ctl.config = config()
+    await ctl.run_once()
+    assert gauge("energy") == 0 and gauge("deadline") == 0
 
 
 # --- failures --------------------------------------------------------------------------------

@@ -16,9 +16,11 @@ from cloud.controller.costmodel import (
     DeviceCostProfile,
     LinkState,
     TelemetryStats,
+    choices_of,
     estimate,
 )
 from cloud.controller.planner import (
+    INFEASIBLE_PREFIXES,
     ClassInputs,
     Constraints,
     PlannerInputs,
@@ -27,6 +29,7 @@ from cloud.controller.planner import (
     changed_rows,
     dads_min_cut,
     exhaustive_best,
+    infeasible_rows,
     inputs_from_config,
     neurosurgeon_argmin,
     plan_fleet,
@@ -173,7 +176,7 @@ def test_every_row_is_the_exhaustive_optimum(
             assert row.cut == n
         latency_first = cons.objective is Objective.LATENCY
         if feasible:
-            assert "best effort" not in row.reason
+            assert "infeasible" not in row.reason
             primary = ours.total_ms if latency_first else ours.energy_mj
             want = best_est.total_ms if latency_first else best_est.energy_mj
             assert primary == pytest.approx(want, rel=1e-9, abs=1e-9), (row, best)
@@ -182,7 +185,8 @@ def test_every_row_is_the_exhaustive_optimum(
             else:
                 assert ours.total_ms <= cons.deadline_ms * (1 + 1e-6)
         else:
-            assert row.reason.startswith("best effort") or "; best effort" in row.reason
+            budget = "energy" if latency_first else "deadline"
+            assert row.reason.startswith(INFEASIBLE_PREFIXES[budget])
             violated = ours.energy_mj if latency_first else ours.total_ms
             want = best_est.energy_mj if latency_first else best_est.total_ms
             assert violated == pytest.approx(want, rel=1e-9, abs=1e-9)
@@ -191,7 +195,7 @@ def test_every_row_is_the_exhaustive_optimum(
         assert f"at {row.min_bandwidth_mbps:g} Mbit/s" in row.reason and f"rtt {rtt:g} ms" in row.reason
         assert f"cut {row.cut} (" in row.reason and f"level {row.compression_energy_kept:g}" in row.reason
         if row.battery is BatteryState.LOW:
-            assert "battery low" in row.reason and ("least energy" in row.reason or "best effort" in row.reason)
+            assert "battery low" in row.reason and ("least energy" in row.reason or "infeasible" in row.reason)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -314,17 +318,33 @@ def test_low_battery_rows_minimise_energy() -> None:
     assert plan.lookup(20.0, 0.1, 0.2) == low and plan.lookup(20.0, 0.9, 0.2) == normal
 
 
-def test_infeasible_budget_falls_back_to_best_effort_and_says_so() -> None:
+def test_an_infeasible_budget_takes_the_least_violating_choice_and_says_so() -> None:
     cat = offload_pays_in_latency_not_energy()
     inputs = single(cat, SLOW_FRUGAL, rtt_ms=10.0, energy_budget_mw=0.001, deadline_ms=1.0, edges=(10.0,))
     plan_set = plan_fleet(inputs)
     (plan,) = plan_set.plans
     normal, low = the_row(plan, BatteryState.NORMAL, 20.0), the_row(plan, BatteryState.LOW, 20.0)
-    assert normal.reason.startswith("best effort, no choice meets energy <= 0.0 mJ: least energy")
-    assert normal.cut == cat.n_stages  # local is the least energy here
-    assert low.reason.startswith("best effort, no choice meets the 1 ms deadline: least latency")
-    assert low.cut < cat.n_stages  # offloading is the least latency here
-    assert "best-effort rows" in plan_set.reason
+    every = [estimate(cat, SLOW_FRUGAL, LinkState(10.0, 10.0), inputs.cloud, c) for c in choices_of(cat)]
+    # the energy budget (0.001 mW x 2 s) is met by no choice: the least energy one, local, is taken
+    least_energy = min(e.energy_mj for e in every)
+    assert normal.cut == cat.n_stages and normal.predicted_energy_mj == pytest.approx(least_energy)
+    assert normal.reason.startswith(
+        f"infeasible: energy budget 0.0 mJ met by no choice; least energy any choice reaches {least_energy:.1f} mJ ("
+    )
+    assert f": cut {cat.n_stages} (local) level 1; local " in normal.reason
+    # the 1 ms deadline of the LOW row: nothing is that fast; offloading is the least latency
+    least_latency = min(e.total_ms for e in every)
+    assert low.cut < cat.n_stages and low.predicted_latency_ms == pytest.approx(least_latency)
+    assert low.reason.startswith(
+        f"infeasible: deadline 1 ms met by no choice; least latency any choice reaches {least_latency:.1f} ms ("
+    )
+    # both buckets, [0, 10) and [10, inf): 4 rows, counted per class, model and budget (what the
+    # controller exports)
+    assert "4 infeasible rows (no choice meets their energy budget or deadline)" in plan_set.reason
+    assert infeasible_rows(plan_set) == {("watch", cat.model, "energy"): 2, ("watch", cat.model, "deadline"): 2}
+    met = plan_fleet(single(cat, SLOW_FRUGAL, rtt_ms=10.0, energy_budget_mw=1e6, deadline_ms=1e6, edges=(10.0,)))
+    assert infeasible_rows(met) == {("watch", cat.model, "energy"): 0, ("watch", cat.model, "deadline"): 0}
+    assert "infeasible" not in met.reason
 
 
 def test_cloud_unavailable_forces_local_rows_with_the_reason() -> None:
@@ -427,7 +447,9 @@ def test_inputs_from_config_plans_every_class_of_the_config() -> None:
     plan_a = ps.get("a", "phone")
     assert plan_a is not None and "device telemetry 3/3 stages" in plan_a.rows[0].reason
     watch = ps.get("a", "watch")
-    assert watch is not None and all(r.reason.startswith("local only (breaker open)") for r in watch.rows)
+    assert watch is not None  # local only, after the verdict where its budget is infeasible (600 ms, 240 mJ)
+    assert all(r.reason.startswith(("local only (breaker open)", "infeasible: ")) for r in watch.rows)
+    assert all("local only (breaker open); " in r.reason for r in watch.rows)
     PlanSet.from_json(ps.to_json())  # what goes to the plan store round-trips
     with pytest.raises(ConfigError, match="no planner objective"):
         inputs_from_config(cfg, {"toaster": devices["phone"]}, {"toaster": 1.0}, cats, CloudState())
@@ -491,7 +513,7 @@ def test_rows_never_choose_a_front_that_does_not_fit(
     cls = inputs.classes[0]
     for row in plan.rows:
         why = front_fits(device, cat, row.cut, row.compression_energy_kept)
-        if row.reason.startswith("NO choice fits"):
+        if row.reason.startswith("NO choice fits") or "met by no choice; NO choice fits" in row.reason:
             assert why is not None and why in row.reason
             continue
         assert why is None, row.reason
