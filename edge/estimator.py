@@ -35,6 +35,11 @@ current estimate):
 * the noise of a call's time is the configured jitter or, when the innovations show more (a
   cloud's batching waits, a busy scheduler), what they show (Sage-Husa's adaptive estimate), so
   small calls on a noisy path stop moving the rate;
+* a call faster than its round trips alone moves only the round trip, and a round-trip sample (a
+  ping, a tiny code) slower than predicted is queueing, not propagation, and moves nothing unless
+  the next one is slow too (BBR's RTprop is the minimum recent round trip for the same reason);
+* one call changes the rate by a factor of 2 at most (real links rarely halve or double between
+  two windows; several calls in a row follow any change);
 * a sample far outside its predicted spread is clipped to 3 sigma (one event-loop stall must not
   move it far; a real change of the link shows in the next samples too, and the random walk's
   growing uncertainty lets them through); a call more than 2x (+ 50 ms) slower than predicted
@@ -66,6 +71,7 @@ _GATE_SIGMA = 3.0
 _NOISE_ALPHA = 0.05  # the learned noise follows the last ~20 calls ...
 _NOISE_SETTLE = 10  # ... after the first 10 (the prior's error is not noise)
 _NOISE_MAX_S = 0.02  # and says at most 20 ms (1 sigma): more is a stall or a changed link
+_MAX_STEP = 2.0  # the most one call changes the rate by (either way)
 _STALL_FACTOR = 2.0  # a call this many times slower than predicted (+ _STALL_S) is a stall ...
 _STALL_S = 0.05
 _STALLS_TO_BELIEVE = 2  # ... unless it is the second in a row
@@ -115,6 +121,7 @@ class LinkEstimator:
         self._t: float | None = None  # time of the last predict step
         self._samples: deque[tuple[float, bool]] = deque(maxlen=256)  # (t, informs bandwidth)
         self._stalls = 0  # stalls in a row (see record_transfer)
+        self._slow_rtts = 0  # slow round-trip samples in a row (see record_transfer)
         self._learned_noise = 0.0  # EWMA of the innovations' excess variance (Sage-Husa), s^2
         self._updates = 0
 
@@ -206,7 +213,28 @@ class LinkEstimator:
             self._samples.append((now, False))
             return TransferSample(network_s, predicted, self.bandwidth_mbps, self.rtt_ms, False)
         self._stalls = 0
-        self._update(network_s, predicted, h_r, h_s)
+        floor = self._r * h_r  # the round trips alone: what the call takes on an infinitely fast link
+        if network_s < floor:
+            # Faster than the round trips alone allow: no rate explains it, the round trip is
+            # shorter than believed. Only the round trip moves (else a too-high rtt, e.g. from a
+            # ping that queued behind an upload, would double the rate call after call).
+            self._p[0][0] = max(self._p[0][0], ((floor - network_s) / h_r) ** 2)
+            self._update(network_s, predicted, h_r, 0.0)
+        elif (
+            self._updates > _NOISE_SETTLE
+            and h_s < 0.1 * self._r
+            and network_s - predicted > 2.0 * math.sqrt(self._p[0][0] + self._noise(network_s))
+            and self._slow_rtts < 1
+        ):
+            # A round-trip sample (its bytes say almost nothing about the rate) slower than
+            # predicted: queueing or the cloud's handling, not propagation, unless the next one is
+            # too. (BBR keeps the minimum recent round trip as its RTprop for the same reason.)
+            self._slow_rtts += 1
+            self._samples.append((now, False))
+            return TransferSample(network_s, predicted, self.bandwidth_mbps, self.rtt_ms, False)
+        else:
+            self._slow_rtts = 0
+            self._update(network_s, predicted, h_r, h_s)
         self._samples.append((now, informs))
         return TransferSample(network_s, predicted, self.bandwidth_mbps, self.rtt_ms, informs)
 
@@ -246,7 +274,9 @@ class LinkEstimator:
             self._learned_noise = min(max(learned, 0.0), _NOISE_MAX_S**2)
         k0, k1 = ph0 / s, ph1 / s
         self._r = max(self._r + k0 * nu, 0.0)
-        self._s = min(max(self._s + k1 * nu, _MIN_S), _MAX_S)
+        # One call moves the rate by a factor of 2 at most: a small call's time is mostly round trip,
+        # and its noise, leaking through the state's correlations, must not send the rate to a bound.
+        self._s = min(max(self._s + k1 * nu, self._s / _MAX_STEP, _MIN_S), self._s * _MAX_STEP, _MAX_S)
         # Joseph form, P = (I - K H) P (I - K H)^T + K R K^T: stays symmetric and positive
         a00, a01 = 1.0 - k0 * h_r, -k0 * h_s
         a10, a11 = -k1 * h_r, 1.0 - k1 * h_s

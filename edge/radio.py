@@ -67,6 +67,7 @@ class TrafficKind(StrEnum):
     OFFLOAD = "offload"  # a window's activation and its answer
     PROBE = "probe"  # a breaker probe sent in the background while the window ran locally
     TELEMETRY = "telemetry"  # a telemetry report
+    PING = "ping"  # an empty round trip that times the link (GetPlan for a version no plan reaches)
 
 
 @dataclass(frozen=True)

@@ -94,6 +94,9 @@ log = logging.getLogger(__name__)
 _TRANSPORT_GRACE_S = 0.05
 _TELEMETRY_TIMEOUT_S = 2.0
 _TELEMETRY_ANSWER_BYTES = 8  # ReportTelemetryResponse: the newest plan version
+_PING_VERSION = 2**62  # a plan version no plan set reaches: the broker answers GetPlan with nothing
+_PING_BYTES = 48  # GetPlanRequest: device class, model, version
+_PING_ANSWER_BYTES = 2  # an empty GetPlanResponse
 _BYTES_PER_LOGIT = 4  # float32 on the wire
 _SERVER_EWMA_ALPHA = 0.2  # the cloud's queue + compute per window, smoothed for the hedge's expectation
 _REQUEST_OVERHEAD_BYTES = 160  # an OffloadRequest's fields besides the activation (ids, estimates)
@@ -344,6 +347,7 @@ class EdgeDevice:
         self.radio = RadioState(radio_model(config.radio), clock, hint_mbps=hint)
         self.estimator = LinkEstimator(config.estimator, clock, hint_mbps=hint)
         self._server_s: float | None = None  # smoothed cloud queue + compute per window
+        self._answered = 0  # offloads answered so far (the first warms the path: not a link sample)
         self.metrics = metrics or EdgeMetrics(config.model, config.device_class)
         self.battery = Battery(config.battery_mwh, config.battery_initial_fraction, config.on_battery)
         self._default = self._default_choice()
@@ -749,6 +753,7 @@ class EdgeDevice:
         timeout_s = c.deadline_ms / 1000.0
         ticket = self.radio.begin(traffic)
         sent = ticket.start_s
+        streams = getattr(self.transport, "streams_opened", 0)
         retry_after_s = 0.0
         response: OffloadResponse | None = None
         try:
@@ -803,9 +808,13 @@ class EdgeDevice:
             self._server_s = server_s if self._server_s is None else (1 - a) * self._server_s + a * server_s
             # Not the link's doing: the cloud's queue and compute, and the promotion this call paid
             # (the device's own radio state says whether there was one).
+            # Not a sample of the link: a call across a link loss (it timed the outage) or one that
+            # set up a stream or connection first (extra round trips, the cloud's first call).
             changed = self.radio.link_changed_s
-            if changed is None or changed < sent:  # a call across a link loss times the outage, not the link
+            warm = getattr(self.transport, "streams_opened", 0) == streams and self._answered > 0
+            if (changed is None or changed < sent) and warm:
                 self.estimator.record_transfer(up_bytes, down_bytes, elapsed, server_s, ticket.promotion_s)
+            self._answered += 1
             return _Attempt(response, None, "", sent, elapsed, transfer)
         now = self._clock()
         transfer = self._end_call(call, ticket, up_bytes, 0, answered=False)
@@ -1295,9 +1304,37 @@ class EdgeDevice:
             self._end_call(call, ticket, up_bytes, 0, answered=False)
             self.metrics.restore(report)
         else:
-            elapsed = self._clock() - ticket.start_s
+            # Not a link sample: the broker's handling of a report (it updates its metrics) is
+            # unknown time; the ping below is one, on the radio this report just woke.
             self._end_call(call, ticket, up_bytes, _TELEMETRY_ANSWER_BYTES, answered=True)
-            self.estimator.record_transfer(up_bytes, _TELEMETRY_ANSWER_BYTES, elapsed, 0.0, ticket.promotion_s)
+        await self._ping()
+
+    async def _ping(self) -> None:
+        """A round trip of an (almost) empty call: GetPlan with a version no plan reaches, which
+        the broker answers at once with nothing. Small calls inform the estimator's round trip,
+        which offloads of one size alone cannot tell apart from the rate (a cheap probe, as the
+        streaming literature's packet-pair is for the rate). Sent with each telemetry report, when
+        the radio is already awake."""
+        assert self.transport is not None
+        ticket = self.radio.begin(TrafficKind.PING)
+        call = _Call()
+        try:
+            await self.hardware.promote(ticket.promotion_s)
+            await self.transport.get_plan(
+                self.config.device_class, [self.config.model], _PING_VERSION, _TELEMETRY_TIMEOUT_S
+            )
+        except asyncio.CancelledError:
+            self._end_call(call, ticket, _PING_BYTES, 0, answered=False)
+            raise
+        except Exception as e:  # best effort, like telemetry
+            log.debug("ping failed: %s", e)
+            self._end_call(call, ticket, _PING_BYTES, 0, answered=False)
+        else:
+            elapsed = self._clock() - ticket.start_s
+            self._end_call(call, ticket, _PING_BYTES, _PING_ANSWER_BYTES, answered=True)
+            changed = self.radio.link_changed_s
+            if changed is None or changed < ticket.start_s:
+                self.estimator.record_transfer(_PING_BYTES, _PING_ANSWER_BYTES, elapsed, 0.0, ticket.promotion_s)
 
     async def _final_report(self) -> None:
         if self._telemetry_task is not None and not self._telemetry_task.done():

@@ -199,6 +199,9 @@ class GrpcTransport:
         self._stream: _Stream | None = None
         self._stream_supported = True
         self._closed = False
+        # OffloadStreams opened so far: a call that opened one paid its set-up (and the channel's
+        # connection, if it was the first), so the runtime does not time the link by it
+        self.streams_opened = 0
 
     # --- channel ----------------------------------------------------------------------------
 
@@ -318,6 +321,7 @@ class GrpcTransport:
         stream = _Stream(stub.OffloadStream(metadata=self._metadata))
         stream.reader = asyncio.ensure_future(self._read(stream))
         self._stream = stream
+        self.streams_opened += 1
         return stream
 
     def _stream_error(self, e: grpc.aio.AioRpcError) -> OffloadError:

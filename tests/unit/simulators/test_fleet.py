@@ -234,6 +234,7 @@ async def test_the_ledger_books_exactly_the_energy_the_device_radio_state_charge
     assert ledger.overhead_mj == pytest.approx(
         device.radio.energy_by_kind[TrafficKind.TELEMETRY]
         + device.radio.energy_by_kind[TrafficKind.PROBE]
+        + device.radio.energy_by_kind[TrafficKind.PING]
         + pending_tail
     )
     assert windows_mj + ledger.overhead_mj == pytest.approx(device.radio.energy_until(end))
