@@ -28,8 +28,8 @@ refused (the store was full), expired (stored past its age bound), rejected (the
 it, so no retry can help), codec (it could not be encoded), pending (still stored when the device
 stopped).
 
-Labels are low-cardinality only (never ids): the fallbacks' `reason` is a `FailureKind` value of
-edge/breaker.py or "codec" (the activation could not be encoded).
+Labels are low-cardinality only (never ids): the fallbacks' `reason` is the result's typed kind
+(edge/route.py FallbackKind: unavailable, deadline, rejected, shed, error, late, codec).
 """
 
 from __future__ import annotations
@@ -132,7 +132,7 @@ class EdgeMetrics:
 
     def observe(self, result: WindowResult, fallback_reason: str | None = None) -> None:
         """Count one finished window. `fallback_reason` is the low-cardinality label of a
-        fallback (its `result.reason` carries the full text)."""
+        fallback (a FallbackKind value; `result.reason` carries the full text)."""
         m, dc, mode = self.model, self.device_class, result.mode.value
         self.windows.labels(m, dc, str(result.cut), mode).inc()
         self.latency.labels(m, dc, mode).observe(result.latency_ms / 1000.0)
