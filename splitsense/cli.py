@@ -880,7 +880,9 @@ def simulate_cmd(
 @app.command("demo")
 @friendly
 def demo_cmd(
-    devices: int = typer.Option(None, "--devices", "-n", help="Devices (default 12: 4 phones, 4 boards, 4 watches)."),
+    devices: int = typer.Option(
+        None, "--devices", "-n", help="Devices (default 12: 3 each of phone, board, watch, sensor node)."
+    ),
     duration: float = typer.Option(None, "--duration", "-d", help="Seconds per policy (default 20)."),
     report_dir: Path = typer.Option(None, help="Report folder (default: reports/<timestamp>/)."),
     in_process: bool = typer.Option(False, "--in-process", help="Run the tails in this process instead of Ray Serve."),
