@@ -31,7 +31,7 @@ Energy per window (mJ), with the power model the controller uses:
              tail since the previous call, the connected wait): the energy of this window's own
              calls, their bytes' time on air taken from the true trace
     wait     idle_mw x the time the device waited for the cloud's answer
-Radio energy that belongs to no window (telemetry reports, breaker probes, the tail still pending
+Radio energy that belongs to no window (telemetry reports and their pings, breaker probes, the tail still pending
 when the run ends) is each device's `radio_overhead_mj` (PolicyRun): window radio energy plus that
 overhead equals the device radio state's total, by construction and by test.
 

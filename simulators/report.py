@@ -112,8 +112,8 @@ ORACLE_MARGIN = 0.15  # adaptive must come within 15% of the oracle
 ACCURACY_POINTS = 1.0  # adaptive accuracy within 1 point of the local full model
 
 _STRETCHED = {
-    "reference": "each stage's host time from the model's catalog (this host, uncontended: the basis of "
-    "the speed factors; preprocessing: its median measured at start)",
+    "reference": "each stage's and the preprocessing's host time from the model's catalog (this host, "
+    "uncontended: the basis of the speed factors, and what the planner's cost model uses)",
     "measured": "the CPU time this host's thread actually took for the window",
 }
 
@@ -123,10 +123,13 @@ def simulated_hardware_note(compute_time: str) -> str:
     return (
         "Devices are simulated hardware: their preprocessing and stages run for real on this host (one "
         f"torch thread), and {_STRETCHED.get(compute_time, compute_time)} is stretched by the class's speed "
-        "factor, the device waiting out the difference. A transfer after the radio went idle first waits "
-        "the radio's promotion delay. Energy is the class's active power times the stretched compute time, "
-        "plus radio energy on the true link (Huang et al. 2012 model with promotion and tails, as the "
-        "controller uses), plus idle power while waiting for the cloud."
+        "factor, the device waiting out the difference (a microcontroller: MACs at its rate). A call after "
+        "the radio went idle first waits the promotion the device's own radio state says is due; the link "
+        "plays TCP slow start after idle; the platform reports a scripted outage a radio-specific detection "
+        "time after it starts. Energy is the class's active power times the stretched compute time, plus "
+        "the radio state's energy of the window's own calls, airtime on the true link (Huang et al. 2012 "
+        "model with promotion and tails, as the controller uses), plus idle power while waiting for the "
+        "cloud; radio energy no window carries (telemetry, pings, probes) is radio_overhead_mj_per_window."
     )
 
 

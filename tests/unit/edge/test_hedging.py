@@ -26,12 +26,12 @@ from edge.route import FallbackKind, hedge_after_s
 from edge.runtime import EdgeDevice
 from edge.sink import MemorySink, WindowResult
 from edge.sources import SensorWindow, recorded_windows
-from pipelines.codecs import decode
 from pipelines.models import get_spec
 from pipelines.power import radio_model, tail_energy_mj
 from pipelines.training import TrainedModel, load_trained
 from splitsense.config import BreakerConfig, EdgeConfig, EstimatorConfig
-from splitsense.wire import ExecutionMode, OffloadRequest, OffloadResponse, TelemetryReport, Timing
+from splitsense.wire import ExecutionMode, OffloadRequest, OffloadResponse
+from tests.unit.edge.test_runtime import FakeTransport
 
 MODEL = "uci_har"  # small and fast
 CUT = 3  # a 16 KB fp32 activation; stages 3-5 are the local tail
@@ -41,11 +41,6 @@ DEADLINE_MS = 300.0
 @cache
 def trained(name: str = MODEL) -> TrainedModel:
     return load_trained(name)
-
-
-@cache
-def cloud_copy(name: str = MODEL) -> TrainedModel:
-    return load_trained(name)  # its own modules, like the cloud's replica
 
 
 @cache
@@ -66,43 +61,26 @@ def local_prediction(w: SensorWindow) -> int:
         return int(trained().model(trained().prepare_window(w.raw)).argmax(dim=1)[0])
 
 
-class DelayedTransport:
-    """The cloud's twin: answers each offload after `delay_s` (math.inf: never); `delays` scripts
-    the next calls' delays one by one, before falling back to `delay_s`."""
+class DelayedTransport(FakeTransport):
+    """The cloud's twin (test_runtime's FakeTransport) answering each offload after `delay_s`
+    (math.inf: never); `delays` scripts the next calls' delays one by one, before falling back to
+    `delay_s`."""
 
     def __init__(self, delay_s: float = 0.0, delays: Sequence[float] = ()) -> None:
-        self.model = cloud_copy().model
+        super().__init__(MODEL)
         self.delay_s = delay_s
         self.delays = list(delays)
-        self.requests: list[OffloadRequest] = []
-        self.reports: list[TelemetryReport] = []
         self.answered = 0
 
     async def offload(self, request: OffloadRequest, timeout_s: float) -> OffloadResponse:
-        self.requests.append(request)
         delay = self.delays.pop(0) if self.delays else self.delay_s
         if math.isinf(delay):
+            self.requests.append(request)
             await asyncio.Event().wait()  # a dead path: no answer, no error
         await asyncio.sleep(delay)
-        x = torch.from_numpy(decode(request.activation, self.model.symbol_prior(request.cut)))
-        with torch.inference_mode():
-            y = self.model.run(x, request.cut, self.model.n_stages)[0]
+        response = await super().offload(request, timeout_s)
         self.answered += 1
-        return OffloadResponse(request.window_id, tuple(float(v) for v in y), int(y.argmax()), Timing(0.1, 0.4, 1))
-
-    async def get_plan(self, *args: Any, **kwargs: Any) -> None:
-        return None
-
-    async def watch_plans(self, *args: Any, **kwargs: Any) -> AsyncIterator[Any]:
-        return
-        yield  # an async generator that ends at once
-
-    async def report_telemetry(self, report: TelemetryReport, timeout_s: float = 5.0) -> int:
-        self.reports.append(report)
-        return 0
-
-    async def close(self) -> None:
-        pass
+        return response
 
 
 def make(transport: DelayedTransport, hardware: Hardware | None = None, **kw: Any) -> EdgeDevice:
