@@ -12,15 +12,25 @@ of another device or secret, a device not on the list) the call fails with UNAUT
 any servicer runs. The health and reflection services stay open, so that orchestrators and
 grpcurl-style tools work without a token.
 
-`Authenticator` is the pure decision (unit-tested without sockets); `AuthInterceptor` applies it
-to a grpc.aio server. Servicers read the verified id back with `device_id_of(metadata)`.
+With mutual TLS (broker.tls_client_ca_file) the call must also come over a connection whose
+client certificate, already verified against that CA by the TLS handshake, has a subject common
+name (CN) equal to the device id of the call's metadata: a device holding another device's token
+but not its certificate and key is refused UNAUTHENTICATED. The CN, not a SAN, because
+deploy/tls/gen_certs.sh issues device certificates with CN = device id and no SAN. The token is
+still required: the certificate binds the connection to the device, the token stays the
+credential that can be managed per device.
+
+`Authenticator` and `check_peer_identity` are the pure decisions (unit-tested without sockets);
+`AuthInterceptor` applies them to a grpc.aio server. Servicers read the verified id back with
+`device_id_of(metadata)`.
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
-from collections.abc import Awaitable, Callable, Iterable
+import inspect
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from typing import Any
 
 import grpc
@@ -34,6 +44,7 @@ __all__ = [
     "TOKEN_METADATA",
     "AuthInterceptor",
     "Authenticator",
+    "check_peer_identity",
     "device_id_of",
     "device_token",
 ]
@@ -47,6 +58,9 @@ _MAX_DEVICE_ID_CHARS = 128
 OPEN_SERVICE_PREFIXES = ("/grpc.health.v1.", "/grpc.reflection.")
 
 Metadata = Iterable[tuple[str, str | bytes]]
+# grpc's ServicerContext.auth_context(): property name -> values, e.g. "x509_common_name": [b"phone-1"]
+AuthContext = Mapping[str, Iterable[bytes]]
+_PEER_CN = "x509_common_name"
 
 
 def device_token(secret: str, device_id: str) -> str:
@@ -119,6 +133,22 @@ class Authenticator:
         return device_id
 
 
+def check_peer_identity(device_id: str, auth_context: AuthContext) -> None:
+    """Mutual TLS: the client certificate's subject CN must be `device_id`; else
+    RejectedError(code="UNAUTHENTICATED") saying what the connection's certificate names."""
+    names = [v.decode(errors="replace") for v in auth_context.get(_PEER_CN, ())]
+    if not names:
+        raise _unauthenticated(
+            f"this broker requires a client certificate whose CN is the device id {device_id!r} "
+            "(mutual TLS); the connection presented none"
+        )
+    if names != [device_id]:
+        raise _unauthenticated(
+            f"the client certificate is for {names[0] if len(names) == 1 else names!r}, not for device "
+            f"{device_id!r}: with mutual TLS a device calls with its own certificate (CN = its device id)"
+        )
+
+
 def _token_of(metadata: list[tuple[str, str | bytes]]) -> str | None:
     auth = _first(metadata, _AUTHORIZATION)
     if auth is not None and auth[: len(_BEARER)].lower() == _BEARER:
@@ -135,11 +165,22 @@ RejectHook = Callable[[RejectedError], None]
 
 
 class AuthInterceptor(grpc.aio.ServerInterceptor):
-    """Rejects unauthenticated calls with UNAUTHENTICATED before their servicer runs."""
+    """Rejects unauthenticated calls with UNAUTHENTICATED before their servicer runs.
 
-    def __init__(self, authenticator: Authenticator, on_reject: RejectHook | None = None) -> None:
+    `require_peer_identity` (mutual TLS) also checks the client certificate against the device id.
+    An interceptor sees only the method and the metadata, so that check runs in a wrapper of the
+    handler, first thing in the call, where the servicer context gives the connection's identity."""
+
+    def __init__(
+        self,
+        authenticator: Authenticator,
+        on_reject: RejectHook | None = None,
+        *,
+        require_peer_identity: bool = False,
+    ) -> None:
         self._auth = authenticator
         self._on_reject = on_reject
+        self._require_peer_identity = require_peer_identity
 
     async def intercept_service(
         self,
@@ -150,13 +191,67 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         if is_open_method(method):
             return await continuation(handler_call_details)
         try:
-            self._auth.authenticate(handler_call_details.invocation_metadata)
+            device_id = self._auth.authenticate(handler_call_details.invocation_metadata)
         except RejectedError as e:
             if self._on_reject is not None:
                 self._on_reject(e)
             handler = await continuation(handler_call_details)
             return _rejecting(handler, str(e))
-        return await continuation(handler_call_details)
+        handler = await continuation(handler_call_details)
+        if self._require_peer_identity and handler is not None:
+            return _checking_peer(handler, device_id, self._on_reject)
+        return handler
+
+
+def _checking_peer(
+    handler: grpc.RpcMethodHandler, device_id: str, on_reject: RejectHook | None
+) -> grpc.RpcMethodHandler:
+    """`handler`, but the call first checks the connection's client certificate (mutual TLS)."""
+    kind = (handler.request_streaming, handler.response_streaming)
+    behavior: Any = {
+        (True, True): handler.stream_stream,
+        (True, False): handler.stream_unary,
+        (False, True): handler.unary_stream,
+        (False, False): handler.unary_unary,
+    }[kind]
+
+    async def check(context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        try:
+            check_peer_identity(device_id, context.auth_context())
+        except RejectedError as e:
+            if on_reject is not None:
+                on_reject(e)
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, str(e))
+
+    async def unary_response(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        await check(context)
+        result = behavior(request, context)
+        return await result if inspect.isawaitable(result) else result
+
+    async def stream_response(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
+        await check(context)
+        result = behavior(request, context)
+        if inspect.isasyncgen(result):
+            async for item in result:
+                yield item
+        elif inspect.isawaitable(result):  # a coroutine that writes with context.write()
+            await result
+        else:
+            for item in result:
+                yield item
+
+    make = {
+        (True, True): grpc.stream_stream_rpc_method_handler,
+        (True, False): grpc.stream_unary_rpc_method_handler,
+        (False, True): grpc.unary_stream_rpc_method_handler,
+        (False, False): grpc.unary_unary_rpc_method_handler,
+    }[kind]
+    response_streaming = handler.response_streaming
+    return make(
+        stream_response if response_streaming else unary_response,
+        request_deserializer=handler.request_deserializer,
+        response_serializer=handler.response_serializer,
+    )
 
 
 def _rejecting(handler: grpc.RpcMethodHandler | None, message: str) -> grpc.RpcMethodHandler:

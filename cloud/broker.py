@@ -3,16 +3,19 @@
 One window on OffloadService goes through
 
     AuthInterceptor      metadata -> device id          UNAUTHENTICATED            (cloud/auth.py)
+                         (mutual TLS: certificate CN == device id)
     wire.from_pb         message -> dataclasses          INVALID_ARGUMENT
     identity             request.device_id == caller     PERMISSION_DENIED
     validate_offload     model, cut, codec, shape, data  NOT_FOUND / INVALID_ARGUMENT (cloud/validation.py)
     deadline             min(request.deadline_ms, call)  DEADLINE_EXCEEDED
     admit                queue vs. deadline              RESOURCE_EXHAUSTED + retry hint (cloud/admission.py)
     MicroBatcher         one tail call per batch         UNAVAILABLE on any backend failure (cloud/batcher.py)
+    check_logits         the tail's output, per task     INVALID_ARGUMENT if NaN/inf (cloud/validation.py)
 
 and is answered with its logits, or with the status of the first step that refused it (bytes that
 do not even decode as the message are INVALID_ARGUMENT too, not gRPC's UNKNOWN). Our
-errors are mapped to gRPC status codes only here (`status_of`). The unary call fails with that
+errors are mapped to gRPC status codes only here (`status_of`), and counted in
+splitsense_broker_errors_total by code and by a fixed reason (`reason_of`). The unary call fails with that
 status (a shed also sends trailing metadata `x-splitsense-retry-after-ms`); the stream answers
 the window with a WindowError carrying the same code, message and hint, and goes on with the next
 window. Nothing a device sends can stop the broker serving the others.
@@ -25,6 +28,9 @@ PlanService serves the current PlanSet cut down to the caller's device class and
 GetPlan once, WatchPlan at once and then on every `set_plans`. Until the controller publishes,
 that is the static set of cloud/plans.py.
 
+The listener serves TLS or mutual TLS from the configured certificate files, and plaintext only
+on a loopback host unless broker.allow_plaintext (cloud/tls.py).
+
 `run_broker_forever` is what `splitsense cloud up` runs: the broker and its Prometheus exporter
 until SIGINT/SIGTERM, then a graceful stop.
 """
@@ -36,7 +42,7 @@ import contextlib
 import logging
 import signal
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable
 from typing import Any
 
 import grpc
@@ -48,16 +54,19 @@ from prometheus_client import CollectorRegistry
 
 from cloud.admission import AdmissionPolicy, admit
 from cloud.auth import Authenticator, AuthInterceptor, device_id_of
-from cloud.backend import ModelInfo, ModelRegistry, TailBackend, TailUnavailableError
+from cloud.backend import ModelInfo, ModelRegistry, TailBackend
 from cloud.batcher import BatchReport, MicroBatcher
-from cloud.metrics import BrokerMetrics, start_exporter
+from cloud.metrics import BrokerMetrics, ErrorReason, start_exporter
 from cloud.plans import static_plan_set
-from cloud.validation import validate_offload
+from cloud.tls import listen
+from cloud.validation import check_logits, validate_offload
+from pipelines.groups import GROUP_SEPARATOR, served_groups
 from splitsense.config import BrokerConfig
 from splitsense.errors import (
     ConfigError,
     DependencyError,
     ModelError,
+    NonFiniteOutputError,
     OffloadDeadlineError,
     PlanError,
     RejectedError,
@@ -68,18 +77,21 @@ from splitsense.plan import PlanSet
 from splitsense.v1 import offload_pb2 as pb
 from splitsense.v1 import offload_pb2_grpc as pb_grpc  # servicer base classes (docs, typing)
 from splitsense.wire import (
+    MAX_ID_CHARS,
     RETRY_AFTER_METADATA_KEY,
     OffloadResponse,
+    PlanRequest,
     TaskResult,
     TelemetryReport,
     Timing,
     WindowError,
     from_pb,
+    plan_request_from_pb,
     stream_response_to_pb,
     to_pb,
 )
 
-__all__ = ["RETRY_AFTER_METADATA", "Broker", "run_broker_forever", "status_of"]
+__all__ = ["RETRY_AFTER_METADATA", "Broker", "reason_of", "run_broker_forever", "status_of"]
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +121,25 @@ def status_of(error: BaseException) -> tuple[grpc.StatusCode, str, int]:
     return grpc.StatusCode.INTERNAL, f"internal error in the broker ({type(error).__name__}); it is logged", 0
 
 
+def reason_of(error: BaseException) -> ErrorReason:
+    """The `reason` label of splitsense_broker_errors_total for an error (finer than its status)."""
+    if isinstance(error, RejectedError):
+        return ErrorReason.AUTH
+    if isinstance(error, NonFiniteOutputError):
+        return ErrorReason.NON_FINITE_OUTPUT
+    if isinstance(error, WireError):
+        return ErrorReason.INVALID_REQUEST
+    if isinstance(error, ModelError):
+        return ErrorReason.UNKNOWN_MODEL
+    if isinstance(error, ShedError):
+        return ErrorReason.SHED
+    if isinstance(error, OffloadDeadlineError):
+        return ErrorReason.DEADLINE
+    if isinstance(error, DependencyError):
+        return ErrorReason.BACKEND_UNAVAILABLE
+    return ErrorReason.INTERNAL
+
+
 class Broker:
     """The gRPC broker: `await start()`, serve, `await stop()`."""
 
@@ -119,16 +150,31 @@ class Broker:
         backend: TailBackend,
         plans: PlanSet | None = None,
         metrics_registry: CollectorRegistry | None = None,
+        device_classes: Iterable[str] = (),
     ) -> None:
+        """`device_classes`: the planner's classes (config.planner.classes), the only device classes
+        besides broker.static_plan_device_classes and those of published plans that get a metric
+        label of their own; any class a device sends that is none of these is counted as "other"."""
         self.config = config
         self._models: dict[str, ModelInfo] = dict(registry.info)
         self._backend = backend
         self._plans: PlanSet = plans if plans is not None else static_plan_set(config, self._models)
+        # What a device may report telemetry for: a served model, or a task group of served models
+        # ("fsdd_speaker+fsdd_digit": one window, one front, several tails; its stages are its first
+        # member's), which the controller plans as one (pipelines/groups.py).
+        self._telemetry_models: dict[str, ModelInfo] = {
+            **self._models,
+            **{GROUP_SEPARATOR.join(g): self._models[g[0]] for g in served_groups(list(self._models))},
+        }
         # A registry of its own by default: several brokers (tests, benchmarks) share a process.
         self.metrics = BrokerMetrics(
             CollectorRegistry() if metrics_registry is None else metrics_registry,
-            models={name: info.n_stages for name, info in self._models.items()},
-            device_classes=(*config.static_plan_device_classes, *(p.device_class for p in self._plans.plans)),
+            models={name: info.n_stages for name, info in self._telemetry_models.items()},
+            device_classes=(
+                *device_classes,
+                *config.static_plan_device_classes,
+                *(p.device_class for p in self._plans.plans),
+            ),
         )
         self._auth = Authenticator(config.auth_secret, config.allowed_device_ids)
         self._policy = AdmissionPolicy(
@@ -163,8 +209,10 @@ class Broker:
             raise ConfigError("a Broker is started once: this one is running or stopped; make a new one")
         cfg = self.config
         self._loop = asyncio.get_running_loop()
+        # With mutual TLS the interceptor also checks that the client certificate is the caller's.
+        interceptor = AuthInterceptor(self._auth, on_reject=self._on_auth_reject, require_peer_identity=cfg.uses_mtls)
         server = grpc.aio.server(
-            interceptors=[AuthInterceptor(self._auth, on_reject=self._on_auth_reject)],
+            interceptors=[interceptor],
             options=[
                 ("grpc.max_receive_message_length", cfg.max_receive_message_bytes),
                 ("grpc.max_send_message_length", cfg.max_send_message_bytes),
@@ -176,27 +224,18 @@ class Broker:
         self._health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection((*SERVICE_NAMES, _HEALTH_SERVICE, reflection.SERVICE_NAME), server)
-        address = f"{cfg.host}:{cfg.port}"
-        cause: Exception | None = None
-        try:
-            port = server.add_insecure_port(address)
-        except RuntimeError as e:
-            port, cause = 0, e
-        if not port:
-            raise ConfigError(
-                f"the broker cannot listen on {address} ({cause or 'bind failed'}); is the port taken? "
-                "set broker.port (0 picks a free one) or broker.host"
-            )
+        port = listen(server, cfg)  # TLS as configured; refuses an exposed host (cloud/tls.py)
         await server.start()
         self._server, self._port = server, port
         for name in ("", *SERVICE_NAMES):
             await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
-        if cfg.uses_dev_secret:
+        if cfg.uses_dev_secret:  # on loopback only: listen() refuses it anywhere else
             log.warning(
                 "the broker uses the built-in DEVELOPMENT auth secret: anyone with the source can mint "
                 "device tokens; set broker.auth_secret before serving real devices"
             )
-        log.info("broker serving %s on %s:%d", ", ".join(self._models), cfg.host, port)
+        security = "mutual TLS" if cfg.uses_mtls else "TLS" if cfg.uses_tls else "plaintext"
+        log.info("broker serving %s on %s:%d (%s)", ", ".join(self._models), cfg.host, port, security)
         return port
 
     async def stop(self, grace_s: float | None = None) -> None:
@@ -240,8 +279,7 @@ class Broker:
         if plans.version <= current.version:
             log.warning("ignored plan set version %d: not newer than %d", plans.version, current.version)
             return False
-        for p in plans.plans:
-            self.metrics.device_class_label(p.device_class)
+        self.metrics.add_device_classes(p.device_class for p in plans.plans)
         self._plans = plans
         try:
             running = asyncio.get_running_loop()
@@ -307,11 +345,12 @@ class Broker:
             ) from None
         finally:
             self.metrics.set_queue_depth(model, cut, self._batcher.load(model, cut).queued)
-        logits = _checked_logits(result.logits, valid.info.num_classes, model, cut)
+        # NaN/inf logits of a finite activation: INVALID_ARGUMENT, not UNAVAILABLE (cloud/validation.py)
+        logits = check_logits(result.logits, valid.info, cut)
         tasks = tuple(
             TaskResult(info.name, tuple(lg.tolist()), int(np.argmax(lg)))
             for info, r in zip(valid.extra, extra_results, strict=True)
-            for lg in (_checked_logits(r.logits, info.num_classes, info.name, cut),)
+            for lg in (check_logits(r.logits, info, cut),)
         )
         total_s = time.monotonic() - received
         self.metrics.answered(
@@ -335,7 +374,7 @@ class Broker:
         code, message, retry = status_of(error)
         if code is grpc.StatusCode.INTERNAL:
             log.error("internal error answering a window", exc_info=error)
-        self.metrics.failed(model, device_class, code.name)
+        self.metrics.failed(model, device_class, code.name, reason_of(error))
         return code, message, retry
 
     def telemetry(self, msg: pb.ReportTelemetryRequest, device_id: str | None) -> int:
@@ -348,7 +387,7 @@ class Broker:
                 code="PERMISSION_DENIED",
             )
         for i, o in enumerate(report.observations):
-            info = self._models.get(o.model)
+            info = self._telemetry_models.get(o.model)
             if info is None:
                 continue  # a model this broker does not serve (e.g. fully local): counted as "unknown"
             where = f"ReportTelemetryRequest.observations[{i}]"
@@ -367,19 +406,10 @@ class Broker:
         self.metrics.set_queue_depth(report.model, report.cut, self._batcher.load(report.model, report.cut).queued)
 
     def _on_auth_reject(self, error: RejectedError) -> None:
-        self.metrics.failed("", "", error.code or "UNAUTHENTICATED")
+        self.metrics.failed("", "", error.code or "UNAUTHENTICATED", ErrorReason.AUTH)
 
     def _on_undecodable(self) -> None:
-        self.metrics.failed("", "", grpc.StatusCode.INVALID_ARGUMENT.name)
-
-
-def _checked_logits(logits: np.ndarray, num_classes: int, model: str, cut: int) -> np.ndarray:
-    if logits.shape != (num_classes,) or not np.isfinite(logits).all():
-        raise TailUnavailableError(
-            f"the tail of {model!r} at cut {cut} returned {list(logits.shape)} logits "
-            f"(finite: {bool(np.isfinite(logits).all())}); expected {num_classes} finite ones"
-        )
-    return logits
+        self.metrics.failed("", "", grpc.StatusCode.INVALID_ARGUMENT.name, ErrorReason.UNDECODABLE)
 
 
 class _Undecodable:
@@ -557,8 +587,10 @@ class _OffloadServicer(pb_grpc.OffloadServiceServicer):
             )
             return stream_response_to_pb(error)
         has_request = msg.HasField("request")
-        # A window without an id is named by its position in the stream, "#<index>" from 0.
-        window_id = msg.request.window_id if has_request and msg.request.window_id else f"#{index}"
+        # A window without a usable id (none, or one past the limit: never echoed) is named by its
+        # position in the stream, "#<index>" from 0.
+        wid = msg.request.window_id if has_request else ""
+        window_id = wid if 0 < len(wid) <= MAX_ID_CHARS else f"#{index}"
         with b.metrics.tracking():
             try:
                 if not has_request:
@@ -588,36 +620,40 @@ class _PlanServicer(pb_grpc.PlanServiceServicer):
     def __init__(self, broker: Broker) -> None:
         self._b = broker
 
-    @staticmethod
-    async def _check(request: Any, name: str, context: grpc.aio.ServicerContext[Any, Any]) -> None:
-        if not request.device_class:
-            await context.abort(
-                grpc.StatusCode.INVALID_ARGUMENT, f"{name}.device_class: expected a non-empty string, got ''"
-            )
+    async def _query(
+        self, request: pb.GetPlanRequest | pb.WatchPlanRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> PlanRequest:
+        """The request's PlanRequest, or the call aborted with INVALID_ARGUMENT naming the field."""
+        try:
+            return plan_request_from_pb(request)
+        except WireError as e:
+            code, message, _ = self._b._failed(e, "", request.device_class)
+        await context.abort(code, message)
+        raise AssertionError("unreachable: abort raises")
 
     async def GetPlan(  # noqa: N802
         self, request: pb.GetPlanRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.GetPlanResponse:
-        await self._check(request, "GetPlanRequest", context)
+        q = await self._query(request, context)
         plans = self._b.plans
-        if request.known_version >= plans.version:
+        if q.known_version >= plans.version:
             return pb.GetPlanResponse()  # the caller is up to date: it keeps its plan
-        return pb.GetPlanResponse(plan_set=to_pb(plans.select(request.device_class, request.models)))
+        return pb.GetPlanResponse(plan_set=to_pb(plans.select(q.device_class, q.models)))
 
     async def WatchPlan(  # noqa: N802
         self, request: pb.WatchPlanRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[pb.WatchPlanResponse]:
-        await self._check(request, "WatchPlanRequest", context)
+        q = await self._query(request, context)
         b = self._b
         changed = asyncio.Event()
         b._watchers.add(changed)
-        sent = request.known_version
+        sent = q.known_version
         try:
             while True:
                 changed.clear()  # before reading the plans: a set_plans from now on wakes us
                 plans = b.plans
                 if plans.version > sent:
-                    yield pb.WatchPlanResponse(plan_set=to_pb(plans.select(request.device_class, request.models)))
+                    yield pb.WatchPlanResponse(plan_set=to_pb(plans.select(q.device_class, q.models)))
                     sent = plans.version
                     continue
                 if b._closing.is_set():
@@ -636,14 +672,21 @@ async def run_broker_forever(
     *,
     metrics_registry: CollectorRegistry | None = None,
     on_started: Callable[[Broker], None] | None = None,
+    device_classes: Iterable[str] = (),
 ) -> None:
     """Serve until SIGINT or SIGTERM, then stop gracefully (config.shutdown_grace_s).
+
+    `device_classes` are the classes the broker labels its metrics with (the planner's classes;
+    any other class a device names is "other").
 
     Starts the Prometheus exporter on config.host:config.metrics_port (unless None) serving the
     broker's registry. `on_started(broker)` runs once it listens (e.g. to print its address). The
     backend is the caller's: it is not closed here.
     """
-    broker = Broker(config, registry, backend, plans, metrics_registry=metrics_registry)
+    problem = config.exposure_problem()  # before the exporter listens: refuse without side effects
+    if problem is not None:
+        raise ConfigError(problem)
+    broker = Broker(config, registry, backend, plans, metrics_registry=metrics_registry, device_classes=device_classes)
     stop_exporter: Callable[[], None] | None = None
     if config.metrics_port is not None:
         try:

@@ -10,7 +10,8 @@ Broker (labels model, device_class, cut, codec where they apply; `code` is a gRP
     splitsense_broker_batches_total              counter    tail calls {model, cut}
     splitsense_broker_shed_total                 counter    windows shed by admission control
     splitsense_broker_errors_total               counter    windows/calls not answered, by code
-                                                            {model, device_class, code}
+                                                            and reason {model, device_class, code,
+                                                            reason} (reason: ErrorReason)
     splitsense_broker_requests_in_flight         gauge      windows between receipt and answer
     splitsense_broker_queue_depth                gauge      windows waiting per {model, cut}
     splitsense_broker_telemetry_reports_total    counter    ReportTelemetry calls {device_class}
@@ -31,28 +32,48 @@ and cannot be scraped); by device_class, never by device id:
     splitsense_device_stage_windows_total          counter    windows that measured it
                                                               {model, device_class, stage}
 
-Label values come from requests, so they are bounded here: a model this broker does not serve is
-"unknown" (and so is a cut or stage outside 0..N of a served model), and only the first
-`max_device_classes` distinct, well-formed device classes get their own label (the plans' classes
-are known up front); any other is "other". Every holder takes `registry=` (None:
-prometheus_client's global REGISTRY), so tests use a fresh CollectorRegistry().
+Label values only ever take values the broker knows, whatever a device sends: a model this broker
+does not serve is "unknown" (and so is a cut or stage outside 0..N of a served model); a device
+class is its own label only if it is one of the classes the broker was given (the planner's,
+config.planner.classes) or one a published plan names (the controller's, from the same config):
+any other is "other", in every metric with a device_class label. `reason` is an ErrorReason,
+chosen by the broker. Every holder takes `registry=` (None: prometheus_client's global REGISTRY),
+so tests use a fresh CollectorRegistry().
 """
 
 from __future__ import annotations
 
 import contextlib
-import re
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from enum import StrEnum
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 from splitsense.wire import DeviceEstimates, TelemetryReport
 
-__all__ = ["BrokerMetrics", "start_exporter"]
+__all__ = ["BrokerMetrics", "ErrorReason", "start_exporter"]
 
 UNKNOWN = "unknown"
 OTHER = "other"
-_CLASS_RE = re.compile(r"^[A-Za-z0-9_.-]{1,32}$")
+
+
+class ErrorReason(StrEnum):
+    """Why a window or call got no result: the `reason` label of splitsense_broker_errors_total.
+
+    A fixed set the broker chooses (cloud.broker.reason_of), finer than the status code: e.g.
+    INVALID_ARGUMENT is a refused field or a tail output that overflows.
+    """
+
+    AUTH = "auth"  # no, a bad or another device's credential (UNAUTHENTICATED, PERMISSION_DENIED)
+    UNDECODABLE = "undecodable"  # bytes that are not a message of the call's type
+    INVALID_REQUEST = "invalid_request"  # a field refused by the wire or validation checks
+    NON_FINITE_OUTPUT = "non_finite_output"  # a finite activation the tail turns into NaN/inf logits
+    UNKNOWN_MODEL = "unknown_model"  # NOT_FOUND: a model this broker does not serve
+    SHED = "shed"  # RESOURCE_EXHAUSTED by admission control
+    DEADLINE = "deadline"  # DEADLINE_EXCEEDED
+    BACKEND_UNAVAILABLE = "backend_unavailable"  # UNAVAILABLE: the tails could not answer
+    INTERNAL = "internal"  # a bug of ours (INTERNAL), logged
+
 
 _LATENCY_BUCKETS_S = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 1.0, 2.5)
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
@@ -74,15 +95,12 @@ class BrokerMetrics:
         *,
         models: Mapping[str, int] | None = None,
         device_classes: Iterable[str] = (),
-        max_device_classes: int = 16,
     ) -> None:
         self.registry = REGISTRY if registry is None else registry
         r = self.registry
         self._stages = dict(models or {})  # model -> number of stages N
-        self._classes: set[str] = set()
-        self._max_classes = max_device_classes
-        for c in device_classes:
-            self.device_class_label(c)
+        self._classes: frozenset[str] = frozenset()  # the device classes with a label of their own
+        self.add_device_classes(device_classes)
 
         self.request_duration = Histogram(
             "splitsense_broker_request_duration_seconds",
@@ -129,8 +147,8 @@ class BrokerMetrics:
         )
         self.errors = Counter(
             "splitsense_broker_errors",
-            "Windows and calls not answered with a result, by gRPC status code.",
-            ("model", "device_class", "code"),
+            "Windows and calls not answered with a result, by gRPC status code and reason.",
+            ("model", "device_class", "code", "reason"),
             registry=r,
         )
         self.in_flight = Gauge(
@@ -222,14 +240,13 @@ class BrokerMetrics:
         return str(cut) if n is not None and 0 <= cut <= n else UNKNOWN
 
     def device_class_label(self, device_class: str) -> str:
-        if device_class in self._classes:
-            return device_class
-        if not isinstance(device_class, str) or not _CLASS_RE.match(device_class):
-            return OTHER
-        if len(self._classes) >= self._max_classes:
-            return OTHER
-        self._classes.add(device_class)
-        return device_class
+        """The class itself if the broker knows it (add_device_classes), else "other"."""
+        return device_class if device_class in self._classes else OTHER
+
+    def add_device_classes(self, device_classes: Iterable[str]) -> None:
+        """Give these classes labels of their own: the configured planner classes, or those a
+        published plan names. Never a class a device sent. Safe from any thread."""
+        self._classes = self._classes | {c for c in device_classes if isinstance(c, str) and c}
 
     # --- broker -------------------------------------------------------------------------------
 
@@ -253,8 +270,9 @@ class BrokerMetrics:
         self.queue_duration.labels(m, c, k).observe(queue_s)
         self.compute_duration.labels(m, c, k).observe(compute_s)
 
-    def failed(self, model: str, device_class: str, code: str) -> None:
-        self.errors.labels(self.model_label(model), self.device_class_label(device_class), code).inc()
+    def failed(self, model: str, device_class: str, code: str, reason: ErrorReason) -> None:
+        c = self.device_class_label(device_class)
+        self.errors.labels(self.model_label(model), c, code, ErrorReason(reason).value).inc()
 
     def shed_window(self, model: str, device_class: str, cut: int) -> None:
         c = self.device_class_label(device_class)
@@ -279,7 +297,10 @@ class BrokerMetrics:
 
     # --- devices ------------------------------------------------------------------------------
 
-    def estimates(self, device_class: str, e: DeviceEstimates) -> None:
+    def estimates(self, device_class: str, e: DeviceEstimates | None) -> None:
+        """One sample of a device's link and battery; none when its estimates are unknown (None)."""
+        if e is None:
+            return
         c = self.device_class_label(device_class)
         self.device_bandwidth.labels(c).observe(e.bandwidth_mbps * 125_000)
         self.device_rtt.labels(c).observe(e.rtt_ms / 1000)

@@ -32,6 +32,7 @@ import contextlib
 import json
 import logging
 import os
+import secrets
 import shutil
 import socket
 import subprocess
@@ -53,8 +54,10 @@ from splitsense.kinds import Codec
 from splitsense.plan import PlanSet
 
 __all__ = [
+    "ACL_RULES",
     "CHANGED_CHANNEL",
     "KEY_PREFIX",
+    "acl_user_line",
     "EmbeddedRedis",
     "PlanStore",
     "PlanValidator",
@@ -69,6 +72,31 @@ log = logging.getLogger(__name__)
 
 KEY_PREFIX = "splitsense:plans"
 CHANGED_CHANNEL = "splitsense:plans:changed"
+
+# Redis ACL roles (Redis >= 7: ACL checks apply to the commands a script calls too). The controller
+# writes plan sets (its put script: GET, SET, LPUSH, LRANGE, EXPIRE, LTRIM, PUBLISH); a broker only
+# reads them (its get script: GET, LINDEX) and follows the change channel; neither touches a key
+# or channel outside the plan store's prefix, and the default user is off.
+ACL_RULES: dict[str, str] = {
+    "controller": (
+        f"~{KEY_PREFIX}:* &{CHANGED_CHANNEL} +ping +hello +evalsha +eval "
+        "+script|load +get +set +lpush +lrange +lindex +expire +ttl +ltrim +publish +subscribe +unsubscribe"
+    ),
+    "broker": (
+        f"~{KEY_PREFIX}:* &{CHANGED_CHANNEL} +ping +hello +evalsha +eval "
+        "+script|load +get +lindex +subscribe +unsubscribe"
+    ),
+}
+
+
+def acl_user_line(role: str, password: str) -> str:
+    """The `user` directive (redis.conf, or `ACL SETUSER` arguments) of a role, with its password."""
+    if role not in ACL_RULES:
+        raise PlanError(f"unknown Redis role {role!r}; known: {', '.join(ACL_RULES)}")
+    if not password or any(c.isspace() for c in password):
+        raise PlanError("a Redis role's password must be non-empty and without spaces")
+    return f"{role} on >{password} resetchannels {ACL_RULES[role]}"
+
 
 PlanValidator = Callable[[PlanSet], None]
 """Raises PlanError when a plan set must not be stored."""
@@ -458,9 +486,15 @@ def find_redis_server() -> str | None:
     return shutil.which("redis-server")
 
 
-def _ping(port: int, timeout_s: float = 0.2) -> bool:
+def _ping(port: int, password: str | None = None, user: str | None = None, timeout_s: float = 0.2) -> bool:
+    """Whether a Redis answers on `port` (authenticating as `user` first when given)."""
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=timeout_s) as s:
+            if user is not None and password is not None:
+                u, p = user.encode(), password.encode()
+                s.sendall(b"*3\r\n$4\r\nAUTH\r\n$%d\r\n%s\r\n$%d\r\n%s\r\n" % (len(u), u, len(p), p))
+                if not s.recv(64).startswith(b"+OK"):
+                    return False
             s.sendall(b"PING\r\n")
             return s.recv(64).startswith(b"+PONG")
     except OSError:
@@ -475,18 +509,31 @@ class EmbeddedRedis:
             store = PlanStore(url)
     """
 
-    def __init__(self, executable: str | None = None, *, start_timeout_s: float = 10.0) -> None:
+    def __init__(self, executable: str | None = None, *, start_timeout_s: float = 10.0, acl: bool = True) -> None:
+        """`acl`: the default user is off and each role of ACL_RULES has a user with a fresh random
+        password (`url_for(role)`); `url` is then the controller's (it writes). False: one open
+        default user (a test of an unauthenticated Redis)."""
         self.executable = executable or find_redis_server()
         self.start_timeout_s = start_timeout_s
+        self.passwords: dict[str, str] = {r: secrets.token_urlsafe(24) for r in ACL_RULES} if acl else {}
         self.port: int | None = None
         self._proc: subprocess.Popen[bytes] | None = None
         self._dir: Path | None = None
 
     @property
     def url(self) -> str:
+        """The controller's URL (it writes); without ACL roles, the open default user's."""
+        return self.url_for("controller")
+
+    def url_for(self, role: str) -> str:
+        """The URL of a role (ACL_RULES: "controller" writes, "broker" reads and subscribes)."""
         if self.port is None or self._proc is None:
             raise DependencyError("the embedded Redis is not running; call start() first")
-        return f"redis://127.0.0.1:{self.port}/0"
+        if not self.passwords:
+            return f"redis://127.0.0.1:{self.port}/0"
+        if role not in self.passwords:
+            raise PlanError(f"unknown Redis role {role!r}; known: {', '.join(self.passwords)}")
+        return f"redis://{role}:{self.passwords[role]}@127.0.0.1:{self.port}/0"
 
     @property
     def running(self) -> bool:
@@ -517,10 +564,14 @@ class EmbeddedRedis:
                 "--daemonize", "no",
                 "--logfile", str(logfile),
             ]  # fmt: skip
+            if self.passwords:  # the roles' users; the default user off (one argv word per token)
+                args += ["--user", "default", "off"]
+                for role, password in self.passwords.items():
+                    args += ["--user", *acl_user_line(role, password).split()]
             proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
             deadline = time.monotonic() + self.start_timeout_s
             while time.monotonic() < deadline and proc.poll() is None:
-                if _ping(port):
+                if _ping(port, self.passwords.get("controller"), "controller" if self.passwords else None):
                     self._proc, self.port = proc, port
                     atexit.register(self.stop)
                     log.info("started an embedded Redis (%s) at %s", self.executable, self.url)

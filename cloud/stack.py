@@ -47,7 +47,7 @@ from cloud.controller.metrics_source import DirectExporterSource, MetricsSource,
 from cloud.planstore import EmbeddedRedis, PlanStore, redact_url
 from pipelines.catalog import ModelCatalog, load_catalog
 from pipelines.devices import DEVICE_CLASSES, DeviceClass
-from pipelines.groups import GROUP_SEPARATOR, group_catalog, shared_cut
+from pipelines.groups import GROUP_SEPARATOR, group_catalog, served_groups, shared_cut
 from splitsense.config import Config
 from splitsense.errors import ConfigError, ModelError, PlanError
 from splitsense.plan import PlanSet
@@ -96,20 +96,8 @@ def load_catalogs(models: tuple[str, ...] | list[str], weights_dir: Any = None) 
             out[name] = load_catalog(name, weights_dir)
         except ModelError as e:
             raise ModelError(f"{e} (or run: splitsense models catalog --model {name})") from None
-    for group in task_groups(models):
+    for group in served_groups(models):
         out[GROUP_SEPARATOR.join(group)] = group_catalog([out[m] for m in group], shared_cut(group))
-    return out
-
-
-def task_groups(models: tuple[str, ...] | list[str]) -> list[tuple[str, ...]]:
-    """The encoder groups (pipelines.models.ModelSpec.encoder_group) all of whose models are served."""
-    from pipelines.models import get_spec
-
-    out: list[tuple[str, ...]] = []
-    for name in models:
-        group = get_spec(name).encoder_group
-        if len(group) > 1 and set(group) <= set(models) and group not in out:
-            out.append(group)
     return out
 
 
@@ -230,7 +218,8 @@ class CloudStack:
         self._ray_started = False
         self._redis: EmbeddedRedis | None = None
         self._redis_url: str | None = None
-        self.store: PlanStore | None = None
+        self.store: PlanStore | None = None  # the controller's (writes)
+        self.broker_store: PlanStore | None = None  # the broker's (reads and follows)
         self._broker: Broker | None = None
         self._exporter: tuple[Any, Any] | None = None
         self._metrics_port: int | None = None
@@ -340,16 +329,27 @@ class CloudStack:
             self.backend = InProcessTailBackend(self.models)
 
         # 3. Redis and the plan store
+        # The controller writes plans with its own Redis user; the broker reads and follows them with
+        # a read-only one (cloud/planstore.py ACL_RULES), in the embedded Redis as in deploy/redis.
         c = cfg.controller
         if c.redis_url is not None:
             self._redis_url = c.redis_url
+            broker_url = cfg.broker.redis_url or c.redis_url
         else:
             redis = self._redis = EmbeddedRedis()
             self._redis_url = await self._step("starting an embedded Redis", lambda: _finish_in_thread(redis.start))
+            broker_url = redis.url_for("broker")
         self.store = PlanStore(self._redis_url, history_versions=c.history_versions, timeout_s=c.redis_timeout_s)
+        self.broker_store = PlanStore(broker_url, history_versions=c.history_versions, timeout_s=c.redis_timeout_s)
 
         # 4. broker
-        broker = Broker(cfg.broker, self.models, self.backend, metrics_registry=self.registry)
+        broker = Broker(
+            cfg.broker,
+            self.models,
+            self.backend,
+            metrics_registry=self.registry,
+            device_classes=cfg.planner.classes,  # the only device classes with metric labels of their own
+        )
         port = await self._step(f"starting the broker on {cfg.broker.host}:{cfg.broker.port}", broker.start)
         self._broker = broker
         log.info("cloud stack: broker listening on %s:%d", cfg.broker.host, port)
@@ -369,7 +369,7 @@ class CloudStack:
         log.info("cloud stack: metrics on %s", self.metrics_url)
 
         # 6. store -> broker
-        self.subscriber = PlanSubscriber(self.store, broker)
+        self.subscriber = PlanSubscriber(self.broker_store, broker)
         self.subscriber.start()
 
         # 7. controller
@@ -464,10 +464,12 @@ class CloudStack:
             await asyncio.to_thread(shut)
 
     async def _close_store(self) -> None:
-        store, self.store = self.store, None
-        if store is not None:
-            log.info("cloud stack: closing the plan store")
-            await store.aclose()
+        for name in ("store", "broker_store"):
+            store = getattr(self, name)
+            setattr(self, name, None)
+            if store is not None:
+                log.info("cloud stack: closing the plan store (%s)", name)
+                await store.aclose()
 
     async def _stop_redis(self) -> None:
         redis, self._redis = self._redis, None

@@ -15,6 +15,17 @@ shape) and checks, in this order:
     OffloadRequest.extra_models       served models (else NOT_FOUND) whose  WireError   -> INVALID_ARGUMENT
                                       front [0, cut) is this model's
 
+and `check_logits` checks what the tail made of the activation, per window and per task:
+
+    the tail's logits                 num_classes of them                   TailUnavailableError -> UNAVAILABLE
+                                      all finite as float32                 NonFiniteOutputError -> INVALID_ARGUMENT
+
+A finite activation can still overflow on its way through the tail (every value 3e38): that is
+the request's fault, not the cloud's (the same window fails alike on every broker and replica), so
+it is INVALID_ARGUMENT, which the device counts as "rejected" and finishes locally, and not
+UNAVAILABLE, which would open its circuit breaker and raise the fallback alert. A wrong number of
+logits is the tail's own fault (a replica serving other weights): UNAVAILABLE.
+
 An unknown model is NOT_FOUND rather than INVALID_ARGUMENT: the request is well formed, but names
 something this broker does not have (another broker, or this one after a deploy, may serve it),
 and a device can tell "my message is broken" from "this cloud lacks my model" by the code alone.
@@ -31,13 +42,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from cloud.backend import ModelInfo
+from cloud.backend import ModelInfo, TailUnavailableError
 from pipelines.codecs import decode
-from splitsense.errors import CodecError, ModelError, WireError
+from splitsense.errors import CodecError, ModelError, NonFiniteOutputError, WireError
 from splitsense.kinds import Codec
 from splitsense.wire import OffloadRequest
 
-__all__ = ["ValidOffload", "validate_offload"]
+__all__ = ["ValidOffload", "check_logits", "validate_offload"]
 
 _PATH = "OffloadRequest"
 
@@ -112,13 +123,35 @@ def validate_offload(
     return ValidOffload(request=request, info=info, activation=x, extra=extra)
 
 
-MAX_EXTRA_MODELS = 8
+def check_logits(logits: np.ndarray, info: ModelInfo, cut: int) -> np.ndarray:
+    """The tail's logits of one window as float32, if they are info.num_classes finite numbers.
+
+    TailUnavailableError for a wrong shape (the tail's fault), NonFiniteOutputError for NaN or inf
+    (the activation's: see the module docstring). Logits travel as float32, so a float64 logit past
+    float32's range counts as inf.
+    """
+    shape = list(np.shape(logits))
+    if shape != [info.num_classes]:
+        raise TailUnavailableError(
+            f"the tail of {info.name!r} at cut {cut} returned {shape} logits; expected [{info.num_classes}]"
+        )
+    with np.errstate(over="ignore", invalid="ignore"):
+        out = np.asarray(logits, dtype=np.float32)
+    finite = np.isfinite(out)
+    if not finite.all():
+        n_nan = int(np.isnan(out).sum())
+        n_inf = int(out.size - finite.sum()) - n_nan
+        raise NonFiniteOutputError(
+            f"{_PATH}.activation: the activation at cut {cut} gives non-finite logits for model {info.name!r} "
+            f"({n_nan} NaN and {n_inf} inf among {out.size}): its values overflow in the tail; the window "
+            "cannot be offloaded as sent (finish it on the device, or send an activation in the model's range)"
+        )
+    return out
 
 
 def _shared_task(request: OffloadRequest, models: Mapping[str, ModelInfo], info: ModelInfo, name: str) -> ModelInfo:
-    """The ModelInfo of extra model `name`, if it reads exactly the activation `info` gets at the cut."""
-    if len(request.extra_models) > MAX_EXTRA_MODELS:
-        raise WireError(f"{_PATH}.extra_models: expected at most {MAX_EXTRA_MODELS}, got {len(request.extra_models)}")
+    """The ModelInfo of extra model `name`, if it reads exactly the activation `info` gets at the cut
+    (splitsense.wire has already capped their number at MAX_EXTRA_MODELS)."""
     other = models.get(name)
     if other is None:
         served = ", ".join(repr(m) for m in sorted(models)) or "none"

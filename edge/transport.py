@@ -24,6 +24,8 @@ on (the window that found out is retried by unary within its own deadline).
 
 Authentication is call metadata on every call: `authorization: Bearer <token>` and
 `x-splitsense-device-id: <device id>` (constants of splitsense/wire.py, shared with cloud/auth.py).
+`channel_credentials(edge_config)` makes the channel TLS (edge.tls_ca_file), presenting the
+device's certificate for mutual TLS (edge.tls_cert_file/tls_key_file, CN = the device id).
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ import grpc
 import grpc.aio
 
 from splitsense import wire
+from splitsense.config import EdgeConfig, read_pem
 from splitsense.errors import (
     BrokerUnavailableError,
     ConfigError,
@@ -57,6 +60,7 @@ __all__ = [
     "DEVICE_ID_METADATA_KEY",
     "GrpcTransport",
     "OffloadTransport",
+    "channel_credentials",
     "error_from_status",
 ]
 
@@ -155,6 +159,26 @@ class _Stream:
             if not fut.done():
                 fut.set_exception(error)
         self.pending.clear()
+
+
+def channel_credentials(config: EdgeConfig) -> grpc.ChannelCredentials | None:
+    """TLS credentials for `GrpcTransport(tls=...)` from the edge config; None: plaintext.
+
+    Trusts only edge.tls_ca_file (the CA of the broker's certificate), and presents
+    edge.tls_cert_file/tls_key_file when given (mutual TLS). ConfigError, naming the key, for a
+    file that cannot be read, and for plaintext to a broker that is not on loopback unless
+    edge.allow_plaintext (the token would cross the network in the clear)."""
+    problem = config.exposure_problem()
+    if problem is not None:
+        raise ConfigError(problem)
+    if config.tls_ca_file is None:
+        return None
+    ca = read_pem(config.tls_ca_file, "edge.tls_ca_file")
+    cert = key = None
+    if config.tls_cert_file is not None and config.tls_key_file is not None:
+        cert = read_pem(config.tls_cert_file, "edge.tls_cert_file")
+        key = read_pem(config.tls_key_file, "edge.tls_key_file")
+    return grpc.ssl_channel_credentials(root_certificates=ca, private_key=key, certificate_chain=cert)
 
 
 class GrpcTransport:

@@ -67,6 +67,19 @@ def _acc(bases: Sequence[float], accs: Sequence[float]) -> float:
     return max(0.0, sum(bases) / len(bases) - max(b - a for b, a in zip(bases, accs, strict=True)))
 
 
+def served_groups(models: Sequence[str]) -> list[tuple[str, ...]]:
+    """The encoder groups (pipelines.models.ModelSpec.encoder_group) all of whose models are in
+    `models` (what a cloud serving `models` plans and answers as one window)."""
+    from pipelines.models import get_spec
+
+    out: list[tuple[str, ...]] = []
+    for name in models:
+        group = get_spec(name).encoder_group
+        if len(group) > 1 and set(group) <= set(models) and group not in out:
+            out.append(group)
+    return out
+
+
 def group_catalog(catalogs: Sequence[ModelCatalog], shared: int) -> ModelCatalog:
     """One catalog for a window that runs every model of `catalogs` (see the module docstring)."""
     if len(catalogs) < 2:

@@ -75,7 +75,7 @@ def friendly(fn: F) -> F:
         try:
             return fn(*args, **kwargs)
         except SplitsenseError as e:
-            err.print(f"[bold red]error:[/] {e}")
+            err.print(f"[bold red]error:[/] {e}", soft_wrap=True)  # one line, never wrapped
             raise typer.Exit(2) from None
         except ModuleNotFoundError as e:
             top = (e.name or "").split(".")[0]
@@ -218,22 +218,46 @@ def cloud_up(
     ray_address: str = typer.Option(None, help="Join this Ray cluster (e.g. 'auto') instead of a local one."),
     models: str = typer.Option(None, help="Comma-separated models to serve (default: serving.models)."),
     port: int = typer.Option(None, help="Broker port (default: broker.port; 0 picks a free one)."),
+    host: str = typer.Option(
+        None, help="Broker address to listen on (default: broker.host); not loopback: needs TLS and an auth secret."
+    ),
+    tls_cert: Path = typer.Option(None, help="Broker's TLS certificate, PEM (broker.tls_cert_file)."),
+    tls_key: Path = typer.Option(None, help="Its private key, PEM (broker.tls_key_file)."),
+    tls_client_ca: Path = typer.Option(
+        None, help="Mutual TLS: CA of the device certificates, whose CN is the device id (broker.tls_client_ca_file)."
+    ),
 ) -> None:
     """Start the Ray Serve tails, then the gRPC broker; serve until Ctrl-C or SIGTERM."""
     import asyncio
     from dataclasses import replace
 
+    from cloud.tls import server_credentials
+    from splitsense.errors import ConfigError
+
+    cfg = _load_config(config)
+    given = {
+        "port": port,
+        "host": host,
+        "tls_cert_file": tls_cert,
+        "tls_key_file": tls_key,
+        "tls_client_ca_file": tls_client_ca,
+    }
+    broker_cfg = replace(cfg.broker, **{k: v for k, v in given.items() if v is not None})
+    # Before Ray starts: an exposed broker is refused at once, with one line saying what to set.
+    problem = broker_cfg.exposure_problem()
+    if problem is not None:
+        raise ConfigError(problem)
+    server_credentials(broker_cfg)  # an unreadable certificate or key fails now too
+
     from cloud.backend import ModelRegistry
     from cloud.broker import Broker, run_broker_forever
     from cloud.serving import start_serving, stop_serving
 
-    cfg = _load_config(config)
     serving = cfg.serving
     if ray_address is not None:
         serving = replace(serving, ray_address=ray_address)
     if models is not None:
         serving = replace(serving, models=tuple(m.strip() for m in models.split(",") if m.strip()))
-    broker_cfg = cfg.broker if port is None else replace(cfg.broker, port=port)
     registry = ModelRegistry(serving.models, cfg.paths.weights_dir)  # missing weights: fail before Ray
     _quiet_ray_logs()
     try:
@@ -247,20 +271,26 @@ def cloud_up(
             err.print(f"[bold green]broker listening on {broker.address}[/]")
             if broker_cfg.metrics_port is not None:
                 err.print(f"metrics: http://{broker_cfg.host}:{broker_cfg.metrics_port}/metrics")
-            if cfg.controller.redis_url:
-                # The controller runs apart (`splitsense controller run`): follow its plans in Redis.
+            plans_url = broker_cfg.redis_url or cfg.controller.redis_url
+            if plans_url:
+                # The controller runs apart (`splitsense controller run`): follow its plans in Redis,
+                # as the broker's read-only Redis user (broker.redis_url) where one is configured.
                 from cloud.planstore import PlanStore, redact_url
                 from cloud.stack import PlanSubscriber
 
-                sub = PlanSubscriber(PlanStore(cfg.controller.redis_url), broker)
+                sub = PlanSubscriber(PlanStore(plans_url), broker)
                 sub.start()
                 subscribers.append(sub)
-                err.print(f"plans: following {redact_url(cfg.controller.redis_url)}")
+                err.print(f"plans: following {redact_url(plans_url)}")
             else:
-                err.print("plans: static (set controller.redis_url to follow a controller)")
+                err.print("plans: static (set broker.redis_url or controller.redis_url to follow a controller)")
             err.print("Ctrl-C or SIGTERM stops it")
 
-        asyncio.run(run_broker_forever(broker_cfg, registry, backend, on_started=started))
+        asyncio.run(
+            run_broker_forever(
+                broker_cfg, registry, backend, on_started=started, device_classes=tuple(cfg.planner.classes)
+            )
+        )
     except KeyboardInterrupt:
         err.print("interrupted")
     finally:
@@ -343,6 +373,11 @@ def edge_run(
     local_only: bool = typer.Option(False, "--local-only", help="No broker: run every window on the device."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as one JSON object."),
     config: Path = typer.Option(None, "--config", "-c", help="Scenario file (JSON) overriding the defaults."),
+    tls_ca: Path = typer.Option(None, help="Dial TLS, trusting this CA's broker certificate, PEM (edge.tls_ca_file)."),
+    tls_cert: Path = typer.Option(
+        None, help="Mutual TLS: this device's certificate, PEM, CN = its device id (edge.tls_cert_file)."
+    ),
+    tls_key: Path = typer.Option(None, help="Mutual TLS: its private key, PEM (edge.tls_key_file)."),
 ) -> None:
     """Replay a real recording through preprocessing, the front, and offload (or local) per window."""
     import asyncio
@@ -354,7 +389,7 @@ def edge_run(
     from edge.runtime import EdgeDevice
     from edge.sink import JsonlSink, WindowResult
     from edge.sources import recorded_windows, source_for_model
-    from edge.transport import GrpcTransport
+    from edge.transport import GrpcTransport, channel_credentials
     from pipelines.codecs import parse_codec
     from pipelines.groups import group_members
     from pipelines.models import get_spec
@@ -364,6 +399,7 @@ def edge_run(
     cfg = _load_config(config)
     overrides: dict[str, Any] = {"model": model}
     given = {"broker_address": broker, "token": token, "device_id": device_id, "default_cut": cut}
+    given.update(tls_ca_file=tls_ca, tls_cert_file=tls_cert, tls_key_file=tls_key)
     for key, value in given.items():
         if value is not None:
             overrides[key] = value
@@ -385,6 +421,7 @@ def edge_run(
             "a device needs its token to offload: --token T (or SPLITSENSE_TOKEN; mint one with "
             "`splitsense cloud token DEVICE_ID`), or run with --local-only"
         )
+    tls = None if local_only else channel_credentials(ecfg)  # TLS as configured; no plaintext token off-loopback
     members = group_members(model)
     trained = load_trained(members[0], cfg.paths.weights_dir)
     tasks = tuple(load_trained(m, cfg.paths.weights_dir) for m in members[1:])
@@ -404,7 +441,7 @@ def edge_run(
         if not local_only:
             transport = GrpcTransport(
                 ecfg.broker_address, ecfg.token, device_id=ecfg.device_id,
-                use_stream=ecfg.use_stream, max_message_bytes=ecfg.max_message_bytes,
+                use_stream=ecfg.use_stream, max_message_bytes=ecfg.max_message_bytes, tls=tls,
             )  # fmt: skip
         device = EdgeDevice(
             ecfg, trained, transport, low_battery_threshold=cfg.planner.low_battery_threshold, tasks=tasks, **fallback

@@ -9,6 +9,7 @@ wrong one fails at start-up with a message naming the field, never deep inside a
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import json
 import math
 from dataclasses import dataclass, field
@@ -216,11 +217,64 @@ class ServingConfig:
 DEV_AUTH_SECRET = "splitsense-DEV-ONLY-secret-do-not-deploy"
 
 
+def is_loopback_host(host: str) -> bool:
+    """Whether `host` can only mean this machine: 'localhost', 127.0.0.0/8 or ::1 ('[::1]' too).
+
+    The one place plaintext gRPC is allowed without a scenario saying so. '0.0.0.0', '::' and ''
+    are every interface, so not loopback; other names are not resolved (a name can change owner)."""
+    h = host.strip().lower()
+    if h.startswith("[") and h.endswith("]"):
+        h = h[1:-1]
+    if h == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(h).is_loopback
+    except ValueError:
+        return False
+
+
+def host_of_address(address: str) -> str:
+    """The host of a gRPC target 'host:port', '[v6]:port', 'dns:///host:port' or 'ipv4:host:port'
+    ('localhost' for a 'unix:' socket, which never leaves the machine)."""
+    a = address.strip()
+    if a.startswith(("unix:", "unix-abstract:")):
+        return "localhost"
+    for scheme in ("dns:///", "dns:", "ipv4:", "ipv6:"):
+        if a.startswith(scheme):
+            a = a[len(scheme) :]
+            break
+    if a.startswith("["):
+        return a[: a.find("]") + 1] if "]" in a else a
+    return a.rsplit(":", 1)[0] if a.count(":") == 1 else a
+
+
+def read_pem(path: Path, key: str) -> bytes:
+    """The bytes of the PEM file that config key `key` names; ConfigError saying which key and why."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as e:
+        raise ConfigError(f"{key}: cannot read {path} ({e.strerror or e})") from None
+    if b"-----BEGIN " not in data:
+        raise ConfigError(f"{key}: {path} is not a PEM file (no '-----BEGIN' line)")
+    return data
+
+
+def _optional_path(key: str, value: Any) -> Path | None:
+    if value is None:
+        return None
+    if not isinstance(value, (str, Path)) or not str(value).strip():
+        raise ConfigError(f"{key} must be null or a file path, got {value!r}")
+    return Path(value)
+
+
 @dataclass(frozen=True)
 class BrokerConfig:
     """The gRPC broker (cloud/broker.py): auth, validation, admission, micro-batching, limits."""
 
     host: str = "127.0.0.1"  # loopback: serving a real fleet is a deliberate "0.0.0.0"
+    # The plan store as the broker sees it: a Redis user that may only read plans and follow their
+    # channel (cloud/planstore.py ACL_RULES, deploy/redis/redis.conf). None: controller.redis_url.
+    redis_url: str | None = field(default=None, repr=False)
     port: int = 50051  # gRPC's customary port; 0 picks a free one (tests)
     # Throughput comes from batching before the ~8 ms Ray hop; 32 windows of the largest tail
     # (audio, cut 1: 379 KiB each) stay ~12 MiB per batch, and a tail's batch time grows little.
@@ -250,6 +304,16 @@ class BrokerConfig:
     # HMAC-SHA256 key of the per-device tokens (`splitsense cloud token DEVICE_ID`).
     auth_secret: str = field(default=DEV_AUTH_SECRET, repr=False)  # never printed with the config
     allowed_device_ids: tuple[str, ...] = ()  # empty: any device with a valid token
+    # TLS of the gRPC listener, PEM files (deploy/tls/gen_certs.sh makes them). A certificate (chain)
+    # and its key: the broker serves TLS. With tls_client_ca_file as well, mutual TLS: a device must
+    # present a certificate signed by that CA whose subject CN is the device id it calls with
+    # (x-splitsense-device-id; cloud/auth.py), and still its token. None: plaintext.
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+    tls_client_ca_file: Path | None = None
+    # Plaintext on a host that is not loopback: off, since tokens and activations would cross the
+    # network in the clear. Only for a scenario on a network private end to end.
+    allow_plaintext: bool = False
     metrics_port: int | None = 9464  # Prometheus exporter of `cloud up` (OpenTelemetry's port); None: off
     # The static plan served until the controller publishes one: every model cut at
     # static_plan_cut (0: send the preprocessed input, the classic cloud-offload baseline) unless
@@ -285,6 +349,17 @@ class BrokerConfig:
         if not isinstance(self.auth_secret, str) or len(self.auth_secret) < 16:
             raise ConfigError("broker.auth_secret must be a string of at least 16 characters")
         object.__setattr__(self, "allowed_device_ids", tuple(self.allowed_device_ids))
+        for name in ("tls_cert_file", "tls_key_file", "tls_client_ca_file"):
+            object.__setattr__(self, name, _optional_path(f"broker.{name}", getattr(self, name)))
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ConfigError("broker.tls_cert_file and broker.tls_key_file go together: set both (TLS) or neither")
+        if self.tls_client_ca_file is not None and self.tls_cert_file is None:
+            raise ConfigError(
+                "broker.tls_client_ca_file (mutual TLS) needs the broker's own certificate: "
+                "set broker.tls_cert_file and broker.tls_key_file"
+            )
+        if not isinstance(self.allow_plaintext, bool):
+            raise ConfigError(f"broker.allow_plaintext must be true or false, got {self.allow_plaintext!r}")
         object.__setattr__(self, "static_plan_device_classes", tuple(self.static_plan_device_classes))
         object.__setattr__(self, "static_plan_cuts", dict(self.static_plan_cuts))
         for name, cut in [("static_plan_cut", self.static_plan_cut), *self.static_plan_cuts.items()]:
@@ -296,6 +371,30 @@ class BrokerConfig:
     @property
     def uses_dev_secret(self) -> bool:
         return self.auth_secret == DEV_AUTH_SECRET
+
+    @property
+    def uses_tls(self) -> bool:
+        return self.tls_cert_file is not None
+
+    @property
+    def uses_mtls(self) -> bool:
+        return self.tls_client_ca_file is not None
+
+    def exposure_problem(self) -> str | None:
+        """Why serving this config on broker.host would expose it, as what to set; None: safe.
+
+        A loopback host is always safe (tests, demo, simulate). Any other needs a real auth secret,
+        and TLS unless allow_plaintext says the network is private."""
+        if is_loopback_host(self.host):
+            return None
+        missing = []
+        if self.uses_dev_secret:
+            missing.append("broker.auth_secret (not the built-in development secret)")
+        if not self.uses_tls and not self.allow_plaintext:
+            missing.append("broker.tls_cert_file + broker.tls_key_file (or broker.allow_plaintext: true)")
+        if not missing:
+            return None
+        return f"refusing to serve on non-loopback broker.host {self.host!r}: set {' and '.join(missing)}"
 
 
 @dataclass(frozen=True)
@@ -406,12 +505,29 @@ class EdgeConfig:
     on_battery: bool = True
     breaker: BreakerConfig = field(default_factory=BreakerConfig)
     estimator: EstimatorConfig = field(default_factory=EstimatorConfig)
+    # TLS to the broker, PEM files (deploy/tls/gen_certs.sh). tls_ca_file: the CA that signed the
+    # broker's certificate; set, the device dials TLS. For mutual TLS the device also presents
+    # tls_cert_file + tls_key_file, a certificate whose subject CN is device_id. None: plaintext.
+    tls_ca_file: Path | None = None
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+    # Dial a broker that is not on loopback without TLS: off, since the token would cross the
+    # network in the clear. The twin of broker.allow_plaintext.
+    allow_plaintext: bool = False
 
     def __post_init__(self) -> None:
         for name in ("broker_address", "device_id", "device_class", "model"):
             value = getattr(self, name)
             if not isinstance(value, str) or not value.strip():
                 raise ConfigError(f"edge.{name} must be a non-empty string, got {value!r}")
+        for name in ("tls_ca_file", "tls_cert_file", "tls_key_file"):
+            object.__setattr__(self, name, _optional_path(f"edge.{name}", getattr(self, name)))
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ConfigError("edge.tls_cert_file and edge.tls_key_file go together: set both (mutual TLS) or neither")
+        if self.tls_cert_file is not None and self.tls_ca_file is None:
+            raise ConfigError("edge.tls_cert_file (mutual TLS) needs edge.tls_ca_file: the CA of the broker's cert")
+        if not isinstance(self.allow_plaintext, bool):
+            raise ConfigError(f"edge.allow_plaintext must be true or false, got {self.allow_plaintext!r}")
         if not (self.hedge_factor >= 0 and self.hedge_margin_ms >= 0):
             raise ConfigError("edge.hedge_factor and edge.hedge_margin_ms must be >= 0")
         for name in ("deadline_ms", "audio_frame_ms", "telemetry_period_s", "max_message_bytes"):
@@ -432,6 +548,19 @@ class EdgeConfig:
             raise ConfigError(f"edge.active_mw must be >= 0, got {self.active_mw!r}")
         if not 0 <= self.battery_initial_fraction <= 1:
             raise ConfigError("edge.battery_initial_fraction must be in [0, 1]")
+
+    def exposure_problem(self) -> str | None:
+        """Why dialing broker_address as configured would send the token in the clear, as what to
+        set; None: TLS, a loopback broker, or allow_plaintext."""
+        if self.tls_ca_file is not None or self.allow_plaintext:
+            return None
+        host = host_of_address(self.broker_address)
+        if is_loopback_host(host):
+            return None
+        return (
+            f"refusing to send the token in plaintext to non-loopback broker {self.broker_address!r}: "
+            "set edge.tls_ca_file (--tls-ca) or edge.allow_plaintext: true"
+        )
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,7 @@
     ├── ModelError                   unknown model, cut out of range, missing or mismatched weights
     ├── CodecError                   an activation cannot be encoded/decoded (NaN/inf, empty, wrong dtype)
     ├── WireError                    a wire message is malformed (broker answers INVALID_ARGUMENT)
+    │   └── NonFiniteOutputError     a well-formed activation the tail turns into NaN/inf logits
     ├── OffloadError                 an offload attempt did not produce a result (the edge finishes locally)
     │   ├── BrokerUnavailableError   transport down, UNAVAILABLE, breaker open
     │   ├── ShedError                broker shed the request (RESOURCE_EXHAUSTED), carries a retry hint
@@ -42,6 +43,11 @@ class CodecError(SplitsenseError):
 
 class WireError(SplitsenseError):
     pass
+
+
+class NonFiniteOutputError(WireError):
+    """A finite activation whose tail output overflows: the request, not the cloud, is at fault
+    (the same window fails alike on every broker), so it is INVALID_ARGUMENT, never UNAVAILABLE."""
 
 
 class OffloadError(SplitsenseError):

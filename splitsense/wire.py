@@ -13,11 +13,14 @@ which travel on the same wire):
     WindowError                    WindowError              its oneof is OffloadResponse | WindowError)
     TelemetryObservation           TelemetryObservation
     TelemetryReport                ReportTelemetryRequest
+    PlanRequest                    GetPlanRequest, WatchPlanRequest   plan_request_from_pb
     PlanRow, Plan, PlanSet         PlanRow, Plan, PlanSet
 
 `to_pb(x)` and `from_pb(msg)` convert any pair of that table (typed per pair). Every dataclass
 checks its values when built, and `from_pb` additionally rejects what proto3 cannot say is missing
-(an unset sub-message, an empty id, an UNSPECIFIED or unknown enum value). Either way the error is a
+(an unset sub-message, an empty id, an UNSPECIFIED or unknown enum value). A device's strings have
+length limits (MAX_ID_CHARS for ids, MAX_NAME_CHARS for names) and an unset `estimates` is None,
+"unknown", not an error: proto3 lets any client leave a message field out. Either way the error is a
 `WireError` whose message starts with the path of the field at fault, e.g.
 `OffloadRequest.activation.shape: expected dimensions >= 0, got [1, -3]`; a broker answers it
 with INVALID_ARGUMENT. This module imports protobuf, never grpc.
@@ -40,7 +43,12 @@ __all__ = [
     "DeviceEstimates",
     "ExecutionMode",
     "OffloadRequest",
+    "MAX_EXTRA_MODELS",
+    "MAX_ID_CHARS",
+    "MAX_NAME_CHARS",
+    "MAX_PLAN_MODELS",
     "OffloadResponse",
+    "PlanRequest",
     "RadioKind",
     "TaskResult",
     "TelemetryObservation",
@@ -48,6 +56,7 @@ __all__ = [
     "Timing",
     "WindowError",
     "from_pb",
+    "plan_request_from_pb",
     "stream_request_from_pb",
     "stream_request_to_pb",
     "stream_response_from_pb",
@@ -59,6 +68,14 @@ __all__ = [
 
 _UINT32_MAX = 2**32 - 1
 _INT64_MAX = 2**63 - 1
+
+# Length limits of the strings a device sends, in characters (the only place they are defined).
+# Past these the field is refused (INVALID_ARGUMENT naming the field and the limit), never echoed.
+MAX_ID_CHARS = 128  # window_id, device_id: a UUID is 36, "fleet-sensor_node-0042" 22
+MAX_NAME_CHARS = 64  # model names (model, extra_models, observations, plan requests), device_class,
+#                      prior_digest (16 hex digits): the shipped names are at most 11
+MAX_EXTRA_MODELS = 8  # OffloadRequest.extra_models: tasks sharing one encoder (2 ship)
+MAX_PLAN_MODELS = 64  # GetPlanRequest / WatchPlanRequest.models: a device runs a handful
 
 
 # Call metadata keys of the contract (both sides import these; gRPC status codes are mapped only
@@ -94,9 +111,28 @@ def _bad(owner: str, field: str, expected: str, got: Any) -> NoReturn:
     raise _FieldError(owner, field, f"expected {expected}, got {got!r}")
 
 
-def _check_str(owner: str, field: str, value: Any) -> None:
+def _check_str(owner: str, field: str, value: Any, max_chars: int) -> None:
     if not isinstance(value, str) or not value:
         _bad(owner, field, "a non-empty string", value)
+    if len(value) > max_chars:  # the value itself is not echoed: it may be megabytes
+        raise _FieldError(owner, field, f"expected at most {max_chars} characters, got {len(value)}")
+
+
+def _check_names(owner: str, field: str, value: Any, max_count: int) -> tuple[str, ...]:
+    """A sequence of distinct non-empty names of at most MAX_NAME_CHARS, at most max_count of them."""
+    if isinstance(value, str) or not isinstance(value, Sequence):
+        _bad(owner, field, "a sequence of model names", value)
+    names = tuple(value)
+    if len(names) > max_count:
+        raise _FieldError(owner, field, f"expected at most {max_count} names, got {len(names)}")
+    for i, m in enumerate(names):
+        if not isinstance(m, str) or not m:
+            raise _FieldError(owner, field, f"expected non-empty model names, got {m!r} at index {i}")
+        if len(m) > MAX_NAME_CHARS:
+            raise _FieldError(
+                owner, field, f"expected names of at most {MAX_NAME_CHARS} characters, got {len(m)} at index {i}"
+            )
+    return names
 
 
 def _check_int(owner: str, field: str, value: Any, lo: int, hi: int) -> None:
@@ -152,7 +188,7 @@ class OffloadRequest:
     cut: int  # the device ran stages [0, cut); the cloud runs [cut, N)
     device_id: str
     device_class: str
-    estimates: DeviceEstimates
+    estimates: DeviceEstimates | None  # None: unknown (a client that leaves the message out)
     plan_version: int  # 0 when the device has no plan yet
     activation: EncodedTensor
     sent_unix_ms: int
@@ -161,20 +197,17 @@ class OffloadRequest:
 
     def __post_init__(self) -> None:
         o = "OffloadRequest"
-        for name in ("window_id", "model", "device_id", "device_class"):
-            _check_str(o, name, getattr(self, name))
-        if isinstance(self.extra_models, str) or not isinstance(self.extra_models, Sequence):
-            _bad(o, "extra_models", "a sequence of model names", self.extra_models)
-        extra = tuple(self.extra_models)
-        for m in extra:
-            if not isinstance(m, str) or not m:
-                _bad(o, "extra_models", "non-empty model names", extra)
+        for name in ("window_id", "device_id"):
+            _check_str(o, name, getattr(self, name), MAX_ID_CHARS)
+        for name in ("model", "device_class"):
+            _check_str(o, name, getattr(self, name), MAX_NAME_CHARS)
+        extra = _check_names(o, "extra_models", self.extra_models, MAX_EXTRA_MODELS)
         if len(set(extra)) != len(extra) or self.model in extra:
             _bad(o, "extra_models", f"distinct models other than {self.model!r}", extra)
         object.__setattr__(self, "extra_models", extra)
         _check_int(o, "cut", self.cut, 0, _UINT32_MAX)
-        if not isinstance(self.estimates, DeviceEstimates):
-            _bad(o, "estimates", "a DeviceEstimates", self.estimates)
+        if self.estimates is not None and not isinstance(self.estimates, DeviceEstimates):
+            _bad(o, "estimates", "a DeviceEstimates or None (unknown)", self.estimates)
         _check_int(o, "plan_version", self.plan_version, 0, _INT64_MAX)
         if not isinstance(self.activation, EncodedTensor):
             _bad(o, "activation", "a pipelines.codecs.EncodedTensor", self.activation)
@@ -218,7 +251,7 @@ class TaskResult:
     prediction: int
 
     def __post_init__(self) -> None:
-        _check_str("TaskResult", "model", self.model)
+        _check_str("TaskResult", "model", self.model, MAX_NAME_CHARS)
         object.__setattr__(self, "logits", _check_logits("TaskResult", self.logits, self.prediction))
 
 
@@ -234,7 +267,7 @@ class OffloadResponse:
 
     def __post_init__(self) -> None:
         o = "OffloadResponse"
-        _check_str(o, "window_id", self.window_id)
+        _check_str(o, "window_id", self.window_id, MAX_ID_CHARS)
         object.__setattr__(self, "logits", _check_logits(o, self.logits, self.prediction))
         if not isinstance(self.timing, Timing):
             _bad(o, "timing", "a Timing", self.timing)
@@ -258,7 +291,7 @@ class WindowError:
     retry_after_ms: int = 0  # 0: no hint
 
     def __post_init__(self) -> None:
-        _check_str("WindowError", "window_id", self.window_id)
+        _check_str("WindowError", "window_id", self.window_id, MAX_ID_CHARS)
         _check_int("WindowError", "code", self.code, 1, 16)
         if not isinstance(self.message, str):
             _bad("WindowError", "message", "a string", self.message)
@@ -284,7 +317,7 @@ class TelemetryObservation:
 
     def __post_init__(self) -> None:
         o = "TelemetryObservation"
-        _check_str(o, "model", self.model)
+        _check_str(o, "model", self.model, MAX_NAME_CHARS)
         _check_int(o, "cut", self.cut, 0, _UINT32_MAX)
         object.__setattr__(self, "mode", _check_enum(o, "mode", ExecutionMode, self.mode))
         _check_int(o, "window_count", self.window_count, 0, _UINT32_MAX)
@@ -305,7 +338,7 @@ class TelemetryReport:
 
     device_id: str
     device_class: str
-    estimates: DeviceEstimates
+    estimates: DeviceEstimates | None  # None: unknown (a client that leaves the message out)
     plan_version: int
     period_start_unix_ms: int
     period_end_unix_ms: int
@@ -313,10 +346,10 @@ class TelemetryReport:
 
     def __post_init__(self) -> None:
         o = "TelemetryReport"
-        _check_str(o, "device_id", self.device_id)
-        _check_str(o, "device_class", self.device_class)
-        if not isinstance(self.estimates, DeviceEstimates):
-            _bad(o, "estimates", "a DeviceEstimates", self.estimates)
+        _check_str(o, "device_id", self.device_id, MAX_ID_CHARS)
+        _check_str(o, "device_class", self.device_class, MAX_NAME_CHARS)
+        if self.estimates is not None and not isinstance(self.estimates, DeviceEstimates):
+            _bad(o, "estimates", "a DeviceEstimates or None (unknown)", self.estimates)
         _check_int(o, "plan_version", self.plan_version, 0, _INT64_MAX)
         _check_int(o, "period_start_unix_ms", self.period_start_unix_ms, 0, _INT64_MAX)
         _check_int(o, "period_end_unix_ms", self.period_end_unix_ms, self.period_start_unix_ms, _INT64_MAX)
@@ -325,6 +358,21 @@ class TelemetryReport:
             if not isinstance(x, TelemetryObservation):
                 _bad(o, "observations", "TelemetryObservation items", x)
         object.__setattr__(self, "observations", observations)
+
+
+@dataclass(frozen=True)
+class PlanRequest:
+    """What a device asks the PlanService for (GetPlanRequest and WatchPlanRequest alike)."""
+
+    device_class: str
+    models: tuple[str, ...]  # empty: every model
+    known_version: int  # 0: the device has no plan set yet
+
+    def __post_init__(self) -> None:
+        o = "PlanRequest"
+        _check_str(o, "device_class", self.device_class, MAX_NAME_CHARS)
+        object.__setattr__(self, "models", _check_names(o, "models", self.models, MAX_PLAN_MODELS))
+        _check_int(o, "known_version", self.known_version, 0, _INT64_MAX)
 
 
 # --- enum tables: every member of ours <-> one non-UNSPECIFIED wire value ---------------------
@@ -405,6 +453,11 @@ def _required(path: str, msg: Any, field: str) -> Any:
     return getattr(msg, field)
 
 
+def _optional(path: str, msg: Any, field: str, convert: Callable[[Any, str], _T]) -> _T | None:
+    """convert(sub-message) of a message field proto3 lets a sender leave out; None when unset."""
+    return convert(getattr(msg, field), f"{path}.{field}") if msg.HasField(field) else None
+
+
 def _expect(msg: Any, cls: type) -> None:
     if not isinstance(msg, cls):
         raise WireError(f"expected a splitsense.v1.{cls.__name__} message, got {type(msg).__name__}")
@@ -430,6 +483,10 @@ def tensor_from_pb(msg: pb.Tensor, path: str = "Tensor") -> EncodedTensor:
     """The EncodedTensor of a Tensor message, with its payload checked against shape and codec."""
     _expect(msg, pb.Tensor)
     codec = _CODEC.decode(f"{path}.codec", msg.codec)
+    if len(msg.prior_digest) > MAX_NAME_CHARS:
+        raise WireError(
+            f"{path}.prior_digest: expected at most {MAX_NAME_CHARS} characters, got {len(msg.prior_digest)}"
+        )
     shape = tuple(msg.shape)
     if any(d < 0 for d in shape):
         raise WireError(f"{path}.shape: expected dimensions >= 0, got {list(shape)}")
@@ -482,7 +539,7 @@ def _request_to_pb(x: OffloadRequest) -> pb.OffloadRequest:
         cut=x.cut,
         device_id=x.device_id,
         device_class=x.device_class,
-        estimates=_estimates_to_pb(x.estimates),
+        estimates=None if x.estimates is None else _estimates_to_pb(x.estimates),
         plan_version=x.plan_version,
         activation=tensor_to_pb(x.activation),
         sent_unix_ms=x.sent_unix_ms,
@@ -500,7 +557,7 @@ def _request_from_pb(msg: pb.OffloadRequest, path: str = "OffloadRequest") -> Of
         cut=msg.cut,
         device_id=msg.device_id,
         device_class=msg.device_class,
-        estimates=_estimates_from_pb(_required(path, msg, "estimates"), f"{path}.estimates"),
+        estimates=_optional(path, msg, "estimates", _estimates_from_pb),
         plan_version=msg.plan_version,
         activation=tensor_from_pb(_required(path, msg, "activation"), f"{path}.activation"),
         sent_unix_ms=msg.sent_unix_ms,
@@ -582,7 +639,7 @@ def _report_to_pb(x: TelemetryReport) -> pb.ReportTelemetryRequest:
     return pb.ReportTelemetryRequest(
         device_id=x.device_id,
         device_class=x.device_class,
-        estimates=_estimates_to_pb(x.estimates),
+        estimates=None if x.estimates is None else _estimates_to_pb(x.estimates),
         plan_version=x.plan_version,
         period_start_unix_ms=x.period_start_unix_ms,
         period_end_unix_ms=x.period_end_unix_ms,
@@ -596,7 +653,7 @@ def _report_from_pb(msg: pb.ReportTelemetryRequest, path: str = "ReportTelemetry
         TelemetryReport,
         device_id=msg.device_id,
         device_class=msg.device_class,
-        estimates=_estimates_from_pb(_required(path, msg, "estimates"), f"{path}.estimates"),
+        estimates=_optional(path, msg, "estimates", _estimates_from_pb),
         plan_version=msg.plan_version,
         period_start_unix_ms=msg.period_start_unix_ms,
         period_end_unix_ms=msg.period_end_unix_ms,
@@ -673,6 +730,20 @@ def _plan_set_from_pb(msg: pb.PlanSet, path: str = "PlanSet") -> PlanSet:
         plans=tuple(_plan_from_pb(p, f"{path}.plans[{i}]") for i, p in enumerate(msg.plans)),
         created_unix_ms=msg.created_unix_ms,
         reason=msg.reason,
+    )
+
+
+def plan_request_from_pb(msg: pb.GetPlanRequest | pb.WatchPlanRequest) -> PlanRequest:
+    """The PlanRequest of a GetPlanRequest or WatchPlanRequest; WireError naming the field."""
+    if not isinstance(msg, (pb.GetPlanRequest, pb.WatchPlanRequest)):
+        got = type(msg).__name__
+        raise WireError(f"expected a splitsense.v1.GetPlanRequest or WatchPlanRequest message, got {got}")
+    return _build(
+        type(msg).__name__,
+        PlanRequest,
+        device_class=msg.device_class,
+        models=tuple(msg.models),
+        known_version=msg.known_version,
     )
 
 

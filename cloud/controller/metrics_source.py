@@ -76,7 +76,7 @@ class MetricNames:
     compute_duration: str = "splitsense_broker_compute_duration_seconds"  # histogram, same labels
     batch_size: str = "splitsense_broker_batch_size"  # histogram {model, cut}
     shed: str = "splitsense_broker_shed_total"  # {model, device_class, cut}
-    errors: str = "splitsense_broker_errors_total"  # {model, device_class, code}
+    errors: str = "splitsense_broker_errors_total"  # {model, device_class, code, reason}
     bandwidth: str = "splitsense_device_bandwidth_bytes_per_second"  # histogram {device_class}
     rtt: str = "splitsense_device_rtt_seconds"  # histogram {device_class}
     battery: str = "splitsense_device_battery_ratio"  # histogram {device_class}

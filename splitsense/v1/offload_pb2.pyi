@@ -312,7 +312,9 @@ class OffloadRequest(_message.Message):
     """
     @_builtins.property
     def estimates(self) -> Global___DeviceEstimates:
-        """The device's estimates when it sent the window."""
+        """The device's estimates when it sent the window. Unset means unknown (a client that has none):
+        the broker serves the window all the same and records no link or battery sample for it.
+        """
 
     @_builtins.property
     def activation(self) -> Global___Tensor:
@@ -635,7 +637,7 @@ class ReportTelemetryRequest(_message.Message):
     """The end of the period, in Unix milliseconds of the device's clock."""
     @_builtins.property
     def estimates(self) -> Global___DeviceEstimates:
-        """The device's estimates at the end of the period."""
+        """The device's estimates at the end of the period; unset means unknown, as in OffloadRequest."""
 
     @_builtins.property
     def observations(self) -> _containers.RepeatedCompositeFieldContainer[Global___TelemetryObservation]:

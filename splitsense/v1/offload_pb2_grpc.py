@@ -30,6 +30,10 @@ class OffloadServiceStub:
 
     A device authenticates with call metadata, not with fields of these messages. Whatever goes
     wrong on this service, the device finishes the window locally: nothing is ever dropped.
+
+    Every string a device sends, here and on PlanService, has a length limit: ids (window_id,
+    device_id) at most 128 characters, names (model, extra_models, device_class, models,
+    prior_digest) at most 64; a longer one is INVALID_ARGUMENT naming the field and the limit.
     """
 
     def __init__(self, channel):
@@ -60,6 +64,10 @@ class OffloadServiceServicer:
 
     A device authenticates with call metadata, not with fields of these messages. Whatever goes
     wrong on this service, the device finishes the window locally: nothing is ever dropped.
+
+    Every string a device sends, here and on PlanService, has a length limit: ids (window_id,
+    device_id) at most 128 characters, names (model, extra_models, device_class, models,
+    prior_digest) at most 64; a longer one is INVALID_ARGUMENT naming the field and the limit.
     """
 
     def Offload(self, request, context):
@@ -119,6 +127,10 @@ class OffloadService:
 
     A device authenticates with call metadata, not with fields of these messages. Whatever goes
     wrong on this service, the device finishes the window locally: nothing is ever dropped.
+
+    Every string a device sends, here and on PlanService, has a length limit: ids (window_id,
+    device_id) at most 128 characters, names (model, extra_models, device_class, models,
+    prior_digest) at most 64; a longer one is INVALID_ARGUMENT naming the field and the limit.
     """
 
     @staticmethod

@@ -37,6 +37,10 @@ class OffloadServiceStub:
 
     A device authenticates with call metadata, not with fields of these messages. Whatever goes
     wrong on this service, the device finishes the window locally: nothing is ever dropped.
+
+    Every string a device sends, here and on PlanService, has a length limit: ids (window_id,
+    device_id) at most 128 characters, names (model, extra_models, device_class, models,
+    prior_digest) at most 64; a longer one is INVALID_ARGUMENT naming the field and the limit.
     """
 
     @_typing.overload
@@ -63,6 +67,10 @@ class OffloadServiceAsyncStub(OffloadServiceStub):
 
     A device authenticates with call metadata, not with fields of these messages. Whatever goes
     wrong on this service, the device finishes the window locally: nothing is ever dropped.
+
+    Every string a device sends, here and on PlanService, has a length limit: ids (window_id,
+    device_id) at most 128 characters, names (model, extra_models, device_class, models,
+    prior_digest) at most 64; a longer one is INVALID_ARGUMENT naming the field and the limit.
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
@@ -85,6 +93,10 @@ class OffloadServiceServicer(metaclass=_abc_1.ABCMeta):
 
     A device authenticates with call metadata, not with fields of these messages. Whatever goes
     wrong on this service, the device finishes the window locally: nothing is ever dropped.
+
+    Every string a device sends, here and on PlanService, has a length limit: ids (window_id,
+    device_id) at most 128 characters, names (model, extra_models, device_class, models,
+    prior_digest) at most 64; a longer one is INVALID_ARGUMENT naming the field and the limit.
     """
 
     @_abc_1.abstractmethod

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import secrets
 import shutil
 import socket
 import subprocess
@@ -25,6 +26,9 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 import pytest
+
+from cloud.planstore import ACL_RULES, acl_user_line
+from cloud.planstore import _ping as _redis_ping
 
 
 @pytest.fixture(scope="session")
@@ -85,28 +89,33 @@ def _log_tail(path: Path) -> str:
 
 
 class RedisServer:
-    """A redis-server without persistence; stop() and start() again keep its port (and lose its data)."""
+    """A redis-server without persistence, locked down as in deploy/redis/redis.conf: the default
+    user off, one ACL user per role (cloud/planstore.py ACL_RULES: the controller writes, a broker
+    reads and follows); `.url` is the controller's, `url_for("broker")` the broker's. stop() and
+    start() again keep its port and passwords (and lose its data)."""
 
     def __init__(self, executable: str, directory: Path) -> None:
         self.executable, self.dir, self.port = executable, directory, free_port()
+        self.passwords = {role: secrets.token_urlsafe(16) for role in ACL_RULES}
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        return self.url_for("controller")
+
+    def url_for(self, role: str) -> str:
+        return f"redis://{role}:{self.passwords[role]}@127.0.0.1:{self.port}/0"
 
     def ping(self) -> bool:
-        try:
-            with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as s:
-                s.sendall(b"PING\r\n")
-                return s.recv(16).startswith(b"+PONG")
-        except OSError:
-            return False
+        return _redis_ping(self.port, self.passwords["controller"], "controller")
 
     def start(self, timeout_s: float = 10.0) -> None:
         log = self.dir / "redis.log"
         args = [self.executable, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.dir)]
         args += ["--save", "", "--appendonly", "no", "--daemonize", "no", "--logfile", str(log)]
+        args += ["--user", "default", "off"]
+        for role, password in self.passwords.items():
+            args += ["--user", *acl_user_line(role, password).split()]
         self.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline and self.proc.poll() is None:

@@ -301,10 +301,6 @@ def _malformed(case: str, base: pb.OffloadRequest, registry: ModelRegistry) -> t
         return _mutate(base, model="resnet50"), md
     if case == "other_device_id":
         return _mutate(base, device_id="dev-victim"), md
-    if case == "missing_estimates":
-        req = _mutate(base)
-        req.ClearField("estimates")
-        return req, md
     raise AssertionError(case)
 
 
@@ -330,7 +326,7 @@ MALFORMED = {
     "missing_token": (grpc.StatusCode.UNAUTHENTICATED, "missing token"),
     "unknown_model": (grpc.StatusCode.NOT_FOUND, "OffloadRequest.model: expected a model this broker serves"),
     "other_device_id": (grpc.StatusCode.PERMISSION_DENIED, "OffloadRequest.device_id"),
-    "missing_estimates": (grpc.StatusCode.INVALID_ARGUMENT, "OffloadRequest.estimates"),
+    # (a request without estimates is served: test_broker_fuzz_findings.py)
 }
 
 
@@ -365,14 +361,14 @@ async def test_failures_are_counted_by_code(
     assert (
         v(
             "splitsense_broker_errors_total",
-            {"model": "unknown", "device_class": "phone", "code": "NOT_FOUND"},
+            {"model": "unknown", "device_class": "phone", "code": "NOT_FOUND", "reason": "unknown_model"},
         )
         == 1
     )
     assert (
         v(
             "splitsense_broker_errors_total",
-            {"model": "unknown", "device_class": "other", "code": "UNAUTHENTICATED"},
+            {"model": "unknown", "device_class": "other", "code": "UNAUTHENTICATED", "reason": "auth"},
         )
         == 1
     )
@@ -572,6 +568,30 @@ async def test_report_telemetry_updates_metrics(broker: Broker, stub: pb_grpc.Of
     err = await rpc_error(stub.ReportTelemetry(report, metadata=creds("dev-t"), timeout=5))
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "ReportTelemetryRequest.observations[0].cut: expected 0..6" in (err.details() or "")
+
+
+async def test_telemetry_of_a_task_group_is_counted_under_its_group(
+    broker: Broker, stub: pb_grpc.OffloadServiceStub
+) -> None:
+    """A sensor node reports its windows under the task group it runs ("fsdd_speaker+fsdd_digit":
+    one front, both tails), which the controller plans as one: not "unknown"."""
+    group = "fsdd_speaker+fsdd_digit"
+    report = pb.ReportTelemetryRequest(
+        device_id="dev-g",
+        device_class="sensor_node",
+        plan_version=1,
+        period_start_unix_ms=1000,
+        period_end_unix_ms=11_000,
+        observations=[
+            pb.TelemetryObservation(
+                model=group, cut=1, mode=pb.EXECUTION_MODE_OFFLOADED, window_count=3, latency_ms_total=600.0
+            )
+        ],
+    )
+    await stub.ReportTelemetry(report, metadata=creds("dev-g"), timeout=5)
+    v = broker.metrics.registry.get_sample_value
+    labels = {"model": group, "device_class": "sensor_node", "cut": "1", "mode": "offloaded"}
+    assert v("splitsense_device_windows_total", labels) == 3
 
 
 def _plan_set(version: int, cut: int) -> PlanSet:

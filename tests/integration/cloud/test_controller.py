@@ -49,7 +49,7 @@ import pytest
 
 from cloud.backend import InProcessTailBackend, ModelRegistry, TailUnavailableError
 from cloud.controller.metrics_source import PrometheusSource
-from cloud.planstore import plan_validator
+from cloud.planstore import plan_validator, redact_url
 from cloud.stack import CloudStack
 from edge.runtime import Battery, EdgeDevice
 from edge.sink import WindowResult
@@ -455,7 +455,10 @@ async def test_prometheus_or_redis_down_keeps_the_last_plan_and_says_so(
             await until(
                 "the controller to notice Redis", _async(lambda: _sample(stack, up, dependency="redis") == 0), 8
             )
-            assert any("redis is down" in r.getMessage() and redis_server.url in r.getMessage() for r in caplog.records)
+            # the URL is in the log line with its password redacted, never in clear
+            url = redact_url(redis_server.url)
+            assert any("redis is down" in r.getMessage() and url in r.getMessage() for r in caplog.records)
+            assert not any(redis_server.passwords["controller"] in r.getMessage() for r in caplog.records)
             passes = ctl.passes
             t = time.monotonic()
             await until("two more passes", _async(lambda: ctl.passes >= passes + 2), 10)

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import math
+import re
 import socket
 from collections.abc import AsyncIterator
 
 import pytest
 
-from cloud.planstore import EmbeddedRedis, PlanStore, plan_validator
+from cloud.planstore import EmbeddedRedis, PlanStore, plan_validator, redact_url
 from pipelines.codecs import Codec
 from splitsense.errors import DependencyError, PlanError
 from splitsense.plan import BatteryState, Objective, Plan, PlanRow, PlanSet
@@ -114,7 +115,7 @@ async def test_invalid_plan_is_refused_before_storing(store: PlanStore, bad: Pla
     with pytest.raises(PlanError, match=message):
         await store.put(bad, validate)
     assert await store.current() is None and await store.versions() == []
-    assert await store._client.keys("splitsense:*") == []
+    assert await store.current() is None and await store._client.get(store.current_key) is None  # nothing stored
     assert await pubsub.get_message(ignore_subscribe_messages=True, timeout=0.2) is None  # nothing published
     await pubsub.aclose()
 
@@ -162,7 +163,10 @@ async def test_redis_down_is_a_dependency_error_then_recovers(store: PlanStore, 
     await _until(lambda: len(seen) == 1)
     redis_server.stop()
     for call in (store.current(), store.previous(), store.put(plan_set(), VALIDATE), store.ping()):
-        with pytest.raises(DependencyError, match=f"Redis at {redis_server.url} cannot be reached"):
+        # the URL in the message has its password redacted
+        with pytest.raises(
+            DependencyError, match=re.escape(f"Redis at {redact_url(redis_server.url)} cannot be reached")
+        ):
             await call
     await asyncio.sleep(0.3)
     assert not task.done()  # the watch keeps retrying, never raises
@@ -185,7 +189,7 @@ async def test_redis_url_password_is_never_shown() -> None:
 async def test_embedded_redis_starts_and_stops() -> None:
     embedded = EmbeddedRedis()
     url = embedded.start()
-    assert embedded.running and url.startswith("redis://127.0.0.1:")
+    assert embedded.running and url.startswith("redis://controller:") and "@127.0.0.1:" in url
     try:
         async with PlanStore(url) as s:
             assert await s.put(plan_set(), VALIDATE) == 1
@@ -212,3 +216,37 @@ async def _until(cond, timeout_s: float = 5.0) -> None:
         if loop.time() > deadline:
             raise AssertionError("condition not met in time")
         await asyncio.sleep(0.02)
+
+
+async def test_each_role_may_do_only_its_part(redis_server) -> None:  # type: ignore[no-untyped-def]
+    """The controller's Redis user writes plans; a broker's reads and follows them but cannot write
+    one; the default user is off; neither reaches a key outside the plan store (deploy/redis)."""
+    import redis.asyncio as aioredis
+
+    async with (
+        PlanStore(redis_server.url_for("controller"), history_versions=3) as controller,
+        PlanStore(redis_server.url_for("broker"), history_versions=3) as broker,
+    ):
+        seen: list[int] = []
+
+        async def follow() -> None:
+            async for ps in broker.watch(since_version=0):
+                seen.append(ps.version)
+                return
+
+        watcher = asyncio.create_task(follow())
+        await asyncio.sleep(0.2)
+        put = await controller.put(plan_set(), VALIDATE)
+        assert (await broker.current()).version == put  # type: ignore[union-attr]
+        await asyncio.wait_for(watcher, 5)
+        assert seen == [put]
+        with pytest.raises(DependencyError, match="refused the plan write"):
+            await broker.put(plan_set(), VALIDATE)
+    anonymous = aioredis.Redis(port=redis_server.port)
+    with pytest.raises(Exception, match="(?i)auth|NOAUTH|HELLO"):
+        await anonymous.ping()
+    await anonymous.aclose()
+    elsewhere = aioredis.from_url(redis_server.url_for("controller"))
+    with pytest.raises(Exception, match="(?i)permission"):
+        await elsewhere.set("not-a-plan", "1")
+    await elsewhere.aclose()

@@ -91,7 +91,9 @@ async def test_stack_on_embedded_defaults(catalog: ModelCatalog) -> None:
             "metrics": int(stack.metrics_address.rsplit(":", 1)[1]),
             "redis": int(stack.redis_url.rsplit(":", 1)[1].split("/")[0]),
         }
-        assert stack.redis_url.startswith("redis://127.0.0.1:")  # its own redis-server
+        # its own redis-server, with the controller's Redis user (the broker has a read-only one)
+        assert stack.redis_url.startswith("redis://controller:") and "@127.0.0.1:" in stack.redis_url
+        assert stack.broker_store is not None and stack.broker_store.url.startswith("redis://broker:")
         results = await _one_device_through(stack)
         assert any(r.mode is ExecutionMode.OFFLOADED and r.cut == 3 for r in results)
         # the controller read the exporter directly, and its plan reached the broker

@@ -54,18 +54,30 @@ def test_redis_conf_starts_a_persistent_server(tmp_path: Path) -> None:
         stderr=subprocess.DEVNULL,
     )
     try:
+        # Locked down: nobody without a user; the controller's user writes plan keys only.
         answers: dict[str, bytes] = {}
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline and not answers:
             try:
                 with socket.create_connection(("127.0.0.1", port), timeout=0.5) as c:
-                    c.sendall(b"CONFIG GET appendonly\r\nCONFIG GET maxmemory-policy\r\n")
+                    c.sendall(b"PING\r\n")
                     time.sleep(0.1)
-                    answers = {"raw": c.recv(4096)}
+                    answers["anonymous"] = c.recv(4096)
+                    c.sendall(
+                        b"AUTH controller CHANGE-ME-controller-password\r\nSET splitsense:plans:current 1\r\n"
+                        b"CONFIG GET appendonly\r\nSET elsewhere 1\r\n"
+                    )
+                    time.sleep(0.2)
+                    answers["controller"] = c.recv(4096)
             except OSError:
+                answers.clear()
                 time.sleep(0.05)
-        raw = answers["raw"]
-        assert b"appendonly\r\n$3\r\nyes" in raw and b"noeviction" in raw
+        assert answers["anonymous"].startswith(b"-NOAUTH")
+        assert (
+            answers["controller"].startswith(b"+OK\r\n+OK\r\n-NOPERM") and answers["controller"].count(b"-NOPERM") == 2
+        )
+        text = Path(conf).read_text()
+        assert "\nappendonly yes" in text and "\nmaxmemory-policy noeviction" in text
         # The AOF goes where --dir says: a directory in Redis 7, one file in 6.2.
         aof = (tmp_path / "appendonlydir", tmp_path / "splitsense.aof")
         deadline = time.monotonic() + 10
@@ -106,3 +118,17 @@ def test_kuberay_manifest_parses() -> None:
         for pod in pods:
             for c in pod["spec"]["containers"]:
                 assert c["resources"]["requests"]["cpu"] and c["resources"]["requests"]["memory"], c["name"]
+
+
+def test_redis_conf_users_are_the_plan_stores_acl_roles() -> None:
+    """deploy/redis/redis.conf locks Redis down with the roles the code uses (cloud/planstore.py
+    ACL_RULES): the default user off, the controller and the broker each with their rules."""
+    from cloud.planstore import ACL_RULES, acl_user_line
+
+    conf = (DEPLOY / "redis" / "redis.conf").read_text()
+    users = {line.split()[1]: line for line in conf.splitlines() if line.startswith("user ")}
+    assert users.pop("default") == "user default off"
+    assert set(users) == set(ACL_RULES)
+    for role, line in users.items():
+        password = line.split()[3].removeprefix(">")
+        assert line == "user " + acl_user_line(role, password)

@@ -141,7 +141,17 @@ async def test_whole_recording_through_the_broker_at_fp32_equals_local() -> None
     port = await broker.start()
     token = device_token(SECRET, DEVICE)
     transport = GrpcTransport(f"127.0.0.1:{port}", token, device_id=DEVICE)
-    cfg = EdgeConfig(model=MODEL, device_id=DEVICE, token=token, default_cut=3, replay_speed=0, telemetry_period_s=0.5)
+    # Hedging off: this test is about the offloaded path's answers (950 of them); on 2 loaded cores a
+    # loopback answer can come 30 ms late and the hedge would answer it locally (tests/unit/edge/test_hedging.py).
+    cfg = EdgeConfig(
+        model=MODEL,
+        device_id=DEVICE,
+        token=token,
+        default_cut=3,
+        replay_speed=0,
+        telemetry_period_s=0.5,
+        hedge_factor=0,
+    )
     offloaded, local = MemorySink(), MemorySink()
     try:
         summary = await EdgeDevice(cfg, registry.trained(MODEL), transport).run(

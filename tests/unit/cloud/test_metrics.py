@@ -7,8 +7,9 @@ import subprocess
 
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.metrics import MetricWrapperBase
 
-from cloud.metrics import BrokerMetrics
+from cloud.metrics import BrokerMetrics, ErrorReason
 from splitsense.wire import DeviceEstimates, ExecutionMode, RadioKind, TelemetryObservation, TelemetryReport
 
 
@@ -26,7 +27,7 @@ def test_request_metrics() -> None:
     m.answered("m", "phone", 1, "fp32", queue_s=0.001, compute_s=0.008, total_s=0.010)
     m.batch_done("m", 1, 5)
     m.shed_window("m", "phone", 1)
-    m.failed("m", "phone", "INVALID_ARGUMENT")
+    m.failed("m", "phone", "INVALID_ARGUMENT", ErrorReason.INVALID_REQUEST)
     v = reg.get_sample_value
     labels = {"model": "m", "device_class": "phone", "cut": "1"}
     assert v("splitsense_broker_received_bytes_total", {**labels, "codec": "fp32"}) == 1000
@@ -39,7 +40,7 @@ def test_request_metrics() -> None:
     assert (
         v(
             "splitsense_broker_errors_total",
-            {"model": "m", "device_class": "phone", "code": "INVALID_ARGUMENT"},
+            {"model": "m", "device_class": "phone", "code": "INVALID_ARGUMENT", "reason": "invalid_request"},
         )
         == 1
     )
@@ -53,17 +54,72 @@ def test_in_flight_gauge() -> None:
 
 
 def test_labels_from_requests_are_bounded() -> None:
-    m, _ = metrics(max_device_classes=3)
+    m, _ = metrics()
     assert m.model_label("m") == "m"
     assert m.model_label("evil-model-123") == "unknown"
     assert m.cut_label("m", 3) == "3" and m.cut_label("m", 4) == "unknown" and m.cut_label("x", 0) == "unknown"
     assert m.device_class_label("phone") == "phone"
-    assert m.device_class_label("watch") == "watch"
-    assert m.device_class_label("board") == "board"
-    assert m.device_class_label("fourth") == "other"  # the cap of 3 is reached
-    assert m.device_class_label("watch") == "watch"
-    assert m.device_class_label("bad class with spaces") == "other"
-    assert m.device_class_label("") == "other"
+    # A class a device sends is never a label of its own, however well-formed, first or not.
+    for sent in ("watch", "board", "bad class with spaces", "", "x" * 10_000):
+        assert m.device_class_label(sent) == "other"
+    m.add_device_classes(["watch"])  # e.g. a plan the controller published for watches
+    assert m.device_class_label("watch") == "watch" and m.device_class_label("board") == "other"
+
+
+def test_every_device_class_label_takes_only_known_values() -> None:
+    """Finding 4 of issue 10: whatever class a device sends, every metric with a device_class label
+    holds the configured classes or "other", never the device's value."""
+    m, reg = metrics()
+    sent = [f"fuzz-{i}" for i in range(40)] + ["phone"]
+    for c in sent:
+        m.received("m", c, 1, "fp32", 10)
+        m.answered("m", c, 1, "fp32", queue_s=0.001, compute_s=0.002, total_s=0.003)
+        m.shed_window("m", c, 1)
+        m.failed("m", c, "INVALID_ARGUMENT", ErrorReason.INVALID_REQUEST)
+        m.estimates(c, EST)
+        obs = TelemetryObservation(
+            model="m",
+            cut=1,
+            mode=ExecutionMode.OFFLOADED,
+            window_count=1,
+            front_ms_total=1.0,
+            latency_ms_total=2.0,
+            bytes_sent=3,
+            energy_mj=4.0,
+            stage_ms_total=(1.0,),
+        )
+        m.telemetry(TelemetryReport("d", c, EST, 1, 0, 1, (obs,)))
+    with_class = set()
+    values = set()
+    for family in reg.collect():
+        for sample in family.samples:
+            if "device_class" in sample.labels:
+                with_class.add(family.name)
+                values.add(sample.labels["device_class"])
+    assert values == {"phone", "other"}
+    # Every metric declared with a device_class label was exercised above (a new one must be too).
+    declared = {
+        x._name for x in vars(m).values() if isinstance(x, MetricWrapperBase) and "device_class" in x._labelnames
+    }
+    assert with_class == declared and len(declared) == 18, sorted(declared ^ with_class)
+
+
+def test_reason_label_is_a_fixed_set() -> None:
+    m, reg = metrics()
+    m.failed("m", "phone", "INVALID_ARGUMENT", ErrorReason.NON_FINITE_OUTPUT)
+    labels = {"model": "m", "device_class": "phone", "code": "INVALID_ARGUMENT", "reason": "non_finite_output"}
+    assert reg.get_sample_value("splitsense_broker_errors_total", labels) == 1
+    with pytest.raises(ValueError):
+        m.failed("m", "phone", "INVALID_ARGUMENT", "made-up")  # type: ignore[arg-type]
+
+
+def test_unknown_estimates_are_no_sample() -> None:
+    m, reg = metrics()
+    m.estimates("phone", None)
+    assert reg.get_sample_value("splitsense_device_rtt_seconds_count", {"device_class": "phone"}) is None
+    m.telemetry(TelemetryReport("d", "phone", None, 1, 0, 1, ()))
+    assert reg.get_sample_value("splitsense_broker_telemetry_reports_total", {"device_class": "phone"}) == 1
+    assert reg.get_sample_value("splitsense_device_bandwidth_bytes_per_second_count", {"device_class": "phone"}) is None
 
 
 def test_device_estimates_in_base_units() -> None:

@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from cloud.backend import ModelInfo
-from cloud.validation import validate_offload
+from cloud.backend import ModelInfo, TailUnavailableError
+from cloud.validation import check_logits, validate_offload
 from pipelines.codecs import Codec, EncodedTensor, encode
-from splitsense.errors import ModelError, WireError
+from splitsense.errors import ModelError, NonFiniteOutputError, WireError
 from splitsense.kinds import SymbolPrior
 from splitsense.wire import DeviceEstimates, OffloadRequest, RadioKind
 
@@ -219,3 +219,34 @@ def test_checks_run_in_order_model_first() -> None:
     # Known model, bad cut and bad shape: the cut is reported.
     with pytest.raises(WireError, match=r"^OffloadRequest\.cut"):
         validate_offload(request(EncodedTensor(Codec.FP16, (3,), b"x"), cut=99), MODELS)
+
+
+# --- the tail's output (finding 1 of issue 10) --------------------------------------------------
+
+
+def test_finite_logits_pass_as_float32() -> None:
+    out = check_logits(np.array([0.5, -1.0, 3e38, 0.0], dtype=np.float64), TOY, 1)
+    assert out.dtype == np.float32 and np.isfinite(out).all()
+
+
+@pytest.mark.parametrize(
+    ("logits", "counts"),
+    [
+        ([np.nan] * 4, "4 NaN and 0 inf among 4"),
+        ([np.inf, -np.inf, np.nan, 1.0], "1 NaN and 2 inf among 4"),
+        ([1e39, 0.0, 0.0, 0.0], "0 NaN and 1 inf among 4"),  # finite float64, inf as float32 (the wire's type)
+    ],
+)
+def test_non_finite_logits_are_the_requests_fault(logits: list[float], counts: str) -> None:
+    with pytest.raises(NonFiniteOutputError) as e:
+        check_logits(np.array(logits), TOY, 2)
+    assert isinstance(e.value, WireError)  # answered INVALID_ARGUMENT, like every field the device got wrong
+    msg = str(e.value)
+    assert msg.startswith("OffloadRequest.activation: the activation at cut 2 gives non-finite logits for model 'toy'")
+    assert counts in msg
+
+
+@pytest.mark.parametrize("shape", [(3,), (1, 4), ()])
+def test_wrong_number_of_logits_is_the_tails_fault(shape: tuple[int, ...]) -> None:
+    with pytest.raises(TailUnavailableError, match=r"expected \[4\]"):
+        check_logits(np.zeros(shape, dtype=np.float32), TOY, 1)

@@ -111,8 +111,8 @@ def observation(**kw: Any) -> TelemetryObservation:
     return TelemetryObservation(**args)
 
 
-def report() -> TelemetryReport:
-    return TelemetryReport(
+def report(**kw: Any) -> TelemetryReport:
+    args: dict[str, Any] = dict(
         device_id="phone-17",
         device_class="phone",
         estimates=estimates(radio=RadioKind.THREEG, on_battery=False),
@@ -124,6 +124,8 @@ def report() -> TelemetryReport:
             observation(mode=ExecutionMode.OFFLOADED, failure_count=0, stage_ms_total=()),
         ),
     )
+    args.update(kw)
+    return TelemetryReport(**args)
 
 
 def plan_set() -> PlanSet:
@@ -161,10 +163,19 @@ SAMPLES: dict[str, Callable[[], Any]] = {
     "estimates": estimates,
     "request": request,
     "request_ans_ble": lambda: request(cut=1, activation=tensor(Codec.ANS), estimates=estimates(radio=RadioKind.BLE)),
+    "request_unknown_estimates": lambda: request(estimates=None),
+    "request_longest_strings": lambda: request(
+        window_id="w" * wire.MAX_ID_CHARS,
+        device_id="d" * wire.MAX_ID_CHARS,
+        model="m" * wire.MAX_NAME_CHARS,
+        device_class="c" * wire.MAX_NAME_CHARS,
+        extra_models=tuple(f"{i}" * wire.MAX_NAME_CHARS for i in range(wire.MAX_EXTRA_MODELS)),
+    ),
     "timing": lambda: Timing(queue_ms=0.0, compute_ms=2.0, batch_size=1),
     "response": response,
     "observation": observation,
     "report": report,
+    "report_unknown_estimates": lambda: report(estimates=None),
     "plan_row": lambda: plan_set().plans[0].rows[1],
     "plan": lambda: plan_set().plans[0],
     "plan_set": plan_set,
@@ -276,7 +287,6 @@ def _clear(field: str) -> Callable[[Any], None]:
         (_set("activation.scale", 0.0), "activation", "int8 scale must be a finite number > 0"),
         (_set("activation.codec", pb.CODEC_ANS), "activation", "must name the symbol prior it was coded with"),
         (_clear("activation"), "activation", "expected a Tensor message, got none"),
-        (_clear("estimates"), "estimates", "expected a DeviceEstimates message, got none"),
         (_set("estimates.radio", 0), "estimates.radio", "expected one of RADIO_KIND_WIFI"),
         (_set("estimates.battery_fraction", 1.5), "estimates.battery_fraction", "in [0.0, 1.0], got 1.5"),
         (_set("estimates.bandwidth_mbps", math.nan), "estimates.bandwidth_mbps", "got nan"),
@@ -392,6 +402,118 @@ def test_malformed_plan_set_names_the_field(mutate: Callable, field: str, expect
     text = str(info.value)
     assert text.startswith(f"PlanSet{field}: "), text
     assert expected in text, text
+
+
+# --- what a third-party device may send (issue 10: limits, optional estimates) ------------------
+
+ID, NAME = wire.MAX_ID_CHARS, wire.MAX_NAME_CHARS
+
+
+def _append(field: str, *values: Any) -> Callable[[Any], None]:
+    return lambda msg: getattr(msg, field).extend(values)
+
+
+@pytest.mark.parametrize(
+    ("build", "mutate", "path", "expected"),
+    [
+        (lambda: to_pb(request()), _set("window_id", "w" * 100_000), "OffloadRequest.window_id", f"{ID} characters"),
+        (lambda: to_pb(request()), _set("device_id", "d" * (ID + 1)), "OffloadRequest.device_id", f"{ID} characters"),
+        (lambda: to_pb(request()), _set("model", "m" * (NAME + 1)), "OffloadRequest.model", f"{NAME} characters"),
+        (
+            lambda: to_pb(request()),
+            _set("device_class", "c" * (NAME + 1)),
+            "OffloadRequest.device_class",
+            f"{NAME} characters",
+        ),
+        (
+            lambda: to_pb(request()),
+            _append("extra_models", "ok", "x" * 100_000),
+            "OffloadRequest.extra_models",
+            f"names of at most {NAME} characters, got 100000 at index 1",
+        ),
+        (
+            lambda: to_pb(request()),
+            _append("extra_models", *(f"m{i}" for i in range(wire.MAX_EXTRA_MODELS + 1))),
+            "OffloadRequest.extra_models",
+            f"at most {wire.MAX_EXTRA_MODELS} names, got {wire.MAX_EXTRA_MODELS + 1}",
+        ),
+        (
+            lambda: to_pb(request(activation=tensor(Codec.ANS))),
+            _set("activation.prior_digest", "0" * 100_000),
+            "OffloadRequest.activation.prior_digest",
+            f"{NAME} characters",
+        ),
+        (lambda: to_pb(report()), _set("device_id", "d" * (ID + 1)), "ReportTelemetryRequest.device_id", "characters"),
+        (
+            lambda: to_pb(report()),
+            _set("device_class", "c" * (NAME + 1)),
+            "ReportTelemetryRequest.device_class",
+            "characters",
+        ),
+        (
+            lambda: to_pb(report()),
+            _set("observations[1].model", "m" * (NAME + 1)),
+            "ReportTelemetryRequest.observations[1].model",
+            f"{NAME} characters",
+        ),
+    ],
+)
+def test_every_string_a_device_sends_has_a_limit(build: Callable, mutate: Callable, path: str, expected: str) -> None:
+    msg = build()
+    mutate(msg)
+    with pytest.raises(WireError) as info:
+        from_pb(msg)
+    text = str(info.value)
+    assert text.startswith(f"{path}: expected "), text
+    assert expected in text, text
+    assert len(text) < 200, "the refused value must not be echoed"
+
+
+def test_strings_at_the_limit_are_accepted() -> None:
+    x = SAMPLES["request_longest_strings"]()
+    assert from_pb(to_pb(x)) == x
+    assert len(x.window_id) == 128 and len(x.model) == 64
+
+
+@pytest.mark.parametrize("cls", [pb.GetPlanRequest, pb.WatchPlanRequest])
+def test_plan_requests_are_checked(cls: Any) -> None:
+    name = cls.DESCRIPTOR.name
+    q = wire.plan_request_from_pb(cls(device_class="phone", models=["har_cnn"], known_version=3))
+    assert q == wire.PlanRequest(device_class="phone", models=("har_cnn",), known_version=3)
+    bad = [
+        (cls(), f"{name}.device_class: expected a non-empty string, got ''"),
+        (cls(device_class="c" * 100_000), f"{name}.device_class: expected at most {NAME} characters, got 100000"),
+        (cls(device_class="phone", models=["m" * (NAME + 1)]), f"{name}.models: expected names of at most {NAME}"),
+        (cls(device_class="phone", models=[""]), f"{name}.models: expected non-empty model names"),
+        (
+            cls(device_class="phone", models=[f"m{i}" for i in range(wire.MAX_PLAN_MODELS + 1)]),
+            f"{name}.models: expected at most {wire.MAX_PLAN_MODELS} names",
+        ),
+        (cls(device_class="phone", known_version=-1), f"{name}.known_version: expected an int in [0, "),
+    ]
+    for msg, expected in bad:
+        with pytest.raises(WireError) as info:
+            wire.plan_request_from_pb(msg)
+        assert str(info.value).startswith(expected), str(info.value)
+    with pytest.raises(WireError, match="expected a splitsense.v1.GetPlanRequest or WatchPlanRequest"):
+        wire.plan_request_from_pb(pb.Timing())  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("build", [lambda: to_pb(request()), lambda: to_pb(report())], ids=["request", "report"])
+def test_missing_estimates_mean_unknown_not_an_error(build: Callable) -> None:
+    # proto3 makes every message field optional: a third-party client may leave estimates out.
+    msg = build()
+    msg.ClearField("estimates")
+    back = from_pb(type(msg).FromString(msg.SerializeToString()))
+    assert back.estimates is None
+    assert not to_pb(back).HasField("estimates")  # and None goes out as unset, not as zeros
+
+
+def test_a_present_estimates_message_is_still_checked() -> None:
+    msg = to_pb(request())
+    msg.estimates.radio = pb.RADIO_KIND_UNSPECIFIED
+    with pytest.raises(WireError, match=r"^OffloadRequest\.estimates\.radio: expected one of"):
+        from_pb(msg)
 
 
 def test_dataclasses_check_their_values_when_built() -> None:
