@@ -31,7 +31,7 @@ import hashlib
 import hmac
 import inspect
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
-from typing import Any
+from typing import Any, Protocol
 
 import grpc
 
@@ -44,7 +44,9 @@ __all__ = [
     "TOKEN_METADATA",
     "AuthInterceptor",
     "Authenticator",
+    "DeviceAuthenticator",
     "check_peer_identity",
+    "claimed_credentials",
     "device_id_of",
     "device_token",
 ]
@@ -105,23 +107,7 @@ class Authenticator:
 
     def authenticate(self, metadata: Metadata | None) -> str:
         """The authenticated device id; RejectedError(code="UNAUTHENTICATED") saying what is wrong."""
-        md = list(metadata or ())
-        device_id = _first(md, DEVICE_ID_METADATA)
-        if not device_id:
-            raise _unauthenticated(
-                f"missing metadata {DEVICE_ID_METADATA!r}: every call names its device, with its token"
-            )
-        if len(device_id) > _MAX_DEVICE_ID_CHARS:
-            raise _unauthenticated(
-                f"metadata {DEVICE_ID_METADATA!r}: expected at most {_MAX_DEVICE_ID_CHARS} characters, "
-                f"got {len(device_id)}"
-            )
-        token = _token_of(md)
-        if token is None:
-            raise _unauthenticated(
-                f"missing token: send metadata '{_AUTHORIZATION}: Bearer <token>' or "
-                f"'{TOKEN_METADATA}: <token>' (get it with `splitsense cloud token DEVICE_ID`)"
-            )
+        device_id, token = claimed_credentials(metadata)
         expected = hmac.new(self._key, device_id.encode(), hashlib.sha256).hexdigest()
         if not hmac.compare_digest(token.strip().lower().encode(), expected.encode()):
             raise _unauthenticated(
@@ -131,6 +117,26 @@ class Authenticator:
         if self._allowed and device_id not in self._allowed:
             raise _unauthenticated(f"device {device_id!r} is not on this broker's allow-list")
         return device_id
+
+
+def claimed_credentials(metadata: Metadata | None) -> tuple[str, str]:
+    """(device id, token) as a call's metadata claims them, not yet verified; RejectedError
+    (code="UNAUTHENTICATED") when either is missing or the id is too long. Never quotes the token."""
+    md = list(metadata or ())
+    device_id = _first(md, DEVICE_ID_METADATA)
+    if not device_id:
+        raise _unauthenticated(f"missing metadata {DEVICE_ID_METADATA!r}: every call names its device, with its token")
+    if len(device_id) > _MAX_DEVICE_ID_CHARS:
+        raise _unauthenticated(
+            f"metadata {DEVICE_ID_METADATA!r}: expected at most {_MAX_DEVICE_ID_CHARS} characters, got {len(device_id)}"
+        )
+    token = _token_of(md)
+    if token is None:
+        raise _unauthenticated(
+            f"missing token: send metadata '{_AUTHORIZATION}: Bearer <token>' or "
+            f"'{TOKEN_METADATA}: <token>' (get it with `splitsense cloud token issue DEVICE_ID`)"
+        )
+    return device_id, token
 
 
 def check_peer_identity(device_id: str, auth_context: AuthContext) -> None:
@@ -164,6 +170,13 @@ def is_open_method(method: str) -> bool:
 RejectHook = Callable[[RejectedError], None]
 
 
+class DeviceAuthenticator(Protocol):
+    """What AuthInterceptor asks: `Authenticator` (HMAC, synchronous) or cloud/tokens.py's
+    `TokenAuthenticator` (stored tokens, asynchronous). Returns the device id or raises RejectedError."""
+
+    def authenticate(self, metadata: Metadata | None) -> str | Awaitable[str]: ...
+
+
 class AuthInterceptor(grpc.aio.ServerInterceptor):
     """Rejects unauthenticated calls with UNAUTHENTICATED before their servicer runs.
 
@@ -173,7 +186,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
 
     def __init__(
         self,
-        authenticator: Authenticator,
+        authenticator: DeviceAuthenticator,
         on_reject: RejectHook | None = None,
         *,
         require_peer_identity: bool = False,
@@ -191,12 +204,13 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         if is_open_method(method):
             return await continuation(handler_call_details)
         try:
-            device_id = self._auth.authenticate(handler_call_details.invocation_metadata)
+            verdict = self._auth.authenticate(handler_call_details.invocation_metadata)
+            device_id = await verdict if inspect.isawaitable(verdict) else verdict
         except RejectedError as e:
             if self._on_reject is not None:
                 self._on_reject(e)
             handler = await continuation(handler_call_details)
-            return _rejecting(handler, str(e))
+            return _rejecting(handler, str(e), _status_code(e))
         handler = await continuation(handler_call_details)
         if self._require_peer_identity and handler is not None:
             return _checking_peer(handler, device_id, self._on_reject)
@@ -254,11 +268,18 @@ def _checking_peer(
     )
 
 
-def _rejecting(handler: grpc.RpcMethodHandler | None, message: str) -> grpc.RpcMethodHandler:
-    """A handler of the same kind as `handler` that fails the call with UNAUTHENTICATED."""
+def _status_code(error: RejectedError) -> grpc.StatusCode:
+    """UNAUTHENTICATED, or UNAVAILABLE when the credentials could not be checked (token store down)."""
+    return grpc.StatusCode.UNAVAILABLE if error.code == "UNAVAILABLE" else grpc.StatusCode.UNAUTHENTICATED
+
+
+def _rejecting(
+    handler: grpc.RpcMethodHandler | None, message: str, code: grpc.StatusCode = grpc.StatusCode.UNAUTHENTICATED
+) -> grpc.RpcMethodHandler:
+    """A handler of the same kind as `handler` that fails the call with `code`."""
 
     async def abort(_request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+        await context.abort(code, message)
 
     if handler is None:  # an unknown method: UNAUTHENTICATED too, so probing reveals nothing
         return grpc.unary_unary_rpc_method_handler(abort)

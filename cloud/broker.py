@@ -3,6 +3,7 @@
 One window on OffloadService goes through
 
     AuthInterceptor      metadata -> device id          UNAUTHENTICATED            (cloud/auth.py)
+                         (token_store redis: hash lookup, UNAVAILABLE if Redis is down; cloud/tokens.py)
                          (mutual TLS: certificate CN == device id)
     wire.from_pb         message -> dataclasses          INVALID_ARGUMENT
     identity             request.device_id == caller     PERMISSION_DENIED
@@ -59,6 +60,7 @@ from cloud.batcher import BatchReport, MicroBatcher
 from cloud.metrics import BrokerMetrics, ErrorReason, start_exporter
 from cloud.plans import static_plan_set
 from cloud.tls import listen
+from cloud.tokens import TokenAuthenticator, TokenStore
 from cloud.validation import check_logits, validate_offload
 from pipelines.groups import GROUP_SEPARATOR, served_groups
 from splitsense.config import BrokerConfig
@@ -176,7 +178,17 @@ class Broker:
                 *(p.device_class for p in self._plans.plans),
             ),
         )
-        self._auth = Authenticator(config.auth_secret, config.allowed_device_ids)
+        self._auth: Authenticator | TokenAuthenticator
+        if config.token_store == "redis":
+            assert config.redis_url is not None  # BrokerConfig checks it
+            self._auth = TokenAuthenticator(
+                TokenStore(config.redis_url),
+                cache_ttl_s=config.token_cache_ttl_s,
+                allowed_device_ids=config.allowed_device_ids,
+                on_reason=self.metrics.token_rejected,
+            )
+        else:
+            self._auth = Authenticator(config.auth_secret, config.allowed_device_ids)
         self._policy = AdmissionPolicy(
             max_batch_size=config.max_batch_size,
             max_batch_wait_ms=config.max_batch_wait_ms,
@@ -225,6 +237,8 @@ class Broker:
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection((*SERVICE_NAMES, _HEALTH_SERVICE, reflection.SERVICE_NAME), server)
         port = listen(server, cfg)  # TLS as configured; refuses an exposed host (cloud/tls.py)
+        if isinstance(self._auth, TokenAuthenticator):
+            await self._auth.start()  # follow revocations before the first call
         await server.start()
         self._server, self._port = server, port
         for name in ("", *SERVICE_NAMES):
@@ -252,6 +266,8 @@ class Broker:
             await self._health.enter_graceful_shutdown()
         await self._server.stop(grace)
         await self._batcher.close()
+        if isinstance(self._auth, TokenAuthenticator):
+            await self._auth.aclose()
         self._server = None
         log.info("broker stopped")
 

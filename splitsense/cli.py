@@ -1,7 +1,7 @@
 """The `splitsense` command line: one entry point, subcommands per role.
 
     splitsense models train|eval|profile     the sensing models (pipelines/)
-    splitsense cloud up|token                Ray Serve tails + gRPC broker (cloud/); device tokens
+    splitsense cloud up|token issue|revoke|list   Ray Serve tails + gRPC broker (cloud/); device tokens
     splitsense edge run                      a device replaying a real recording (edge/)
     splitsense controller run|plan           metrics -> partition plans (cloud/controller)
     splitsense bench serve|plan|planner      benchmarks that print figures and JSON
@@ -23,6 +23,7 @@ from typing import Any, TypeVar
 
 import typer
 from rich.console import Console
+from typer.core import TyperGroup
 
 from splitsense.errors import SplitsenseError
 
@@ -299,19 +300,126 @@ def cloud_up(
     err.print("stopped")
 
 
-@cloud_app.command("token")
+class _TokenGroup(TyperGroup):
+    """`splitsense cloud token DEVICE` (the older form) is `splitsense cloud token issue DEVICE`."""
+
+    def resolve_command(self, ctx: Any, args: list[str]) -> Any:  # typer vendors click: its own types
+        if args and args[0] not in self.commands and not args[0].startswith("-"):
+            args = ["issue", *args]
+        return super().resolve_command(ctx, args)
+
+
+token_app = typer.Typer(
+    cls=_TokenGroup,
+    no_args_is_help=True,
+    help="Device tokens: issue, revoke, list (stored hashed in Redis with broker.token_store: redis).",
+)
+cloud_app.add_typer(token_app, name="token")
+
+_OPERATOR_URL_HELP = (
+    "The operator's Redis user, which may write tokens (deploy/redis/redis.conf), "
+    "e.g. redis://operator:PASSWORD@host:6379/0."
+)
+
+
+def _operator_store(redis_url: str | None) -> Any:
+    from cloud.tokens import TokenStore
+    from splitsense.errors import ConfigError
+
+    if not redis_url:
+        raise ConfigError(
+            "stored device tokens need the operator's Redis URL: --redis-url or SPLITSENSE_OPERATOR_REDIS_URL "
+            "(redis://operator:PASSWORD@host:6379/0, deploy/redis/redis.conf)"
+        )
+    return TokenStore(redis_url)
+
+
+def _when(unix_s: float) -> str:
+    import datetime as dt
+
+    return dt.datetime.fromtimestamp(unix_s, dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+@token_app.command("issue")
 @friendly
-def cloud_token(
+def token_issue(
     device_id: str = typer.Argument(..., help="The device's id, as it sends it in x-splitsense-device-id."),
-    config: Path = typer.Option(None, "--config", "-c", help="Scenario file (JSON) with broker.auth_secret."),
+    ttl: str = typer.Option("30d", help="Lifetime of a stored token: 90s, 15m, 12h, 30d, 2w."),
+    config: Path = typer.Option(None, "--config", "-c", help="Scenario file (JSON): broker.token_store, auth_secret."),
+    redis_url: str = typer.Option(None, envvar="SPLITSENSE_OPERATOR_REDIS_URL", help=_OPERATOR_URL_HELP),
 ) -> None:
-    """Print a device's token: HMAC-SHA256 of its id under broker.auth_secret."""
-    from cloud.auth import device_token
+    """Print a new token for a device (only its hash is stored), or its HMAC token (token_store hmac)."""
+    import asyncio
 
     cfg = _load_config(config)
-    if cfg.broker.uses_dev_secret:
-        err.print("[yellow]warning:[/] broker.auth_secret is the built-in DEVELOPMENT secret: do not deploy")
-    sys.stdout.write(device_token(cfg.broker.auth_secret, device_id) + "\n")
+    if cfg.broker.token_store == "hmac" and redis_url is None:
+        from cloud.auth import device_token
+
+        if cfg.broker.uses_dev_secret:
+            err.print("[yellow]warning:[/] broker.auth_secret is the built-in DEVELOPMENT secret: do not deploy")
+        err.print("HMAC token (broker.token_store hmac): it cannot expire nor be revoked; --ttl does not apply")
+        sys.stdout.write(device_token(cfg.broker.auth_secret, device_id) + "\n")
+        return
+    if cfg.broker.token_store == "hmac":
+        err.print(
+            "[yellow]warning:[/] brokers with broker.token_store 'hmac' (this config) do not accept stored tokens"
+        )
+    from cloud.tokens import parse_ttl
+
+    ttl_s = parse_ttl(ttl)
+
+    async def issue() -> Any:
+        async with _operator_store(redis_url) as store:
+            return await store.issue(device_id, ttl_s)
+
+    issued = asyncio.run(issue())
+    err.print(f"token {issued.record.token_id} for device {device_id!r}, expires {_when(issued.record.expires_s)}")
+    err.print("it is shown once: only its hash is kept")
+    sys.stdout.write(issued.token + "\n")
+
+
+@token_app.command("revoke")
+@friendly
+def token_revoke(
+    target: str = typer.Argument(..., help="A token id (tok_...) or a device id: all its tokens."),
+    redis_url: str = typer.Option(None, envvar="SPLITSENSE_OPERATOR_REDIS_URL", help=_OPERATOR_URL_HELP),
+) -> None:
+    """Revoke a token, or every token of a device; every broker refuses it from the next call."""
+    import asyncio
+
+    async def revoke() -> Any:
+        async with _operator_store(redis_url) as store:
+            return await store.revoke(target)
+
+    for record in asyncio.run(revoke()):
+        sys.stdout.write(f"revoked {record.token_id} ({record.device_id})\n")
+
+
+@token_app.command("list")
+@friendly
+def token_list(
+    as_json: bool = typer.Option(False, "--json", help="Print a JSON list."),
+    redis_url: str = typer.Option(None, envvar="SPLITSENSE_OPERATOR_REDIS_URL", help=_OPERATOR_URL_HELP),
+) -> None:
+    """Stored tokens: id, device, created, expiry, state (never the token)."""
+    import asyncio
+    import time
+    from dataclasses import asdict
+
+    async def records() -> Any:
+        async with _operator_store(redis_url) as store:
+            return await store.records()
+
+    found, now = asyncio.run(records()), time.time()
+    if as_json:
+        emit_json([{**asdict(r), "state": r.state(now)} for r in found])
+        return
+    from rich.table import Table
+
+    table = Table("token id", "device", "created", "expires", "state")
+    for r in found:
+        table.add_row(r.token_id, r.device_id, _when(r.created_s), _when(r.expires_s), r.state(now))
+    _out().print(table)
 
 
 @bench_app.command("serve")

@@ -267,6 +267,9 @@ def _optional_path(key: str, value: Any) -> Path | None:
     return Path(value)
 
 
+TOKEN_STORES = ("hmac", "redis")
+
+
 @dataclass(frozen=True)
 class BrokerConfig:
     """The gRPC broker (cloud/broker.py): auth, validation, admission, micro-batching, limits."""
@@ -304,6 +307,14 @@ class BrokerConfig:
     # HMAC-SHA256 key of the per-device tokens (`splitsense cloud token DEVICE_ID`).
     auth_secret: str = field(default=DEV_AUTH_SECRET, repr=False)  # never printed with the config
     allowed_device_ids: tuple[str, ...] = ()  # empty: any device with a valid token
+    # Which device tokens the broker accepts (cloud/tokens.py). "hmac": HMAC of the device id under
+    # auth_secret, nothing stored, never expiring (loopback stacks: tests, demo, simulate). "redis":
+    # tokens an operator issues and revokes (`splitsense cloud token issue|revoke|list`), kept only
+    # as hashes in the plan store's Redis, read as broker.redis_url's user.
+    token_store: str = "hmac"
+    # A verified stored token is trusted this long without asking Redis again; a revocation also
+    # evicts it at once through the revocation channel, so this only bounds a missed notice.
+    token_cache_ttl_s: float = 1.0
     # TLS of the gRPC listener, PEM files (deploy/tls/gen_certs.sh makes them). A certificate (chain)
     # and its key: the broker serves TLS. With tls_client_ca_file as well, mutual TLS: a device must
     # present a certificate signed by that CA whose subject CN is the device id it calls with
@@ -349,6 +360,14 @@ class BrokerConfig:
         if not isinstance(self.auth_secret, str) or len(self.auth_secret) < 16:
             raise ConfigError("broker.auth_secret must be a string of at least 16 characters")
         object.__setattr__(self, "allowed_device_ids", tuple(self.allowed_device_ids))
+        if self.token_store not in TOKEN_STORES:
+            raise ConfigError(f"broker.token_store must be one of {TOKEN_STORES}, got {self.token_store!r}")
+        if self.token_store == "redis" and self.redis_url is None:
+            raise ConfigError(
+                "broker.token_store 'redis' needs broker.redis_url: the broker's Redis user, which reads "
+                "token hashes and follows revocations (deploy/redis/redis.conf)"
+            )
+        _positive("broker.token_cache_ttl_s", self.token_cache_ttl_s)
         for name in ("tls_cert_file", "tls_key_file", "tls_client_ca_file"):
             object.__setattr__(self, name, _optional_path(f"broker.{name}", getattr(self, name)))
         if (self.tls_cert_file is None) != (self.tls_key_file is None):
@@ -370,7 +389,8 @@ class BrokerConfig:
 
     @property
     def uses_dev_secret(self) -> bool:
-        return self.auth_secret == DEV_AUTH_SECRET
+        """Whether tokens are HMACs under the built-in development secret (stored tokens use none)."""
+        return self.token_store == "hmac" and self.auth_secret == DEV_AUTH_SECRET
 
     @property
     def uses_tls(self) -> bool:

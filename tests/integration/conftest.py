@@ -90,8 +90,9 @@ def _log_tail(path: Path) -> str:
 
 class RedisServer:
     """A redis-server without persistence, locked down as in deploy/redis/redis.conf: the default
-    user off, one ACL user per role (cloud/planstore.py ACL_RULES: the controller writes, a broker
-    reads and follows); `.url` is the controller's, `url_for("broker")` the broker's. stop() and
+    user off, one ACL user per role (cloud/planstore.py ACL_RULES: the controller writes plans, a
+    broker reads and follows plans and token records, the operator manages device tokens); `.url`
+    is the controller's, `url_for("broker")` the broker's, `url_for("operator")` the operator's. stop() and
     start() again keep its port and passwords (and lose its data)."""
 
     def __init__(self, executable: str, directory: Path) -> None:
