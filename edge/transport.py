@@ -80,6 +80,7 @@ _UNAVAILABLE = frozenset(
     }
 )
 _STATUS_BY_NUMBER = {c.value[0]: c for c in grpc.StatusCode}
+_STATUS_WAIT_S = 1.0  # how long a failed write waits for the call's final status
 
 
 class OffloadTransport(Protocol):
@@ -330,7 +331,7 @@ class GrpcTransport:
             try:
                 await stream.call.write(req)
             except grpc.aio.AioRpcError as e:
-                err = self._stream_error(e)
+                err = await self._write_error(stream, e)
             except (asyncio.InvalidStateError, grpc.aio.UsageError) as e:
                 err = BrokerUnavailableError(f"the offload stream is closed ({e})")
             else:
@@ -347,6 +348,21 @@ class GrpcTransport:
         self._stream = stream
         self.streams_opened += 1
         return stream
+
+    async def _write_error(self, stream: _Stream, e: grpc.aio.AioRpcError) -> OffloadError:
+        """The error of a failed write: the call's own final status when the broker ended the
+        stream (a write racing the broker's refusal fails with a generic INTERNAL "Internal error
+        from Core", while the call's status says why, e.g. UNAUTHENTICATED), else the write's."""
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(_STATUS_WAIT_S):
+                code = await stream.call.code()
+                details = await stream.call.details()
+            if code is not None and code is not grpc.StatusCode.OK and code is not e.code():
+                if code is grpc.StatusCode.UNIMPLEMENTED:
+                    self._stream_supported = False
+                    return _StreamUnsupported(f"OffloadStream is not implemented by the broker ({details})")
+                return error_from_status(code, details or "", _retry_after_ms(await stream.call.trailing_metadata()))
+        return self._stream_error(e)
 
     def _stream_error(self, e: grpc.aio.AioRpcError) -> OffloadError:
         if e.code() is grpc.StatusCode.UNIMPLEMENTED:
