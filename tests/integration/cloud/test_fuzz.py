@@ -105,7 +105,7 @@ def _strings() -> st.SearchStrategy[str]:
     return st.one_of(
         st.text(max_size=20),
         st.text(min_size=60, max_size=200),  # around the 64 and 128 character limits
-        st.builds(lambda c, n: c * n, st.characters(), st.integers(1000, 300_000)),  # huge
+        st.builds(lambda c, n: c * n, st.characters(codec="utf-8"), st.integers(1000, 300_000)),  # huge
     )
 
 
