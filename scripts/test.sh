@@ -12,7 +12,7 @@ echo "==> ruff"
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
 echo "==> mypy"
-.venv/bin/mypy splitsense pipelines edge cloud simulators
+.venv/bin/mypy splitsense pipelines edge cloud simulators benchmarks
 echo "==> pytest"
 set +e
 .venv/bin/python -m pytest -q -p no:cacheprovider "$@"

@@ -435,7 +435,7 @@ def bench_serve(
     broker_transport: str = typer.Option("stream", help="Broker path: 'stream' (as devices do) or 'unary'."),
 ) -> None:
     """raw gRPC vs in-process vs naive Ray vs the broker: p50/p99 and throughput per device count."""
-    from cloud.benchmarks.serve import (
+    from benchmarks.serving_paths import (
         ServeBenchConfig,
         parse_devices,
         render,
@@ -830,7 +830,7 @@ def bench_coders_cmd(
     """constriction vs CompressAI's rANS on the real bottleneck codes: bytes, ideal bytes, encode/decode time."""
     from rich.table import Table
 
-    from cloud.benchmarks.coders import bench_coders
+    from benchmarks.entropy_coders import bench_coders
 
     with err.status("coding every test window's bottleneck code with each coder"):
         out = bench_coders(_model_names(model))
@@ -868,7 +868,7 @@ def bench_plan(
     """How long replanning the whole fleet takes (every class x model x bucket x battery state)."""
     from rich.table import Table
 
-    from cloud.benchmarks.plan import run_plan_bench
+    from benchmarks.replan_time import run_plan_bench
     from splitsense.errors import ConfigError
 
     if repeats < 1:
@@ -904,14 +904,14 @@ def bench_planner(
     config: Path = typer.Option(None, "--config", "-c", help="Scenario file (JSON): planner, simulator.rtt_ms."),
 ) -> None:
     """Latency of the planned choice vs the best of every cut, measured through the real path."""
-    from cloud.benchmarks.planner import (
+    from benchmarks.planned_vs_best import (
         PlannerBenchConfig,
         parse_bandwidths,
         parse_classes,
         render,
         run_planner_bench,
     )
-    from cloud.benchmarks.serve import stdout_to_stderr
+    from benchmarks.serving_paths import stdout_to_stderr
 
     bench = PlannerBenchConfig(
         model=model,
@@ -941,7 +941,7 @@ def _run_fleet(cfg: Any, *, as_json: bool, report_dir: Path | None, with_ray: bo
     import contextlib
     import time
 
-    from cloud.benchmarks.serve import stdout_to_stderr
+    from benchmarks.serving_paths import stdout_to_stderr
     from simulators.fleet import simulate
     from simulators.report import ConsoleProgress, render_summary, summarize, write_report
 

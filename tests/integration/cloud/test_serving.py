@@ -1,10 +1,9 @@
 """Ray Serve tails with real Ray: same logits as in-process, a killed replica fails fast and
-recovers, and `bench serve` runs end to end. One Ray for the whole session (tests/integration/conftest.py)."""
+recovers. One Ray for the whole session (tests/integration/conftest.py)."""
 
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from collections.abc import Callable, Iterator
 
@@ -13,7 +12,6 @@ import pytest
 import torch
 
 from cloud.backend import TailUnavailableError, run_tail_sync
-from cloud.benchmarks.serve import PATHS, ServeBenchConfig, run_serve_bench
 from cloud.serving import RayTailBackend, replica_actor_names, start_serving, stop_serving
 from pipelines.training import TrainedModel, held_out_set, load_trained
 from splitsense.config import ServingConfig
@@ -99,23 +97,3 @@ async def test_killed_replica_fails_within_the_timeout_then_recovers(
     assert replica_actor_names(MODEL) != [name]
     record_property("replica_recovery_s", round(recovered_s, 2))
     print(f"\nafter ray.kill: TailUnavailableError in {failed_after_s:.2f} s, recovered in {recovered_s:.2f} s")
-
-
-def test_bench_serve_runs_end_to_end_and_prints_its_schema(ray_cluster: str) -> None:
-    # Last in this module: the bench redeploys the same app and stops Serve when it is done.
-    bench = ServeBenchConfig(model=MODEL, devices=(1, 2), requests=6, max_seconds=3.0, windows=8, windows_per_device=2)
-    result = run_serve_bench(bench)
-    json.dumps(result)  # one JSON object, as `--json` prints it
-    assert set(result) == {"config", "results", "summary"}
-    assert result["config"]["model"] == MODEL and result["config"]["devices"] == [1, 2]
-    rows = result["results"]
-    assert sorted((r["path"], r["devices"]) for r in rows) == sorted((p, n) for p in PATHS for n in (1, 2))
-    for r in rows:
-        assert {"path", "devices", "p50_ms", "p99_ms", "throughput_rps"} <= set(r)
-        assert r["errors"] == 0, r
-        assert r["ok"] >= 1 and r["throughput_rps"] > 0
-        assert 0 < r["p50_ms"] <= r["p99_ms"]
-    summary = result["summary"]
-    assert "broker_vs_naive_throughput_at_2" in summary and "broker_minus_naive_p50_ms_at_1" in summary
-    assert "throughput_target" not in summary, "the throughput target is judged at 64 devices only"
-    assert summary["p50_target"]["devices"] == 1 and isinstance(summary["p50_target"]["met"], bool)

@@ -7,7 +7,7 @@ import asyncio
 import pytest
 from rich.console import Console
 
-from cloud.benchmarks.serve import (
+from benchmarks.serving_paths import (
     Cell,
     ServeBenchConfig,
     drive,

@@ -1,18 +1,17 @@
 """`bench planner`: its pure parts (candidates, bounds, the planner as the bench runs it, the
-summary, the table, the CLI) and one tiny run through the real path (in-process tails)."""
+summary, the table, the CLI); tests/integration/benchmarks/ makes one tiny run through the real path."""
 
 from __future__ import annotations
 
 import json
-import math
 from typing import Any
 
 import pytest
 from rich.console import Console
 from typer.testing import CliRunner
 
-from cloud.benchmarks import planner as bench_planner
-from cloud.benchmarks.planner import (
+from benchmarks import planned_vs_best as bench_planner
+from benchmarks.planned_vs_best import (
     TARGET_RATIO,
     PlannerBenchConfig,
     bench_planner_config,
@@ -24,7 +23,6 @@ from cloud.benchmarks.planner import (
     parse_classes,
     planned_row,
     render,
-    run_planner_bench,
     summarize,
 )
 from cloud.controller.costmodel import Choice, CloudState, LinkState, estimate
@@ -206,29 +204,3 @@ def test_cli_prints_the_json_of_the_bench(monkeypatch: pytest.MonkeyPatch) -> No
     assert table.exit_code == 0 and "bench planner" in table.stdout
     bad = runner.invoke(app, ["bench", "planner", "--bandwidths", "fast"])
     assert bad.exit_code == 2 and "--bandwidths" in bad.output and "Traceback" not in bad.output
-
-
-@pytest.mark.integration  # real gRPC sockets: the broker, the link emulator (in-process tails)
-def test_tiny_run_through_the_real_path_has_the_schema() -> None:
-    bench = PlannerBenchConfig(model=MODEL, device_classes=("watch",), bandwidths_mbps=(20.0,), windows=1,
-                               warmup=0, with_ray=False)  # fmt: skip
-    result = run_planner_bench(bench)
-    assert set(result) == {"config", "cells", "summary"}
-    c = result["config"]
-    assert c["model"] == MODEL and c["tails"] == "in-process" and c["cloud"]["overhead_ms"] >= 0
-    assert c["device_classes"]["watch"]["rtt_ms"] == Config().simulator.rtt_ms["wifi"]
-    (cell,) = result["cells"]
-    assert cell["device_class"] == "watch" and cell["bandwidth_mbps"] == 20.0
-    for key in ("planned", "planned_with_telemetry", "best", "ratio", "ratio_with_telemetry", "candidates"):
-        assert key in cell
-    assert len(cell["candidates"]) >= 2 * load_catalog(MODEL).n_stages + 1 and cell["ratio"] >= 1.0
-    local = next(x for x in cell["candidates"] if x["choice"] == "local")
-    assert local["measured_ms"] > 0 and "network_ms" not in local  # always measured, never offloaded
-    offloaded = [x for x in cell["candidates"] if "network_ms" in x]
-    assert offloaded and all(x["promotion_ms"] == pytest.approx(79.1) for x in offloaded)  # WiFi, 1-s windows
-    assert all(x["wire_bytes_up"] > 0 for x in offloaded)
-    for x in cell["candidates"]:
-        assert ("measured_ms" in x) != ("skipped" in x) or "error" in x
-        assert math.isfinite(x["lower_bound_ms"])
-    s = result["summary"]
-    assert s["cells"] == 1 and s["max_ratio"] == cell["ratio"]

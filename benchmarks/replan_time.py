@@ -10,7 +10,7 @@ The figure is the median wall time of ``plan_fleet`` over `repeats` runs, each g
 run's PlanSet (the steady state of the controller: hysteresis included). Building the inputs and
 the catalogs is not timed.
 
-    python -m cloud.benchmarks.plan [--repeats 50]   ->   {"replan_ms": x, "rows": n, "config": {...}}
+    python -m benchmarks.replan_time [--repeats 50]   ->   {"replan_ms": x, "rows": n, "config": {...}}
 """
 
 from __future__ import annotations

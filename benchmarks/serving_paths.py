@@ -3,8 +3,9 @@
     raw_grpc     a grpc.aio echo of the same request bytes (generic handler, no model): the wire floor
     in_process   run_tail_sync on the window, in this process: the compute floor
     naive_ray    one Ray Serve handle call per window (batch of 1), same deployment and config
-    broker       edge-style client -> gRPC broker (auth, validation, admission, micro-batcher) ->
-                 RayTailBackend -> the same deployment
+    broker       the device's own transport (edge/transport.py GrpcTransport, one per device) ->
+                 gRPC broker (auth, validation, admission, micro-batcher) -> RayTailBackend -> the
+                 same deployment
 
 Each cell (path, n devices) runs n asyncio tasks, each sending its next window when the previous
 one is answered, until `requests` windows are answered or `max_seconds` pass. The workload is
@@ -14,7 +15,7 @@ joined to the same Ray cluster, as a broker would in production, so that the sim
 not share an interpreter with the server they load. Figures: p50/p99 latency per window and
 throughput (answered windows per second of the cell's wall time).
 
-    python -m cloud.benchmarks.serve [--devices 1,8,64] [--requests N]  ->  {"config", "results", "summary"}
+    python -m benchmarks.serving_paths [--devices 1,8,64] [--requests N]  ->  {"config", "results", "summary"}
     splitsense bench serve --json
 """
 
@@ -31,19 +32,25 @@ import tempfile
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import asdict, dataclass, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from splitsense.config import Config
 from splitsense.errors import ConfigError, DependencyError
 
+if TYPE_CHECKING:
+    from splitsense.wire import OffloadRequest
+
 PATHS = ("raw_grpc", "in_process", "naive_ray", "broker")
 ECHO_METHOD = "/splitsense.bench.v1.EchoService/Echo"
-OFFLOAD_METHOD = "/splitsense.v1.OffloadService/Offload"
-OFFLOAD_STREAM_METHOD = "/splitsense.v1.OffloadService/OffloadStream"
 BROKER_TRANSPORTS = ("stream", "unary")
 BENCH_SECRET = "splitsense-bench-secret"  # the server process's broker authenticates with this
+MAX_MESSAGE_BYTES = 16 << 20  # gRPC message limit of both servers and of every client channel
+_GRPC_OPTIONS = [
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+]
 # Targets of issue 3: batching must pay at load and cost (almost) nothing alone.
 TARGET_THROUGHPUT_RATIO = 4.0  # broker / naive_ray throughput ...
 TARGET_THROUGHPUT_DEVICES = 64  # ... at 64 devices
@@ -66,8 +73,9 @@ class ServeBenchConfig:
     call_timeout_s: float = 10.0  # gRPC deadline of one call; a miss counts as an error
     server_start_timeout_s: float = 120.0
     paths: tuple[str, ...] = PATHS  # a subset measures fewer paths (the JSON says which)
-    # How the broker path's devices call: "stream", as edge/transport.py does (one OffloadStream per
-    # device, token checked once per stream), or "unary" (one Offload call per window).
+    # How the broker path's devices call, through edge/transport.py's GrpcTransport: "stream", as a
+    # device does by default (one OffloadStream per device, token checked once per stream), or
+    # "unary" (use_stream=False: one Offload call per window).
     broker_transport: str = "stream"
 
     def __post_init__(self) -> None:
@@ -111,9 +119,9 @@ class Workload:
     cut_name: str
     activation_shape: tuple[int, ...]
     arrays: list[np.ndarray]  # (1, *shape) float32, decoded from the wire bytes
-    payloads: list[list[bytes]]  # [device][j]: a serialised splitsense.v1.OffloadRequest
-    stream_payloads: list[list[bytes]]  # the same, wrapped in an OffloadStreamRequest
-    metadata: list[tuple[tuple[str, str], ...]]  # [device]: id + bearer token
+    requests: list[list[OffloadRequest]]  # [device][j]: one window, as a device sends it
+    payloads: list[list[bytes]]  # the same, serialised (splitsense.v1.OffloadRequest): the echo's bytes
+    tokens: list[str]  # [device]: its bearer token
     payload_bytes: int
     n_stages: int
 
@@ -129,10 +137,9 @@ def build_workload(bench: ServeBenchConfig, max_devices: int) -> tuple[Workload,
     """Real test windows through the front [0, cut), encoded as devices send them."""
     import torch
 
-    from cloud.auth import DEVICE_ID_METADATA, device_token
+    from cloud.auth import device_token
     from pipelines.codecs import decode, encode
     from pipelines.training import held_out_set, load_trained
-    from splitsense.v1 import offload_pb2 as pb
     from splitsense.wire import DeviceEstimates, OffloadRequest, RadioKind, to_pb
 
     tm = load_trained(bench.model)
@@ -150,14 +157,13 @@ def build_workload(bench: ServeBenchConfig, max_devices: int) -> tuple[Workload,
         bandwidth_mbps=20.0, rtt_ms=20.0, battery_fraction=0.8, on_battery=True, radio=RadioKind.WIFI
     )
     now_ms = int(time.time() * 1000)
+    requests: list[list[OffloadRequest]] = []
     payloads: list[list[bytes]] = []
-    stream_payloads: list[list[bytes]] = []
-    metadata: list[tuple[tuple[str, str], ...]] = []
+    tokens: list[str] = []
     for d in range(max_devices):
         dev = _device_id(d)
-        token = device_token(BENCH_SECRET, dev)
-        metadata.append(((DEVICE_ID_METADATA, dev), ("authorization", f"Bearer {token}")))
-        row, stream_row = [], []
+        tokens.append(device_token(BENCH_SECRET, dev))
+        row: list[OffloadRequest] = []
         for j in range(bench.windows_per_device):
             w = (d * bench.windows_per_device + j) % len(encoded)
             req = OffloadRequest(
@@ -171,20 +177,18 @@ def build_workload(bench: ServeBenchConfig, max_devices: int) -> tuple[Workload,
                 activation=encoded[w],
                 sent_unix_ms=now_ms,
             )
-            msg = to_pb(req)
-            row.append(msg.SerializeToString())
-            stream_row.append(pb.OffloadStreamRequest(request=msg).SerializeToString())
-        payloads.append(row)
-        stream_payloads.append(stream_row)
+            row.append(req)
+        requests.append(row)
+        payloads.append([to_pb(req).SerializeToString() for req in row])
     wl = Workload(
         model=bench.model,
         cut=cut,
         cut_name=m.cut_name(cut),
         activation_shape=tuple(m.activation_shape(cut)),
         arrays=arrays,
+        requests=requests,
         payloads=payloads,
-        stream_payloads=stream_payloads,
-        metadata=metadata,
+        tokens=tokens,
         payload_bytes=len(payloads[0][0]),
         n_stages=m.n_stages,
     )
@@ -239,13 +243,13 @@ async def drive(path: str, devices: int, call: Call, requests: int, max_seconds:
 
 
 class _Channels:
-    """One gRPC channel per simulated device, as real devices each hold their own connection."""
+    """raw_grpc: one bare gRPC channel per simulated device, as real devices each hold their own
+    connection (the broker path's devices each hold a GrpcTransport instead)."""
 
     def __init__(self, port: int, devices: int) -> None:
         import grpc
 
-        opts = [("grpc.max_send_message_length", 16 << 20), ("grpc.max_receive_message_length", 16 << 20)]
-        self.channels = [grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=opts) for _ in range(devices)]
+        self.channels = [grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=_GRPC_OPTIONS) for _ in range(devices)]
 
     async def ready(self, timeout_s: float) -> None:
         async with asyncio.timeout(timeout_s):
@@ -258,15 +262,13 @@ class _Channels:
 async def _measure_cell(
     path: str, n: int, bench: ServeBenchConfig, wl: Workload, model: Any, backend: Any, ports: dict[str, int]
 ) -> Cell:
-    import grpc
-
     from cloud.backend import run_tail_sync
-    from splitsense.v1 import offload_pb2 as pb
+    from edge.transport import GrpcTransport
 
     k = bench.windows_per_device
     channels: _Channels | None = None
-    timings: list[tuple[int, float, float]] = []
-    cleanup: Callable[[], None] | None = None  # broker answers: (batch size, queue ms, compute ms)
+    transports: list[GrpcTransport] = []
+    timings: list[tuple[int, float, float]] = []  # broker answers: (batch size, queue ms, compute ms)
     if path == "in_process":
         arrays = wl.arrays
 
@@ -289,60 +291,31 @@ async def _measure_cell(
             if len(out) != len(payload):
                 raise RuntimeError("echo answered other bytes")
 
-    elif path == "broker" and bench.broker_transport == "stream":
-        channels = _Channels(ports["broker"], n)
-        open_stream = [
-            c.stream_stream(OFFLOAD_STREAM_METHOD, response_deserializer=pb.OffloadStreamResponse.FromString)
-            for c in channels.channels
-        ]
-        streams: list[Any] = [None] * n
-
-        async def call(d: int, i: int) -> None:
-            if streams[d] is None:
-                streams[d] = open_stream[d](metadata=wl.metadata[d])
-            stream = streams[d]
-            try:
-                await stream.write(wl.stream_payloads[d][i % k])
-                async with asyncio.timeout(bench.call_timeout_s):
-                    msg = await stream.read()
-            except BaseException:
-                streams[d] = None  # a late answer must not pair with the next window
-                stream.cancel()
-                raise
-            if msg is grpc.aio.EOF:
-                streams[d] = None
-                raise RuntimeError("the broker ended the stream")
-            if msg.WhichOneof("outcome") != "result":
-                raise RuntimeError(f"window refused: code {msg.error.code}: {msg.error.message}")
-            t = msg.result.timing
-            timings.append((t.batch_size, t.queue_ms, t.compute_ms))
-
-        def close_streams() -> None:
-            for st in streams:
-                if st is not None:
-                    st.cancel()
-
-        cleanup = close_streams
-
     elif path == "broker":
-        channels = _Channels(ports["broker"], n)
-        offload = [
-            c.unary_unary(OFFLOAD_METHOD, response_deserializer=pb.OffloadResponse.FromString)
-            for c in channels.channels
+        # Each simulated device drives the broker as a device does: its own GrpcTransport (one
+        # channel; one OffloadStream, or unary calls), typed errors, answers checked by window id.
+        transports = [
+            GrpcTransport(
+                f"127.0.0.1:{ports['broker']}",
+                wl.tokens[d],
+                device_id=_device_id(d),
+                use_stream=bench.broker_transport == "stream",
+                max_message_bytes=MAX_MESSAGE_BYTES,
+            )
+            for d in range(n)
         ]
 
         async def call(d: int, i: int) -> None:
-            resp = await offload[d](wl.payloads[d][i % k], metadata=wl.metadata[d], timeout=bench.call_timeout_s)
-            timings.append((resp.timing.batch_size, resp.timing.queue_ms, resp.timing.compute_ms))
-            if not resp.logits:
-                raise RuntimeError("the broker answered without logits")
+            resp = await transports[d].offload(wl.requests[d][i % k], bench.call_timeout_s)
+            t = resp.timing
+            timings.append((t.batch_size, t.queue_ms, t.compute_ms))
 
     else:
         raise ConfigError(f"unknown path {path!r}; paths: {', '.join(PATHS)}")
     try:
         if channels is not None:
             await channels.ready(bench.call_timeout_s)
-        # Warm-up, untimed: one window per device (connections, lazy kernels, Serve routing).
+        # Warm-up, untimed: one window per device (connections, streams, lazy kernels, Serve routing).
         await asyncio.gather(*(call(d, 0) for d in range(n)), return_exceptions=True)
         timings.clear()
         cell = await drive(path, n, call, bench.requests, bench.max_seconds)
@@ -352,8 +325,7 @@ async def _measure_cell(
             cell = replace(cell, broker_timing=timing)
         return cell
     finally:
-        if cleanup is not None:
-            cleanup()
+        await asyncio.gather(*(t.close() for t in transports))
         if channels is not None:
             await channels.close()
 
@@ -362,14 +334,14 @@ async def _measure_cell(
 
 
 class ServerProcess:
-    """`python -m cloud.benchmarks.serve --server`: echo + broker, joined to our Ray cluster."""
+    """`python -m benchmarks.serving_paths --server`: echo + broker, joined to our Ray cluster."""
 
     def __init__(self, spec: dict[str, Any], timeout_s: float) -> None:
         self._log = tempfile.NamedTemporaryFile("w+", prefix="splitsense-bench-server-", suffix=".log")  # noqa: SIM115
         env = dict(os.environ)
         env.setdefault("OMP_NUM_THREADS", "1")
         self._proc = subprocess.Popen(
-            [sys.executable, "-m", "cloud.benchmarks.serve", "--server"],
+            [sys.executable, "-m", "benchmarks.serving_paths", "--server"],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=self._log,
@@ -434,8 +406,7 @@ async def _serve_main(spec: dict[str, Any]) -> None:
     from cloud.serving import connect_serving
 
     cfg = Config.from_dict(spec["config"])
-    opts = [("grpc.max_send_message_length", 16 << 20), ("grpc.max_receive_message_length", 16 << 20)]
-    echo = grpc.aio.server(options=opts)
+    echo = grpc.aio.server(options=_GRPC_OPTIONS)
     echo.add_generic_rpc_handlers(
         (
             grpc.method_handlers_generic_handler(

@@ -8,8 +8,8 @@ The real path, started once: CloudStack (Ray Serve tails, or the in-process twin
 `with_ray=False`; the gRPC broker with its auth, validation, admission and micro-batcher) on
 loopback. For each (device class, bandwidth) cell a `simulators.link.LinkEmulator` (a shaping TCP
 proxy) sits between a device client and the broker, shaping both directions to the cell's
-bandwidth and delaying them by the class's RTT; the client sends windows on one OffloadStream, as
-`edge/transport.py` does (a client of our own: cloud/ does not import edge/).
+bandwidth and delaying them by the class's RTT; the device sends its windows through its own
+transport (edge/transport.py GrpcTransport: one OffloadStream per device).
 
 One window of a choice (cut k, front compression level, codec), on a real FSDD test window:
 
@@ -56,7 +56,7 @@ whose lower bound already exceeds the best median measured in the cell is skippe
 which the real path cannot beat (the link serialises at least those bytes and delays by the RTT).
 Both planners' choices and the local one are always measured.
 
-    python -m cloud.benchmarks.planner [--in-process] [--windows 8]  ->  {config, cells, summary}
+    python -m benchmarks.planned_vs_best [--in-process] [--windows 8]  ->  {config, cells, summary}
     splitsense bench planner --json
 """
 
@@ -73,7 +73,7 @@ import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cloud.controller.costmodel import (
     Choice,
@@ -91,6 +91,9 @@ from splitsense.config import ClassObjectiveConfig, Config, PlannerConfig
 from splitsense.errors import ConfigError, OffloadError
 from splitsense.kinds import Codec
 from splitsense.plan import PlanRow, PlanSet
+
+if TYPE_CHECKING:
+    from edge.transport import GrpcTransport
 
 __all__ = [
     "CANDIDATE_CODECS",
@@ -394,63 +397,6 @@ class _Host:
         return [statistics.median(s) for s in samples]
 
 
-class _StreamClient:
-    """One device's OffloadStream to the broker (through the link when dialled at its address)."""
-
-    def __init__(self, address: str, token: str, device_id: str) -> None:
-        import grpc.aio
-
-        from splitsense.v1 import offload_pb2_grpc as pb_grpc
-        from splitsense.wire import AUTH_METADATA_KEY, DEVICE_ID_METADATA_KEY
-
-        opts = [("grpc.max_send_message_length", _MAX_MESSAGE_BYTES),
-                ("grpc.max_receive_message_length", _MAX_MESSAGE_BYTES)]  # fmt: skip
-        self._channel = grpc.aio.insecure_channel(address, options=opts)
-        self._stub = pb_grpc.OffloadServiceStub(self._channel)
-        self._metadata = ((AUTH_METADATA_KEY, f"Bearer {token}"), (DEVICE_ID_METADATA_KEY, device_id))
-        self._call: Any = None
-
-    async def offload(self, msg: Any, timeout_s: float) -> Any:
-        """Send one window (a splitsense.v1.OffloadRequest), return its wire.OffloadResponse."""
-        import grpc
-        import grpc.aio
-
-        from splitsense import wire
-        from splitsense.errors import BrokerUnavailableError, OffloadDeadlineError, RejectedError
-        from splitsense.v1 import offload_pb2 as pb
-
-        if self._call is None:
-            self._call = self._stub.OffloadStream(metadata=self._metadata)
-        try:
-            async with asyncio.timeout(timeout_s):
-                await self._call.write(pb.OffloadStreamRequest(request=msg))
-                resp = await self._call.read()
-        except TimeoutError:
-            self._reset()
-            raise OffloadDeadlineError(f"window {msg.window_id}: no answer within {timeout_s:g} s") from None
-        except grpc.aio.AioRpcError as e:
-            self._reset()
-            raise BrokerUnavailableError(f"window {msg.window_id}: {e.code().name}: {e.details()}") from None
-        if resp is grpc.aio.EOF:
-            self._reset()
-            raise BrokerUnavailableError("the broker closed the offload stream")
-        out = wire.stream_response_from_pb(resp)
-        if isinstance(out, wire.WindowError):
-            raise RejectedError(f"window {out.window_id}: broker answered code {out.code}: {out.message}")
-        if out.window_id != msg.window_id:
-            raise BrokerUnavailableError(f"answer for window {out.window_id!r}, expected {msg.window_id!r}")
-        return out
-
-    def _reset(self) -> None:
-        if self._call is not None:
-            self._call.cancel()
-            self._call = None
-
-    async def close(self) -> None:
-        self._reset()
-        await self._channel.close()
-
-
 # ---------------------------------------------------------------------------------------------
 # The run
 
@@ -477,13 +423,20 @@ class _Bench:
 
     # --- one window ----------------------------------------------------------------------------
 
+    def _transport(self, address: str, device_id: str) -> GrpcTransport:
+        """A device's own transport to the broker at `address` (the link's, or the broker's own)."""
+        from edge.transport import GrpcTransport
+
+        return GrpcTransport(address, self.stack.token_for(device_id), device_id=device_id,
+                             max_message_bytes=_MAX_MESSAGE_BYTES)  # fmt: skip
+
     def _device_ms(self, choice: Choice, host_ms: float, speed: float) -> float:
         if self.bench.compute_time == "reference":
             return self.catalog.level(choice.level).front_latency_ms[choice.cut] * speed
         return host_ms * speed
 
     async def _window(
-        self, client: _StreamClient | None, link: Any, choice: Choice, device: DeviceClass, promotion_ms: float,
+        self, client: GrpcTransport | None, link: Any, choice: Choice, device: DeviceClass, promotion_ms: float,
         estimates: Any,
     ) -> _Sample:  # fmt: skip
         from pipelines.codecs import encode
@@ -510,10 +463,9 @@ class _Bench:
             sent_unix_ms=int(time.time() * 1000),
             deadline_ms=_DEADLINE_MS,
         )
-        msg = wire.to_pb(request)
         before = link.counters if link is not None else None
         t0 = time.perf_counter()
-        resp = await client.offload(msg, self.bench.window_timeout_s)
+        resp = await client.offload(request, self.bench.window_timeout_s)
         network_ms = (time.perf_counter() - t0) * 1000.0
         up = down = 0
         if link is not None and before is not None:
@@ -530,7 +482,7 @@ class _Bench:
 
         stack = self.stack
         device = DEVICE_CLASSES[self.bench.device_classes[0]]
-        client = _StreamClient(stack.broker_address, stack.token_for(f"bench-{device.name}"), f"bench-{device.name}")
+        client = self._transport(stack.broker_address, f"bench-{device.name}")
         est = DeviceEstimates(1000.0, 0.0, 1.0, True, RadioKind(device.radio.value))
         medians: dict[tuple[int, str], float] = {}
         try:
@@ -589,7 +541,7 @@ class _Bench:
         host, port = self.stack.broker_address.rsplit(":", 1)
         link = LinkEmulator((host, int(port)), uplink_mbps=bw, downlink_mbps=bw, rtt_ms=setup.rtt_ms)
         await link.start()
-        client = _StreamClient(link.address, self.stack.token_for(f"bench-{dc.name}"), f"bench-{dc.name}")
+        client = self._transport(link.address, f"bench-{dc.name}")
         try:
             cell = await self._measure_cell(setup, bw, cloud, pcfg, client, link)
         finally:
@@ -598,7 +550,7 @@ class _Bench:
         cell["seconds"] = round(time.monotonic() - t_cell, 2)
         return cell
 
-    async def _device_rtt_ms(self, setup: _ClassSetup, bw: float, client: _StreamClient, link: Any, est: Any) -> float:
+    async def _device_rtt_ms(self, setup: _ClassSetup, bw: float, client: GrpcTransport, link: Any, est: Any) -> float:
         """The class's RTT as its devices measure it (what the controller plans with): small windows
         through the link, minus the same window's direct round trip and the serialisation the cost
         model charges apart (its activation and result bytes at the link's rate). What is left is the
@@ -612,7 +564,7 @@ class _Bench:
         return max(statistics.median(times) - self._direct_small_ms - wire_ms, 0.0)
 
     async def _measure_cell(
-        self, setup: _ClassSetup, bw: float, cloud: CloudState, pcfg: PlannerConfig, client: _StreamClient, link: Any
+        self, setup: _ClassSetup, bw: float, cloud: CloudState, pcfg: PlannerConfig, client: GrpcTransport, link: Any
     ) -> dict[str, Any]:
         from splitsense.wire import DeviceEstimates, RadioKind
 
