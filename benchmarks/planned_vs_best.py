@@ -677,7 +677,8 @@ class _Bench:
             torch.set_num_threads(threads)
 
     async def _run(self) -> dict[str, Any]:
-        from cloud.stack import CloudStack, load_catalogs, with_ports
+        from cloud.stack import CloudStack, with_ports
+        from cloud.wiring import load_catalogs
         from pipelines.models import get_spec
 
         b = self.bench

@@ -41,7 +41,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import signal
 import time
 from collections.abc import AsyncIterator, Callable, Iterable
 from typing import Any
@@ -57,11 +56,12 @@ from cloud.admission import AdmissionPolicy, admit
 from cloud.auth import Authenticator, AuthInterceptor, device_id_of
 from cloud.backend import ModelInfo, ModelRegistry, TailBackend
 from cloud.batcher import BatchReport, MicroBatcher
-from cloud.metrics import BrokerMetrics, ErrorReason, start_exporter
+from cloud.metrics import BrokerMetrics, ErrorReason
 from cloud.plans import static_plan_set
 from cloud.tls import listen
 from cloud.tokens import TokenAuthenticator, TokenStore
 from cloud.validation import check_logits, validate_offload
+from cloud.wiring import Exporter, check_broker_exposure, stop_on_signals
 from pipelines.groups import GROUP_SEPARATOR, served_groups
 from splitsense.config import BrokerConfig
 from splitsense.errors import (
@@ -699,38 +699,23 @@ async def run_broker_forever(
     broker's registry. `on_started(broker)` runs once it listens (e.g. to print its address). The
     backend is the caller's: it is not closed here.
     """
-    problem = config.exposure_problem()  # before the exporter listens: refuse without side effects
-    if problem is not None:
-        raise ConfigError(problem)
+    check_broker_exposure(config)  # before the exporter listens: refuse without side effects
     broker = Broker(config, registry, backend, plans, metrics_registry=metrics_registry, device_classes=device_classes)
-    stop_exporter: Callable[[], None] | None = None
+    exporter: Exporter | None = None
     if config.metrics_port is not None:
-        try:
-            stop_exporter = start_exporter(config.metrics_port, config.host, broker.metrics.registry)
-        except OSError as e:
-            raise ConfigError(
-                f"the metrics exporter cannot listen on {config.host}:{config.metrics_port} ({e}); "
-                "set broker.metrics_port (null turns it off)"
-            ) from None
-    loop = asyncio.get_running_loop()
+        exporter = Exporter.start(
+            broker.metrics.registry, config.host, config.metrics_port, option="broker.metrics_port"
+        )
     stop = asyncio.Event()
-    installed: list[signal.Signals] = []
     try:
         await broker.start()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            try:
-                loop.add_signal_handler(sig, stop.set)
-                installed.append(sig)
-            except (NotImplementedError, RuntimeError):  # not the main thread, or no signals here
-                pass
-        if on_started is not None:
-            on_started(broker)
-        await stop.wait()
+        with stop_on_signals(stop):
+            if on_started is not None:
+                on_started(broker)
+            await stop.wait()
         log.info("signal received: stopping the broker")
     finally:
-        for sig in installed:
-            loop.remove_signal_handler(sig)
         with contextlib.suppress(Exception):
             await broker.stop(config.shutdown_grace_s)
-        if stop_exporter is not None:
-            stop_exporter()
+        if exporter is not None:
+            exporter.stop()

@@ -31,6 +31,9 @@ and cannot be scraped); by device_class, never by device id:
     splitsense_device_stage_seconds_total          counter    on-device time of one stage
     splitsense_device_stage_windows_total          counter    windows that measured it
                                                               {model, device_class, stage}
+    splitsense_device_fallbacks_total              counter    windows the cloud did not answer,
+                                                              {model, device_class, kind}: kind a
+                                                              FallbackKind (plan, link_down, late...)
 
 Label values only ever take values the broker knows, whatever a device sends: a model this broker
 does not serve is "unknown" (and so is a cut or stage outside 0..N of a served model); a device
@@ -44,17 +47,22 @@ so tests use a fresh CollectorRegistry().
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterable, Iterator, Mapping
+import functools
+from collections.abc import Iterable, Iterator, Mapping
 from enum import StrEnum
+from types import MappingProxyType
 
-from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
 
+from splitsense.kinds import FallbackKind
+from splitsense.metric_names import NAMESPACE, exposed_names
 from splitsense.wire import DeviceEstimates, TelemetryReport
 
-__all__ = ["BrokerMetrics", "ErrorReason", "start_exporter"]
+__all__ = ["BrokerMetrics", "ErrorReason"]
 
 UNKNOWN = "unknown"
 OTHER = "other"
+_FALLBACK_KINDS = frozenset(k.value for k in FallbackKind)
 
 
 class ErrorReason(StrEnum):
@@ -103,137 +111,205 @@ class BrokerMetrics:
         self.add_device_classes(device_classes)
 
         self.request_duration = Histogram(
-            "splitsense_broker_request_duration_seconds",
+            "request_duration_seconds",
             "Time from receiving a window to answering it with a result.",
             (*_REQ, "codec"),
             buckets=_LATENCY_BUCKETS_S,
+            namespace=NAMESPACE,
+            subsystem="broker",
             registry=r,
         )
         self.queue_duration = Histogram(
-            "splitsense_broker_queue_duration_seconds",
+            "queue_duration_seconds",
             "Time a window waited in the broker's batching queue.",
             _REQ,
             buckets=_LATENCY_BUCKETS_S,
+            namespace=NAMESPACE,
+            subsystem="broker",
             registry=r,
         )
         self.compute_duration = Histogram(
-            "splitsense_broker_compute_duration_seconds",
+            "compute_duration_seconds",
             "Time the tail call of the batch that held a window took (cloud compute and the hop).",
             _REQ,
             buckets=_LATENCY_BUCKETS_S,
+            namespace=NAMESPACE,
+            subsystem="broker",
             registry=r,
         )
         self.received_bytes = Counter(
-            "splitsense_broker_received_bytes",
+            "received_bytes",
             "Activation payload bytes received in offload requests.",
             (*_REQ, "codec"),
+            namespace=NAMESPACE,
+            subsystem="broker",
             registry=r,
         )
         self.batch_size = Histogram(
-            "splitsense_broker_batch_size",
+            "batch_size",
             "Windows per tail call.",
             ("model", "cut"),
             buckets=_BATCH_BUCKETS,
+            namespace=NAMESPACE,
+            subsystem="broker",
             registry=r,
         )
         self.batches = Counter(
-            "splitsense_broker_batches", "Tail calls made, by model and cut.", ("model", "cut"), registry=r
+            "batches",
+            "Tail calls made, by model and cut.",
+            ("model", "cut"),
+            namespace=NAMESPACE,
+            subsystem="broker",
+            registry=r,
         )
         self.shed = Counter(
-            "splitsense_broker_shed",
+            "shed",
             "Windows shed by admission control (answered RESOURCE_EXHAUSTED).",
             _REQ,
+            namespace=NAMESPACE,
+            subsystem="broker",
             registry=r,
         )
         self.errors = Counter(
-            "splitsense_broker_errors",
+            "errors",
             "Windows and calls not answered with a result, by gRPC status code and reason.",
             ("model", "device_class", "code", "reason"),
+            namespace=NAMESPACE,
+            subsystem="broker",
             registry=r,
         )
         self.token_rejections = Counter(
-            "splitsense_broker_token_rejections",
+            "token_rejections",
             "Calls refused for their stored device token (broker.token_store redis), by reason.",
             ("reason",),
+            namespace=NAMESPACE,
+            subsystem="broker",
             registry=r,
         )
         self.in_flight = Gauge(
-            "splitsense_broker_requests_in_flight",
+            "requests_in_flight",
             "Windows received and not yet answered.",
+            namespace=NAMESPACE,
+            subsystem="broker",
             registry=r,
         )
         self.queue_depth = Gauge(
-            "splitsense_broker_queue_depth",
+            "queue_depth",
             "Windows waiting for a batch, by model and cut.",
             ("model", "cut"),
+            namespace=NAMESPACE,
+            subsystem="broker",
             registry=r,
         )
         self.telemetry_reports = Counter(
-            "splitsense_broker_telemetry_reports",
+            "telemetry_reports",
             "ReportTelemetry calls accepted.",
             ("device_class",),
+            namespace=NAMESPACE,
+            subsystem="broker",
             registry=r,
         )
         self.device_bandwidth = Histogram(
-            "splitsense_device_bandwidth_bytes_per_second",
+            "bandwidth_bytes_per_second",
             "Devices' own estimates of their uplink bandwidth.",
             ("device_class",),
             buckets=_BANDWIDTH_BUCKETS,
+            namespace=NAMESPACE,
+            subsystem="device",
             registry=r,
         )
         self.device_rtt = Histogram(
-            "splitsense_device_rtt_seconds",
+            "rtt_seconds",
             "Devices' own estimates of their round-trip time to the broker.",
             ("device_class",),
             buckets=_RTT_BUCKETS_S,
+            namespace=NAMESPACE,
+            subsystem="device",
             registry=r,
         )
         self.device_battery = Histogram(
-            "splitsense_device_battery_ratio",
+            "battery_ratio",
             "Devices' remaining battery charge (0..1) while on battery.",
             ("device_class",),
             buckets=_BATTERY_BUCKETS,
+            namespace=NAMESPACE,
+            subsystem="device",
             registry=r,
         )
         self.device_windows = Counter(
-            "splitsense_device_windows", "Windows devices finished, from telemetry.", _OBS, registry=r
+            "windows",
+            "Windows devices finished, from telemetry.",
+            _OBS,
+            namespace=NAMESPACE,
+            subsystem="device",
+            registry=r,
         )
         self.device_failures = Counter(
-            "splitsense_device_offload_failures",
+            "offload_failures",
             "Offload attempts that produced no result (the device finished the window itself).",
             _OBS,
+            namespace=NAMESPACE,
+            subsystem="device",
             registry=r,
         )
         self.device_latency = Counter(
-            "splitsense_device_latency_seconds",
+            "latency_seconds",
             "Sum of window latencies (ready -> result) reported by devices.",
             _OBS,
+            namespace=NAMESPACE,
+            subsystem="device",
             registry=r,
         )
         self.device_front = Counter(
-            "splitsense_device_front_seconds",
+            "front_seconds",
             "Sum of on-device compute time of the front stages [0, cut).",
             _OBS,
+            namespace=NAMESPACE,
+            subsystem="device",
             registry=r,
         )
         self.device_sent_bytes = Counter(
-            "splitsense_device_sent_bytes", "Activation bytes devices sent.", _OBS, registry=r
+            "sent_bytes", "Activation bytes devices sent.", _OBS, namespace=NAMESPACE, subsystem="device", registry=r
         )
         self.device_energy = Counter(
-            "splitsense_device_energy_joules", "Energy devices estimate they spent.", _OBS, registry=r
+            "energy_joules",
+            "Energy devices estimate they spent.",
+            _OBS,
+            namespace=NAMESPACE,
+            subsystem="device",
+            registry=r,
+        )
+        self.device_fallbacks = Counter(
+            "fallbacks",
+            "Windows the cloud did not answer, by why (kind: a FallbackKind value; others are 'other').",
+            ("model", "device_class", "kind"),
+            namespace=NAMESPACE,
+            subsystem="device",
+            registry=r,
         )
         self.device_stage_seconds = Counter(
-            "splitsense_device_stage_seconds",
+            "stage_seconds",
             "Sum of on-device compute time of one stage (index `stage`).",
             ("model", "device_class", "stage"),
+            namespace=NAMESPACE,
+            subsystem="device",
             registry=r,
         )
         self.device_stage_windows = Counter(
-            "splitsense_device_stage_windows",
+            "stage_windows",
             "Windows whose on-device time of stage `stage` was measured.",
             ("model", "device_class", "stage"),
+            namespace=NAMESPACE,
+            subsystem="device",
             registry=r,
         )
+
+    @staticmethod
+    @functools.cache
+    def names() -> Mapping[str, str]:
+        """{attribute: exposed name} of every metric here, read off a scratch registry: what the
+        controller's queries use (cloud/controller/metrics_source.py MetricNames)."""
+        return MappingProxyType(exposed_names(BrokerMetrics(CollectorRegistry())))
 
     # --- label hygiene ------------------------------------------------------------------------
 
@@ -330,18 +406,8 @@ class BrokerMetrics:
             self.device_front.labels(*labels).inc(o.front_ms_total / 1000)
             self.device_sent_bytes.labels(*labels).inc(o.bytes_sent)
             self.device_energy.labels(*labels).inc(o.energy_mj / 1000)
+            for kind, n in o.fallback_kinds:
+                self.device_fallbacks.labels(m, c, kind if kind in _FALLBACK_KINDS else OTHER).inc(n)
             for i, ms in enumerate(o.stage_ms_total[: self._stages.get(o.model, 0)]):
                 self.device_stage_seconds.labels(m, c, str(i)).inc(ms / 1000)
                 self.device_stage_windows.labels(m, c, str(i)).inc(o.window_count)
-
-
-def start_exporter(port: int, host: str, registry: CollectorRegistry) -> Callable[[], None]:
-    """Serve `registry` on http://host:port/metrics in a daemon thread; returns a stop function."""
-    server, thread = start_http_server(port, addr=host, registry=registry)
-
-    def stop() -> None:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=5)
-
-    return stop

@@ -20,9 +20,9 @@ Ctrl-C, and after a start that failed half-way):
     7. controller    metrics source (PrometheusSource on controller.prometheus_url, else the
                      exporter of step 5 read directly) -> Controller.run_forever
 
-`PlanSubscriber` is the broker's side of the plan store, usable on its own (a broker in another
-process than the controller): on a Redis outage the broker keeps serving its last plan, and on
-reconnection the store's watch re-reads the current plan, so the broker catches up.
+Every part is built by cloud/wiring.py's factories, as `splitsense cloud up` and `controller run`
+build theirs: the plan store (URL or embedded Redis, one ACL user per role), the exporter, the
+metrics source, the exposure check, signal handling. The plan feed is cloud/plan_feed.py.
 """
 
 from __future__ import annotations
@@ -30,34 +30,43 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import signal
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import replace
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import Any
 
-from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client import CollectorRegistry
 
 from cloud.auth import device_token
 from cloud.backend import InProcessTailBackend, ModelRegistry, TailBackend
 from cloud.broker import Broker
 from cloud.controller.loop import Controller, PassReport
-from cloud.controller.metrics_source import DirectExporterSource, MetricsSource, PrometheusSource
-from cloud.planstore import EmbeddedRedis, PlanStore, redact_url
-from pipelines.catalog import ModelCatalog, load_catalog
-from pipelines.devices import DEVICE_CLASSES, DeviceClass
-from pipelines.groups import GROUP_SEPARATOR, group_catalog, served_groups, shared_cut
+from cloud.controller.metrics_source import MetricsSource
+from cloud.plan_feed import PlanSubscriber
+from cloud.planstore import PlanStore, redact_url
+from cloud.wiring import (
+    Exporter,
+    check_broker_exposure,
+    describe_source,
+    finish_in_thread,
+    follow_plans,
+    load_catalogs,
+    metrics_source,
+    open_plan_store,
+    plan_store_urls,
+    planner_devices,
+    stop_on_signals,
+)
+from pipelines.catalog import ModelCatalog
+from pipelines.devices import DeviceClass
 from splitsense.config import Config
-from splitsense.errors import ConfigError, ModelError, PlanError
-from splitsense.plan import PlanSet
+from splitsense.errors import ConfigError
 
 __all__ = [
     "CONTROLLER_METRICS_PORT",
     "CloudStack",
     "PlanSubscriber",
-    "load_catalogs",
-    "planner_devices",
     "run_controller_forever",
     "with_ports",
 ]
@@ -65,116 +74,11 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 ProgressFn = Callable[[str], None]
-T = TypeVar("T")
 CONTROLLER_METRICS_PORT = 9465  # next to the broker's 9464; deploy/prometheus scrapes it
 
 
 def _noop(_: str) -> None:
     pass
-
-
-async def _finish_in_thread(fn: Callable[..., T], *args: Any) -> T:
-    """`fn(*args)` in a worker thread. A thread cannot be interrupted: when the caller is cancelled
-    this waits for `fn` to finish before the cancellation goes on, so that whatever `fn` started
-    exists by the time the shutdown that follows looks for it."""
-    work = asyncio.ensure_future(asyncio.to_thread(fn, *args))
-    try:
-        return await asyncio.shield(work)
-    except asyncio.CancelledError:
-        with contextlib.suppress(BaseException):
-            await work
-        raise
-
-
-def load_catalogs(models: tuple[str, ...] | list[str], weights_dir: Any = None) -> dict[str, ModelCatalog]:
-    """The planner's catalog of every model (ModelError saying how to build a missing one), and of
-    every task group whose members are all served (pipelines/groups.py: one window, several tasks
-    sharing a front, planned as one)."""
-    out = {}
-    for name in models:
-        try:
-            out[name] = load_catalog(name, weights_dir)
-        except ModelError as e:
-            raise ModelError(f"{e} (or run: splitsense models catalog --model {name})") from None
-    for group in served_groups(models):
-        out[GROUP_SEPARATOR.join(group)] = group_catalog([out[m] for m in group], shared_cut(group))
-    return out
-
-
-def planner_devices(config: Config) -> dict[str, DeviceClass]:
-    """The device classes the planner plans for: those of planner.classes that pipelines.devices
-    describes (ConfigError naming any it does not)."""
-    unknown = sorted(set(config.planner.classes) - set(DEVICE_CLASSES))
-    if unknown:
-        raise ConfigError(
-            f"planner.classes names device classes with no hardware figures in pipelines.devices: {unknown}; "
-            f"known: {', '.join(sorted(DEVICE_CLASSES))}"
-        )
-    return {name: DEVICE_CLASSES[name] for name in config.planner.classes}
-
-
-# ---------------------------------------------------------------------------------------------
-# Store -> broker
-
-
-class PlanSubscriber:
-    """Follows the plan store and serves every new plan set from the broker (which pushes it to
-    its WatchPlan streams). Never raises for an outage: the store's watch retries with back-off."""
-
-    def __init__(
-        self,
-        store: PlanStore,
-        broker: Broker,
-        *,
-        poll_s: float = 1.0,
-        retry_initial_s: float = 0.1,
-        retry_max_s: float = 5.0,
-    ) -> None:
-        self.store = store
-        self.broker = broker
-        self.poll_s = poll_s
-        self.retry_initial_s = retry_initial_s
-        self.retry_max_s = retry_max_s
-        self.applied: list[int] = []  # versions handed to the broker
-        self._task: asyncio.Task[None] | None = None
-
-    def start(self) -> None:
-        if self._task is None:
-            self._task = asyncio.create_task(self.run(), name="plan-subscriber")
-
-    async def run(self) -> None:
-        """Until cancelled: every plan set newer than the broker's goes to `broker.set_plans`."""
-        while True:
-            try:
-                async for plan_set in self.store.watch(
-                    since_version=self.broker.plans.version,
-                    poll_s=self.poll_s,
-                    retry_initial_s=self.retry_initial_s,
-                    retry_max_s=self.retry_max_s,
-                ):
-                    self._apply(plan_set)
-            except asyncio.CancelledError:
-                raise
-            except Exception:  # a bug in the watch: say so, start it again after a pause
-                log.exception("plan subscriber: the store watch failed; restarting it")
-                await asyncio.sleep(self.retry_max_s)
-
-    def _apply(self, plan_set: PlanSet) -> None:
-        try:
-            if self.broker.set_plans(plan_set):
-                self.applied.append(plan_set.version)
-                log.info("broker serves plan set v%d from the plan store", plan_set.version)
-        except PlanError as e:
-            log.error("plan subscriber: refused plan set v%d: %s", plan_set.version, e)
-
-    async def stop(self, timeout_s: float = 5.0) -> None:
-        task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                done, _ = await asyncio.wait({task}, timeout=timeout_s)
-                if not done:
-                    log.warning("plan subscriber did not stop within %.0f s; leaving it behind", timeout_s)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -216,13 +120,11 @@ class CloudStack:
         self.catalogs: dict[str, ModelCatalog] = {}
         self.backend: TailBackend | None = None
         self._ray_started = False
-        self._redis: EmbeddedRedis | None = None
+        self._plan_store_scope = contextlib.AsyncExitStack()  # the embedded Redis, when one runs
         self._redis_url: str | None = None
         self.store: PlanStore | None = None  # the controller's (writes)
-        self.broker_store: PlanStore | None = None  # the broker's (reads and follows)
         self._broker: Broker | None = None
-        self._exporter: tuple[Any, Any] | None = None
-        self._metrics_port: int | None = None
+        self._exporter: Exporter | None = None
         self.source: MetricsSource | None = None
         self.subscriber: PlanSubscriber | None = None
         self._controller: Controller | None = None
@@ -251,9 +153,9 @@ class CloudStack:
     @property
     def metrics_address(self) -> str:
         """host:port of the exporter (a Prometheus scrape target)."""
-        if self._metrics_port is None:
+        if self._exporter is None:
             raise ConfigError("the cloud stack is not started: use `async with CloudStack(...)`")
-        return f"{self.config.broker.host}:{self._metrics_port}"
+        return self._exporter.address
 
     @property
     def metrics_url(self) -> str:
@@ -313,7 +215,7 @@ class CloudStack:
 
         # 1. models and catalogs
         self.models = await self._step(
-            f"loading models: {', '.join(models)}", lambda: _finish_in_thread(ModelRegistry, models, weights)
+            f"loading models: {', '.join(models)}", lambda: finish_in_thread(ModelRegistry, models, weights)
         )
         if self._given_catalogs is not None:
             self.catalogs = self._given_catalogs
@@ -332,17 +234,12 @@ class CloudStack:
         # The controller writes plans with its own Redis user; the broker reads and follows them with
         # a read-only one (cloud/planstore.py ACL_RULES), in the embedded Redis as in deploy/redis.
         c = cfg.controller
-        if c.redis_url is not None:
-            self._redis_url = c.redis_url
-            broker_url = cfg.broker.redis_url or c.redis_url
-        else:
-            redis = self._redis = EmbeddedRedis()
-            self._redis_url = await self._step("starting an embedded Redis", lambda: _finish_in_thread(redis.start))
-            broker_url = redis.url_for("broker")
-        self.store = PlanStore(self._redis_url, history_versions=c.history_versions, timeout_s=c.redis_timeout_s)
-        self.broker_store = PlanStore(broker_url, history_versions=c.history_versions, timeout_s=c.redis_timeout_s)
+        urls = await self._plan_store_scope.enter_async_context(plan_store_urls(cfg, self._say))
+        self._redis_url = urls.controller
+        self.store = open_plan_store(urls.controller, cfg)
 
         # 4. broker
+        check_broker_exposure(cfg.broker)
         broker = Broker(
             cfg.broker,
             self.models,
@@ -357,31 +254,14 @@ class CloudStack:
         # 5. exporter (broker and controller share the registry)
         want = cfg.broker.metrics_port or 0
         self._say(f"starting the metrics exporter on {cfg.broker.host}:{want}")
-        try:
-            server, thread = start_http_server(want, addr=cfg.broker.host, registry=self.registry)
-        except OSError as e:
-            raise ConfigError(
-                f"the metrics exporter cannot listen on {cfg.broker.host}:{want} ({e}); "
-                "set broker.metrics_port (null or 0 picks a free port)"
-            ) from None
-        self._exporter = (server, thread)
-        self._metrics_port = int(server.server_port)
+        self._exporter = Exporter.start(self.registry, cfg.broker.host, want, option="broker.metrics_port")
         log.info("cloud stack: metrics on %s", self.metrics_url)
 
-        # 6. store -> broker
-        self.subscriber = PlanSubscriber(self.broker_store, broker)
-        self.subscriber.start()
+        # 6. store -> broker, as the broker's read-only Redis user
+        self.subscriber = follow_plans(urls.broker, broker, cfg)
 
-        # 7. controller
-        classes = tuple(self.devices)
-        if c.prometheus_url is not None:
-            self.source = PrometheusSource(
-                c.prometheus_url, window_s=c.query_window_s, timeout_s=c.prometheus_timeout_s, device_classes=classes
-            )
-        else:
-            self.source = DirectExporterSource(
-                [self.metrics_url], window_s=c.query_window_s, timeout_s=c.prometheus_timeout_s, device_classes=classes
-            )
+        # 7. controller: Prometheus if configured, else this stack's own exporter read directly
+        self.source = metrics_source(cfg, tuple(self.devices), exporter_urls=[self.metrics_url])
         self._controller = Controller(cfg, self.source, self.store, self.catalogs, self.devices, registry=self.registry)
         if self.with_controller:
             self._say(f"starting the controller (every {c.period_s:g} s)")
@@ -438,11 +318,17 @@ class CloudStack:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
 
+    @property
+    def broker_store(self) -> PlanStore | None:
+        """The plan store as the broker's plan feed reads it (the broker's Redis user)."""
+        return None if self.subscriber is None else self.subscriber.store
+
     async def _stop_subscriber(self) -> None:
-        if self.subscriber is not None:
+        sub, self.subscriber = self.subscriber, None
+        if sub is not None:
             log.info("cloud stack: stopping the plan feed")
-            await self.subscriber.stop()
-            self.subscriber = None
+            await sub.stop()
+            await sub.store.aclose()
 
     async def _stop_broker(self) -> None:
         broker, self._broker = self._broker, None
@@ -454,28 +340,17 @@ class CloudStack:
         exporter, self._exporter = self._exporter, None
         if exporter is not None:
             log.info("cloud stack: stopping the metrics exporter")
-            server, thread = exporter
-
-            def shut() -> None:
-                server.shutdown()
-                server.server_close()
-                thread.join(timeout=5)
-
-            await asyncio.to_thread(shut)
+            await exporter.astop()
 
     async def _close_store(self) -> None:
-        for name in ("store", "broker_store"):
-            store = getattr(self, name)
-            setattr(self, name, None)
-            if store is not None:
-                log.info("cloud stack: closing the plan store (%s)", name)
-                await store.aclose()
+        store, self.store = self.store, None
+        if store is not None:
+            log.info("cloud stack: closing the plan store")
+            await store.aclose()
 
     async def _stop_redis(self) -> None:
-        redis, self._redis = self._redis, None
-        if redis is not None:
-            log.info("cloud stack: stopping the embedded Redis")
-            await asyncio.to_thread(redis.stop)
+        log.info("cloud stack: stopping the embedded Redis (if one runs)")
+        await self._plan_store_scope.aclose()
 
     async def _stop_backend(self) -> None:
         backend, self.backend = self.backend, None
@@ -515,77 +390,36 @@ async def run_controller_forever(
     writes controller.redis_url (else an embedded redis-server: only this process sees it, so set
     a URL whenever brokers run elsewhere) and exports its metrics on broker.host:`metrics_port`
     (None: off; 0: a free port)."""
-    c = config.controller
     catalogs = (
         dict(catalogs)
         if catalogs is not None
         else await asyncio.to_thread(load_catalogs, tuple(config.serving.models), config.paths.weights_dir)
     )
     devices = dict(devices) if devices is not None else planner_devices(config)
-    embedded: EmbeddedRedis | None = None
-    exporter: tuple[Any, Any] | None = None
-    store: PlanStore | None = None
     stop = stop or asyncio.Event()
-    loop = asyncio.get_running_loop()
-    installed: list[signal.Signals] = []
-    try:
-        if c.redis_url is None:
-            embedded = EmbeddedRedis()
-            redis_url = await asyncio.to_thread(embedded.start)
+    async with contextlib.AsyncExitStack() as scope:
+        urls = await scope.enter_async_context(plan_store_urls(config))
+        if urls.embedded:
             log.warning(
                 "no controller.redis_url: plans go to an embedded Redis (%s) that only this process sees",
-                redis_url,
+                urls.redacted,
             )
-        else:
-            redis_url = c.redis_url
-        store = PlanStore(redis_url, history_versions=c.history_versions, timeout_s=c.redis_timeout_s)
-        classes = tuple(devices)
-        source: MetricsSource
-        if c.prometheus_url is not None:
-            source = PrometheusSource(
-                c.prometheus_url, window_s=c.query_window_s, timeout_s=c.prometheus_timeout_s, device_classes=classes
-            )
-        else:
-            source = DirectExporterSource(
-                c.exporter_urls, window_s=c.query_window_s, timeout_s=c.prometheus_timeout_s, device_classes=classes
-            )
+        store = open_plan_store(urls.controller, config)
+        scope.push_async_callback(store.aclose)
+        source = metrics_source(config, tuple(devices))
         registry = CollectorRegistry()
         info = {
-            "metrics source": c.prometheus_url or "exporters " + ", ".join(c.exporter_urls),
-            "plan store": redact_url(redis_url) + (" (embedded)" if embedded is not None else ""),
-            "period": f"{c.period_s:g} s",
+            "metrics source": describe_source(config),
+            "plan store": urls.redacted,
+            "period": f"{config.controller.period_s:g} s",
         }
         if metrics_port is not None:
-            host = config.broker.host
-            try:
-                server, thread = start_http_server(metrics_port, addr=host, registry=registry)
-            except OSError as e:
-                raise ConfigError(
-                    f"the controller's metrics exporter cannot listen on {host}:{metrics_port} ({e}); "
-                    "pass another --metrics-port (0 picks a free one)"
-                ) from None
-            exporter = (server, thread)
-            info["metrics"] = f"http://{host}:{server.server_port}/metrics"
+            exporter = Exporter.start(registry, config.broker.host, metrics_port, option="--metrics-port")
+            scope.push_async_callback(exporter.astop)
+            info["metrics"] = exporter.url
         controller = Controller(config, source, store, catalogs, devices, registry=registry)
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            try:
-                loop.add_signal_handler(sig, stop.set)
-                installed.append(sig)
-            except (NotImplementedError, RuntimeError):  # not the main thread
-                pass
+        scope.enter_context(stop_on_signals(stop))
         if on_started is not None:
             on_started(controller, info)
         await controller.run_forever(stop, on_pass)
-        return controller
-    finally:
-        for sig in installed:
-            loop.remove_signal_handler(sig)
-        if store is not None:
-            await store.aclose()
-        if exporter is not None:
-            server, thread = exporter
-            server.shutdown()
-            server.server_close()
-            thread.join(timeout=5)
-        if embedded is not None:
-            await asyncio.to_thread(embedded.stop)
+    return controller

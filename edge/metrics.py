@@ -34,17 +34,19 @@ Labels are low-cardinality only (never ids): the fallbacks' `reason` is the resu
 
 from __future__ import annotations
 
+import collections
 from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from edge.breaker import BreakerState
 from edge.sink import WindowResult
+from splitsense.metric_names import NAMESPACE
 from splitsense.wire import DeviceEstimates, ExecutionMode, TelemetryObservation, TelemetryReport
 
 __all__ = ["EdgeMetrics"]
 
-_NS = "splitsense"
+_NS = NAMESPACE
 _SUB = "edge"
 # 1 ms .. 5 s: an in-process tail answers in ~1 ms, a deadline is 300 ms, a slow local audio model
 # on a watch-class device takes seconds.
@@ -62,6 +64,7 @@ class _Sums:
     bytes_sent: int = 0
     energy_mj: float = 0.0
     failures: int = 0
+    kinds: collections.Counter[str] = field(default_factory=collections.Counter)  # FallbackKind -> windows
     stage_ms: list[float] = field(default_factory=list)
     stage_ok: bool = True  # False once windows with different stage counts were mixed
 
@@ -152,6 +155,8 @@ class EdgeMetrics:
         s.bytes_sent += result.bytes_sent
         s.energy_mj += result.energy_mj
         s.failures += result.mode is ExecutionMode.FALLBACK
+        if result.kind is not None:
+            s.kinds[result.kind.value] += 1
 
     def set_store(self, windows: int, nbytes: int) -> None:
         """What the store-and-forward buffer holds now."""
@@ -195,6 +200,7 @@ class EdgeMetrics:
                 energy_mj=s.energy_mj,
                 failure_count=s.failures,
                 stage_ms_total=tuple(s.stage_ms) if s.stage_ok else (),
+                fallback_kinds=tuple(s.kinds.items()),
             )
             for (model, cut, mode), s in self._sums.items()
         )
@@ -220,3 +226,4 @@ class EdgeMetrics:
             s.bytes_sent += o.bytes_sent
             s.energy_mj += o.energy_mj
             s.failures += o.failure_count
+            s.kinds.update(dict(o.fallback_kinds))

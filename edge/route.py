@@ -12,7 +12,8 @@ import math
 from dataclasses import dataclass
 from enum import StrEnum
 
-from edge.breaker import BreakerState, FailureKind
+from edge.breaker import BreakerState
+from splitsense.kinds import FallbackKind
 
 __all__ = ["FallbackKind", "Route", "RouteDecision", "RouteInputs", "decide_route", "hedge_after_s"]
 
@@ -22,28 +23,6 @@ class Route(StrEnum):
     OFFLOAD = "offload"  # send the activation and wait for the answer (hedged)
     PROBE = "probe"  # finish here, and send the activation in the background as the breaker's probe
     STORE = "store"  # a device without local fallback that cannot send now: keep it for later
-
-
-class FallbackKind(StrEnum):
-    """Why a window was not answered by the cloud (None on a result the cloud answered)."""
-
-    PLAN = "plan"  # the plan keeps the whole model on the device
-    NO_BROKER = "no_broker"  # the device has no transport
-    LINK_DOWN = "link_down"  # the platform says the radio has no link (association / bearer lost)
-    BREAKER = "breaker"  # the circuit breaker is open, or holding after a shed
-    PROBING = "probing"  # ran here while its activation probes the cloud in the background
-    CODEC = "codec"  # the activation could not be encoded with the chosen codec
-    LATE = "late"  # hedged: the answer was late relative to the link estimate; the local tail answered
-    # an offload that failed (edge.breaker.FailureKind)
-    UNAVAILABLE = "unavailable"
-    DEADLINE = "deadline"
-    REJECTED = "rejected"
-    SHED = "shed"
-    ERROR = "error"
-
-    @classmethod
-    def of_failure(cls, kind: FailureKind) -> FallbackKind:
-        return cls(kind.value)
 
 
 @dataclass(frozen=True)

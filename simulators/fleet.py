@@ -62,6 +62,7 @@ import torch
 from prometheus_client import CollectorRegistry
 
 from cloud.controller.costmodel import CloudState, DeviceCostProfile
+from cloud.metrics import BrokerMetrics
 from edge.runtime import EdgeDevice, ForcedChoice
 from edge.sink import WindowResult
 from edge.sources import RecordedWindow, ReplaySource, SensorWindow, recorded_windows
@@ -907,8 +908,9 @@ def _batch_totals(registry: CollectorRegistry) -> dict[str, Any]:
     """Cumulative batch-size histogram (summed over model and cut) and shed count."""
     buckets: dict[float, float] = defaultdict(float)
     count = total = shed = 0.0
+    names = BrokerMetrics.names()
     for metric in registry.collect():
-        if metric.name == "splitsense_broker_batch_size":
+        if metric.name == names["batch_size"]:
             for s in metric.samples:
                 if s.name.endswith("_bucket"):
                     buckets[float(s.labels["le"])] += s.value
@@ -916,7 +918,7 @@ def _batch_totals(registry: CollectorRegistry) -> dict[str, Any]:
                     count += s.value
                 elif s.name.endswith("_sum"):
                     total += s.value
-        elif metric.name == "splitsense_broker_shed":
+        elif f"{metric.name}_total" == names["shed"]:  # a counter's family name has no _total
             shed += sum(s.value for s in metric.samples if s.name.endswith("_total"))
     return {"buckets": dict(buckets), "count": count, "sum": total, "shed": shed}
 

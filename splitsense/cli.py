@@ -232,8 +232,7 @@ def cloud_up(
     import asyncio
     from dataclasses import replace
 
-    from cloud.tls import server_credentials
-    from splitsense.errors import ConfigError
+    from cloud.wiring import check_broker_exposure
 
     cfg = _load_config(config)
     given = {
@@ -244,11 +243,9 @@ def cloud_up(
         "tls_client_ca_file": tls_client_ca,
     }
     broker_cfg = replace(cfg.broker, **{k: v for k, v in given.items() if v is not None})
-    # Before Ray starts: an exposed broker is refused at once, with one line saying what to set.
-    problem = broker_cfg.exposure_problem()
-    if problem is not None:
-        raise ConfigError(problem)
-    server_credentials(broker_cfg)  # an unreadable certificate or key fails now too
+    # Before Ray starts: an exposed broker (or an unreadable PEM file) is refused at once, with one
+    # line saying what to set.
+    check_broker_exposure(broker_cfg)
 
     from cloud.backend import ModelRegistry
     from cloud.broker import Broker, run_broker_forever
@@ -276,12 +273,10 @@ def cloud_up(
             if plans_url:
                 # The controller runs apart (`splitsense controller run`): follow its plans in Redis,
                 # as the broker's read-only Redis user (broker.redis_url) where one is configured.
-                from cloud.planstore import PlanStore, redact_url
-                from cloud.stack import PlanSubscriber
+                from cloud.planstore import redact_url
+                from cloud.wiring import follow_plans
 
-                sub = PlanSubscriber(PlanStore(plans_url), broker)
-                sub.start()
-                subscribers.append(sub)
+                subscribers.append(follow_plans(plans_url, broker, cfg))
                 err.print(f"plans: following {redact_url(plans_url)}")
             else:
                 err.print("plans: static (set broker.redis_url or controller.redis_url to follow a controller)")
@@ -763,26 +758,19 @@ def controller_plan(
     from rich.table import Table
 
     from cloud.controller.inputs import plan_from_snapshot
-    from cloud.controller.metrics_source import DirectExporterSource, FileSource, MetricsSource, PrometheusSource
-    from cloud.stack import load_catalogs, planner_devices
+    from cloud.controller.metrics_source import FileSource, MetricsSource
+    from cloud.wiring import load_catalogs, metrics_source, planner_devices
     from splitsense.errors import ConfigError
 
     if snapshot is not None and prometheus is not None:
         raise ConfigError("--snapshot and --prometheus are alternatives: give one of them")
     cfg = _controller_config(config, prometheus_url=prometheus)
-    c = cfg.controller
     devices = planner_devices(cfg)
     source: MetricsSource
     if snapshot is not None:
         source = FileSource(snapshot)
-    elif c.prometheus_url is not None:
-        source = PrometheusSource(
-            c.prometheus_url, window_s=c.query_window_s, timeout_s=c.prometheus_timeout_s, device_classes=tuple(devices)
-        )
     else:
-        source = DirectExporterSource(
-            c.exporter_urls, window_s=c.query_window_s, timeout_s=c.prometheus_timeout_s, device_classes=tuple(devices)
-        )
+        source = metrics_source(cfg, tuple(devices))
     catalogs = load_catalogs(tuple(cfg.serving.models), cfg.paths.weights_dir)
     with err.status("reading the fleet"):
         snap = asyncio.run(source.snapshot())

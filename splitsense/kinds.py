@@ -7,6 +7,7 @@ into ``pipelines.codecs`` for its types). The codecs themselves (encode/decode) 
 
     Codec          fp32 | fp16 | int8 | ans   (how a tensor's numbers are laid out on the wire)
     Radio          wifi | lte | 3g | ble      (the kind of uplink a device has)
+    FallbackKind   plan | link_down | breaker | late | ...  (why the cloud did not answer a window)
     SymbolPrior    a per-channel coding table of integer symbols (what the ANS codec codes against)
     EncodedTensor  one encoded activation, as it crosses the wire
 """
@@ -29,6 +30,7 @@ __all__ = [
     "VALID_CODECS",
     "Codec",
     "EncodedTensor",
+    "FallbackKind",
     "Radio",
     "SymbolPrior",
     "check_shape",
@@ -37,6 +39,30 @@ __all__ = [
 
 ANS_WORD_BYTES = 4  # constriction's ANS coder emits 32-bit words
 INT8_LEVELS = 255  # uint8 codes 0..255
+
+
+class FallbackKind(StrEnum):
+    """Why a window was not answered by the cloud (None on a result the cloud answered): typed on
+    every edge result (edge/route.py decides it), counted in telemetry, a metric label in the cloud."""
+
+    PLAN = "plan"  # the plan keeps the whole model on the device
+    NO_BROKER = "no_broker"  # the device has no transport
+    LINK_DOWN = "link_down"  # the platform says the radio has no link (association / bearer lost)
+    BREAKER = "breaker"  # the circuit breaker is open, or holding after a shed
+    PROBING = "probing"  # ran here while its activation probes the cloud in the background
+    CODEC = "codec"  # the activation could not be encoded with the chosen codec
+    LATE = "late"  # hedged: the answer was late relative to the link estimate; the local tail answered
+    # an offload that failed (edge.breaker.FailureKind)
+    UNAVAILABLE = "unavailable"
+    DEADLINE = "deadline"
+    REJECTED = "rejected"
+    SHED = "shed"
+    ERROR = "error"
+
+    @classmethod
+    def of_failure(cls, kind: StrEnum) -> FallbackKind:
+        """The kind of a failed offload (edge.breaker.FailureKind, whose values are a subset)."""
+        return cls(kind.value)
 
 
 class Codec(StrEnum):

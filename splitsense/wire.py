@@ -74,6 +74,7 @@ _INT64_MAX = 2**63 - 1
 MAX_ID_CHARS = 128  # window_id, device_id: a UUID is 36, "fleet-sensor_node-0042" 22
 MAX_NAME_CHARS = 64  # model names (model, extra_models, observations, plan requests), device_class,
 #                      prior_digest (16 hex digits): the shipped names are at most 11
+MAX_FALLBACK_KINDS = 32  # TelemetryObservation.fallback_kinds: FallbackKind has 12 values
 MAX_EXTRA_MODELS = 8  # OffloadRequest.extra_models: tasks sharing one encoder (2 ship)
 MAX_PLAN_MODELS = 64  # GetPlanRequest / WatchPlanRequest.models: a device runs a handful
 
@@ -314,6 +315,9 @@ class TelemetryObservation:
     energy_mj: float
     failure_count: int = 0
     stage_ms_total: tuple[float, ...] = ()
+    # The windows the cloud did not answer, by why (FallbackKind values), sorted by kind; a
+    # receiver counts kinds it does not know as "other".
+    fallback_kinds: tuple[tuple[str, int], ...] = ()
 
     def __post_init__(self) -> None:
         o = "TelemetryObservation"
@@ -330,6 +334,13 @@ class TelemetryObservation:
         object.__setattr__(
             self, "stage_ms_total", tuple(_check_float(o, "stage_ms_total", x) for x in self.stage_ms_total)
         )
+        kinds = dict(self.fallback_kinds)
+        if len(kinds) > MAX_FALLBACK_KINDS:
+            _bad(o, "fallback_kinds", f"at most {MAX_FALLBACK_KINDS} kinds", len(kinds))
+        for kind, n in kinds.items():
+            _check_str(o, "fallback_kinds key", kind, MAX_NAME_CHARS)
+            _check_int(o, f"fallback_kinds[{kind!r}]", n, 0, _UINT32_MAX)
+        object.__setattr__(self, "fallback_kinds", tuple(sorted(kinds.items())))
 
 
 @dataclass(frozen=True)
@@ -615,6 +626,7 @@ def _observation_to_pb(x: TelemetryObservation) -> pb.TelemetryObservation:
         bytes_sent=x.bytes_sent,
         energy_mj=x.energy_mj,
         failure_count=x.failure_count,
+        fallback_kinds=dict(x.fallback_kinds),
     )
 
 
@@ -632,6 +644,7 @@ def _observation_from_pb(msg: pb.TelemetryObservation, path: str = "TelemetryObs
         bytes_sent=msg.bytes_sent,
         energy_mj=msg.energy_mj,
         failure_count=msg.failure_count,
+        fallback_kinds=tuple(msg.fallback_kinds.items()),
     )
 
 

@@ -57,6 +57,7 @@ from pipelines.catalog import ModelCatalog
 from pipelines.devices import DeviceClass
 from splitsense.config import Config
 from splitsense.errors import ConfigError, DataError, DependencyError, PlanError, SplitsenseError
+from splitsense.metric_names import NAMESPACE
 from splitsense.plan import PlanSet
 
 __all__ = ["OUTCOMES", "Controller", "ControllerMetrics", "PassReport", "PlanStoreLike"]
@@ -93,62 +94,94 @@ class ControllerMetrics:
         self.registry = REGISTRY if registry is None else registry
         r = self.registry
         self.dependency_up = Gauge(
-            "splitsense_controller_dependency_up",
+            "dependency_up",
             "Whether the controller reached a dependency on its last pass (1) or not (0).",
             ("dependency",),
+            namespace=NAMESPACE,
+            subsystem="controller",
             registry=r,
         )
-        self.replans = Counter("splitsense_controller_replans", "Planning passes that computed a plan set.", registry=r)
+        self.replans = Counter(
+            "replans",
+            "Planning passes that computed a plan set.",
+            namespace=NAMESPACE,
+            subsystem="controller",
+            registry=r,
+        )
         self.published = Counter(
-            "splitsense_controller_plans_published", "Plan sets stored in the plan store.", registry=r
+            "plans_published",
+            "Plan sets stored in the plan store.",
+            namespace=NAMESPACE,
+            subsystem="controller",
+            registry=r,
         )
         self.pass_failures = Counter(
-            "splitsense_controller_pass_failures",
+            "pass_failures",
             "Passes cut short, by the dependency (or step) that failed.",
             ("dependency",),
+            namespace=NAMESPACE,
+            subsystem="controller",
             registry=r,
         )
         self.plan_version = Gauge(
-            "splitsense_controller_plan_version", "Version of the plan set last stored or read.", registry=r
+            "plan_version",
+            "Version of the plan set last stored or read.",
+            namespace=NAMESPACE,
+            subsystem="controller",
+            registry=r,
         )
         self.duration = Histogram(
-            "splitsense_controller_replan_duration_seconds",
+            "replan_duration_seconds",
             "Wall time of one controller pass: snapshot, plan, publish.",
             buckets=_DURATION_BUCKETS_S,
+            namespace=NAMESPACE,
+            subsystem="controller",
             registry=r,
         )
         self.last_success = Gauge(
-            "splitsense_controller_last_success_timestamp_seconds",
+            "last_success_timestamp_seconds",
             "Unix time at which the last complete pass (published or unchanged) ended.",
+            namespace=NAMESPACE,
+            subsystem="controller",
             registry=r,
         )
         self.last_publish = Gauge(
-            "splitsense_controller_last_publish_timestamp_seconds",
+            "last_publish_timestamp_seconds",
             "Unix time of the last plan set stored.",
+            namespace=NAMESPACE,
+            subsystem="controller",
             registry=r,
         )
         self.missing = Gauge(
-            "splitsense_controller_snapshot_missing",
+            "snapshot_missing",
             "Items the last fleet snapshot could not read (named in the controller's log).",
+            namespace=NAMESPACE,
+            subsystem="controller",
             registry=r,
         )
         self.local_only = Gauge(
-            "splitsense_controller_class_local_only",
+            "class_local_only",
             "1 while the controller keeps a device class local only (its cloud path fails).",
             ("device_class",),
+            namespace=NAMESPACE,
+            subsystem="controller",
             registry=r,
         )
         self.battery_saving = Gauge(
-            "splitsense_controller_class_battery_saving",
+            "class_battery_saving",
             "1 while a device class's NORMAL rows minimise energy (a quarter of it is low on battery).",
             ("device_class",),
+            namespace=NAMESPACE,
+            subsystem="controller",
             registry=r,
         )
         self.infeasible_rows = Gauge(
-            "splitsense_controller_infeasible_rows",
+            "infeasible_rows",
             "Rows of the last plan computed whose budget no choice can meet (energy: a latency row's energy "
             "budget, deadline: an energy row's deadline); they take the least energy or least latency choice.",
             ("device_class", "model", "budget"),
+            namespace=NAMESPACE,
+            subsystem="controller",
             registry=r,
         )
 
@@ -233,6 +266,10 @@ class Controller:
             self.metrics_dependency: _Dependency(self.metrics_dependency),
             "redis": _Dependency("redis"),
         }
+        # Every cause a pass can fail for exports 0 from the start, so that rate() and alerts see
+        # a series before the first failure (Prometheus' advice on known label values).
+        for cause in (*self._deps, "controller", "planner", "validation"):
+            self.metrics.pass_failures.labels(cause)
         self._last_version = 0  # the highest version this controller stored
         self._last_plan: PlanSet | None = None  # what it last stored or read: planning falls back on it
         self._last_digest: dict[str, str] = {}

@@ -40,6 +40,7 @@ from typing import Any, Protocol, runtime_checkable
 from prometheus_client.parser import text_string_to_metric_families
 
 from cloud.controller.costmodel import TelemetryStats
+from cloud.metrics import BrokerMetrics
 from splitsense.errors import ConfigError, DataError, DependencyError
 
 __all__ = [
@@ -63,29 +64,29 @@ _MS_PER_S = 1000.0
 _OFFLOADED, _FALLBACK = "offloaded", "fallback"  # splitsense.wire.ExecutionMode values (mode label)
 
 
+_EXPORTED = BrokerMetrics.names()  # defined once, by the exporter
+
+
 @dataclass(frozen=True)
 class MetricNames:
-    """The broker's metric names (cloud/metrics.py), as exposed: counters with `_total`.
+    """The broker's metric names as exposed (counters with `_total`), read off cloud/metrics.py
+    BrokerMetrics, which alone spells them (namespace and subsystem as client_python joins them)."""
 
-    One place to change when the broker renames one; a unit test checks every name here against
-    a live `cloud.metrics.BrokerMetrics` registry.
-    """
-
-    request_duration: str = "splitsense_broker_request_duration_seconds"  # histogram
-    queue_duration: str = "splitsense_broker_queue_duration_seconds"  # histogram {model, device_class, cut}
-    compute_duration: str = "splitsense_broker_compute_duration_seconds"  # histogram, same labels
-    batch_size: str = "splitsense_broker_batch_size"  # histogram {model, cut}
-    shed: str = "splitsense_broker_shed_total"  # {model, device_class, cut}
-    errors: str = "splitsense_broker_errors_total"  # {model, device_class, code, reason}
-    bandwidth: str = "splitsense_device_bandwidth_bytes_per_second"  # histogram {device_class}
-    rtt: str = "splitsense_device_rtt_seconds"  # histogram {device_class}
-    battery: str = "splitsense_device_battery_ratio"  # histogram {device_class}
-    windows: str = "splitsense_device_windows_total"  # {model, device_class, cut, mode}
-    failures: str = "splitsense_device_offload_failures_total"  # same labels
-    latency: str = "splitsense_device_latency_seconds_total"  # same labels
-    energy: str = "splitsense_device_energy_joules_total"  # same labels
-    stage_seconds: str = "splitsense_device_stage_seconds_total"  # {model, device_class, stage}
-    stage_windows: str = "splitsense_device_stage_windows_total"  # same labels
+    request_duration: str = _EXPORTED["request_duration"]  # histogram {model, device_class, cut, codec}
+    queue_duration: str = _EXPORTED["queue_duration"]  # histogram {model, device_class, cut}
+    compute_duration: str = _EXPORTED["compute_duration"]  # histogram, same labels
+    batch_size: str = _EXPORTED["batch_size"]  # histogram {model, cut}
+    shed: str = _EXPORTED["shed"]  # {model, device_class, cut}
+    errors: str = _EXPORTED["errors"]  # {model, device_class, code, reason}
+    bandwidth: str = _EXPORTED["device_bandwidth"]  # histogram {device_class}
+    rtt: str = _EXPORTED["device_rtt"]  # histogram {device_class}
+    battery: str = _EXPORTED["device_battery"]  # histogram {device_class}
+    windows: str = _EXPORTED["device_windows"]  # {model, device_class, cut, mode}
+    failures: str = _EXPORTED["device_failures"]  # same labels
+    latency: str = _EXPORTED["device_latency"]  # same labels
+    energy: str = _EXPORTED["device_energy"]  # same labels
+    stage_seconds: str = _EXPORTED["device_stage_seconds"]  # {model, device_class, stage}
+    stage_windows: str = _EXPORTED["device_stage_windows"]  # same labels
 
 
 # ---------------------------------------------------------------------------------------------

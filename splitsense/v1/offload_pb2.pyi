@@ -556,6 +556,26 @@ class TelemetryObservation(_message.Message):
 
     DESCRIPTOR: _descriptor.Descriptor
 
+    @_typing.final
+    class FallbackKindsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.int
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.int = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     MODEL_FIELD_NUMBER: _builtins.int
     CUT_FIELD_NUMBER: _builtins.int
     MODE_FIELD_NUMBER: _builtins.int
@@ -566,6 +586,7 @@ class TelemetryObservation(_message.Message):
     BYTES_SENT_FIELD_NUMBER: _builtins.int
     ENERGY_MJ_FIELD_NUMBER: _builtins.int
     FAILURE_COUNT_FIELD_NUMBER: _builtins.int
+    FALLBACK_KINDS_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """The name of the model."""
     cut: _builtins.int
@@ -590,6 +611,12 @@ class TelemetryObservation(_message.Message):
         covers the stages that ran on the device (a prefix from stage 0) and is empty if unmeasured.
         """
 
+    @_builtins.property
+    def fallback_kinds(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
+        """The windows the cloud did not answer, by why: keys are FallbackKind values ("plan",
+        "link_down", "breaker", "late", "deadline", ...); empty when the cloud answered every one.
+        """
+
     def __init__(
         self,
         *,
@@ -603,10 +630,11 @@ class TelemetryObservation(_message.Message):
         bytes_sent: _builtins.int = ...,
         energy_mj: _builtins.float = ...,
         failure_count: _builtins.int = ...,
+        fallback_kinds: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["bytes_sent", b"bytes_sent", "cut", b"cut", "energy_mj", b"energy_mj", "failure_count", b"failure_count", "front_ms_total", b"front_ms_total", "latency_ms_total", b"latency_ms_total", "mode", b"mode", "model", b"model", "stage_ms_total", b"stage_ms_total", "window_count", b"window_count"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bytes_sent", b"bytes_sent", "cut", b"cut", "energy_mj", b"energy_mj", "failure_count", b"failure_count", "fallback_kinds", b"fallback_kinds", "front_ms_total", b"front_ms_total", "latency_ms_total", b"latency_ms_total", "mode", b"mode", "model", b"model", "stage_ms_total", b"stage_ms_total", "window_count", b"window_count"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -146,6 +146,7 @@ def test_telemetry_counters() -> None:
         energy_mj=120.0,
         failure_count=1,
         stage_ms_total=(20.0, 30.0, 1.0, 1.0, 1.0),  # more than N = 3: the extra are ignored
+        fallback_kinds=(("late", 2), ("breaker", 3), ("made-up-by-a-device", 4)),
     )
     report = TelemetryReport(
         device_id="d",
@@ -169,6 +170,10 @@ def test_telemetry_counters() -> None:
     assert v("splitsense_device_stage_windows_total", {"model": "m", "device_class": "phone", "stage": "2"}) == 10
     assert v("splitsense_device_stage_windows_total", {"model": "m", "device_class": "phone", "stage": "3"}) is None
     assert v("splitsense_broker_telemetry_reports_total", {"device_class": "phone"}) == 1
+    kind = {"model": "m", "device_class": "phone"}
+    assert v("splitsense_device_fallbacks_total", {**kind, "kind": "late"}) == 2
+    assert v("splitsense_device_fallbacks_total", {**kind, "kind": "breaker"}) == 3
+    assert v("splitsense_device_fallbacks_total", {**kind, "kind": "other"}) == 4  # only kinds the cloud knows
 
 
 def test_every_name_is_namespaced() -> None:

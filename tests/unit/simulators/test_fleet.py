@@ -14,7 +14,7 @@ import torch
 from prometheus_client import CollectorRegistry, Histogram
 
 from cloud.controller.costmodel import Choice, CloudState, LinkState, device_prep_ms, estimate
-from cloud.stack import load_catalogs
+from cloud.wiring import load_catalogs
 from edge.sources import RecordedWindow
 from pipelines.catalog import ModelCatalog, load_catalog
 from pipelines.codecs import Codec

@@ -608,3 +608,26 @@ def test_wire_module_does_not_import_grpc() -> None:
     code = "import sys, splitsense.wire; assert not [m for m in sys.modules if m.split('.')[0] == 'grpc']"
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO, env=env)
+
+
+def test_fallback_kinds_round_trip_sorted_and_bounded() -> None:
+    from splitsense.wire import (
+        MAX_FALLBACK_KINDS,
+        ExecutionMode,
+        TelemetryObservation,
+        _observation_from_pb,
+        _observation_to_pb,
+    )
+
+    o = TelemetryObservation(
+        model="m", cut=0, mode=ExecutionMode.FALLBACK, window_count=5, front_ms_total=1.0,
+        latency_ms_total=2.0, bytes_sent=0, energy_mj=1.0, failure_count=5,
+        fallback_kinds=(("late", 3), ("breaker", 2)),
+    )  # fmt: skip
+    assert o.fallback_kinds == (("breaker", 2), ("late", 3))
+    assert _observation_from_pb(_observation_to_pb(o)) == o
+    too_many = tuple((f"k{i}", 1) for i in range(MAX_FALLBACK_KINDS + 1))
+    with pytest.raises(WireError, match="fallback_kinds"):
+        TelemetryObservation(**{**o.__dict__, "fallback_kinds": too_many})
+    with pytest.raises(WireError, match="fallback_kinds"):
+        TelemetryObservation(**{**o.__dict__, "fallback_kinds": (("late", -1),)})
