@@ -11,4 +11,6 @@ planned_vs_best  the planner's choice against the best of every cut, measured th
 replan_time      how long replanning the whole fleet takes: `python -m benchmarks.replan_time` /
                  `splitsense bench plan`
 entropy_coders   constriction vs CompressAI's rANS on the real bottleneck codes: `splitsense bench coders`
+edge_runtime     the device's PyTorch and ONNX Runtime backends side by side: per-cut front latency on
+                 one thread, cold start and memory in fresh interpreters, size: `splitsense bench edge`
 """

@@ -2,8 +2,8 @@
 
 The fleet is every device class of ``pipelines.devices`` x every model of ``pipelines.models`` x
 every bandwidth bucket of ``PlannerConfig`` x both battery states. Catalogs come from
-``pipelines/weights/{model}.catalog.json`` when present; otherwise they are measured here on a
-freshly built (untrained) model, with accuracy replaced by top-1 agreement with the uncompressed
+``<paths.weights_dir>/{model}.catalog.json`` (the data package) when present; otherwise they are
+measured here on a freshly built (untrained) model, with accuracy replaced by top-1 agreement with the uncompressed
 model on a fixed random batch (timing is what this measures; the JSON says which source was used).
 
 The figure is the median wall time of ``plan_fleet`` over `repeats` runs, each given the previous

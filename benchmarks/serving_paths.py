@@ -1,19 +1,31 @@
-"""Benchmark: one offloaded window through four paths, side by side, at several device counts.
+"""Benchmark: one offloaded window through several paths, side by side, at several device counts.
 
-    raw_grpc     a grpc.aio echo of the same request bytes (generic handler, no model): the wire floor
-    in_process   run_tail_sync on the window, in this process: the compute floor
-    naive_ray    one Ray Serve handle call per window (batch of 1), same deployment and config
-    broker       the device's own transport (edge/transport.py GrpcTransport, one per device) ->
-                 gRPC broker (auth, validation, admission, micro-batcher) -> RayTailBackend -> the
-                 same deployment
+    raw_grpc               a grpc.aio echo of the same request bytes (generic handler, no model): the
+                           wire floor
+    in_process             run_tail_sync on the window, in this process: the compute floor
+    naive_ray              one Ray Serve handle call per window (batch of 1), same deployment and config
+                           as the broker's (serving.max_ongoing_requests, sized for batches: it collapses)
+    naive_ray_unthrottled  the same per-window call to a twin deployment whose max_ongoing_requests
+                           (UNTHROTTLED_MAX_ONGOING) is high enough not to collapse: the fair baseline
+    broker                 the device's own transport (edge/transport.py GrpcTransport, one per device)
+                           -> gRPC broker (auth, validation, admission, micro-batcher; an idle lane runs
+                           the tail in the broker, broker.local_tail) -> RayTailBackend -> the deployment
+    broker_ray_only        the same with broker.local_tail off: every batch through Ray
+    broker_x2              two broker processes; each device's transport is given both addresses
+                           (`ipv4:127.0.0.1:P1,127.0.0.1:P2`) with the device's default policy
+                           (edge.lb_policy pick_first, the list shuffled per device: see
+                           edge/transport.py for why not round_robin for streams)
 
 Each cell (path, n devices) runs n asyncio tasks, each sending its next window when the previous
 one is answered, until `requests` windows are answered or `max_seconds` pass. The workload is
 real: test windows of the model's dataset, run through stages [0, cut) and encoded with the
 codec, exactly what a device sends. The gRPC servers (echo and broker) run in a separate process
 joined to the same Ray cluster, as a broker would in production, so that the simulated devices do
-not share an interpreter with the server they load. Figures: p50/p99 latency per window and
-throughput (answered windows per second of the cell's wall time).
+not share an interpreter with the server they load (a second server process holds the second broker
+of broker_x2). Figures: p50/p99 latency per window and throughput (answered windows per second of
+the cell's wall time); for the server paths also the server processes' CPU time per answered window
+(`server_cpu_ms_per_window`: every thread of the broker or echo processes, gRPC's and Ray's included;
+not the replica's) and, for broker_x2, the windows each broker answered.
 
     python -m benchmarks.serving_paths [--devices 1,8,64] [--requests N]  ->  {"config", "results", "summary"}
     splitsense bench serve --json
@@ -42,19 +54,28 @@ from splitsense.errors import ConfigError, DependencyError
 if TYPE_CHECKING:
     from splitsense.wire import OffloadRequest
 
-PATHS = ("raw_grpc", "in_process", "naive_ray", "broker")
+PATHS = ("raw_grpc", "in_process", "naive_ray", "naive_ray_unthrottled", "broker", "broker_ray_only", "broker_x2")
+BROKER_PATHS = ("broker", "broker_ray_only", "broker_x2")
+# naive_ray_unthrottled's max_ongoing_requests: above any device count measured (64 by default), so
+# that per-window callers queue inside the replica, never in Serve's router back-off.
+UNTHROTTLED_MAX_ONGOING = 256
+UNTHROTTLED_APP_PREFIX = "splitsense_bench_unthrottled_"
 ECHO_METHOD = "/splitsense.bench.v1.EchoService/Echo"
 BROKER_TRANSPORTS = ("stream", "unary")
 BENCH_SECRET = "splitsense-bench-secret"  # the server process's broker authenticates with this
 MAX_MESSAGE_BYTES = 16 << 20  # gRPC message limit of both servers and of every client channel
-_GRPC_OPTIONS = [
+_GRPC_OPTIONS: list[tuple[str, Any]] = [
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
 ]
-# Targets of issue 3: batching must pay at load and cost (almost) nothing alone.
-TARGET_THROUGHPUT_RATIO = 4.0  # broker / naive_ray throughput ...
+# A channel's own subchannels: in one process gRPC otherwise shares one connection per address
+# among all channels (and a new channel's pick_first takes whichever is already connected).
+_OWN_CONNECTION: list[tuple[str, Any]] = [("grpc.use_local_subchannel_pool", 1)]
+# Targets of issue 12: batching must pay at load against a naive path that does not collapse, and a
+# lone window must not pay the Ray hop.
+TARGET_THROUGHPUT_RATIO = 4.0  # broker / naive_ray_unthrottled throughput ...
 TARGET_THROUGHPUT_DEVICES = 64  # ... at 64 devices
-TARGET_P50_OVERHEAD_MS = 1.0  # broker p50 - naive_ray p50 ...
+TARGET_P50_MARGIN_MS = 2.0  # broker p50 <= raw_grpc p50 + in_process p50 + this ...
 TARGET_P50_DEVICES = 1  # ... with one device
 
 Progress = Callable[[str], None]
@@ -77,6 +98,10 @@ class ServeBenchConfig:
     # device does by default (one OffloadStream per device, token checked once per stream), or
     # "unary" (use_stream=False: one Offload call per window).
     broker_transport: str = "stream"
+    # Each simulated device on its own TCP connection(s), as real devices are
+    # (grpc.use_local_subchannel_pool); False: gRPC's default in one process, every channel to the
+    # same address shares one connection (how this bench ran before issue 12).
+    own_connections: bool = True
 
     def __post_init__(self) -> None:
         paths = tuple(self.paths)
@@ -106,10 +131,20 @@ class Cell:
     errors: int
     seconds: float
     first_error: str = ""
-    broker_timing: dict[str, float] | None = None  # broker path: means of the answers' Timing
+    broker_timing: dict[str, float] | None = None  # broker paths: means of the answers' Timing
+    server_cpu_ms_per_window: float | None = None  # server paths: the server processes' CPU / ok
+    client_cpu_ms_per_window: float | None = None  # this process's CPU / ok: the devices (and Ray's caller side)
+    broker_windows: list[int] | None = None  # broker_x2: windows each broker answered
 
     def row(self) -> dict[str, Any]:
-        return {k: v for k, v in asdict(self).items() if v or k not in ("first_error", "broker_timing")}
+        optional = (
+            "first_error",
+            "broker_timing",
+            "server_cpu_ms_per_window",
+            "client_cpu_ms_per_window",
+            "broker_windows",
+        )
+        return {k: v for k, v in asdict(self).items() if v or k not in optional}
 
 
 @dataclass
@@ -246,10 +281,11 @@ class _Channels:
     """raw_grpc: one bare gRPC channel per simulated device, as real devices each hold their own
     connection (the broker path's devices each hold a GrpcTransport instead)."""
 
-    def __init__(self, port: int, devices: int) -> None:
+    def __init__(self, port: int, devices: int, own_connections: bool = True) -> None:
         import grpc
 
-        self.channels = [grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=_GRPC_OPTIONS) for _ in range(devices)]
+        options = _GRPC_OPTIONS + (_OWN_CONNECTION if own_connections else [])
+        self.channels = [grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=options) for _ in range(devices)]
 
     async def ready(self, timeout_s: float) -> None:
         async with asyncio.timeout(timeout_s):
@@ -260,7 +296,13 @@ class _Channels:
 
 
 async def _measure_cell(
-    path: str, n: int, bench: ServeBenchConfig, wl: Workload, model: Any, backend: Any, ports: dict[str, int]
+    path: str,
+    n: int,
+    bench: ServeBenchConfig,
+    wl: Workload,
+    model: Any,
+    backends: dict[str, Any],
+    servers: list[ServerProcess],
 ) -> Cell:
     from cloud.backend import run_tail_sync
     from edge.transport import GrpcTransport
@@ -269,21 +311,23 @@ async def _measure_cell(
     channels: _Channels | None = None
     transports: list[GrpcTransport] = []
     timings: list[tuple[int, float, float]] = []  # broker answers: (batch size, queue ms, compute ms)
+    measured: list[ServerProcess] = []  # the server processes whose CPU this cell charges
     if path == "in_process":
         arrays = wl.arrays
 
         async def call(d: int, i: int) -> None:
             run_tail_sync(model, wl.cut, arrays[(d * k + i) % len(arrays)])
 
-    elif path == "naive_ray":
-        arrays = wl.arrays
+    elif path in ("naive_ray", "naive_ray_unthrottled"):
+        arrays, backend = wl.arrays, backends[path]
 
         async def call(d: int, i: int) -> None:
             await backend.run_tail(wl.model, wl.cut, arrays[(d * k + i) % len(arrays)])
 
     elif path == "raw_grpc":
-        channels = _Channels(ports["echo"], n)
+        channels = _Channels(servers[0].ports["echo"], n, bench.own_connections)
         echo = [c.unary_unary(ECHO_METHOD) for c in channels.channels]
+        measured = [servers[0]]
 
         async def call(d: int, i: int) -> None:
             payload = wl.payloads[d][i % k]
@@ -291,16 +335,24 @@ async def _measure_cell(
             if len(out) != len(payload):
                 raise RuntimeError("echo answered other bytes")
 
-    elif path == "broker":
+    elif path in BROKER_PATHS:
         # Each simulated device drives the broker as a device does: its own GrpcTransport (one
         # channel; one OffloadStream, or unary calls), typed errors, answers checked by window id.
+        if path == "broker_x2":
+            measured = servers[:2]
+            target = "ipv4:" + ",".join(f"127.0.0.1:{s.ports['broker']}" for s in measured)
+        else:
+            measured = [servers[0]]
+            target = f"127.0.0.1:{servers[0].ports['broker' if path == 'broker' else 'broker_ray_only']}"
         transports = [
             GrpcTransport(
-                f"127.0.0.1:{ports['broker']}",
+                target,
                 wl.tokens[d],
                 device_id=_device_id(d),
                 use_stream=bench.broker_transport == "stream",
                 max_message_bytes=MAX_MESSAGE_BYTES,
+                load_balancing="pick_first",  # edge.lb_policy's default: a broker at random per device
+                channel_options=_OWN_CONNECTION if bench.own_connections else (),
             )
             for d in range(n)
         ]
@@ -318,11 +370,23 @@ async def _measure_cell(
         # Warm-up, untimed: one window per device (connections, streams, lazy kernels, Serve routing).
         await asyncio.gather(*(call(d, 0) for d in range(n)), return_exceptions=True)
         timings.clear()
+        before = [s.stats() for s in measured]
+        client_cpu = time.process_time()
         cell = await drive(path, n, call, bench.requests, bench.max_seconds)
+        client_cpu = time.process_time() - client_cpu
+        after = [s.stats() for s in measured]
+        if cell.ok:
+            cell = replace(cell, client_cpu_ms_per_window=round(client_cpu * 1000 / cell.ok, 3))
         if timings:
             batch, queue, compute = (round(float(v), 3) for v in np.mean(np.asarray(timings), axis=0))
             timing = {"batch_size": batch, "queue_ms": queue, "compute_ms": compute}
             cell = replace(cell, broker_timing=timing)
+        if measured and cell.ok:
+            cpu_s = sum(a["cpu_s"] - b["cpu_s"] for a, b in zip(after, before, strict=True))
+            cell = replace(cell, server_cpu_ms_per_window=round(cpu_s * 1000 / cell.ok, 3))
+        if path == "broker_x2":
+            per_broker = [int(a["answered"] - b["answered"]) for a, b in zip(after, before, strict=True)]
+            cell = replace(cell, broker_windows=per_broker)
         return cell
     finally:
         await asyncio.gather(*(t.close() for t in transports))
@@ -334,7 +398,11 @@ async def _measure_cell(
 
 
 class ServerProcess:
-    """`python -m benchmarks.serving_paths --server`: echo + broker, joined to our Ray cluster."""
+    """`python -m benchmarks.serving_paths --server`: echo + brokers, joined to our Ray cluster.
+
+    The parent talks to it over its stdin and stdout, one JSON line each way: the ports once it
+    listens, then `stats()` on demand ({"cpu_s": this process's CPU time, "answered": windows its
+    main broker answered}); closing stdin stops it gracefully."""
 
     def __init__(self, spec: dict[str, Any], timeout_s: float) -> None:
         self._log = tempfile.NamedTemporaryFile("w+", prefix="splitsense-bench-server-", suffix=".log")  # noqa: SIM115
@@ -353,7 +421,11 @@ class ServerProcess:
         self._proc.stdin.flush()
         self.ports = self._read_ports(timeout_s)
 
-    def _read_ports(self, timeout_s: float) -> dict[str, int]:
+    @property
+    def pid(self) -> int:
+        return self._proc.pid
+
+    def _read_line(self, timeout_s: float) -> dict[str, Any] | None:
         import selectors
 
         assert self._proc.stdout is not None
@@ -364,17 +436,33 @@ class ServerProcess:
             if sel.select(timeout=0.5):
                 line = self._proc.stdout.readline()
                 if not line:
-                    break
-                msg = json.loads(line)
-                if "error" in msg:
-                    self.close()
-                    raise DependencyError(f"benchmark server: {msg['error']}")
-                return {"echo": int(msg["echo_port"]), "broker": int(msg["broker_port"])}
+                    return None
+                msg: dict[str, Any] = json.loads(line)
+                return msg
             if self._proc.poll() is not None:
-                break
-        tail = self.log_tail()
-        self.close()
-        raise DependencyError(f"the benchmark server process did not start; its log ends:\n{tail}")
+                return None
+        return None
+
+    def _read_ports(self, timeout_s: float) -> dict[str, int]:
+        msg = self._read_line(timeout_s)
+        if msg is not None and "error" in msg:
+            self.close()
+            raise DependencyError(f"benchmark server: {msg['error']}")
+        if msg is None:
+            tail = self.log_tail()
+            self.close()
+            raise DependencyError(f"the benchmark server process did not start; its log ends:\n{tail}")
+        return {k[: -len("_port")]: int(v) for k, v in msg.items() if k.endswith("_port")}
+
+    def stats(self, timeout_s: float = 10.0) -> dict[str, float]:
+        """This process's CPU seconds so far and the windows its main broker answered."""
+        assert self._proc.stdin is not None
+        self._proc.stdin.write("stats\n")
+        self._proc.stdin.flush()
+        msg = self._read_line(timeout_s)
+        if msg is None:
+            raise DependencyError(f"the benchmark server process did not answer; its log ends:\n{self.log_tail()}")
+        return {"cpu_s": float(msg["cpu_s"]), "answered": float(msg["answered"])}
 
     def log_tail(self, chars: int = 2000) -> str:
         self._log.flush()
@@ -398,6 +486,14 @@ async def _echo(request: bytes, context: Any) -> bytes:
     return request
 
 
+def _answered(broker: Any) -> int:
+    """Windows a broker answered so far: the count of its request-duration histogram."""
+    total = 0.0
+    for family in broker.metrics.request_duration.collect():
+        total += sum(s.value for s in family.samples if s.name.endswith("_count"))
+    return int(total)
+
+
 async def _serve_main(spec: dict[str, Any]) -> None:
     import grpc
 
@@ -406,28 +502,41 @@ async def _serve_main(spec: dict[str, Any]) -> None:
     from cloud.serving import connect_serving
 
     cfg = Config.from_dict(spec["config"])
-    echo = grpc.aio.server(options=_GRPC_OPTIONS)
-    echo.add_generic_rpc_handlers(
-        (
-            grpc.method_handlers_generic_handler(
-                ECHO_METHOD.split("/")[1], {"Echo": grpc.unary_unary_rpc_method_handler(_echo)}
-            ),
+    ports: dict[str, int] = {}
+    echo = None
+    if spec.get("echo", True):
+        echo = grpc.aio.server(options=_GRPC_OPTIONS)
+        echo.add_generic_rpc_handlers(
+            (
+                grpc.method_handlers_generic_handler(
+                    ECHO_METHOD.split("/")[1], {"Echo": grpc.unary_unary_rpc_method_handler(_echo)}
+                ),
+            )
         )
-    )
-    echo_port = echo.add_insecure_port("127.0.0.1:0")
-    await echo.start()
+        ports["echo_port"] = echo.add_insecure_port("127.0.0.1:0")
+        await echo.start()
     backend = connect_serving(cfg.serving)
-    broker = None
-    broker_port = 0
-    if spec.get("broker", True):
-        broker = Broker(cfg.broker, ModelRegistry(cfg.serving.models, cfg.paths.weights_dir), backend)
-        broker_port = await broker.start()
-    print(json.dumps({"echo_port": echo_port, "broker_port": broker_port}), flush=True)
+    registry = ModelRegistry(cfg.serving.models, cfg.paths.weights_dir)
+    brokers: dict[str, Any] = {}
+    for name in spec.get("brokers", ["broker"]):
+        # broker_ray_only: the same broker with every batch through Ray (broker.local_tail off)
+        bcfg = replace(cfg.broker, local_tail=False) if name == "broker_ray_only" else cfg.broker
+        brokers[name] = Broker(bcfg, registry, backend)
+        ports[f"{name}_port"] = await brokers[name].start()
+    print(json.dumps(ports), flush=True)
     loop = asyncio.get_running_loop()
-    await loop.run_in_executor(None, sys.stdin.read)  # until the parent closes our stdin
-    if broker is not None:
+    main = brokers.get("broker")
+    while True:
+        line = await loop.run_in_executor(None, sys.stdin.readline)  # until the parent closes our stdin
+        if not line:
+            break
+        if line.strip() == "stats":
+            answered = _answered(main) if main is not None else 0
+            print(json.dumps({"cpu_s": time.process_time(), "answered": answered}), flush=True)
+    for broker in brokers.values():
         await broker.stop(1.0)
-    await echo.stop(0.5)
+    if echo is not None:
+        await echo.stop(0.5)
     await backend.close()
 
 
@@ -451,34 +560,73 @@ def _bench_config(cfg: Config, bench: ServeBenchConfig) -> Config:
 
 
 def summarize(cells: list[Cell], devices: tuple[int, ...]) -> dict[str, Any]:
-    """The two ratios (at the most and the fewest devices), and a verdict on each target whose
-    device count was measured (64 for throughput, 1 for p50)."""
+    """Ratios at the most devices (throughput) and the fewest (p50), and a verdict on each target
+    whose device count was measured (64 for throughput, 1 for p50)."""
     by = {(c.path, c.devices): c for c in cells}
     hi, lo = max(devices), min(devices)
     out: dict[str, Any] = {}
-    b, n = by.get(("broker", hi)), by.get(("naive_ray", hi))
-    if b and n and n.throughput_rps > 0:
-        ratio = round(b.throughput_rps / n.throughput_rps, 2)
-        out[f"broker_vs_naive_throughput_at_{hi}"] = ratio
-        if hi == TARGET_THROUGHPUT_DEVICES:
-            out["throughput_target"] = {
-                "devices": hi,
-                "ratio": ratio,
-                "min_ratio": TARGET_THROUGHPUT_RATIO,
-                "met": ratio >= TARGET_THROUGHPUT_RATIO,
-            }
+
+    def ratio(a: str, b: str, n: int) -> float | None:
+        x, y = by.get((a, n)), by.get((b, n))
+        return round(x.throughput_rps / y.throughput_rps, 2) if x and y and y.throughput_rps > 0 else None
+
+    for other, key in (
+        ("naive_ray", f"broker_vs_naive_throughput_at_{hi}"),
+        ("naive_ray_unthrottled", f"broker_vs_naive_unthrottled_throughput_at_{hi}"),
+        ("broker_ray_only", f"broker_vs_ray_only_throughput_at_{hi}"),
+    ):
+        r = ratio("broker", other, hi)
+        if r is not None:
+            out[key] = r
+    r = ratio("broker_x2", "broker", hi)
+    if r is not None:
+        out[f"broker_x2_vs_broker_throughput_at_{hi}"] = r
+    r = out.get(f"broker_vs_naive_unthrottled_throughput_at_{hi}")
+    if r is not None and hi == TARGET_THROUGHPUT_DEVICES:
+        out["throughput_target"] = {
+            "devices": hi,
+            "versus": "naive_ray_unthrottled",
+            "ratio": r,
+            "min_ratio": TARGET_THROUGHPUT_RATIO,
+            "met": r >= TARGET_THROUGHPUT_RATIO,
+        }
+    for path in BROKER_PATHS:
+        c = by.get((path, hi))
+        if c is not None and c.server_cpu_ms_per_window is not None:
+            out[f"{path}_server_cpu_ms_per_window_at_{hi}"] = c.server_cpu_ms_per_window
     b, n = by.get(("broker", lo)), by.get(("naive_ray", lo))
     if b and n:
-        diff = round(b.p50_ms - n.p50_ms, 3)
-        out[f"broker_minus_naive_p50_ms_at_{lo}"] = diff
+        out[f"broker_minus_naive_p50_ms_at_{lo}"] = round(b.p50_ms - n.p50_ms, 3)
+    b, ro = by.get(("broker", lo)), by.get(("broker_ray_only", lo))
+    if b and ro:
+        out[f"broker_ray_only_minus_broker_p50_ms_at_{lo}"] = round(ro.p50_ms - b.p50_ms, 3)
+    b, g, i = by.get(("broker", lo)), by.get(("raw_grpc", lo)), by.get(("in_process", lo))
+    if b and g and i:
+        budget = round(g.p50_ms + i.p50_ms + TARGET_P50_MARGIN_MS, 3)
+        out[f"broker_p50_budget_ms_at_{lo}"] = budget
         if lo == TARGET_P50_DEVICES:
             out["p50_target"] = {
                 "devices": lo,
-                "overhead_ms": diff,
-                "max_overhead_ms": TARGET_P50_OVERHEAD_MS,
-                "met": diff <= TARGET_P50_OVERHEAD_MS,
+                "broker_p50_ms": b.p50_ms,
+                "budget_ms": budget,
+                "rule": f"raw_grpc + in_process + {TARGET_P50_MARGIN_MS:g} ms",
+                "met": b.p50_ms <= budget,
             }
     return out
+
+
+def _deploy_unthrottled(cfg: Config, model: str) -> Any:
+    """naive_ray_unthrottled's twin deployment (max_ongoing_requests UNTHROTTLED_MAX_ONGOING) and a
+    backend over it with the broker's handle options."""
+    from ray import serve
+
+    from cloud.serving import DEPLOYMENT_NAME, RayTailBackend, build_app, handle_factory
+
+    serving = replace(cfg.serving, max_ongoing_requests=UNTHROTTLED_MAX_ONGOING)
+    name = f"{UNTHROTTLED_APP_PREFIX}{model}"
+    serve.run(build_app(model, serving, cfg.paths.weights_dir), name=name, route_prefix=None)
+    handle = serve.get_deployment_handle(DEPLOYMENT_NAME, name)
+    return RayTailBackend({model: handle}, serving.request_timeout_s, factory=handle_factory(serving, lambda _m: name))
 
 
 def run_serve_bench(
@@ -487,6 +635,7 @@ def run_serve_bench(
     """Run every (path, devices) cell once and return {"config", "results", "summary"}."""
     import ray
     import torch
+    from ray import serve
 
     from cloud.serving import start_serving, stop_serving
 
@@ -497,27 +646,40 @@ def run_serve_bench(
     say(f"preparing {bench.model} windows")
     wl, model = build_workload(bench, max(bench.devices))
     backend = start_serving(cfg.serving, weights_dir=cfg.paths.weights_dir, progress=say)
-    server: ServerProcess | None = None
+    backends: dict[str, Any] = {"naive_ray": backend}
+    servers: list[ServerProcess] = []
+    unthrottled = "naive_ray_unthrottled" in bench.paths
     try:
+        if unthrottled:
+            say(f"deploying the naive_ray_unthrottled twin (max_ongoing_requests {UNTHROTTLED_MAX_ONGOING})")
+            backends["naive_ray_unthrottled"] = _deploy_unthrottled(cfg, bench.model)
         full = cfg.to_dict()
         spec_cfg = {k: full[k] for k in ("paths", "serving", "broker")}
         spec_cfg["serving"]["ray_address"] = ray.get_runtime_context().gcs_address
         say("starting the echo and broker server process")
-        spec = {"config": spec_cfg, "broker": "broker" in bench.paths}
-        server = ServerProcess(spec, bench.server_start_timeout_s)
+        brokers = [p for p in ("broker", "broker_ray_only") if p in bench.paths]
+        if "broker_x2" in bench.paths and "broker" not in brokers:
+            brokers.insert(0, "broker")
+        servers.append(ServerProcess({"config": spec_cfg, "brokers": brokers}, bench.server_start_timeout_s))
+        if "broker_x2" in bench.paths:
+            say("starting the second broker process (broker_x2)")
+            spec = {"config": spec_cfg, "brokers": ["broker"], "echo": False}
+            servers.append(ServerProcess(spec, bench.server_start_timeout_s))
         cells: list[Cell] = []
 
         async def all_cells() -> None:
             for n in bench.devices:
                 for path in bench.paths:
                     say(f"measuring {path} with {n} device(s)")
-                    assert server is not None
-                    cells.append(await _measure_cell(path, n, bench, wl, model, backend, server.ports))
+                    cells.append(await _measure_cell(path, n, bench, wl, model, backends, servers))
 
         asyncio.run(all_cells())
     finally:
-        if server is not None:
+        for server in servers:
             server.close()
+        if unthrottled:
+            with contextlib.suppress(Exception):
+                serve.delete(f"{UNTHROTTLED_APP_PREFIX}{bench.model}")
         stop_serving()
     return {
         "config": {
@@ -534,6 +696,8 @@ def run_serve_bench(
             "windows": min(bench.windows, len(wl.arrays)),
             "paths": list(bench.paths),
             "broker_transport": bench.broker_transport,
+            "own_connections": bench.own_connections,
+            "unthrottled_max_ongoing_requests": UNTHROTTLED_MAX_ONGOING,
             "serving": _jsonable(asdict(cfg.serving)),
             "broker": _jsonable({k: v for k, v in asdict(cfg.broker).items() if k != "auth_secret"}),
             "host_cpus": os.cpu_count(),
@@ -564,21 +728,24 @@ def _jsonable(obj: Any) -> Any:
 
 
 def render(result: dict[str, Any], console: Any) -> None:
-    """A rich table of the cells and the two ratios of the summary."""
+    """A rich table of the cells, then the summary's ratios and the two targets' verdicts."""
     from rich.table import Table
 
     c = result["config"]
     title = f"bench serve: {c['model']} cut {c['cut']} ({c['cut_name']}), {c['request_bytes']} B per request"
     table = Table(title=title)
-    for col in ("path", "devices", "p50 ms", "p99 ms", "throughput req/s", "ok", "errors"):
+    cols = ("path", "devices", "p50 ms", "p99 ms", "throughput req/s", "server CPU ms/window", "ok", "errors")
+    for col in cols:
         table.add_column(col, justify="left" if col == "path" else "right")
     for r in sorted(result["results"], key=lambda r: (r["devices"], PATHS.index(r["path"]))):
+        cpu = r.get("server_cpu_ms_per_window")
         table.add_row(
             r["path"],
             str(r["devices"]),
             f"{r['p50_ms']:.2f}",
             f"{r['p99_ms']:.2f}",
             f"{r['throughput_rps']:.0f}",
+            "" if cpu is None else f"{cpu:.3f}",
             str(r["ok"]),
             str(r["errors"]),
         )
@@ -589,17 +756,35 @@ def render(result: dict[str, Any], console: Any) -> None:
         t = s.get(key)
         if not t:
             return ""
-        bound = f">= {t['min_ratio']:g}x" if "min_ratio" in t else f"<= {t['max_overhead_ms']:g} ms"
+        bound = f">= {t['min_ratio']:g}x" if "min_ratio" in t else f"<= {t['budget_ms']:.2f} ms ({t['rule']})"
         return f" (target {bound}: {'[green]met[/]' if t['met'] else '[red]missed[/]'})"
 
+    labels = {
+        "broker_vs_naive_throughput_at_": ("broker / naive_ray throughput at {n} devices: {v:.2f}x", ""),
+        "broker_vs_naive_unthrottled_throughput_at_": (
+            "broker / naive_ray_unthrottled throughput at {n} devices: {v:.2f}x",
+            "throughput_target",
+        ),
+        "broker_vs_ray_only_throughput_at_": ("broker / broker_ray_only throughput at {n} devices: {v:.2f}x", ""),
+        "broker_x2_vs_broker_throughput_at_": ("broker_x2 / broker throughput at {n} devices: {v:.2f}x", ""),
+        "broker_minus_naive_p50_ms_at_": ("broker p50 - naive_ray p50 at {n} device(s): {v:+.2f} ms", ""),
+        "broker_ray_only_minus_broker_p50_ms_at_": (
+            "broker_ray_only p50 - broker p50 at {n} device(s): {v:+.2f} ms",
+            "",
+        ),
+        "broker_p50_budget_ms_at_": ("broker p50 budget at {n} device(s): {v:.2f} ms", "p50_target"),
+    }
     for key, value in s.items():
-        if key.startswith("broker_vs_naive_throughput_at_"):
-            n = key.rsplit("_", 1)[1]
-            console.print(f"broker / naive_ray throughput at {n} devices: {value:.2f}x{verdict('throughput_target')}")
-        elif key.startswith("broker_minus_naive_p50_ms_at_"):
-            n = key.rsplit("_", 1)[1]
-            console.print(f"broker p50 - naive_ray p50 at {n} device(s): {value:+.2f} ms{verdict('p50_target')}")
+        for prefix, (text, target) in labels.items():
+            if key.startswith(prefix):
+                line = text.format(n=key[len(prefix) :], v=value)
+                console.print(line + (verdict(target) if target else ""))
+        if "_server_cpu_ms_per_window_at_" in key:
+            path, n = key.split("_server_cpu_ms_per_window_at_")
+            console.print(f"{path}: server CPU {value:.3f} ms per window at {n} devices")
     for r in result["results"]:
+        if r.get("broker_windows"):
+            console.print(f"broker_x2 x{r['devices']}: windows per broker {r['broker_windows']}")
         if r.get("first_error"):
             console.print(f"[yellow]{r['path']} x{r['devices']}: {r['errors']} errors, e.g. {r['first_error']}")
 
@@ -623,6 +808,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--cut", type=int, default=None)
     parser.add_argument("--paths", default=",".join(PATHS))
     parser.add_argument("--broker-transport", choices=BROKER_TRANSPORTS, default="stream")
+    parser.add_argument("--shared-connections", action="store_true", help="one connection per server for all devices")
     args = parser.parse_args(argv)
     if args.server:
         server_main()
@@ -634,6 +820,7 @@ def main(argv: list[str] | None = None) -> None:
         requests=args.requests,
         paths=tuple(args.paths.split(",")),
         broker_transport=args.broker_transport,
+        own_connections=not args.shared_connections,
     )
     with stdout_to_stderr():
         result = run_serve_bench(bench, progress=lambda m: print(m, file=sys.stderr))

@@ -35,6 +35,10 @@ class LaneLoad:
     inflight_batches: int  # batches running on the backend now
     batch_service_ms: float  # EWMA of one batch's service time (backend call)
     estimate_age_ms: float = 0.0  # since a batch last finished on this lane (the estimate's last update)
+    # The broker's own tail (broker.local_tail): an idle lane runs its next window there, not on the
+    # backend, and `local_batches` of the running batches are such; the estimate is the backend's.
+    local_batches: int = 0
+    runs_local_when_idle: bool = False
 
 
 @dataclass(frozen=True)
@@ -91,15 +95,32 @@ def admit(load: LaneLoad, remaining_ms: float, policy: AdmissionPolicy) -> Admis
             policy,
             f"queue full ({inputs}; limit {policy.max_queue_depth})",
         )
-    if idle and remaining_ms > 0 and predicted > remaining_ms and load.estimate_age_ms >= policy.probe_after_ms:
-        # Nothing queued or running and a stale estimate: trying delays no other window, and its
-        # batch refreshes the estimate (see probe_after_ms).
+    if idle and load.runs_local_when_idle and remaining_ms > 0:
+        # It runs on the broker's own tail at once: the backend's estimate says nothing about it.
+        return Admission(
+            admitted=True,
+            predicted_ms=0.0,
+            remaining_ms=remaining_ms,
+            retry_after_ms=0,
+            reason=f"idle lane: runs on the broker's own tail ({inputs})",
+        )
+    no_backend_batch = q == 0 and f - max(load.local_batches, 0) <= 0
+    if (
+        no_backend_batch
+        and remaining_ms > 0
+        and predicted > remaining_ms
+        and load.estimate_age_ms >= policy.probe_after_ms
+    ):
+        # Nothing queued or running on the backend and a stale estimate: trying delays no other
+        # window, and its batch (on the backend: the lane is busy only with its own tail, or idle)
+        # refreshes the estimate (see probe_after_ms). Without this, a lane whose windows run on the
+        # broker's tail when idle and are shed on an outage's estimate when busy never corrects it.
         return Admission(
             admitted=True,
             predicted_ms=predicted,
             remaining_ms=remaining_ms,
             retry_after_ms=0,
-            reason=f"idle lane, admitted as a probe: estimate {load.estimate_age_ms:.0f} ms old, "
+            reason=f"no backend batch running, admitted as a probe: estimate {load.estimate_age_ms:.0f} ms old, "
             f"predicted {predicted:.1f} ms, {remaining_ms:.1f} ms left ({inputs})",
         )
     if predicted > remaining_ms:
@@ -145,4 +166,10 @@ class Ewma:
             return self.value
         self.value = x if self.samples == 0 else self.alpha * x + (1 - self.alpha) * self.value
         self.samples += 1
+        return self.value
+
+    def reset(self, x: float) -> float:
+        """Start again from the sample `x` (non-finite: unchanged)."""
+        if math.isfinite(x):
+            self.value, self.samples = float(x), 1
         return self.value

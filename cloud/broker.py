@@ -10,7 +10,8 @@ One window on OffloadService goes through
     validate_offload     model, cut, codec, shape, data  NOT_FOUND / INVALID_ARGUMENT (cloud/validation.py)
     deadline             min(request.deadline_ms, call)  DEADLINE_EXCEEDED
     admit                queue vs. deadline              RESOURCE_EXHAUSTED + retry hint (cloud/admission.py)
-    MicroBatcher         one tail call per batch         UNAVAILABLE on any backend failure (cloud/batcher.py)
+    MicroBatcher         one tail call per batch         UNAVAILABLE on any backend failure (cloud/batcher.py);
+                         an idle lane's batch runs here, in the broker's process (broker.local_tail)
     check_logits         the tail's output, per task     INVALID_ARGUMENT if NaN/inf (cloud/validation.py)
 
 and is answered with its logits, or with the status of the first step that refused it (bytes that
@@ -46,7 +47,6 @@ from collections.abc import AsyncIterator, Callable, Iterable
 from typing import Any
 
 import grpc
-import numpy as np
 from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
@@ -54,7 +54,7 @@ from prometheus_client import CollectorRegistry
 
 from cloud.admission import AdmissionPolicy, admit
 from cloud.auth import Authenticator, AuthInterceptor, device_id_of
-from cloud.backend import ModelInfo, ModelRegistry, TailBackend
+from cloud.backend import InProcessTailBackend, ModelInfo, ModelRegistry, TailBackend
 from cloud.batcher import BatchReport, MicroBatcher
 from cloud.metrics import BrokerMetrics, ErrorReason
 from cloud.plans import static_plan_set
@@ -195,6 +195,10 @@ class Broker:
             max_inflight_batches=config.max_inflight_batches,
             max_queue_depth=config.max_queue_depth,
         )
+        # broker.local_tail: the models are loaded here anyway (validation); an idle lane runs them.
+        self._local: InProcessTailBackend | None = (
+            InProcessTailBackend(registry, threads=1) if config.local_tail else None
+        )
         self._batcher = MicroBatcher(
             backend.run_tail,
             max_batch_size=config.max_batch_size,
@@ -204,6 +208,9 @@ class Broker:
             ewma_alpha=config.service_ewma_alpha,
             initial_service_ms=config.initial_batch_service_ms,
             on_batch=self._on_batch,
+            run_local=self._local.run_tail if self._local is not None else None,
+            local_max_batch=config.local_tail_max_batch,
+            refresh_after_ms=self._policy.probe_after_ms,  # the admission's stale-estimate probe, too
         )
         self._server: grpc.aio.Server | None = None
         self._health: Any = None
@@ -266,6 +273,8 @@ class Broker:
             await self._health.enter_graceful_shutdown()
         await self._server.stop(grace)
         await self._batcher.close()
+        if self._local is not None:
+            await self._local.close()
         if isinstance(self._auth, TokenAuthenticator):
             await self._auth.aclose()
         self._server = None
@@ -332,8 +341,7 @@ class Broker:
         valid = validate_offload(req, self._models)
         model, cut, device_class = req.model, req.cut, req.device_class
         codec = req.activation.codec.value
-        self.metrics.received(model, device_class, cut, codec, req.activation.nbytes)
-        self.metrics.estimates(device_class, req.estimates)
+        self.metrics.window_in(model, device_class, cut, codec, req.activation.nbytes, req.estimates)
 
         budget_s = self._budget_s(req.deadline_ms, call_remaining_s)
         deadline = received + budget_s
@@ -349,12 +357,15 @@ class Broker:
             async with asyncio.timeout(remaining_s):
                 # One activation, every task that reads it (extra_models share the front): each joins
                 # its own model's batch, and the window is answered when all are.
-                result, *extra_results = await asyncio.gather(
-                    *(
-                        self._batcher.submit(m, cut, valid.activation, deadline=deadline)
-                        for m in (model, *req.extra_models)
+                if req.extra_models:
+                    result, *extra_results = await asyncio.gather(
+                        *(
+                            self._batcher.submit(m, cut, valid.activation, deadline=deadline)
+                            for m in (model, *req.extra_models)
+                        )
                     )
-                )
+                else:  # the common case: no gather, no task per window
+                    result, extra_results = await self._batcher.submit(model, cut, valid.activation, deadline), []
         except TimeoutError:
             raise OffloadDeadlineError(
                 f"model {model!r} cut {cut}: no answer within the deadline of {budget_s * 1000:.0f} ms"
@@ -364,7 +375,7 @@ class Broker:
         # NaN/inf logits of a finite activation: INVALID_ARGUMENT, not UNAVAILABLE (cloud/validation.py)
         logits = check_logits(result.logits, valid.info, cut)
         tasks = tuple(
-            TaskResult(info.name, tuple(lg.tolist()), int(np.argmax(lg)))
+            TaskResult(info.name, tuple(lg.tolist()), int(lg.argmax()))
             for info, r in zip(valid.extra, extra_results, strict=True)
             for lg in (check_logits(r.logits, info, cut),)
         )
@@ -381,7 +392,7 @@ class Broker:
         return OffloadResponse(
             window_id=req.window_id,
             logits=tuple(logits.tolist()),
-            prediction=int(np.argmax(logits)),
+            prediction=int(logits.argmax()),
             timing=Timing(queue_ms=result.queue_ms, compute_ms=result.compute_ms, batch_size=result.batch_size),
             task_results=tasks,
         )
@@ -418,7 +429,7 @@ class Broker:
         return self._plans.version
 
     def _on_batch(self, report: BatchReport) -> None:
-        self.metrics.batch_done(report.model, report.cut, report.size)
+        self.metrics.batch_done(report.model, report.cut, report.size, report.local)
         self.metrics.set_queue_depth(report.model, report.cut, self._batcher.load(report.model, report.cut).queued)
 
     def _on_auth_reject(self, error: RejectedError) -> None:

@@ -34,12 +34,22 @@ and cannot be scraped); by device_class, never by device id:
     splitsense_device_fallbacks_total              counter    windows the cloud did not answer,
                                                               {model, device_class, kind}: kind a
                                                               FallbackKind (plan, link_down, late...)
+    splitsense_device_front_reports_total          counter    telemetry reports that listed the
+                                                              fronts the device holds of a model
+                                                              {model, device_class}
+    splitsense_device_front_held_reports_total     counter    of those, the reports whose device
+                                                              holds one front {model, device_class,
+                                                              cut, level}: held / front_reports over
+                                                              a window is the share of the class's
+                                                              reporting devices that hold it (1: all)
 
 Label values only ever take values the broker knows, whatever a device sends: a model this broker
 does not serve is "unknown" (and so is a cut or stage outside 0..N of a served model); a device
 class is its own label only if it is one of the classes the broker was given (the planner's,
 config.planner.classes) or one a published plan names (the controller's, from the same config):
-any other is "other", in every metric with a device_class label. `reason` is an ErrorReason,
+any other is "other", in every metric with a device_class label. A front's `level` is the
+compression level as `%g` ("1", "0.995"), only on a 1e-6 grid and at most MAX_LEVEL_LABELS
+distinct ones per model (the first seen; else "other"). `reason` is an ErrorReason,
 chosen by the broker. Every holder takes `registry=` (None: prometheus_client's global REGISTRY),
 so tests use a fresh CollectorRegistry().
 """
@@ -48,9 +58,11 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import threading
 from collections.abc import Iterable, Iterator, Mapping
 from enum import StrEnum
 from types import MappingProxyType
+from typing import Any
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
 
@@ -62,6 +74,8 @@ __all__ = ["BrokerMetrics", "ErrorReason"]
 
 UNKNOWN = "unknown"
 OTHER = "other"
+MAX_LEVEL_LABELS = 16  # distinct compression level labels per model (a catalog has a handful)
+_LEVEL_GRID = 1_000_000  # level labels are multiples of 1 / _LEVEL_GRID (%g writes 6 digits)
 _FALLBACK_KINDS = frozenset(k.value for k in FallbackKind)
 
 
@@ -94,6 +108,31 @@ _REQ = ("model", "device_class", "cut")
 _OBS = ("model", "device_class", "cut", "mode")
 
 
+_MAX_CACHED_CHILDREN = 4096
+
+
+class _WindowChildren:
+    """The labelled children of one (model, device class, cut, codec), each made on first use (a
+    series appears when it is first written, as with labels())."""
+
+    __slots__ = ("_made", "_metrics", "window", "lane", "device")
+
+    def __init__(self, metrics: BrokerMetrics, window: tuple[str, ...], lane: tuple[str, ...], device: str) -> None:
+        self._metrics = metrics
+        self.window, self.lane, self.device = window, lane, device
+        self._made: dict[str, Any] = {}
+
+    def get(self, name: str) -> Any:
+        child = self._made.get(name)
+        if child is None:
+            metric = getattr(self._metrics, name)
+            labels = {"received_bytes": self.window, "request_duration": self.window}.get(name)
+            if labels is None:
+                labels = self.lane if name in ("queue_duration", "compute_duration") else (self.device,)
+            child = self._made[name] = metric.labels(*labels)
+        return child
+
+
 class BrokerMetrics:
     """Every metric of the broker, registered on one registry."""
 
@@ -108,7 +147,13 @@ class BrokerMetrics:
         r = self.registry
         self._stages = dict(models or {})  # model -> number of stages N
         self._classes: frozenset[str] = frozenset()  # the device classes with a label of their own
+        # The labelled children one window touches, per (model, device class, cut, codec) as sent:
+        # prometheus_client's labels() checks and locks on every call (~3% of the broker's CPU at
+        # 64 devices). Reset when the known classes change (a class may stop being "other").
+        self._window_children: dict[tuple[str, str, int, str], _WindowChildren] = {}
         self.add_device_classes(device_classes)
+        self._levels: dict[str, set[str]] = {}  # model -> the level labels given out
+        self._levels_lock = threading.Lock()
 
         self.request_duration = Histogram(
             "request_duration_seconds",
@@ -157,6 +202,14 @@ class BrokerMetrics:
         self.batches = Counter(
             "batches",
             "Tail calls made, by model and cut.",
+            ("model", "cut"),
+            namespace=NAMESPACE,
+            subsystem="broker",
+            registry=r,
+        )
+        self.local_batches = Counter(
+            "local_batches",
+            "Batches of an idle lane run by the broker's own tail, not Ray (broker.local_tail), by model and cut.",
             ("model", "cut"),
             namespace=NAMESPACE,
             subsystem="broker",
@@ -303,6 +356,22 @@ class BrokerMetrics:
             subsystem="device",
             registry=r,
         )
+        self.device_front_reports = Counter(
+            "front_reports",
+            "Telemetry reports that listed which fronts of the model the device holds.",
+            ("model", "device_class"),
+            namespace=NAMESPACE,
+            subsystem="device",
+            registry=r,
+        )
+        self.device_front_held = Counter(
+            "front_held_reports",
+            "Telemetry reports whose device holds the front of cut `cut` at compression level `level`.",
+            ("model", "device_class", "cut", "level"),
+            namespace=NAMESPACE,
+            subsystem="device",
+            registry=r,
+        )
 
     @staticmethod
     @functools.cache
@@ -321,6 +390,22 @@ class BrokerMetrics:
         n = self._stages.get(model)
         return str(cut) if n is not None and 0 <= cut <= n else UNKNOWN
 
+    def level_label(self, model: str, level: float) -> str:
+        """A compression level as `%g` when it is on the 1e-6 grid in (0, 1] and one of the first
+        MAX_LEVEL_LABELS levels seen for `model`, else "other" (labels stay bounded whatever
+        devices send). Safe from any thread."""
+        steps = round(level * _LEVEL_GRID)
+        if not 0 < steps <= _LEVEL_GRID or abs(level * _LEVEL_GRID - steps) > 1e-3:
+            return OTHER
+        label = f"{steps / _LEVEL_GRID:g}"
+        with self._levels_lock:
+            seen = self._levels.setdefault(model, set())
+            if label not in seen:
+                if len(seen) >= MAX_LEVEL_LABELS:
+                    return OTHER
+                seen.add(label)
+        return label
+
     def device_class_label(self, device_class: str) -> str:
         """The class itself if the broker knows it (add_device_classes), else "other"."""
         return device_class if device_class in self._classes else OTHER
@@ -329,12 +414,35 @@ class BrokerMetrics:
         """Give these classes labels of their own: the configured planner classes, or those a
         published plan names. Never a class a device sent. Safe from any thread."""
         self._classes = self._classes | {c for c in device_classes if isinstance(c, str) and c}
+        self._window_children = {}
 
     # --- broker -------------------------------------------------------------------------------
 
+    def _children(self, model: str, device_class: str, cut: int, codec: str) -> _WindowChildren:
+        key = (model, device_class, cut, codec)
+        children = self._window_children.get(key)
+        if children is None:
+            m, c, k = self.model_label(model), self.device_class_label(device_class), self.cut_label(model, cut)
+            children = _WindowChildren(self, (m, c, k, codec), (m, c, k), c)
+            if len(self._window_children) < _MAX_CACHED_CHILDREN:  # label values are bounded; keys may not be
+                self._window_children[key] = children
+        return children
+
     def received(self, model: str, device_class: str, cut: int, codec: str, nbytes: int) -> None:
-        c = self.device_class_label(device_class)
-        self.received_bytes.labels(self.model_label(model), c, self.cut_label(model, cut), codec).inc(nbytes)
+        self._children(model, device_class, cut, codec).get("received_bytes").inc(nbytes)
+
+    def window_in(
+        self, model: str, device_class: str, cut: int, codec: str, nbytes: int, e: DeviceEstimates | None
+    ) -> None:
+        """What one offloaded window brings: its bytes and its device's estimates (`received` and
+        `estimates` at once, with one lookup of the labelled children)."""
+        children = self._children(model, device_class, cut, codec)
+        children.get("received_bytes").inc(nbytes)
+        if e is not None:
+            children.get("device_bandwidth").observe(e.bandwidth_mbps * 125_000)
+            children.get("device_rtt").observe(e.rtt_ms / 1000)
+            if e.on_battery:
+                children.get("device_battery").observe(e.battery_fraction)
 
     def answered(
         self,
@@ -347,10 +455,10 @@ class BrokerMetrics:
         compute_s: float,
         total_s: float,
     ) -> None:
-        m, c, k = self.model_label(model), self.device_class_label(device_class), self.cut_label(model, cut)
-        self.request_duration.labels(m, c, k, codec).observe(total_s)
-        self.queue_duration.labels(m, c, k).observe(queue_s)
-        self.compute_duration.labels(m, c, k).observe(compute_s)
+        children = self._children(model, device_class, cut, codec)
+        children.get("request_duration").observe(total_s)
+        children.get("queue_duration").observe(queue_s)
+        children.get("compute_duration").observe(compute_s)
 
     def failed(self, model: str, device_class: str, code: str, reason: ErrorReason) -> None:
         c = self.device_class_label(device_class)
@@ -364,10 +472,12 @@ class BrokerMetrics:
         c = self.device_class_label(device_class)
         self.shed.labels(self.model_label(model), c, self.cut_label(model, cut)).inc()
 
-    def batch_done(self, model: str, cut: int, size: int) -> None:
+    def batch_done(self, model: str, cut: int, size: int, local: bool = False) -> None:
         m, k = self.model_label(model), self.cut_label(model, cut)
         self.batch_size.labels(m, k).observe(size)
         self.batches.labels(m, k).inc()
+        if local:
+            self.local_batches.labels(m, k).inc()
 
     def set_queue_depth(self, model: str, cut: int, depth: int) -> None:
         self.queue_depth.labels(self.model_label(model), self.cut_label(model, cut)).set(depth)
@@ -411,3 +521,11 @@ class BrokerMetrics:
             for i, ms in enumerate(o.stage_ms_total[: self._stages.get(o.model, 0)]):
                 self.device_stage_seconds.labels(m, c, str(i)).inc(ms / 1000)
                 self.device_stage_windows.labels(m, c, str(i)).inc(o.window_count)
+        for h in report.held_fronts:
+            if h.model not in self._stages:  # a model this broker does not serve: nothing to plan
+                continue
+            self.device_front_reports.labels(h.model, c).inc()
+            held = {(self.cut_label(h.model, k), self.level_label(h.model, lv)) for k, lv in h.fronts}
+            for k, lv in sorted(held):
+                if UNKNOWN not in (k, lv) and lv != OTHER:
+                    self.device_front_held.labels(h.model, c, k, lv).inc()

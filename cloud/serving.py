@@ -16,18 +16,43 @@ The broker batches requests across devices per (model, cut) *before* this hop
 runs one batch at a time on its pinned torch threads: a second batch waits queued inside the
 replica (its bytes already there) instead of contending for the same cores.
 
-Batches travel as numpy arrays through Ray's own object transfer; nothing of ours is pickled
-onto a wire. Every replica loads the shipped weights itself (`load_trained`), so no model
-object crosses process boundaries either. Whatever goes wrong on the Ray side (replica died,
+How the broker's handles reach a replica (`handle_factory`, ServingConfig.handle_transport and
+handle_router; measured here with one uci_har window per call, `bench serve`'s workload):
+
+    Serve's default handle (router thread, Ray actor call)     p50 5.0-5.7 ms, caller CPU 2.8 ms/call
+    router on the caller's event loop                          p50 4.1-5.0 ms, caller CPU 2.6 ms/call
+    ... and Serve's gRPC path (_by_reference=False, pickle)    p50 2.7 ms,     caller CPU 1.2-1.3 ms/call
+
+so the broker runs Serve's router on its own loop (no thread hop, no call_soon_threadsafe per
+call) and sends batches by value to the replica's own gRPC server: the batch is pickled (a numpy
+array: its buffer, no copy through the object store) and the answer comes back the same way.
+Those are private options of Ray Serve (the ones its own proxy uses); another Ray without them
+gets Serve's default handle and a warning. A handle whose router runs on the caller's loop is
+bound to that loop, so the backend keeps one set of handles per event loop that calls it. Not
+taken: running the replica's user code on its main loop (RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD=0:
+no gain at one caller, and our replica blocks its loop while it computes, which would stall
+Serve's health checks), Ray compiled graphs (actors only, not Serve deployments: they would bypass
+Serve's replica management and autoscaling), `_prefer_local_routing` (one node here: every
+replica is local). For a lone window the broker skips this hop altogether (broker.local_tail,
+cloud/batcher.py). Every replica loads the shipped weights itself (`load_trained`), so no model
+object crosses process boundaries. Whatever goes wrong on the Ray side (replica died,
 actor error, Serve down, no answer within `request_timeout_s`) surfaces as
 `TailUnavailableError`, which the broker answers with UNAVAILABLE: never a hang.
+
+On a cluster (`cloud up --ray-address`, nodes started with `ray start`), Serve's SPREAD scheduling
+puts a model's replicas on different nodes, and when a node dies Serve starts its replicas again on
+the survivors; serving.max_replicas_per_node makes that a hard cap, serving.autoscaling lets Serve
+scale each tail on ongoing requests per replica (`_scaling_options`; ServingConfig explains the
+numbers). tests/integration/cloud/test_multinode.py runs both on a two-node cluster.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
+import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -96,10 +121,33 @@ class TailReplica:
         return run_tail_sync(m, cut, batch)
 
 
+def _scaling_options(cfg: ServingConfig) -> dict[str, Any]:
+    """How many replicas and where (ServingConfig explains the numbers): a fixed `num_replicas`, or
+    Serve's autoscaling on ongoing requests per replica starting from num_replicas (within
+    min..max); and Serve's hard per-node cap when one is set (else Serve's SPREAD placement)."""
+    options: dict[str, Any] = {}
+    if cfg.autoscaling:
+        options["autoscaling_config"] = {
+            "min_replicas": cfg.min_replicas,
+            "max_replicas": cfg.max_replicas,
+            "initial_replicas": min(max(cfg.num_replicas, cfg.min_replicas), cfg.max_replicas),
+            "target_ongoing_requests": cfg.target_ongoing_requests,
+            "upscale_delay_s": cfg.upscale_delay_s,
+            "downscale_delay_s": cfg.downscale_delay_s,
+            "look_back_period_s": cfg.look_back_period_s,
+            "metrics_interval_s": cfg.metrics_interval_s,
+        }
+    else:
+        options["num_replicas"] = cfg.num_replicas
+    if cfg.max_replicas_per_node is not None:
+        options["max_replicas_per_node"] = cfg.max_replicas_per_node
+    return options
+
+
 def _deployment_options(cfg: ServingConfig) -> dict[str, Any]:
     return {
         "name": DEPLOYMENT_NAME,
-        "num_replicas": cfg.num_replicas,
+        **_scaling_options(cfg),
         "max_ongoing_requests": cfg.max_ongoing_requests,
         "ray_actor_options": {"num_cpus": cfg.replica_cpus},
         # A dead or wedged replica is noticed and replaced within a few seconds.
@@ -135,19 +183,71 @@ def _short(e: BaseException) -> str:
     return f"{type(e).__name__}: {text[0] if text else ''}"[:300]
 
 
-class RayTailBackend:
-    """TailBackend over Ray Serve DeploymentHandles, one per model."""
+HandleFactory = Callable[[str], Any]
 
-    def __init__(self, handles: Mapping[str, Any], request_timeout_s: float) -> None:
+
+def handle_factory(cfg: ServingConfig, app_of: Callable[[str], str] = app_name) -> HandleFactory:
+    """Makes the DeploymentHandle of a model's tail (in application `app_of(model)`) as `cfg` asks
+    (see ServingConfig.handle_transport and handle_router). Called inside the event loop that will
+    use the handle: a router on the caller's loop is bound to the loop running when the handle is
+    initialised."""
+
+    def make(model: str) -> Any:
+        from ray.serve.handle import DeploymentHandle
+
+        handle: Any = DeploymentHandle(DEPLOYMENT_NAME, app_of(model))
+        try:
+            # Private but stable since Ray 2.9 (Serve's own proxy initialises its handles this way).
+            handle._init(_run_router_in_separate_loop=cfg.handle_router == "thread")
+            if cfg.handle_transport == "grpc":
+                handle = handle.options(
+                    _by_reference=False, request_serialization="pickle", response_serialization="pickle"
+                )
+        except (AttributeError, TypeError, RuntimeError) as e:  # another Ray: its defaults
+            log.warning("Serve handle options unavailable (%s); using Serve's default handle", _short(e))
+            from ray import serve
+
+            handle = serve.get_deployment_handle(DEPLOYMENT_NAME, app_of(model))
+        return handle
+
+    return make
+
+
+class RayTailBackend:
+    """TailBackend over Ray Serve DeploymentHandles, one per model.
+
+    `handles` are used as given (tests pass fakes); with `factory` (start_serving, connect_serving)
+    each event loop that calls run_tail gets handles of its own, made on first use in it: a handle
+    whose router runs on the caller's loop serves that loop only."""
+
+    def __init__(
+        self, handles: Mapping[str, Any], request_timeout_s: float, *, factory: HandleFactory | None = None
+    ) -> None:
         if not handles:
             raise ModelError("RayTailBackend needs at least one model handle")
         self._handles = dict(handles)
+        self._factory = factory
+        self._loop_handles: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, Any]] = (
+            weakref.WeakKeyDictionary()
+        )
         self._timeout_s = request_timeout_s
         self._closed = False
 
     @property
     def models(self) -> list[str]:
         return list(self._handles)
+
+    def _handle(self, model: str) -> Any:
+        if self._factory is None or model not in self._handles:
+            return self._handles.get(model)
+        loop = asyncio.get_running_loop()
+        handles = self._loop_handles.get(loop)
+        if handles is None:
+            handles = self._loop_handles[loop] = {}
+        handle = handles.get(model)
+        if handle is None:
+            handle = handles[model] = self._factory(model)
+        return handle
 
     async def run_tail(self, model: str, cut: int, batch: np.ndarray) -> np.ndarray:
         """Stages [cut, N) of `model` on a (B, ...) float32 batch -> (B, classes) logits.
@@ -158,12 +258,11 @@ class RayTailBackend:
         """
         if self._closed:
             raise TailUnavailableError("the Ray tail backend is closed")
-        handle = self._handles.get(model)
-        if handle is None:
+        if model not in self._handles:
             raise ModelError(f"unknown model {model!r}; Ray Serve serves: {', '.join(self._handles)}")
         batch = np.ascontiguousarray(batch, dtype=np.float32)
         try:
-            response = handle.remote(int(cut), batch)
+            response = self._handle(model).remote(int(cut), batch)
         except Exception as e:  # Serve not running, controller gone
             raise TailUnavailableError(f"cannot call the Ray Serve tail of {model}: {_short(e)}") from e
         try:
@@ -179,7 +278,9 @@ class RayTailBackend:
             response.cancel()
             raise
         except Exception as e:
-            cause = getattr(e, "cause", None)
+            # The replica's own error: the exception itself over gRPC (handle_transport "grpc"),
+            # its `cause` in a RayTaskError over an actor call.
+            cause = e if isinstance(e, ModelError) else getattr(e, "cause", None)
             if isinstance(cause, ModelError):
                 raise ModelError(str(cause)) from None
             raise TailUnavailableError(f"the Ray Serve tail of {model} failed: {_short(e)}") from e
@@ -192,6 +293,14 @@ class RayTailBackend:
 
     async def close(self) -> None:
         self._closed = True
+        # Routers on this loop stop with it (Serve logs an error for one left polling a dead loop).
+        try:
+            handles = self._loop_handles.pop(asyncio.get_running_loop(), {})
+        except RuntimeError:
+            handles = {}
+        for handle in handles.values():
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(handle.shutdown_async(), 2.0)
 
 
 # --- lifecycle ---------------------------------------------------------------------------------
@@ -268,7 +377,7 @@ def start_serving(
         stop_serving()
         raise
     say(f"Ray Serve ready in {time.monotonic() - t0:.1f} s")
-    return RayTailBackend(handles, cfg.request_timeout_s)
+    return RayTailBackend(handles, cfg.request_timeout_s, factory=handle_factory(cfg))
 
 
 def connect_serving(cfg: ServingConfig, progress: ProgressFn | None = None) -> RayTailBackend:
@@ -298,7 +407,7 @@ def connect_serving(cfg: ServingConfig, progress: ProgressFn | None = None) -> R
             raise DependencyError(f"cannot join Ray at {cfg.ray_address}: {_short(e)}") from e
     _wait_running(tuple(app_name(m) for m in cfg.models), 0.0, say)
     handles = {m: serve.get_deployment_handle(DEPLOYMENT_NAME, app_name(m)) for m in cfg.models}
-    return RayTailBackend(handles, cfg.request_timeout_s)
+    return RayTailBackend(handles, cfg.request_timeout_s, factory=handle_factory(cfg))
 
 
 def _wait_running(apps: tuple[str, ...], timeout_s: float, say: ProgressFn) -> None:

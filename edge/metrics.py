@@ -20,6 +20,7 @@ up across devices and periods.
     splitsense_edge_deferred_windows_total{model,device_class}                counter
     splitsense_edge_store_forward_delay_seconds{model,device_class}           histogram
     splitsense_edge_unanswered_windows_total{model,device_class,reason}       counter
+    splitsense_edge_missing_front_windows_total{model,device_class,cut,level} counter
 
 The last five are those of a device without local fallback (edge/store.py): windows it keeps
 while the cloud cannot answer them, forwarded later (mode deferred) with the delay from the window
@@ -27,6 +28,11 @@ being ready to its answer; `unanswered` counts the windows that got no result, b
 refused (the store was full), expired (stored past its age bound), rejected (the broker refused
 it, so no retry can help), codec (it could not be encoded), pending (still stored when the device
 stopped).
+
+`missing_front_windows` counts the windows whose plan row (or default choice) named a front, at
+cut `cut` and compression level `level`, that the device's backend does not hold: the device ran
+the nearest one it holds instead (edge/runtime.py). Every report carries the fronts the device
+holds (`drain_report(held_fronts=...)`), so the planner stops naming the ones it lacks.
 
 Labels are low-cardinality only (never ids): the fallbacks' `reason` is the result's typed kind
 (edge/route.py FallbackKind: unavailable, deadline, rejected, shed, error, late, codec).
@@ -42,7 +48,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from edge.breaker import BreakerState
 from edge.sink import WindowResult
 from splitsense.metric_names import NAMESPACE
-from splitsense.wire import DeviceEstimates, ExecutionMode, TelemetryObservation, TelemetryReport
+from splitsense.wire import DeviceEstimates, ExecutionMode, HeldFronts, TelemetryObservation, TelemetryReport
 
 __all__ = ["EdgeMetrics"]
 
@@ -129,6 +135,12 @@ class EdgeMetrics:
             "Windows of a device without local fallback that got no result (refused, expired, ...).",
             "reason",
         )
+        self.missing_fronts = counter(
+            "missing_front_windows",
+            "Windows whose plan named a front (cut, compression level) the device does not hold; run at another.",
+            "cut",
+            "level",
+        )
         self._sums: dict[tuple[str, int, ExecutionMode], _Sums] = {}
 
     # --- per window -------------------------------------------------------------------------
@@ -163,6 +175,10 @@ class EdgeMetrics:
         self.stored_windows.labels(self.model, self.device_class).set(windows)
         self.store_bytes.labels(self.model, self.device_class).set(nbytes)
 
+    def observe_missing_front(self, cut: int, level: float) -> None:
+        """A window whose chosen front (cut, level) the device lacks (it ran another one)."""
+        self.missing_fronts.labels(self.model, self.device_class, str(cut), f"{level:g}").inc()
+
     def observe_unanswered(self, reason: str) -> None:
         """A window that got no result: refused, expired, rejected, codec or pending."""
         self.unanswered.labels(self.model, self.device_class, reason).inc()
@@ -186,8 +202,10 @@ class EdgeMetrics:
         plan_version: int,
         period_start_unix_ms: int,
         period_end_unix_ms: int,
+        held_fronts: tuple[HeldFronts, ...] = (),
     ) -> TelemetryReport:
-        """The sums since the last drain as one report; the sums start again from zero."""
+        """The sums since the last drain as one report; the sums start again from zero.
+        `held_fronts`: what the device's backend can run, carried by every report."""
         observations = tuple(
             TelemetryObservation(
                 model=model,
@@ -213,6 +231,7 @@ class EdgeMetrics:
             period_start_unix_ms=period_start_unix_ms,
             period_end_unix_ms=max(period_end_unix_ms, period_start_unix_ms),
             observations=observations,
+            held_fronts=held_fronts,
         )
 
     def restore(self, report: TelemetryReport) -> None:

@@ -3,10 +3,17 @@
 For each window, in order:
 
 1. A plan that arrived since the last window is applied now (never in the middle of a window).
-2. Preprocess (`TrainedModel.prepare_window`) and pick the plan row for the device's live
-   bandwidth estimate and battery (`Plan.lookup`); without a plan, the config's default cut,
-   codec and compression level. Run stages [0, k) on the device (the front compressed at the
-   row's level: `compress_front_at_level`, built once per (cut, level)).
+2. Preprocess and pick the plan row for the device's live bandwidth estimate and battery
+   (`Plan.lookup`); without a plan, the config's default cut, codec and compression level. Run
+   stages [0, k) on the device, each compressed at the row's level. Preprocessing and every stage
+   run on the device's backend (edge/backend.py): PyTorch on the weights, or ONNX Runtime on the
+   exported graphs (`splitsense models export`), numpy in and out either way. A choice naming a
+   front (cut, level) the backend does not hold (`FrontBackend.fronts`: an export of some levels
+   only) is not run as named: the window runs the nearest front the device holds (the same cut at
+   the nearest held level, else the whole model here, else the nearest held cut it can send), its
+   reason names the missing front, a window that ends on the device has kind `missing_front`, and
+   `missing_front_windows` counts it. Every telemetry report lists the fronts held, and the
+   planner names only those (cloud/controller/planner.py).
 3. k = N, no transport, or the circuit breaker says no: finish stages [k, N) here (mode local).
 4. Otherwise encode the activation with the row's codec and offload it with the deadline. Any
    failure at all (unreachable, deadline, shed, rejected, a malformed answer, a bug in the
@@ -16,7 +23,8 @@ For each window, in order:
 So every window ends with exactly one result and none is ever dropped: `run()` counts them
 (`lost` is windows in minus results out, 0 by construction). Since stages [k, N) on the device are
 the very modules the cloud runs, and fp32 encoding is exact, an offloaded window's prediction is
-the one the device would have made by itself.
+the one the device would have made by itself (on the ONNX Runtime backend, the same graphs checked
+against PyTorch within float tolerance at export: `pipelines.export`).
 
 A device that cannot hold the whole model (`local_fallback=False`: e.g. the sensor_node class, whose
 RAM holds only the front up to the bottleneck) cannot do step 3 or the fallback of step 4. It runs
@@ -49,11 +57,11 @@ import time
 from collections import Counter, deque
 from collections.abc import AsyncIterable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
+from edge.backend import FrontBackend, ModelInfo, TorchBackend
 from edge.breaker import BreakerState, CircuitBreaker, FailureKind
 from edge.estimator import LinkEstimator
 from edge.hardware import Hardware
@@ -65,11 +73,8 @@ from edge.sources import SensorWindow
 from edge.store import DEFAULT_CAPACITY_BYTES, DEFAULT_MAX_AGE_S, ForwardStore, Stored
 from edge.transport import OffloadTransport
 from pipelines.codecs import encode
-from pipelines.compress import compress_front_at_level
-from pipelines.groups import GROUP_SEPARATOR, shared_cut
+from pipelines.groups import GROUP_SEPARATOR, group_members, shared_cut
 from pipelines.power import compute_energy_mj, radio_model
-from pipelines.stages import StagedModel
-from pipelines.training import TrainedModel
 from splitsense import wire
 from splitsense.config import EdgeConfig, PlannerConfig
 from splitsense.errors import (
@@ -84,6 +89,10 @@ from splitsense.errors import (
 from splitsense.kinds import Codec, EncodedTensor, parse_codec
 from splitsense.plan import Plan, PlanSet
 from splitsense.wire import DeviceEstimates, ExecutionMode, OffloadRequest, OffloadResponse, RadioKind
+
+if TYPE_CHECKING:
+    from pipelines.stages import StagedModel
+    from pipelines.training import TrainedModel
 
 __all__ = ["Battery", "EdgeDevice", "ForcedChoice", "Pending", "RunSummary", "WindowUnansweredError"]
 
@@ -100,6 +109,7 @@ _PING_ANSWER_BYTES = 2  # an empty GetPlanResponse
 _BYTES_PER_LOGIT = 4  # float32 on the wire
 _SERVER_EWMA_ALPHA = 0.2  # the cloud's queue + compute per window, smoothed for the hedge's expectation
 _REQUEST_OVERHEAD_BYTES = 160  # an OffloadRequest's fields besides the activation (ids, estimates)
+_LEVEL_TOL = 1e-9  # compression levels are float keys: equal within float noise
 
 
 class Battery:
@@ -184,6 +194,7 @@ class _Choice:
     level: float  # compression_energy_kept of the front
     plan_version: int
     why: str
+    missing: str = ""  # set: the front chosen first is not held by the device; what ran instead
 
 
 @dataclass(frozen=True)
@@ -253,17 +264,12 @@ def _answered_tasks(window: SensorWindow, response: OffloadResponse) -> tuple[tu
     return tuple((t.model, labels.get(t.model, -1), t.prediction) for t in response.task_results)
 
 
-def _check_shared_front(main: TrainedModel, task: TrainedModel, cut: int) -> None:
+def _check_shared_front(backend: FrontBackend, main: str, task: str, cut: int) -> None:
     """ConfigError unless `task` computes exactly `main`'s activation at `cut` (same preprocessing
     statistics, same weights of stages [0, cut))."""
-    a, b = main.standardizer.state(), task.standardizer.state()
-    same = a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    for i in range(cut):
-        sa, sb = main.model.stages[i].state_dict(), task.model.stages[i].state_dict()
-        same = same and sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
-    if not same:
+    if not backend.shares_front(main, task, cut):
         raise ConfigError(
-            f"model {task.spec.name!r} does not share stages [0, {cut}) with {main.spec.name!r}: "
+            f"model {task!r} does not share stages [0, {cut}) with {main!r}: "
             "they cannot read one window's front (retrain them as one encoder group)"
         )
 
@@ -274,7 +280,7 @@ class EdgeDevice:
     def __init__(
         self,
         config: EdgeConfig,
-        trained: TrainedModel,
+        trained: TrainedModel | None,
         transport: OffloadTransport | None = None,
         plan: PlanSet | None = None,
         *,
@@ -292,6 +298,7 @@ class EdgeDevice:
         store_max_age_s: float = DEFAULT_MAX_AGE_S,
         drain_timeout_s: float | None = None,
         tasks: Sequence[TrainedModel] = (),
+        backend: FrontBackend | None = None,
     ) -> None:
         """`clock` (monotonic seconds) times latency, deadlines and the breaker; `wall_clock` (Unix
         seconds) stamps what goes on the wire. `low_battery_threshold` must be the planner's
@@ -317,20 +324,42 @@ class EdgeDevice:
         (pipelines/groups.py: one bottleneck encoder for the FSDD speaker and digit tasks): the
         shared front runs once per window, one upload of its activation serves every task (the
         request's extra_models), and a window finished here runs every task's own tail. The
-        config's model is then the group's name ("fsdd_speaker+fsdd_digit"), which names its plan."""
+        config's model is then the group's name ("fsdd_speaker+fsdd_digit"), which names its plan.
+
+        `backend` runs preprocessing and stages (edge/backend.py): by default PyTorch on `trained`
+        and `tasks` (sharing `front_cache`, which a given backend ignores: it holds its own). With a
+        backend, `trained` may be None (a device without torch: `OnnxBackend`): the models are then
+        those `config.model` names, and `tasks` is unused."""
         self.tasks = tuple(tasks)
-        names = (trained.spec.name, *(t.spec.name for t in self.tasks))
-        if GROUP_SEPARATOR.join(names) != config.model:
-            raise ConfigError(
-                f"edge.model is {config.model!r} but the trained models are {GROUP_SEPARATOR.join(names)!r}"
-            )
-        self.shared_cut = shared_cut(names) if self.tasks else 0
-        for t in self.tasks:
-            _check_shared_front(trained, t, self.shared_cut)
+        if trained is not None:
+            names = (trained.spec.name, *(t.spec.name for t in self.tasks))
+            if GROUP_SEPARATOR.join(names) != config.model:
+                raise ConfigError(
+                    f"edge.model is {config.model!r} but the trained models are {GROUP_SEPARATOR.join(names)!r}"
+                )
+        elif backend is None:
+            raise ConfigError("a device needs its trained model or a backend that holds it")
+        else:
+            names = group_members(config.model)
+        if backend is None:
+            assert trained is not None
+            caches = {trained.spec.name: front_cache} if front_cache is not None else None
+            backend = TorchBackend((trained, *self.tasks), front_caches=caches)
+        missing = [n for n in names if n not in backend.models()]
+        if missing:
+            raise ConfigError(f"the device's {backend.kind} backend lacks model(s) {missing} that edge.model names")
+        self.backend: FrontBackend = backend
+        self.model_name = names[0]
+        self.task_names: tuple[str, ...] = tuple(names[1:])
+        self.shared_cut = shared_cut(names) if len(names) > 1 else 0
+        for t in self.task_names:
+            _check_shared_front(backend, self.model_name, t, self.shared_cut)
         self.config = config
         self.trained = trained
-        self.model: StagedModel = trained.model
-        self.n_stages = self.model.n_stages
+        self.info: ModelInfo = backend.info(self.model_name)
+        self.n_stages = self.info.n_stages
+        # The fronts the backend can run (cut -> levels, 1.0 first); None: it does not say (all)
+        self._held = self._held_fronts(backend)
         self.transport = transport
         self._clock = clock
         self._wall = wall_clock
@@ -355,7 +384,6 @@ class EdgeDevice:
         self._plan: Plan | None = None
         self._next_plan: PlanSet | None = None
         self.plan_log: deque[str] = deque(maxlen=100)  # the last plan sets applied or refused, with why
-        self._fronts: dict[tuple[int, float], StagedModel] = {} if front_cache is None else front_cache
         self._compute_clock = self.hardware.compute_clock
         self._choose_hook = choose
         self._telemetry_task: asyncio.Task[None] | None = None
@@ -394,7 +422,7 @@ class EdgeDevice:
     def _default_choice(self) -> _Choice:
         c = self.config
         if c.default_cut is None:
-            sizes = [math.prod(self.model.activation_shape(k)) for k in range(self.n_stages)]
+            sizes = [math.prod(self.info.activation_shape(k)) for k in range(self.n_stages)]
             cut = int(np.argmin(sizes))
             why = f"no plan yet: default cut {cut}, the smallest activation ({sizes[cut]} values)"
         else:
@@ -405,6 +433,65 @@ class EdgeDevice:
                 )
             why = f"no plan yet: the configured default cut {cut}"
         return _Choice(cut, parse_codec(c.default_codec), c.compression_energy_kept, 0, why)
+
+    def _held_fronts(self, backend: FrontBackend) -> dict[int, tuple[float, ...]] | None:
+        fronts = getattr(backend, "fronts", None)
+        if not callable(fronts):
+            return None
+        held: dict[int, list[float]] = {}
+        for k, lv in fronts(self.model_name):
+            if 0 <= k <= self.n_stages:
+                held.setdefault(int(k), []).append(float(lv))
+        return {k: tuple(sorted(set(v), reverse=True)) for k, v in sorted(held.items())}
+
+    def held_fronts(self) -> tuple[wire.HeldFronts, ...]:
+        """What telemetry says this device holds: the fronts of its model (a task group's by the
+        group's name, which names its plan); () when the backend does not say."""
+        if self._held is None:
+            return ()
+        pairs = sorted(((k, lv) for k, levels in self._held.items() for lv in levels), key=lambda f: (-f[1], f[0]))
+        return (wire.HeldFronts(self.config.model, tuple(pairs[: wire.MAX_FRONTS_PER_MODEL])),)
+
+    def holds(self, cut: int, level: float) -> bool:
+        """Whether the device can run the front of `cut` at compression `level` (cut 0 runs no
+        stage: always)."""
+        if self._held is None or cut == 0:
+            return True
+        return any(abs(lv - level) <= _LEVEL_TOL for lv in self._held.get(cut, ()))
+
+    def _held_choice(self, choice: _Choice) -> _Choice:
+        """The nearest front this device holds to `choice`'s, which it does not: the same cut at
+        the nearest held level (ties: the less compressed); else the whole model here (with local
+        fallback, uncompressed when it holds that); else the nearest cut it can send (ties: the
+        shallower) at its nearest level. Cut 0 needs no front, so there always is one."""
+        assert self._held is not None
+
+        def nearest(levels: Sequence[float]) -> float:
+            return min(levels, key=lambda lv: (abs(lv - choice.level), -lv))
+
+        cut, level = choice.cut, choice.level
+        at_cut = self._held.get(cut, ())
+        if at_cut:
+            level = nearest(at_cut)
+        elif self.local_fallback and self._held.get(self.n_stages):
+            whole = self._held[self.n_stages]
+            cut, level = self.n_stages, 1.0 if self.holds(self.n_stages, 1.0) else nearest(whole)
+        else:
+            reachable = [k for k, lvs in self._held.items() if lvs and 0 < k <= self.max_cut]
+            if reachable:
+                cut = min(reachable, key=lambda k: (abs(k - choice.cut), k))
+                level = nearest(self._held[cut])
+            else:
+                cut, level = 0, 1.0
+        held = ", ".join(f"{lv:g}" for lv in at_cut) or "none"
+        missing = (
+            f"missing front: the device's {self.backend.kind} backend does not hold cut {choice.cut} at level "
+            f"{choice.level:g} (levels held at that cut: {held}); ran cut {cut} at level {level:g} instead"
+        )
+        codec = choice.codec
+        if cut != choice.cut and codec is Codec.ANS and self.info.symbol_prior(cut) is None:
+            codec = self._default.codec if self._default.codec is not Codec.ANS else Codec.FP32
+        return _Choice(cut, codec, level, choice.plan_version, f"{choice.why}; {missing}", missing)
 
     @property
     def plan_version(self) -> int:
@@ -449,17 +536,6 @@ class EdgeDevice:
         )
         return _Choice(row.cut, row.codec, row.compression_energy_kept, self.plan_version, row.reason)
 
-    def _front_model(self, cut: int, level: float) -> StagedModel:
-        """The model whose stages [0, cut) are compressed at `level` (its tail is the original)."""
-        if level >= 1.0 or cut == 0:
-            return self.model
-        key = (cut, level)
-        if key not in self._fronts:
-            m = compress_front_at_level(self.model, cut, level)
-            m.eval()
-            self._fronts[key] = m
-        return self._fronts[key]
-
     # --- estimates --------------------------------------------------------------------------
 
     def estimates(self) -> DeviceEstimates:
@@ -497,16 +573,17 @@ class EdgeDevice:
         estimate = self.estimator.bandwidth_mbps  # what the row was chosen by
         if choice.cut > self.max_cut:
             choice = self._within_reach(choice)
-        model = self._front_model(choice.cut, choice.level)
+        if not self.holds(choice.cut, choice.level):
+            self.metrics.observe_missing_front(choice.cut, choice.level)
+            choice = self._held_choice(choice)
         stage_ms: list[float] = []
         t_front = self._clock()
-        with torch.inference_mode():
-            t = self._compute_clock()
-            x = self.trained.prepare_window(window.raw)
-            prep_ms = self._device_ms(-1, 1.0, (self._compute_clock() - t) * 1000.0)
-            k_shared = min(choice.cut, self.shared_cut)
-            shared_act = self._run_stages(model, x, 0, k_shared, stage_ms, choice.level)
-            act = self._run_stages(model, shared_act, k_shared, choice.cut, stage_ms, choice.level)
+        t = self._compute_clock()
+        x = self.backend.prepare(self.model_name, window.raw)
+        prep_ms = self._device_ms(-1, 1.0, (self._compute_clock() - t) * 1000.0)
+        k_shared = min(choice.cut, self.shared_cut)
+        shared_act = self._run_stages(self.model_name, x, 0, k_shared, stage_ms, choice.level)
+        act = self._run_stages(self.model_name, shared_act, k_shared, choice.cut, stage_ms, choice.level)
         front_ms = prep_ms + sum(stage_ms)
         await self._simulated_hardware(t_front, front_ms)
         if not self.local_fallback:
@@ -514,25 +591,30 @@ class EdgeDevice:
 
         decision = self._route(choice)
         mode, kind, reason = ExecutionMode.LOCAL, decision.kind, decision.reason
+        if choice.missing and kind is FallbackKind.PLAN:  # local because the planned front is missing
+            kind, reason = FallbackKind.MISSING_FRONT, f"{choice.missing} (the whole model here)"
+        elif choice.missing:
+            reason = f"{reason}; {choice.missing}"
         encoded: EncodedTensor | None = None
         attempt: _Attempt | None = None
         call = _Call()
         local_tail: tuple[Any, list[float]] | None = None  # (logits, stage ms) when the tail ran here
         if decision.route in (Route.OFFLOAD, Route.PROBE):  # encode only when it will be sent
             try:
-                encoded = encode(act, choice.codec, self.model.symbol_prior(choice.cut))
+                encoded = encode(act, choice.codec, self.info.symbol_prior(choice.cut))
             except CodecError as e:
                 mode, kind, reason = ExecutionMode.FALLBACK, FallbackKind.CODEC, f"codec: {e}"
         if encoded is not None and decision.route is Route.PROBE and self.breaker.allow_offload(self._clock()):
             self._start_probe(window, choice, encoded)  # the breaker's probe; this window runs here
         elif encoded is not None and decision.route is Route.OFFLOAD and self.breaker.allow_offload(self._clock()):
-            attempt, local_tail = await self._offload_hedged(window, choice, encoded, model, act, call)
+            attempt, local_tail = await self._offload_hedged(window, choice, encoded, act, call)
             if attempt.response is None:
                 assert attempt.kind is not None
                 mode, kind = ExecutionMode.FALLBACK, FallbackKind.of_failure(attempt.kind)
-                reason = f"{attempt.kind.value}: {attempt.detail}"
+                reason = f"{attempt.kind.value}: {attempt.detail}" + (f"; {choice.missing}" if choice.missing else "")
             else:
                 mode, kind = ExecutionMode.OFFLOADED, None
+                reason = choice.missing  # "" when the front ran as chosen
 
         tail_ms: list[float] = []
         if mode is ExecutionMode.OFFLOADED:
@@ -540,9 +622,9 @@ class EdgeDevice:
             prediction = attempt.response.prediction
         else:
             if local_tail is None:
-                local_tail = await self._local_tail(model, act, choice.cut)
+                local_tail = await self._local_tail(act, choice.cut)
             logits, tail_ms = local_tail
-            prediction = int(logits.argmax(dim=1)[0])
+            prediction = int(np.argmax(logits[0]))
 
         task_results, task_ms = await self._task_results(
             window, k_shared, attempt.response if attempt is not None else None, shared_act
@@ -606,12 +688,12 @@ class EdgeDevice:
             )
         )
 
-    async def _local_tail(self, model: StagedModel, act: Any, cut: int) -> tuple[Any, list[float]]:
-        """Stages [cut, N) here, with the device's time waited out: (logits, per-stage ms)."""
+    async def _local_tail(self, act: np.ndarray, cut: int) -> tuple[np.ndarray, list[float]]:
+        """Stages [cut, N) here (uncompressed: only a front is), with the device's time waited
+        out: (logits, per-stage ms)."""
         tail_ms: list[float] = []
         t_tail = self._clock()
-        with torch.inference_mode():
-            logits = self._run_stages(model, act, cut, self.n_stages, tail_ms, 1.0)
+        logits = self._run_stages(self.model_name, act, cut, self.n_stages, tail_ms, 1.0)
         await self.hardware.wait_compute(t_tail, sum(tail_ms))
         return logits, tail_ms
 
@@ -619,14 +701,14 @@ class EdgeDevice:
         """(seconds an offload of an `nbytes` activation should take from now, its 1-sigma spread):
         the link estimate's network time, the cloud's usual queue + compute, the promotion due."""
         network, sigma = self.estimator.expected_network_s(
-            nbytes + _REQUEST_OVERHEAD_BYTES, self.model.num_classes * (_BYTES_PER_LOGIT + 1) + 32
+            nbytes + _REQUEST_OVERHEAD_BYTES, self.info.num_classes * (_BYTES_PER_LOGIT + 1) + 32
         )
         server = self._server_s if self._server_s is not None else 0.0
         return network + server + self.radio.promotion_due_s(), sigma
 
     async def _offload_hedged(
-        self, window: SensorWindow, choice: _Choice, encoded: EncodedTensor, model: StagedModel, act: Any, call: _Call
-    ) -> tuple[_Attempt, tuple[Any, list[float]] | None]:
+        self, window: SensorWindow, choice: _Choice, encoded: EncodedTensor, act: np.ndarray, call: _Call
+    ) -> tuple[_Attempt, tuple[np.ndarray, list[float]] | None]:
         """Offload; if the answer is late relative to the estimate (`hedge_after_s`), start the
         local tail too, and take whichever answers first. Returns the attempt (a late one that
         lost: FailureKind.LATE, its call cancelled) and the local tail's output if it ran."""
@@ -641,7 +723,7 @@ class EdgeDevice:
         if done:
             return task.result(), None
         sent = self._clock() - wait_s
-        local = asyncio.ensure_future(self._local_tail(model, act, choice.cut))
+        local = asyncio.ensure_future(self._local_tail(act, choice.cut))
         racers: set[asyncio.Future[Any]] = {task, local}
         done, _ = await asyncio.wait(racers, return_when=asyncio.FIRST_COMPLETED)
         if task in done and task.result().response is not None:  # the cloud answered first after all
@@ -674,7 +756,7 @@ class EdgeDevice:
 
     def _riders(self, cut: int) -> tuple[str, ...]:
         """The extra tasks whose front is the same as this model's at `cut`: one upload serves them."""
-        return tuple(t.spec.name for t in self.tasks) if cut <= self.shared_cut else ()
+        return self.task_names if cut <= self.shared_cut else ()
 
     async def _task_results(
         self, window: SensorWindow, start: int, response: OffloadResponse | None, shared_act: Any
@@ -684,32 +766,33 @@ class EdgeDevice:
         `shared_act`, the activation at `start` <= shared_cut, which every task shares (only a device
         with local fallback gets here without an answer). Simulated time uses the main model's stage
         times for the same stage indices (the tasks' stages have the same shapes)."""
-        if not self.tasks:
+        if not self.task_names:
             return (), 0.0
         labels = dict(window.task_labels)
         answered = {t.model: t.prediction for t in response.task_results} if response is not None else {}
         out: list[tuple[str, int, int]] = []
         times: list[float] = []
         t_tail = self._clock()
-        for t in self.tasks:
-            name = t.spec.name
+        for name in self.task_names:
             if name in answered:
                 pred = answered[name]
             else:
-                with torch.inference_mode():
-                    logits = self._run_stages(t.model, shared_act, start, t.model.n_stages, times, 1.0)
-                pred = int(logits.argmax(dim=1)[0])
+                n = self.backend.info(name).n_stages
+                logits = self._run_stages(name, shared_act, start, n, times, 1.0)
+                pred = int(np.argmax(logits[0]))
             out.append((name, labels.get(name, -1), pred))
         await self._simulated_hardware(t_tail, sum(times))
         return tuple(out), sum(times)
 
     def _run_stages(
-        self, model: StagedModel, x: torch.Tensor, start: int, stop: int, times_ms: list[float], level: float
-    ) -> Any:
-        """Stages [start, stop) (compressed at `level`); appends each stage's device time."""
+        self, model: str, x: np.ndarray, start: int, stop: int, times_ms: list[float], level: float
+    ) -> np.ndarray:
+        """Stages [start, stop) of `model`, each compressed at `level`, on the backend; appends each
+        stage's device time."""
+        run = self.backend.run_stage
         for i in range(start, stop):
             t = self._compute_clock()
-            x = model.stages[i](x)
+            x = run(model, i, level, x)
             times_ms.append(self._device_ms(i, level, (self._compute_clock() - t) * 1000.0))
         return x
 
@@ -738,7 +821,7 @@ class EdgeDevice:
         call = call or _Call()
         request = OffloadRequest(
             window_id=window.window_id,
-            model=self.trained.spec.name,
+            model=self.model_name,
             extra_models=self._riders(choice.cut),
             cut=choice.cut,
             device_id=c.device_id,
@@ -769,10 +852,10 @@ class EdgeDevice:
                 response = await self.transport.offload(request, left_s)
             if not isinstance(response, OffloadResponse):
                 raise BrokerUnavailableError(f"the transport returned {type(response).__name__}, not an answer")
-            if response.window_id != window.window_id or len(response.logits) != self.model.num_classes:
+            if response.window_id != window.window_id or len(response.logits) != self.info.num_classes:
                 raise BrokerUnavailableError(
                     f"answer for window {response.window_id!r} with {len(response.logits)} logits; "
-                    f"expected window {window.window_id!r} with {self.model.num_classes}"
+                    f"expected window {window.window_id!r} with {self.info.num_classes}"
                 )
             got = tuple(t.model for t in response.task_results)
             if got != request.extra_models:
@@ -852,7 +935,7 @@ class EdgeDevice:
         """A choice deeper than this device can run (a local plan row included): sent at the
         model's bottleneck within reach, coded (ans: the fewest bytes the device can make), else at
         `max_cut` with the config's default codec (fp32 if that cannot code it: `_encode_storable`)."""
-        b = max((k for k in range(1, self.max_cut + 1) if self.model.symbol_prior(k) is not None), default=None)
+        b = max((k for k in range(1, self.max_cut + 1) if self.info.symbol_prior(k) is not None), default=None)
         if b is not None:
             cut, codec = b, Codec.ANS
         else:
@@ -868,7 +951,7 @@ class EdgeDevice:
         code it (ans at a cut without a symbol prior): a device without local fallback has no
         other way to finish the window. CodecError only when fp32 cannot either (NaN/inf)."""
         try:
-            return encode(act, choice.codec, self.model.symbol_prior(choice.cut)), choice
+            return encode(act, choice.codec, self.info.symbol_prior(choice.cut)), choice
         except CodecError as e:
             if choice.codec is Codec.FP32:
                 raise
@@ -884,15 +967,14 @@ class EdgeDevice:
         `encoded`: what a node keeps while it cannot reach the cloud (a 16 KB fp32 input would fill
         its store in two windows; the code is a few hundred bytes). (encoded, choice, device ms of
         the extra stages), or None to keep the window as chosen."""
-        b = next((k for k in range(choice.cut, self.max_cut + 1) if self.model.symbol_prior(k) is not None), None)
-        if b is None or (b == choice.cut and choice.codec is Codec.ANS):
+        b = next((k for k in range(choice.cut, self.max_cut + 1) if self.info.symbol_prior(k) is not None), None)
+        if b is None or (b == choice.cut and choice.codec is Codec.ANS) or not self.holds(b, choice.level):
             return None
         times: list[float] = []
         t0 = self._clock()
-        with torch.inference_mode():
-            code = self._run_stages(self._front_model(b, choice.level), act, choice.cut, b, times, choice.level)
+        code = self._run_stages(self.model_name, act, choice.cut, b, times, choice.level)
         try:
-            small = encode(code, Codec.ANS, self.model.symbol_prior(b))
+            small = encode(code, Codec.ANS, self.info.symbol_prior(b))
         except CodecError:
             return None
         if small.nbytes >= encoded.nbytes:
@@ -953,7 +1035,7 @@ class EdgeDevice:
                     front_ms=front_ms,
                     bytes_sent=bytes_sent,
                     energy_mj=energy,
-                    reason="",
+                    reason=choice.missing,  # "" when the front ran as chosen
                     plan_version=choice.plan_version,
                     stage_ms=tuple(stage_ms),
                     tasks=_answered_tasks(window, attempt.response),
@@ -1247,9 +1329,9 @@ class EdgeDevice:
         )
 
     def warm_up(self) -> None:
-        """One inference on zeros, so that the first real window does not pay torch's lazy set-up."""
-        with torch.inference_mode():
-            self.model(torch.zeros((1, *self.model.input_shape)))
+        """One inference on zeros, so that the first real window does not pay the backend's lazy
+        set-up (torch's first call; ONNX Runtime's sessions)."""
+        self.backend.warm_up(self.model_name)
 
     async def _watch_plans(self) -> None:
         """Follow the broker's plan watch for as long as the device runs; on any error keep the
@@ -1284,7 +1366,12 @@ class EdgeDevice:
         assert self.transport is not None
         end_ms = int(self._wall() * 1000)
         report = self.metrics.drain_report(
-            self.config.device_id, self.estimates(), self.plan_version, self._period_start_ms, end_ms
+            self.config.device_id,
+            self.estimates(),
+            self.plan_version,
+            self._period_start_ms,
+            end_ms,
+            held_fronts=self.held_fronts(),
         )
         self._period_start_ms, self._period_start_t = end_ms, self._clock()
         if not report.observations:

@@ -66,27 +66,22 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
-from torch import nn
 
 from pipelines.codecs import Codec, encoded_nbytes, parse_codec
-from pipelines.compress import (
-    DEFAULT_LEVELS,
-    LowRank,
-    compress_front,
-    compress_with_ranks,
-    layer_ranks,
-    level_budget_points,
-    weights_digest,
-)
-from pipelines.features import WINDOW_SAMPLES
-from pipelines.profile import FP32_BYTES, prep_ops, profile_model, profile_prep, stage_peak_elems
-from pipelines.stages import StagedModel
-from splitsense.config import PathsConfig, PlannerConfig
+from pipelines.levels import level_budget_points
+from pipelines.numpy_features import WINDOW_SAMPLES
+from splitsense.config import CompressionConfig, PathsConfig, PlannerConfig, missing_asset
 from splitsense.errors import ModelError
 
 if TYPE_CHECKING:
+    from torch import nn
+
+    from pipelines.stages import StagedModel
     from pipelines.training import TrainedModel
+
+# Reading, writing and combining catalogs needs no torch (a device reads its model's catalog to
+# know which fronts fit it; the planner reads them all); measuring one does: compress, profile and
+# torch are imported by the functions that measure.
 
 __all__ = [
     "CATALOG_FORMAT",
@@ -470,7 +465,7 @@ def _checked_accuracy(what: str, value: Any) -> float:
 
 
 def _default_window_s(name: str) -> float:
-    from pipelines.models import MODEL_SPECS
+    from pipelines.specs import MODEL_SPECS
 
     spec = MODEL_SPECS.get(name)
     if spec is None:
@@ -490,7 +485,7 @@ def build_catalog(
     warmup: int = 5,
     entropy_coded_bytes: Callable[[StagedModel, int, Codec], float] | None = None,
     calibrate: Callable[[StagedModel], float] | None = None,
-    rank_energies: Sequence[float] = DEFAULT_LEVELS,
+    rank_energies: Sequence[float] = CompressionConfig().energy_kept,  # compress.DEFAULT_LEVELS
     log: Callable[[str], None] | None = None,
     prepare: Callable[[], object] | None = None,
     prep_ops: int = 0,
@@ -509,6 +504,9 @@ def build_catalog(
     device does (see `measure_prep`), timed into `prep_ms` with the same repeats; `prep_ops` is
     recorded as given. Without `prepare` (a model fed its input directly) `prep_ms` is 0.
     """
+    from pipelines.compress import compress_front, weights_digest
+    from pipelines.profile import FP32_BYTES, profile_model, profile_prep
+
     level_set = sorted({float(e) for e in levels} | {1.0}, reverse=True)
     for e in level_set:
         if not 0 < e <= 1:
@@ -600,6 +598,8 @@ def build_catalog(
 def _memo_by_ranks(evaluate: Callable[[StagedModel], float]) -> Callable[[StagedModel], float]:
     """`evaluate` remembered by the model's per-layer ranks: the greedy searches of the several
     budgets retrace the same first steps, and a model is fully defined by its ranks here."""
+    from pipelines.compress import layer_ranks
+
     seen: dict[tuple[tuple[str, int], ...], float] = {}
 
     def run(m: StagedModel) -> float:
@@ -612,6 +612,10 @@ def _memo_by_ranks(evaluate: Callable[[StagedModel], float]) -> Callable[[Staged
 
 
 def _stage_peaks(model: StagedModel) -> list[int]:
+    import torch
+
+    from pipelines.profile import stage_peak_elems
+
     x = torch.zeros((1, *model.input_shape))
     out = []
     with torch.no_grad():
@@ -623,6 +627,8 @@ def _stage_peaks(model: StagedModel) -> list[int]:
 
 def _stage_key(stage: nn.Module) -> tuple[tuple[str, int], ...]:
     """What defines a stage's compressed form: the (path, rank) of each LowRank inside it."""
+    from pipelines.compress import LowRank
+
     return tuple((name, m.rank) for name, m in stage.named_modules() if isinstance(m, LowRank))
 
 
@@ -643,6 +649,9 @@ def _measure_level(
     same way as at a level measured before (same `stage_cache` key) keeps that latency. A newly
     measured stage more than OUTLIER_RATIO x off its uncompressed time is profiled again with 3x the
     runs; if it stays off, a warning gives the figures."""
+    from pipelines.compress import compress_with_ranks
+    from pipelines.profile import profile_model
+
     n = model.n_stages
     full = compress_with_ranks(model, n, ranks)
     keys = [_stage_key(stage) for stage in full.stages]
@@ -767,6 +776,8 @@ def load_catalog(name: str, weights_dir: Path | None = None) -> ModelCatalog:
     """The catalog of model `name`; ModelError (saying how to make it) when missing or malformed."""
     path = catalog_path(name, weights_dir)
     if not path.exists():
+        if not path.parent.is_dir():  # no weights folder at all: no data package
+            raise ModelError(missing_asset(f"the catalog of model {name!r}", path))
         raise ModelError(
             f"no catalog for model {name!r} at {path}; measure it with pipelines.catalog.build_catalog "
             "after `splitsense models train`"
@@ -820,6 +831,8 @@ def prep_window(trained: TrainedModel) -> np.ndarray:
 def measure_prep(trained: TrainedModel, repeats: int = 30, warmup: int = 5) -> tuple[float, int]:
     """(prep_ms, prep_ops) of `trained`'s preprocessing (``prepare_window``) of one `prep_window`,
     timed as the stages are (``profile.profile_prep``)."""
+    from pipelines.profile import prep_ops, profile_prep
+
     window = prep_window(trained)
     ms = profile_prep(lambda: trained.prepare_window(window), repeats=repeats, warmup=warmup)
     return ms, prep_ops(trained.spec.name)

@@ -22,7 +22,8 @@ bottleneck codes, same tables): they code the same symbols to within 2% of each 
 the ideal length; CompressAI's C++ coder is ~5x faster (~17 vs ~90 us a window here, both negligible
 next to a 1-2.5 s window), but CompressAI 1.2.8 is a research package that pins numpy < 2 and pulls
 torch, torchvision, torch-geometric, pandas and scipy, none of which a device should carry, while
-constriction is one numpy-only wheel (a device install without torch stays possible).
+constriction is one numpy-only wheel (a device install without torch stays possible: this module
+imports torch only if the caller already has, to accept its tensors).
 
 `shape` is whatever was encoded (batch dimension included if the caller had one). Everything is
 vectorised numpy; nothing loops over elements in Python. Every failure is a CodecError whose
@@ -32,9 +33,10 @@ message says what was wrong and what to do.
 from __future__ import annotations
 
 import math
+import sys
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from splitsense.errors import CodecError
 from splitsense.kinds import (
@@ -46,6 +48,9 @@ from splitsense.kinds import (
     check_shape,
     parse_codec,
 )
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = [
     "FP16_MAX",
@@ -64,11 +69,14 @@ FP16_MAX = 65504.0
 
 
 def _as_float_array(x: np.ndarray | torch.Tensor) -> np.ndarray:
-    if isinstance(x, torch.Tensor):
+    # torch only if the caller has it loaded (a tensor cannot exist otherwise): a device without
+    # torch encodes numpy arrays and never imports it.
+    th = sys.modules.get("torch")
+    if th is not None and isinstance(x, th.Tensor):
         if not (x.is_floating_point()):
             raise CodecError(f"can only encode floating-point tensors, got torch {x.dtype}")
         t = x.detach().cpu()
-        if t.dtype not in (torch.float32, torch.float16, torch.float64):
+        if t.dtype not in (th.float32, th.float16, th.float64):
             t = t.float()  # bfloat16 and friends have no numpy dtype
         arr = t.numpy()
     elif isinstance(x, np.ndarray):

@@ -47,6 +47,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipelines.bottleneck import Encoder
+from pipelines.levels import budget_level, level_budget_points
+from pipelines.levels import check_energy as _check_energy
 from pipelines.stages import StagedModel
 from splitsense.config import CompressionConfig
 from splitsense.errors import ConfigError, ModelError
@@ -339,12 +341,6 @@ def _copy(model: StagedModel) -> StagedModel:
 # Redundancy estimate
 
 
-def _check_energy(energy: float) -> float:
-    if isinstance(energy, bool) or not isinstance(energy, (int, float)) or not 0 < energy <= 1:
-        raise ConfigError(f"energy kept must be in (0, 1] (1.0 = uncompressed), got {energy!r}")
-    return float(energy)
-
-
 def rank_for_energy(svals: np.ndarray | Sequence[float], energy: float) -> int:
     """Smallest r such that the top r singular values hold >= `energy` of sum(S^2); at least 1."""
     energy = _check_energy(energy)
@@ -426,19 +422,7 @@ def _check_levels(levels: Sequence[float]) -> tuple[float, ...]:
 # Levels: per-layer ranks chosen under an accuracy budget, shipped with the model
 
 
-def level_budget_points(level: float) -> float:
-    """The accuracy budget (points) a level < 1 stands for: (1 - level) x 100 (0.99 -> 1.0)."""
-    level = _check_energy(level)
-    return round((1.0 - level) * 100.0, 6)
-
-
-def budget_level(budget_points: float) -> float:
-    """The level key of an accuracy budget in points: 1 - budget / 100 (1.0 -> 0.99)."""
-    if isinstance(budget_points, bool) or not isinstance(budget_points, (int, float)):
-        raise ConfigError(f"budget_points must be a number of accuracy points, got {budget_points!r}")
-    if not 0 <= budget_points < 100:
-        raise ConfigError(f"budget_points must be in [0, 100), got {budget_points!r}")
-    return round(1.0 - float(budget_points) / 100.0, 9)
+# level_budget_points and budget_level: pipelines/levels.py (no torch: catalogs read them), re-exported.
 
 
 def weights_digest(model: nn.Module) -> str:

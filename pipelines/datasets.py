@@ -1,10 +1,12 @@
-"""Typed loaders for the real sensor data the project carries in ``pipelines/data/``.
+"""Typed loaders for the real sensor data of the data package (``splitsense_assets/data/``).
 
 Everything read here is validated: a missing, truncated or corrupt file, a wrong shape, a
 wrong sample rate, a label out of range or inconsistent offsets raises
 :class:`splitsense.errors.DataError` with a message that names the file. Nothing here reads
 ``../shared``; ``scripts/import_data.py`` produced these files once (see
-``pipelines/data/README.md`` for sources, licences and what was transformed).
+``assets/splitsense_assets/data/README.md`` for sources, licences and what was transformed). The
+data package (splitsense-assets) is not part of a device install: ``DATA_DIR`` is where
+``splitsense.config.PathsConfig`` finds it, and a load without it says what to install.
 
 Loads are cached per file (path, size and mtime), so repeated calls are cheap and return the
 same object. The arrays of a cached result are shared and therefore **read-only**; copy
@@ -24,7 +26,7 @@ from typing import Literal
 import numpy as np
 import numpy.typing as npt
 
-from splitsense.config import PathsConfig
+from splitsense.config import PathsConfig, missing_asset
 from splitsense.errors import DataError
 
 __all__ = [
@@ -193,10 +195,7 @@ def _cache_key(path: Path) -> tuple[Path, int, int]:
     try:
         st = path.stat()
     except FileNotFoundError:
-        raise DataError(
-            f"data file {path} does not exist (the project ships it under pipelines/data/; "
-            f"regenerate with scripts/import_data.py)"
-        ) from None
+        raise DataError(missing_asset("data file", path)) from None
     except OSError as e:
         raise DataError(f"data file {path} cannot be read: {e}") from None
     if not path.is_file():

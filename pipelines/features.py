@@ -13,53 +13,43 @@ from functools import lru_cache
 import numpy as np
 import torch
 
+# The constants and fix_length are shared with the numpy twin of this module (what a device
+# without torch runs): one definition, there.
+from pipelines.numpy_features import (
+    AUDIO_FRAMES,
+    HOP_LENGTH,
+    LOG_FLOOR,
+    N_FFT,
+    N_MELS,
+    SAMPLE_RATE_HZ,
+    WIN_LENGTH,
+    WINDOW_SAMPLES,
+    fix_length,
+)
+from pipelines.numpy_features import mel_filterbank as _mel_filterbank_np
 from splitsense.errors import DataError
 
-SAMPLE_RATE_HZ = 8000
-WINDOW_SAMPLES = 8000  # 1.0 s covers 99.3% of FSDD clips; longer ones are centre-cropped
-N_FFT = 256
-WIN_LENGTH = 200  # 25 ms at 8 kHz
-HOP_LENGTH = 80  # 10 ms
-N_MELS = 40
-LOG_FLOOR = 1e-6
-AUDIO_FRAMES = 1 + WINDOW_SAMPLES // HOP_LENGTH  # 101 with centred frames
-
-
-def _hz_to_mel(hz: np.ndarray) -> np.ndarray:
-    return 2595.0 * np.log10(1.0 + hz / 700.0)
-
-
-def _mel_to_hz(mel: np.ndarray) -> np.ndarray:
-    return 700.0 * (10.0 ** (mel / 2595.0) - 1.0)
+__all__ = [
+    "AUDIO_FRAMES",
+    "HOP_LENGTH",
+    "LOG_FLOOR",
+    "N_FFT",
+    "N_MELS",
+    "SAMPLE_RATE_HZ",
+    "WINDOW_SAMPLES",
+    "WIN_LENGTH",
+    "Standardizer",
+    "fix_length",
+    "log_mel",
+    "log_mel_ops",
+    "mel_filterbank",
+]
 
 
 @lru_cache(maxsize=4)
 def mel_filterbank(n_mels: int = N_MELS, n_fft: int = N_FFT, sample_rate: int = SAMPLE_RATE_HZ) -> torch.Tensor:
     """Triangular HTK mel filters, shape (n_mels, n_fft // 2 + 1)."""
-    n_bins = n_fft // 2 + 1
-    fft_hz = np.linspace(0.0, sample_rate / 2, n_bins)
-    mel_pts = np.linspace(_hz_to_mel(np.array(0.0)), _hz_to_mel(np.array(sample_rate / 2)), n_mels + 2)
-    hz_pts = _mel_to_hz(mel_pts)
-    fb = np.zeros((n_mels, n_bins), dtype=np.float64)
-    for m in range(n_mels):
-        lo, centre, hi = hz_pts[m], hz_pts[m + 1], hz_pts[m + 2]
-        up = (fft_hz - lo) / (centre - lo)
-        down = (hi - fft_hz) / (hi - centre)
-        fb[m] = np.maximum(0.0, np.minimum(up, down))
-    return torch.from_numpy(fb.astype(np.float32))
-
-
-def fix_length(wave: np.ndarray, n: int = WINDOW_SAMPLES) -> np.ndarray:
-    """Zero-pad (centred) or centre-crop a 1-D waveform to n samples."""
-    if wave.ndim != 1:
-        raise DataError(f"audio window must be 1-D, got shape {wave.shape}")
-    if len(wave) >= n:
-        start = (len(wave) - n) // 2
-        return wave[start : start + n]
-    out = np.zeros(n, dtype=np.float32)
-    start = (n - len(wave)) // 2
-    out[start : start + len(wave)] = wave
-    return out
+    return torch.from_numpy(_mel_filterbank_np(n_mels, n_fft, sample_rate).copy())
 
 
 def log_mel(waves: np.ndarray | torch.Tensor) -> torch.Tensor:

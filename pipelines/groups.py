@@ -19,16 +19,23 @@ optimise the whole window without knowing about groups:
     accuracy             mean(base) - max over members of (base_i - accuracy_i): the planner's budget
                          on "points lost" then binds the worst task, so both tasks' budgets hold
     preprocessing        the first member's (prep_ms, prep_ops): the window is preprocessed once
+
+The name helpers (`group_members`, `shared_cut`, `served_groups`, `is_group`) need no torch: a
+device reads them. Only `group_catalog` loads pipelines.catalog.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
-from pipelines.catalog import CodecEntry, LevelEntry, ModelCatalog
+from pipelines.specs import get_spec
 from splitsense.errors import ModelError
 
-__all__ = ["GROUP_SEPARATOR", "group_catalog", "group_members", "is_group", "shared_cut"]
+if TYPE_CHECKING:
+    from pipelines.catalog import ModelCatalog
+
+__all__ = ["GROUP_SEPARATOR", "group_catalog", "group_members", "is_group", "served_groups", "shared_cut"]
 
 GROUP_SEPARATOR = "+"
 
@@ -47,8 +54,6 @@ def group_members(name: str) -> tuple[str, ...]:
 
 def shared_cut(names: Sequence[str]) -> int:
     """The deepest cut at which every model of `names` reads the same activation (0: only the input)."""
-    from pipelines.models import get_spec
-
     specs = [get_spec(n) for n in names]
     if len({s.dataset for s in specs}) != 1:
         raise ModelError(f"models {list(names)} do not read the same sensor data; they cannot share a window")
@@ -68,10 +73,8 @@ def _acc(bases: Sequence[float], accs: Sequence[float]) -> float:
 
 
 def served_groups(models: Sequence[str]) -> list[tuple[str, ...]]:
-    """The encoder groups (pipelines.models.ModelSpec.encoder_group) all of whose models are in
+    """The encoder groups (pipelines.specs.ModelSpec.encoder_group) all of whose models are in
     `models` (what a cloud serving `models` plans and answers as one window)."""
-    from pipelines.models import get_spec
-
     out: list[tuple[str, ...]] = []
     for name in models:
         group = get_spec(name).encoder_group
@@ -82,6 +85,8 @@ def served_groups(models: Sequence[str]) -> list[tuple[str, ...]]:
 
 def group_catalog(catalogs: Sequence[ModelCatalog], shared: int) -> ModelCatalog:
     """One catalog for a window that runs every model of `catalogs` (see the module docstring)."""
+    from pipelines.catalog import CodecEntry, LevelEntry, ModelCatalog
+
     if len(catalogs) < 2:
         raise ModelError("a task group needs at least two models")
     first = catalogs[0]

@@ -16,32 +16,39 @@ rebuilds the teacher's activation after conv3, trained by head network distillat
 code; the teacher's later cuts stay. The two FSDD models share one encoder (trained jointly on both
 tasks), so one upload of a window's code serves speaker and digit.
 
-Cut k means the device runs stages [0, k); see pipelines/stages.py.
+Cut k means the device runs stages [0, k); see pipelines/stages.py. What each model is (its dataset,
+classes, training schedule: `ModelSpec`, `MODEL_SPECS`, `get_spec`) lives in pipelines/specs.py,
+which a device without torch reads; it is re-exported here.
 """
 
 from __future__ import annotations
-
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Literal
 
 from torch import nn
 
 from pipelines import features
 from pipelines.bottleneck import Encoder, Quantizer
-from pipelines.stages import StagedModel
-from splitsense.errors import ModelError
 
-FSDD_SPEAKERS = ("george", "jackson", "lucas", "nicolas", "theo", "yweweler")
-FSDD_DIGITS = tuple(str(d) for d in range(10))
-UCI_HAR_ACTIVITIES = (
-    "walking",
-    "walking_upstairs",
-    "walking_downstairs",
-    "sitting",
-    "standing",
-    "laying",
-)
+# What each model is (no torch there): re-exported, so `from pipelines.models import get_spec` works.
+from pipelines.specs import FSDD_DIGITS, FSDD_SPEAKERS, MODEL_SPECS, UCI_HAR_ACTIVITIES, ModelSpec, get_spec
+from pipelines.stages import StagedModel
+
+__all__ = [
+    "AUDIO_CODE_CHANNELS",
+    "CODE_MAX_SYMBOL",
+    "FSDD_DIGITS",
+    "FSDD_SPEAKERS",
+    "HND_TARGET_STAGE",
+    "IMU_CODE_CHANNELS",
+    "MODEL_SPECS",
+    "UCI_HAR_ACTIVITIES",
+    "ModelSpec",
+    "build_audio_cnn",
+    "build_audio_encoder",
+    "build_audio_student",
+    "build_imu_cnn",
+    "build_imu_student",
+    "get_spec",
+]
 
 
 def _conv2d(cin: int, cout: int, pool: bool) -> nn.Sequential:
@@ -157,79 +164,3 @@ def build_imu_student(name: str, class_names: tuple[str, ...], channels: int = 9
 
 # The teacher stage whose output the decoder rebuilds (head network distillation's target), per builder.
 HND_TARGET_STAGE = "conv3"
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """What a model is trained on and how; `build` makes an untrained StagedModel."""
-
-    name: str
-    modality: Literal["audio", "inertial"]
-    dataset: str
-    task: str
-    class_names: tuple[str, ...]
-    build: Callable[[], StagedModel]  # the split-aware (student) model: what is served and run
-    build_teacher: Callable[[], StagedModel]  # the plain model it is distilled from
-    epochs: int  # chosen so that training takes a few minutes on 2 CPU cores
-    lr: float
-    window_s: float  # how much sensor time one window covers (audio: one clip; IMU: 128 samples at 50 Hz)
-    student_epochs: int  # head network distillation + fine-tuning (each a share of these)
-    rate_weight: float  # loss weight per kbit of the code (the rate-accuracy trade-off)
-    # Models whose encoder is trained jointly with this one's and shipped identical: one upload of the
-    # code at cut 1 serves all of them (the FSDD speaker and digit tasks share the microphone).
-    encoder_group: tuple[str, ...] = ()
-
-
-MODEL_SPECS: dict[str, ModelSpec] = {
-    "fsdd_speaker": ModelSpec(
-        name="fsdd_speaker",
-        modality="audio",
-        dataset="fsdd",
-        task="speaker identification (6 speakers)",
-        class_names=FSDD_SPEAKERS,
-        build=lambda: build_audio_student("fsdd_speaker", FSDD_SPEAKERS),
-        build_teacher=lambda: build_audio_cnn("fsdd_speaker", FSDD_SPEAKERS),
-        epochs=12,
-        lr=2e-3,
-        window_s=features.WINDOW_SAMPLES / features.SAMPLE_RATE_HZ,
-        student_epochs=16,
-        rate_weight=0.02,
-        encoder_group=("fsdd_speaker", "fsdd_digit"),
-    ),
-    "fsdd_digit": ModelSpec(
-        name="fsdd_digit",
-        modality="audio",
-        dataset="fsdd",
-        task="spoken digit / keyword (10 digits)",
-        class_names=FSDD_DIGITS,
-        build=lambda: build_audio_student("fsdd_digit", FSDD_DIGITS),
-        build_teacher=lambda: build_audio_cnn("fsdd_digit", FSDD_DIGITS),
-        epochs=16,
-        lr=2e-3,
-        window_s=features.WINDOW_SAMPLES / features.SAMPLE_RATE_HZ,
-        student_epochs=16,
-        rate_weight=0.02,
-        encoder_group=("fsdd_speaker", "fsdd_digit"),
-    ),
-    "uci_har": ModelSpec(
-        name="uci_har",
-        modality="inertial",
-        dataset="uci_har",
-        task="activity recognition (6 activities)",
-        class_names=UCI_HAR_ACTIVITIES,
-        build=lambda: build_imu_student("uci_har", UCI_HAR_ACTIVITIES),
-        build_teacher=lambda: build_imu_cnn("uci_har", UCI_HAR_ACTIVITIES),
-        epochs=30,
-        lr=1e-3,
-        window_s=128 / 50.0,
-        student_epochs=40,
-        rate_weight=0.005,
-    ),
-}
-
-
-def get_spec(name: str) -> ModelSpec:
-    try:
-        return MODEL_SPECS[name]
-    except KeyError:
-        raise ModelError(f"unknown model {name!r}; known models: {', '.join(MODEL_SPECS)}") from None

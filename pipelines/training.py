@@ -24,7 +24,7 @@ from pipelines import datasets, features
 from pipelines.bottleneck import Encoder, fit_prior, rate_bits
 from pipelines.models import HND_TARGET_STAGE, ModelSpec, get_spec
 from pipelines.stages import StagedModel
-from splitsense.config import PathsConfig, TrainConfig
+from splitsense.config import PathsConfig, TrainConfig, missing_asset
 from splitsense.errors import ModelError
 
 Split = Literal["train", "test"]
@@ -106,6 +106,8 @@ def load_trained(name: str, weights_dir: Path | None = None, *, teacher: bool = 
     spec = get_spec(name)
     path = weights_path(name, weights_dir, teacher=teacher)
     if not path.exists():
+        if not path.parent.is_dir():  # no weights folder at all: no data package
+            raise ModelError(missing_asset(f"the weights of model {name!r}", path))
         raise ModelError(f"no weights for model {name!r} at {path}; run `splitsense models train --model {name}`")
     try:
         tensors = load_file(str(path))

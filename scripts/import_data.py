@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
-"""Import the real sensor data from the shared data folder into ``pipelines/data/`` (run once).
+"""Import the real sensor data from the shared data folder into the data package (run once):
+``assets/splitsense_assets/data/``, the distribution splitsense-assets (``assets/pyproject.toml``).
 
-    python scripts/import_data.py [SOURCE] [--dest pipelines/data]
+    python scripts/import_data.py [SOURCE] [--dest assets/splitsense_assets/data]
 
 SOURCE defaults to ``../shared/data`` relative to the repository root. The output is committed,
 so the project never reads the shared folder at run time. What it writes:
@@ -14,7 +15,8 @@ so the project never reads the shared folder at run time. What it writes:
   byte-for-byte copies.
 
 The npz is written with fixed zip timestamps, so re-running the import gives identical bytes
-(no spurious diff). Network traces are already in ``pipelines/data/traces/`` and are left alone.
+(no spurious diff). Network traces are already in ``assets/splitsense_assets/data/traces/`` and
+are left alone.
 At the end every output is read back through ``pipelines.datasets`` and its sha256 printed.
 """
 
@@ -36,7 +38,7 @@ import numpy as np
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_SOURCE = REPO_ROOT.parent / "shared" / "data"
-DEFAULT_DEST = REPO_ROOT / "pipelines" / "data"
+DEFAULT_DEST = REPO_ROOT / "assets" / "splitsense_assets" / "data"
 
 SAMPLE_RATE = 8000
 EXPECTED_CLIPS = 3000
@@ -192,7 +194,7 @@ def verify(dest: Path, outputs: list[Path]) -> None:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     ap.add_argument("source", nargs="?", type=Path, default=DEFAULT_SOURCE, help="shared data folder")
-    ap.add_argument("--dest", type=Path, default=DEFAULT_DEST, help="output folder (pipelines/data)")
+    ap.add_argument("--dest", type=Path, default=DEFAULT_DEST, help="output folder (assets/splitsense_assets/data)")
     args = ap.parse_args(argv)
     source: Path = args.source.resolve()
     dest: Path = args.dest.resolve()

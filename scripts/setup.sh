@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Set up .venv/ in the repo root with splitsense installed (editable) and everything it needs.
-#   scripts/setup.sh          the runtime: models, edge, cloud and simulators (what `splitsense demo` needs)
+#   scripts/setup.sh          the runtime: models, edge, cloud and simulators (what `splitsense demo` needs),
+#                             and the data package splitsense-assets (assets/: datasets, weights, catalogs)
 #   scripts/setup.sh --dev    also the test, lint and codegen tools, and Debian's redis-server and prometheus
 # Safe to rerun: it only installs what is missing.
 set -euo pipefail
@@ -26,8 +27,9 @@ if ! .venv/bin/python -c "import torch, sys; sys.exit(0 if torch.__version__.sta
   echo "==> installing torch 2.13.0 (CPU)"
   "${pip[@]}" torch==2.13.0
 fi
-echo "==> installing splitsense[$extras]"
-"${pip[@]}" -e ".[$extras]"
+echo "==> installing splitsense[$extras] and its data package (assets/)"
+"${pip[@]}" -e ".[$extras]" -e ./assets
+# A device installs less: `pip install ".[edge]"` (ONNX Runtime, no torch, no data); see README.
 
 if [ "$services" = 1 ]; then
   missing=()

@@ -6,10 +6,12 @@ real time by `edge.sources.ReplaySource`), its own trace behind its own `LinkEmu
 TCP proxy: the real gRPC bytes cross it), and its own `GrpcTransport` to the real broker, which
 batches for the Ray Serve tails; the controller replans from the fleet's telemetry meanwhile.
 
-Simulated hardware. A device's preprocessing and stages run for real on this host (one torch
-thread), and their time is stretched by the class's `speed_factor` (pipelines/devices.py: how much
-slower than this host each class is, with the published sources); the device waits out the
-stretched time before it goes on, so latency, the deadline and energy see the device's speed.
+Simulated hardware. A device's preprocessing and stages run for real on this host (one thread, on
+the devices' backend, `edge.backend` as `config.edge.backend` chooses: ONNX Runtime on the exported
+graphs, or PyTorch, shared by every device of a model), and their time is stretched by the class's
+`speed_factor` (pipelines/devices.py: how much slower than this host each class is, with the
+published sources); the device waits out the stretched time before it goes on, so latency, the
+deadline and energy see the device's speed.
 What is stretched (`simulator.compute_time`):
     reference  the stage's and the preprocessing's host time in the model's catalog (this host,
                uncontended: the basis the speed factors are defined on; a microcontroller: their
@@ -63,6 +65,7 @@ from prometheus_client import CollectorRegistry
 
 from cloud.controller.costmodel import CloudState, DeviceCostProfile
 from cloud.metrics import BrokerMetrics
+from edge.backend import FrontBackend, choose_backend, make_backend
 from edge.runtime import EdgeDevice, ForcedChoice
 from edge.sink import WindowResult
 from edge.sources import RecordedWindow, ReplaySource, SensorWindow, recorded_windows
@@ -223,6 +226,8 @@ class PolicyRun:
     infeasible: dict[str, str] = field(default_factory=dict)  # device class -> why it was not run
     # per device: radio energy charged to no window (telemetry, probes, the final tail), mJ
     radio_overhead_mj: dict[str, float] = field(default_factory=dict)
+    # a sharded fleet (simulators/shards.py): per shard, its devices, windows, wall time, loop lag
+    shards: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def lost(self) -> int:
@@ -275,8 +280,13 @@ def device_windows(base: list[RecordedWindow], offset: int, duration_s: float, p
         j += 1
 
 
-def measure_host_stage_ms(trained: TrainedModel, runs: int = _CALIBRATION_RUNS) -> list[float]:
-    """Median thread-CPU ms of each stage at batch 1 in this process: what the devices stretch."""
+def measure_host_stage_ms(
+    trained: TrainedModel, runs: int = _CALIBRATION_RUNS, backend: FrontBackend | None = None
+) -> list[float]:
+    """Median thread-CPU ms of each stage at batch 1 in this process: what the devices stretch
+    (on `backend`, the devices' own, when given; PyTorch on `trained` otherwise)."""
+    if backend is not None:
+        return _backend_stage_ms(backend, trained.spec.name, runs)
     model = trained.model.eval()
     x = torch.zeros((1, *model.input_shape))
     samples: list[list[float]] = [[] for _ in range(model.n_stages)]
@@ -373,9 +383,36 @@ class ReferenceTime:
         return self._macs[stage] / rate * 1000.0 * (ms / full if full > 0 else 1.0)
 
 
-def measure_prep_ms(trained: TrainedModel, window: RecordedWindow, runs: int = _CALIBRATION_RUNS) -> float:
+def _backend_stage_ms(backend: FrontBackend, model: str, runs: int) -> list[float]:
+    info = backend.info(model)
+    x = np.zeros((1, *info.input_shape), dtype=np.float32)
+    samples: list[list[float]] = [[] for _ in range(info.n_stages)]
+    for _ in range(3):
+        backend.run_front(model, info.n_stages, 1.0, x)
+    for _ in range(runs):
+        a = x
+        for i in range(info.n_stages):
+            t = time.thread_time()
+            a = backend.run_stage(model, i, 1.0, a)
+            samples[i].append((time.thread_time() - t) * 1000.0)
+    return [float(np.median(s)) for s in samples]
+
+
+def measure_prep_ms(
+    trained: TrainedModel, window: RecordedWindow, runs: int = _CALIBRATION_RUNS, backend: FrontBackend | None = None
+) -> float:
     """Median thread-CPU ms of preprocessing one window in this process (compute_time "measured":
     what fixed_cut and the oracle know of it, as `measure_host_stage_ms` of the stages)."""
+    if backend is not None:
+        name = trained.spec.name
+        for _ in range(3):
+            backend.prepare(name, window.raw)
+        times = []
+        for _ in range(runs):
+            t = time.thread_time()
+            backend.prepare(name, window.raw)
+            times.append((time.thread_time() - t) * 1000.0)
+        return float(np.median(times))
     samples = []
     with torch.inference_mode():
         for _ in range(3):
@@ -511,6 +548,11 @@ class FleetRunner:
         self.recordings: dict[str, list[RecordedWindow]] = {}
         self.tasks: dict[str, tuple[TrainedModel, ...]] = {}  # per model or group: its extra tasks
         self.fronts: dict[str, dict[tuple[int, float], StagedModel]] = {}
+        # The devices' inference engine (edge.backend; config.edge.backend), one per model or group,
+        # shared by every device that runs it: its sessions or compressed fronts are built once.
+        self.engines: dict[str, FrontBackend] = {}
+        self.engine_kind = "torch"
+        self.engine_why = ""
         self.host_stage_ms: dict[str, list[float]] = {}
         self.prep_ms: dict[str, float] = {}  # compute_time "measured" only: this host's, at start
         self.catalogs: dict[str, ModelCatalog] = {}  # what the oracle and fixed_cut know
@@ -562,9 +604,25 @@ class FleetRunner:
                 )
             )
             self.fronts[m] = {}
-            self.host_stage_ms[m] = measure_host_stage_ms(tm)
+        every = sorted({name for m in models for name in group_members(m)})
+        self.engine_kind, self.engine_why = choose_backend(
+            cfg.edge.backend, every, root=cfg.edge.export_dir, weights_dir=cfg.paths.weights_dir
+        )
+        for m in models:
+            tm, members = self.trained[m], group_members(m)
+            self.engines[m] = make_backend(
+                self.engine_kind,
+                members,
+                root=cfg.edge.export_dir,
+                weights_dir=cfg.paths.weights_dir,
+                intra_op_threads=sim.torch_threads,
+                trained=(tm, *self.tasks[m]),
+                front_caches={members[0]: self.fronts[m]},
+            )
+            onnx = self.engines[m] if self.engine_kind == "onnx" else None  # torch: as the devices run it
+            self.host_stage_ms[m] = measure_host_stage_ms(tm, backend=onnx)
             if sim.compute_time == "measured":  # "reference" charges the catalog's prep_ms / prep_ops
-                self.prep_ms[m] = measure_prep_ms(tm, self.recordings[m][0])
+                self.prep_ms[m] = measure_prep_ms(tm, self.recordings[m][0], backend=onnx)
         periods = {m: _period(r) for m, r in self.recordings.items()}
         self.specs = assign_devices(sim, traces, {m: len(r) for m, r in self.recordings.items()}, periods)
         self._prepared = True
@@ -574,7 +632,10 @@ class FleetRunner:
         within a class's accuracy budget (the planner never picks another)."""
         torch.set_num_threads(self.sim.torch_threads)
         for model, levels in usable_levels(self.config, catalogs).items():
-            self.fronts[model].update(compressed_fronts(self.trained[model].model, levels))
+            if self.engine_kind == "torch":
+                self.fronts[model].update(compressed_fronts(self.trained[model].model, levels))
+            else:  # open the sessions now, not inside a window
+                self.engines[model].load(group_members(model)[0], (1.0, *levels))
 
     def _prepare_policies(self, catalogs: Mapping[str, ModelCatalog]) -> None:
         """What fixed_cut and the oracle know: the cloud's catalogs, calibrated to this host."""
@@ -637,6 +698,7 @@ class FleetRunner:
                 # the preprocessing's host ms fixed_cut and the oracle know: the catalog's, or this host's
                 "host_prep_ms": {m: round(c.prep_ms, 4) for m, c in self.catalogs.items()},
                 "policy_inputs": dict(self.inputs),  # what the report checks budgets' feasibility on
+                "device_backend": {"kind": self.engine_kind, "why": self.engine_why},
             },
         )
 
@@ -648,9 +710,10 @@ class FleetRunner:
         if self.cloud.broker.plans.version <= 1:
             log.warning("adaptive starts on the broker's static plan: no controller plan after %.0f s", _PLAN_WAIT_S)
 
-    async def run_policy(self, policy: Policy) -> PolicyRun:
+    async def run_policy(self, policy: Policy, start_wall: float | None = None) -> PolicyRun:
         """Every device of the fleet under `policy` for `duration_s`, concurrently (after `run`
-        has set up the cloud side)."""
+        has set up the cloud side). `start_wall` (time.time()): the policy's clock origin, shared
+        by the shards of a sharded fleet; None: half a second from now."""
         sim = self.sim
         infeasible = self.infeasible(policy)
         specs = [s for s in self.specs if s.device_class not in infeasible]
@@ -666,9 +729,10 @@ class FleetRunner:
         records: list[WindowRecord] = []
         errors: dict[str, str] = {}
         overhead: dict[str, float] = {}
-        before = _batch_totals(self.cloud.broker.metrics.registry)
+        registry = _broker_registry(self.cloud)  # None in a shard: the driver reads the broker
+        before = _batch_totals(registry) if registry is not None else None
         loop = asyncio.get_running_loop()
-        t0 = loop.time() + _START_DELAY_S
+        t0 = loop.time() + (_START_DELAY_S if start_wall is None else start_wall - time.time())
         tasks = [
             asyncio.create_task(self._device(policy, spec, t0, records, errors, overhead), name=spec.device_id)
             for spec in specs
@@ -683,7 +747,7 @@ class FleetRunner:
                 t.cancel()
             await asyncio.gather(monitor, *tasks, return_exceptions=True)
         wall = loop.time() - t0
-        after = _batch_totals(self.cloud.broker.metrics.registry)
+        after = _batch_totals(registry) if registry is not None else None
         run = PolicyRun(
             policy=policy.value,
             duration_s=sim.duration_s,
@@ -691,7 +755,7 @@ class FleetRunner:
             windows_expected=expected,
             records=records,
             device_errors=errors,
-            broker=_batch_delta(before, after),
+            broker=_batch_delta(before, after) if before is not None and after is not None else {},
             plan_versions=sorted({r.plan_version for r in records}),
             loop_lag_ms=_lag_stats(lags),
             infeasible=infeasible,
@@ -820,6 +884,7 @@ class FleetRunner:
                 choose=self._chooser(policy, spec, schedule, link_zero, t0 + spec.phase_s - link_zero),
                 front_cache=self.fronts[spec.model],
                 tasks=self.tasks[spec.model],
+                backend=self.engines[spec.model],
                 # A class that cannot hold the whole model keeps no local fallback: what it cannot
                 # offload now it stores and forwards (edge/store.py), at most its deepest fitting cut.
                 **edge_fallback(dev, self.catalogs[spec.model]),  # type: ignore[arg-type]
@@ -902,6 +967,12 @@ def _period(windows: list[RecordedWindow]) -> float:
 
 # ---------------------------------------------------------------------------------------------
 # The broker's batch sizes
+
+
+def _broker_registry(cloud: Any) -> CollectorRegistry | None:
+    """The broker's metrics registry when the broker runs in this process (None: a remote cloud)."""
+    broker = getattr(cloud, "broker", None)
+    return broker.metrics.registry if broker is not None else None
 
 
 def _batch_totals(registry: CollectorRegistry) -> dict[str, Any]:

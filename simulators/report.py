@@ -338,6 +338,8 @@ def config_echo(result: FleetResult, report_dir: Path | None = None) -> dict[str
     sim = result.config.to_dict()["simulator"]
     sim.update(
         backend=result.backend,
+        # how the fleet ran: one process, or shards (Ray actors) with fronts computed or reused
+        fleet=result.extra.get("fleet") or {"mode": "one_process", "shards": 1, "reuse": False},
         controller_period_s=result.config.controller.period_s,
         cloud_overhead_ms_assumed=result.cloud_overhead_ms,
         report_dir=str(report_dir) if report_dir is not None else None,
@@ -581,18 +583,22 @@ def realtime(result: FleetResult) -> dict[str, Any]:
     out = {}
     for policy, run in result.runs.items():
         lags = [r.lag_ms for r in run.records]
+        answered = sum(1 for r in run.records if r.mode in ("offloaded", "deferred"))
         out[policy] = {
             "duration_s": run.duration_s,
             "wall_s": _r(run.wall_s),
             "realtime_factor": _r(run.realtime_factor, 4),
             "windows": len(run.records),
             "windows_per_s": _r(len(run.records) / run.wall_s if run.wall_s > 0 else 0.0),
+            # windows the cloud answered (offloaded, or stored and forwarded): what it computed
+            "offloaded_windows_per_s": _r(answered / run.wall_s if run.wall_s > 0 else 0.0),
             "lag_ms_p95": _r(np.percentile(lags, 95)) if lags else None,
             "lag_ms_max": _r(max(lags)) if lags else None,
             "event_loop_lag_ms": dict(run.loop_lag_ms),
             "device_errors": dict(run.device_errors),
             "broker": run.broker,
             "plan_versions": run.plan_versions,
+            "shards": list(run.shards),  # a sharded fleet: each shard's devices, wall time, loop lag
         }
     return out
 
@@ -661,6 +667,7 @@ def write_report(result: FleetResult, directory: str | Path) -> Path:
             "compute_time": result.config.simulator.compute_time,
             "host_stage_ms_measured_at_start": {m: [_r(v, 4) for v in ms] for m, ms in result.host_stage_ms.items()},
             **{k: v for k, v in result.extra.items() if k.startswith("host_")},
+            "device_backend": result.extra.get("device_backend"),  # edge.backend: what the devices ran on
             "classes": {
                 c: {
                     **{k: v for k, v in asdict(DEVICE_CLASSES[c]).items() if k != "radio"},
@@ -1021,6 +1028,21 @@ def render_summary(result: FleetResult, console: Any, report_dir: Path | None = 
         for p, v in rt.items()
     )
     console.print(f"  real-time factor: {line}; lost windows: {sum(r.lost for r in result.runs.values())}")
+    fleet = result.extra.get("fleet")
+    if fleet:
+        lag = "; ".join(
+            f"{p}: " + ", ".join(f"#{x.get('shard')} {x['loop_lag_ms'].get('p95', 0):.0f} ms" for x in v["shards"])
+            for p, v in rt.items()
+            if v["shards"]
+        )
+        console.print(
+            f"  fleet: {fleet['shards']} shard(s) on {len(fleet.get('nodes', []))} node(s), front {fleet['front']}; "
+            f"loop lag p95 per shard: {lag}",
+            highlight=False,
+        )
+    engine = result.extra.get("device_backend")
+    if engine:
+        console.print(f"  devices ran on: {engine['kind']} ({engine['why']})", highlight=False)
     if report_dir is not None:
         console.print(f"  report: {report_dir}")
 

@@ -1,7 +1,7 @@
 """Real throughput traces, read from the two formats people publish them in.
 
 (a) Two whitespace-separated columns ``time_s throughput_mbps`` per line (the Norway HSDPA 3G, FCC
-    broadband and Oboe traces shipped in ``pipelines/data/traces``, see its ``manifest.csv``).
+    broadband and Oboe traces of the data package, ``<paths.data_dir>/traces``: see its ``manifest.csv``).
     Sample ``i`` holds from ``time_s[i]`` until the next sample; the last one holds for the
     median sampling interval. Times are shifted so that a trace starts at 0.
 (b) Mahimahi packet-delivery traces (``.mahi``, ``.up``, ``.down``, or any file whose lines are
@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from splitsense.config import PathsConfig, missing_asset
 from splitsense.errors import ConfigError, DataError
 
 __all__ = [
@@ -43,8 +44,8 @@ BYTES_PER_MBIT = 1e6 / 8
 
 
 def default_trace_dir() -> Path:
-    """``pipelines/data/traces`` inside this checkout or installed package."""
-    return Path(__file__).resolve().parent.parent / "pipelines" / "data" / "traces"
+    """``traces/`` of the data package (splitsense-assets: installed, or this checkout's assets/)."""
+    return PathsConfig().data_dir / "traces"
 
 
 @dataclass(frozen=True, eq=False)
@@ -281,6 +282,8 @@ def load_trace_dir(directory: str | Path | None = None) -> list[Trace]:
     """Every trace under ``directory``, recursively, sorted by path (default: :func:`default_trace_dir`)."""
     root = Path(directory) if directory is not None else default_trace_dir()
     if not root.is_dir():
+        if directory is None:
+            raise DataError(missing_asset("the trace directory", root))
         raise DataError(f"{root}: trace directory not found")
     files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in TRACE_SUFFIXES)
     files = [p for p in files if p.name != "manifest.csv"]

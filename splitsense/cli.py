@@ -38,6 +38,8 @@ edge_app = typer.Typer(no_args_is_help=True, help="Run a device: a real recordin
 app.add_typer(edge_app, name="edge")
 controller_app = typer.Typer(no_args_is_help=True, help="Replan the fleet: metrics in, plans out to Redis.")
 app.add_typer(controller_app, name="controller")
+data_app = typer.Typer(no_args_is_help=True, help="The datasets (splitsense-assets): recordings a device replays.")
+app.add_typer(data_app, name="data")
 
 
 def _wide(stream: Any) -> int | None:
@@ -64,7 +66,12 @@ EXTRA_OF_MODULE = {
     "grpc": "edge",
     "google": "edge",
     "prometheus_client": "edge",
+    "onnxruntime": "edge",
+    "onnx": "export",
+    "onnxscript": "export",
     "matplotlib": "sim",
+    "torch": "torch",
+    "safetensors": "torch",
 }
 
 
@@ -83,7 +90,7 @@ def friendly(fn: F) -> F:
             extra = EXTRA_OF_MODULE.get(top)
             if extra is None:
                 raise
-            err.print(f"[bold red]error:[/] this command needs {top!r}: pip install 'splitsense[{extra}]'")
+            err.print(f"[bold red]error:[/] this command needs {top!r}: pip install 'splitsense\\[{extra}]'")
             raise typer.Exit(2) from None
 
     return wrapper  # type: ignore[return-value]
@@ -94,7 +101,7 @@ def emit_json(obj: Any) -> None:
 
 
 def _model_names(model: str | None) -> list[str]:
-    from pipelines.models import MODEL_SPECS, get_spec
+    from pipelines.specs import MODEL_SPECS, get_spec
 
     if model is None:
         return list(MODEL_SPECS)
@@ -112,7 +119,7 @@ def models_train(
     teachers: bool = typer.Option(
         False, "--teachers", help="Retrain the plain (teacher) models first; default: distil from the shipped ones."
     ),
-    out_dir: Path = typer.Option(None, help="Where to write weights (default: the shipped pipelines/weights/)."),
+    out_dir: Path = typer.Option(None, help="Where to write weights (default: paths.weights_dir, the data package)."),
 ) -> None:
     """Train with a fixed seed and write safetensors weights: the split-aware models, distilled from their teachers."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
@@ -227,8 +234,18 @@ def cloud_up(
     tls_client_ca: Path = typer.Option(
         None, help="Mutual TLS: CA of the device certificates, whose CN is the device id (broker.tls_client_ca_file)."
     ),
+    join: bool = typer.Option(
+        False,
+        "--join",
+        help="Another broker for the same fleet: join the tails already running on --ray-address, deploy nothing.",
+    ),
 ) -> None:
-    """Start the Ray Serve tails, then the gRPC broker; serve until Ctrl-C or SIGTERM."""
+    """Start the Ray Serve tails, then the gRPC broker; serve until Ctrl-C or SIGTERM.
+
+    Several brokers serve one fleet side by side: the first `cloud up` deploys the tails, the
+    others `--join` them on the same Ray cluster; all follow the same Redis plan store, and
+    devices spread over them with gRPC's round_robin (edge.lb_policy) given every broker's address
+    (`ipv4:H1:P1,H2:P2` or a DNS name with several records)."""
     import asyncio
     from dataclasses import replace
 
@@ -249,19 +266,25 @@ def cloud_up(
 
     from cloud.backend import ModelRegistry
     from cloud.broker import Broker, run_broker_forever
-    from cloud.serving import start_serving, stop_serving
+    from cloud.serving import connect_serving, start_serving, stop_serving
+    from splitsense.errors import ConfigError
 
     serving = cfg.serving
     if ray_address is not None:
         serving = replace(serving, ray_address=ray_address)
+    if join and serving.ray_address is None:
+        raise ConfigError("--join joins the tails on a running Ray cluster: give --ray-address (serving.ray_address)")
     if models is not None:
         serving = replace(serving, models=tuple(m.strip() for m in models.split(",") if m.strip()))
     registry = ModelRegistry(serving.models, cfg.paths.weights_dir)  # missing weights: fail before Ray
     _quiet_ray_logs()
     try:
-        with err.status("starting Ray Serve") as status:
-            backend = start_serving(serving, weights_dir=cfg.paths.weights_dir, progress=status.update)
-        err.print(f"Ray Serve tails running: {', '.join(serving.models)}")
+        with err.status("joining Ray Serve" if join else "starting Ray Serve") as status:
+            if join:  # the tails are another `cloud up`'s: stop_serving below leaves them alone
+                backend = connect_serving(serving, progress=status.update)
+            else:
+                backend = start_serving(serving, weights_dir=cfg.paths.weights_dir, progress=status.update)
+        err.print(f"Ray Serve tails {'joined' if join else 'running'}: {', '.join(serving.models)}")
 
         subscribers: list[Any] = []
 
@@ -456,6 +479,21 @@ def bench_serve(
         render(result, _out())
 
 
+def _device_catalog(model: str, weights_dir: Path, export_dir: Path | None) -> Any:
+    """The catalog of `model`: the data package's, else the copy beside its export (a device)."""
+    from pipelines.artifacts import model_export_dir
+    from pipelines.catalog import load_catalog
+    from splitsense.errors import ModelError
+
+    try:
+        return load_catalog(model, weights_dir)
+    except ModelError as first:
+        try:
+            return load_catalog(model, model_export_dir(model, export_dir, weights_dir))
+        except ModelError:
+            raise first from None
+
+
 @edge_app.command("run")
 @friendly
 def edge_run(
@@ -481,6 +519,20 @@ def edge_run(
         None, help="Mutual TLS: this device's certificate, PEM, CN = its device id (edge.tls_cert_file)."
     ),
     tls_key: Path = typer.Option(None, help="Mutual TLS: its private key, PEM (edge.tls_key_file)."),
+    backend: str = typer.Option(
+        None,
+        help="onnx (ONNX Runtime on `models export`'s files), torch, or auto: onnx when every model has a "
+        "current export (edge.backend, default auto).",
+    ),
+    recording: Path = typer.Option(
+        None,
+        "--recording",
+        help="Replay this recording file (`splitsense data export-recording`); default: the model's test "
+        "recording from the data package (splitsense-assets), when it is installed.",
+    ),
+    export_dir: Path = typer.Option(
+        None, "--export-dir", help="Root folder of the exports, one subfolder per model (edge.export_dir)."
+    ),
 ) -> None:
     """Replay a real recording through preprocessing, the front, and offload (or local) per window."""
     import asyncio
@@ -489,15 +541,15 @@ def edge_run(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
     from rich.table import Table
 
+    # Nothing here imports torch unless the torch backend runs: a device installs splitsense[edge].
     from edge.runtime import EdgeDevice
     from edge.sink import JsonlSink, WindowResult
-    from edge.sources import recorded_windows, source_for_model
+    from edge.sources import load_recording, recording_from_datasets, source_for_model
     from edge.transport import GrpcTransport, channel_credentials
     from pipelines.codecs import parse_codec
     from pipelines.groups import group_members
-    from pipelines.models import get_spec
-    from pipelines.training import load_trained
-    from splitsense.errors import ConfigError
+    from pipelines.specs import get_spec
+    from splitsense.errors import ConfigError, DataError
 
     cfg = _load_config(config)
     overrides: dict[str, Any] = {"model": model}
@@ -510,6 +562,10 @@ def edge_run(
         overrides["default_codec"] = parse_codec(codec).value
     if speed is not None:
         overrides["replay_speed"] = speed
+    if backend is not None:
+        overrides["backend"] = backend
+    if export_dir is not None:
+        overrides["export_dir"] = export_dir
     if device_class is not None:
         overrides["device_class"] = device_class
         from pipelines.devices import DEVICE_CLASSES  # the classes' power figures, if it is one of ours
@@ -526,18 +582,43 @@ def edge_run(
         )
     tls = None if local_only else channel_credentials(ecfg)  # TLS as configured; no plaintext token off-loopback
     members = group_members(model)
-    trained = load_trained(members[0], cfg.paths.weights_dir)
-    tasks = tuple(load_trained(m, cfg.paths.weights_dir) for m in members[1:])
-    total = sum(1 for _ in recorded_windows(get_spec(members[0]), frame_ms=ecfg.audio_frame_ms))
-    total = min(total, windows) if windows is not None else total
+    from edge.backend import choose_backend, make_backend
+
+    kind, why = choose_backend(ecfg.backend, members, root=ecfg.export_dir, weights_dir=cfg.paths.weights_dir)
+    trained: Any = None  # ONNX Runtime runs the exported files: no weights, no torch
+    tasks: tuple[Any, ...] = ()
+    if kind == "torch":
+        import torch
+
+        from pipelines.training import load_trained
+
+        torch.set_num_threads(ecfg.intra_op_threads)
+        trained = load_trained(members[0], cfg.paths.weights_dir)
+        tasks = tuple(load_trained(m, cfg.paths.weights_dir) for m in members[1:])
+    engine = make_backend(
+        kind, members, root=ecfg.export_dir, weights_dir=cfg.paths.weights_dir,
+        intra_op_threads=ecfg.intra_op_threads, trained=(trained, *tasks) if trained is not None else None,
+    )  # fmt: skip
+    err.print(f"backend: {kind} ({why})")
+    if recording is not None:
+        rec = load_recording(recording)
+    else:  # the data package's test recording of the model's dataset
+        try:
+            dataset, frame_ms = get_spec(members[0]).dataset, ecfg.audio_frame_ms
+            rec = recording_from_datasets(
+                dataset, frame_ms=frame_ms, models=members, limit=windows or None, data_dir=cfg.paths.data_dir
+            )
+        except DataError as e:
+            hint = "or replay a recording file: --recording PATH (`splitsense data export-recording`)"
+            raise DataError(f"{e}; {hint}") from None
+    total = min(len(rec), windows) if windows is not None else len(rec)
     fallback: dict[str, Any] = {}
     if device_class is not None and not local_only:  # a class that cannot hold the whole model stores and forwards
-        from pipelines.catalog import load_catalog
         from pipelines.devices import DEVICE_CLASSES, edge_fallback
 
         dev = DEVICE_CLASSES.get(device_class)
         if dev is not None:
-            fallback = edge_fallback(dev, load_catalog(members[0], cfg.paths.weights_dir))
+            fallback = edge_fallback(dev, _device_catalog(members[0], cfg.paths.weights_dir, ecfg.export_dir))
 
     async def go() -> Any:
         transport = None
@@ -545,14 +626,16 @@ def edge_run(
             transport = GrpcTransport(
                 ecfg.broker_address, ecfg.token, device_id=ecfg.device_id,
                 use_stream=ecfg.use_stream, max_message_bytes=ecfg.max_message_bytes, tls=tls,
+                load_balancing=ecfg.lb_policy,
             )  # fmt: skip
         device = EdgeDevice(
-            ecfg, trained, transport, low_battery_threshold=cfg.planner.low_battery_threshold, tasks=tasks, **fallback
-        )
-        source = source_for_model(model, speed=ecfg.replay_speed, limit=windows, frame_ms=ecfg.audio_frame_ms)
+            ecfg, trained, transport, low_battery_threshold=cfg.planner.low_battery_threshold, tasks=tasks,
+            backend=engine, **fallback,
+        )  # fmt: skip
+        source = source_for_model(model, speed=ecfg.replay_speed, limit=windows, recording=rec)
         sink = JsonlSink(out) if out is not None else None
         counts = dict.fromkeys(("offloaded", "local", "fallback", "deferred"), 0)
-        task_right: dict[str, list[bool]] = {t.spec.name: [] for t in tasks}
+        task_right: dict[str, list[bool]] = {m: [] for m in members[1:]}
         columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn())
         with Progress(*columns, TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=err) as bar:
             task = bar.add_task(f"{ecfg.device_id} {model}", total=total, info="")
@@ -575,7 +658,7 @@ def edge_run(
     summary, task_right = asyncio.run(go())
     task_accuracy = {m: (sum(v) / len(v) if v else None) for m, v in task_right.items()}
     if as_json:
-        emit_json({**summary.to_dict(), "task_accuracy": task_accuracy})
+        emit_json({**summary.to_dict(), "task_accuracy": task_accuracy, "backend": kind})
         return
     table = Table(title=f"edge run: {model} on {ecfg.device_class} {ecfg.device_id}")
     table.add_column("metric")
@@ -592,6 +675,7 @@ def edge_run(
         ("energy", f"{summary.energy_mj / 1000:.2f} J"),
         ("battery left", f"{summary.battery_fraction:.2%}"),
         ("plan version", str(summary.plan_version)),
+        ("backend", f"{kind} ({why})"),
     ]
     if summary.fallbacks_by_reason:
         reasons = ", ".join(f"{k} {v}" for k, v in summary.fallbacks_by_reason.items())
@@ -651,6 +735,134 @@ def models_catalog(
             )
         for d in cat.dropped_levels:
             err.print(f"  dropped level {d.energy_kept:g} ({d.budget_points:g}-point budget): {d.reason}")
+
+
+@models_app.command("export")
+@friendly
+def models_export(
+    model: str = typer.Option(None, "--model", "-m", help="Model name (default: all)."),
+    out: Path = typer.Option(
+        None, "--out", help="Root folder of the exports, one subfolder per model (default: <weights_dir>/export)."
+    ),
+    check: bool = typer.Option(
+        True, "--check/--no-check", help="Check every front and the accuracy against PyTorch on the test windows."
+    ),
+    ort_format: bool = typer.Option(True, "--ort/--no-ort", help="Also write ONNX Runtime's mobile format (.ort)."),
+    level: list[float] = typer.Option(
+        None,
+        "--level",
+        help="Export only this compression level of the catalog (repeatable; 1.0 always): a device holds "
+        "only the fronts its export has, and tells the planner so in its telemetry.",
+    ),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object keyed by model."),
+    config: Path = typer.Option(None, "--config", "-c", help="Scenario file (JSON): paths.weights_dir."),
+) -> None:
+    """Export what a device runs (every stage at every compression level, the whole model, the
+    preprocessing) as ONNX graphs with a manifest, checked against PyTorch."""
+    from rich.table import Table
+
+    from pipelines.artifacts import model_export_dir
+    from pipelines.export import ATOL, RTOL, export_model
+    from splitsense.errors import ModelError
+
+    cfg = _load_config(config)
+    results: dict[str, Any] = {}
+    failed: list[str] = []
+    for name in _model_names(model):
+        target = model_export_dir(name, out, cfg.paths.weights_dir)
+        with err.status(f"exporting {name}") as status:
+            try:
+                r = export_model(
+                    name, target, weights_dir=cfg.paths.weights_dir, check=check, ort_format=ort_format,
+                    levels=level or None, progress=status.update,
+                )  # fmt: skip
+                results[name] = r.summary()
+            except ModelError as e:
+                failed.append(f"{name}: {e}")
+                results[name] = {"model": name, "directory": str(target), "problems": [str(e)]}
+                continue
+        err.print(f"{name}: {r.files} files, {r.nbytes / 1e6:.1f} MB -> {r.directory}")
+    if as_json:
+        emit_json(results)
+    else:
+        title = f"exported fronts (tolerance |onnx - torch| <= {ATOL:g} + {RTOL:g} x max|torch| per window)"
+        table = Table(title=title)
+        cols: tuple[str, ...] = ("model", "files", "MB", "levels", "fronts", "max abs err", "max rel err")
+        cols += ("acc torch", "acc onnx", "check")
+        for col in cols:
+            table.add_column(col, justify="left" if col in ("model", "levels", "check") else "right")
+
+        def fig(v: Any, spec: str) -> str:
+            return "-" if v is None else format(v, spec)
+
+        for name, r in results.items():
+            if "files" not in r:
+                table.add_row(name, *[""] * 8, "[red]failed[/]")
+                continue
+            verdict = "not checked" if not r["checked"] else ("ok" if not r["problems"] else "[red]failed[/]")
+            table.add_row(
+                name,
+                str(r["files"]),
+                f"{r['bytes'] / 1e6:.1f}",
+                ", ".join(f"{lv:g}" for lv in r["levels"]),
+                str(r["fronts"]),
+                fig(r["max_abs_err"] if r["checked"] else None, ".2g"),
+                fig(r["max_rel_err"] if r["checked"] else None, ".2g"),
+                fig(r["accuracy_torch"], ".4f"),
+                fig(r["accuracy_onnx"], ".4f"),
+                verdict,
+            )
+        _out().print(table)
+    if failed:
+        raise ModelError("; ".join(failed))
+
+
+@data_app.command("export-recording")
+@friendly
+def data_export_recording(
+    out: Path = typer.Option(..., "--out", "-o", help="The recording file to write (.npz)."),
+    model: str = typer.Option(None, "--model", "-m", help="A model (or task group): its dataset's recording."),
+    dataset: str = typer.Option(None, help="The dataset instead of a model: fsdd or uci_har."),
+    windows: int = typer.Option(None, help="Only the first N windows (default: the whole test recording)."),
+    config: Path = typer.Option(
+        None, "--config", "-c", help="Scenario file (JSON): paths.data_dir, edge.audio_frame_ms."
+    ),
+    as_json: bool = typer.Option(False, "--json", help="Print what was written as one JSON object."),
+) -> None:
+    """Write a dataset's test recording (windows, labels of every model that reads it, and the time
+    each window is due) as one compact file, for `splitsense edge run --recording` on a device that
+    has no data package."""
+    import hashlib
+
+    from edge.sources import recording_from_datasets, save_recording
+    from pipelines.groups import group_members
+    from pipelines.specs import get_spec
+    from splitsense.errors import ConfigError
+
+    if (model is None) == (dataset is None):
+        raise ConfigError("name one of --model or --dataset")
+    name = dataset if dataset is not None else get_spec(group_members(model)[0]).dataset
+    cfg = _load_config(config)
+    rec = recording_from_datasets(name, frame_ms=cfg.edge.audio_frame_ms, limit=windows, data_dir=cfg.paths.data_dir)
+    path = save_recording(rec, out)
+    data = path.read_bytes()
+    summary = {
+        "path": str(path),
+        "dataset": rec.dataset,
+        "models": list(rec.models),
+        "windows": len(rec),
+        "window_shape": list(rec.raw.shape[1:]),
+        "seconds": round(float(rec.stream_t_s[-1]), 3),
+        "bytes": len(data),
+        "sha256": hashlib.sha256(data).hexdigest(),
+    }
+    if as_json:
+        emit_json(summary)
+        return
+    _out().print(
+        f"{path}: {len(rec)} {rec.dataset} windows ({summary['seconds']:g} s of sensor time), labelled for "
+        f"{', '.join(rec.models)}; {len(data) / 1e6:.2f} MB"
+    )
 
 
 def _controller_config(config: Path | None, **overrides: Any) -> Any:
@@ -792,6 +1004,7 @@ def controller_plan(
             f"{d.device_class}: rtt {d.rtt_ms:.3g} ms ({d.rtt_source})"
             + (f"; local only: {d.local_only_reason}" if d.local_only_reason else "")
             + (f"; saves energy: {d.battery_saving_reason}" if d.battery_saving_reason else "")
+            + (f"; {', '.join(d.held_fronts)}" if d.held_fronts else "")
         )
     out.print(
         f"cloud: queue {inputs.cloud.queue_ms:.3g} ms, overhead {inputs.cloud.overhead_ms:.3g} ms "
@@ -844,6 +1057,50 @@ def bench_coders_cmd(
                 "yes" if r["exact"] else "NO",
             )
     _out().print(table)
+
+
+@bench_app.command("edge")
+@friendly
+def bench_edge(
+    model: str = typer.Option(None, "--model", "-m", help="Model name (default: all)."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object {config, latency, cold_start, ...}."),
+    repeats: int = typer.Option(200, help="Timed runs per cut and backend (the median is reported)."),
+    cold_runs: int = typer.Option(3, help="Fresh interpreters per backend for cold start and memory (0: skip)."),
+    all_levels: bool = typer.Option(False, "--all-levels", help="Every exported compression level, not only 1.0."),
+    export_dir: Path = typer.Option(None, help="Root folder of the exports (default: <weights_dir>/export)."),
+    config: Path = typer.Option(None, "--config", "-c", help="Scenario file (JSON): paths.weights_dir."),
+    install: bool = typer.Option(
+        True,
+        "--install/--no-install",
+        help="Measure the edge install (pip install splitsense[edge] into a fresh venv; needs the package "
+        "index) against a CPU-torch one, and `splitsense edge run` in each.",
+    ),
+    edge_venv: Path = typer.Option(None, help="An edge venv to reuse, or where to build one and keep it."),
+    cli_runs: int = typer.Option(3, help="Fresh `splitsense edge run` processes per set-up (median; 0: none)."),
+    cli_windows: int = typer.Option(20, help="Windows of the recording each `splitsense edge run` replays."),
+) -> None:
+    """PyTorch vs ONNX Runtime on the device: per-cut front latency on one thread, cold start, memory, size."""
+    from benchmarks.edge_runtime import EdgeBenchConfig, render, run_edge_bench
+
+    cfg = _load_config(config)
+    bench = EdgeBenchConfig(
+        models=tuple(_model_names(model)),
+        repeats=repeats,
+        cold_runs=cold_runs,
+        levels="all" if all_levels else "1.0",
+        export_root=export_dir,
+        weights_dir=cfg.paths.weights_dir,
+        install=install,
+        edge_venv=edge_venv,
+        cli_runs=cli_runs,
+        cli_windows=cli_windows,
+    )
+    with err.status("bench edge") as status:
+        result = run_edge_bench(bench, progress=status.update)
+    if as_json:
+        emit_json({**result, "config": {k: str(v) if isinstance(v, Path) else v for k, v in result["config"].items()}})
+    else:
+        render(result, _out())
 
 
 @bench_app.command("plan")
@@ -932,15 +1189,19 @@ def _run_fleet(cfg: Any, *, as_json: bool, report_dir: Path | None, with_ray: bo
     from benchmarks.serving_paths import stdout_to_stderr
     from simulators.fleet import simulate
     from simulators.report import ConsoleProgress, render_summary, summarize, write_report
+    from simulators.shards import simulate_sharded
 
     out_dir = report_dir or cfg.paths.reports_dir / time.strftime("%Y%m%d-%H%M%S")
-    if with_ray:
-        _quiet_ray_logs()
     sim = cfg.simulator
+    sharded = sim.shards > 1 or sim.reuse
+    if with_ray or sharded:
+        _quiet_ray_logs()
     err.print(
         f"{what}: {sim.devices} devices x {sim.duration_s:g} s x {len(sim.policies)} policies "
         f"({', '.join(sim.policies)}), {'Ray Serve' if with_ray else 'in-process'} tails"
+        + (f", {sim.shards} shard(s){', front reuse' if sim.reuse else ''}" if sharded else "")
     )
+    fleet = simulate_sharded if sharded else simulate  # the same signature
     with stdout_to_stderr() if as_json else contextlib.nullcontext():
 
         def stack_step(step: str) -> None:
@@ -948,7 +1209,7 @@ def _run_fleet(cfg: Any, *, as_json: bool, report_dir: Path | None, with_ray: bo
 
         try:
             result = asyncio.run(
-                simulate(cfg, with_ray=with_ray, progress=ConsoleProgress(err), stack_progress=stack_step)
+                fleet(cfg, with_ray=with_ray, progress=ConsoleProgress(err), stack_progress=stack_step)
             )
         except KeyboardInterrupt:
             err.print("interrupted: the fleet and the cloud were stopped")
@@ -987,6 +1248,17 @@ def simulate_cmd(
     ),
     seed: int = typer.Option(None, help="Seed of traces, offsets, recordings and jitter (default: simulator.seed)."),
     in_process: bool = typer.Option(False, "--in-process", help="Run the tails in this process instead of Ray Serve."),
+    shards: int = typer.Option(
+        None, "--shards", help="Run the fleet as this many Ray actors (default: simulator.shards; 1: this process)."
+    ),
+    reuse: bool = typer.Option(
+        None,
+        "--reuse/--no-reuse",
+        help="Reuse front results per (window, cut, level, codec), computed once per shard (default: simulator.reuse).",
+    ),
+    ray_address: str = typer.Option(
+        None, "--ray-address", help="Join this Ray cluster (e.g. 'auto') for the tails and the shards."
+    ),
 ) -> None:
     """A fleet of simulated devices on real network traces, under every policy, against the real cloud."""
     from simulators.scenario import load_scenario, parse_outages
@@ -1006,7 +1278,14 @@ def simulate_cmd(
         over["outages"] = [list(o) for o in parse_outages(outages)]
     if seed is not None:
         over["seed"] = seed
-    cfg = load_scenario(scenario, {"simulator": over} if over else None)
+    if shards is not None:
+        over["shards"] = shards
+    if reuse is not None:
+        over["reuse"] = reuse
+    top: dict[str, Any] = {"simulator": over} if over else {}
+    if ray_address is not None:
+        top["serving"] = {"ray_address": ray_address}
+    cfg = load_scenario(scenario, top or None)
     _run_fleet(cfg, as_json=as_json, report_dir=report_dir, with_ray=not in_process, what="simulate")
 
 

@@ -9,6 +9,8 @@ wrong one fails at start-up with a message naming the field, never deep inside a
 from __future__ import annotations
 
 import dataclasses
+import functools
+import importlib.util
 import ipaddress
 import json
 import math
@@ -27,11 +29,49 @@ def _positive(name: str, value: float) -> None:
         raise ConfigError(f"{name} must be > 0, got {value!r}")
 
 
+# The datasets, the trained weights and their catalogs are a distribution of their own,
+# splitsense-assets (assets/ in the repository, package splitsense_assets: see its README), so that
+# a device installs splitsense[edge] without 65 MB of data and torch weights it does not run.
+ASSETS_PACKAGE = "splitsense_assets"
+ASSETS_CHECKOUT = REPO_ROOT / "assets" / ASSETS_PACKAGE
+ASSETS_HINT = (
+    "install the data package splitsense-assets (from a checkout: `pip install -e assets`, which "
+    "scripts/setup.sh does) or point paths.data_dir / paths.weights_dir at a copy"
+)
+
+
+@functools.lru_cache(maxsize=1)
+def assets_root() -> Path | None:
+    """The folder of the splitsense_assets package: the installed one, else this checkout's
+    assets/splitsense_assets; None when neither exists (a device install: splitsense[edge])."""
+    try:
+        spec = importlib.util.find_spec(ASSETS_PACKAGE)  # finds it without importing it
+    except (ImportError, ValueError):
+        spec = None
+    if spec is not None and spec.submodule_search_locations:
+        for location in spec.submodule_search_locations:
+            if Path(location).is_dir():
+                return Path(location)
+    return ASSETS_CHECKOUT if ASSETS_CHECKOUT.is_dir() else None
+
+
+def asset_dir(name: str) -> Path:
+    """`<assets_root()>/name` ("data", "weights"); without the assets package, where the
+    checkout would hold it (it does not exist: the loaders say so, with `ASSETS_HINT`)."""
+    return (assets_root() or ASSETS_CHECKOUT) / name
+
+
+def missing_asset(what: str, path: Path) -> str:
+    """The message for an asset file or folder that is not there: what, where, and what to do."""
+    where = "the splitsense-assets package is not installed" if assets_root() is None else "it is missing"
+    return f"{what} {path} does not exist ({where}): {ASSETS_HINT}"
+
+
 @dataclass(frozen=True)
 class PathsConfig:
-    # Data and weights ship inside the repository (see pipelines/data/README.md).
-    data_dir: Path = REPO_ROOT / "pipelines" / "data"
-    weights_dir: Path = REPO_ROOT / "pipelines" / "weights"
+    # Datasets and weights: the splitsense-assets package (see asset_dir); reports: the checkout.
+    data_dir: Path = field(default_factory=lambda: asset_dir("data"))
+    weights_dir: Path = field(default_factory=lambda: asset_dir("weights"))
     reports_dir: Path = REPO_ROOT / "reports"
 
 
@@ -126,7 +166,7 @@ def _default_planner_classes() -> dict[str, ClassObjectiveConfig]:
 @dataclass(frozen=True)
 class PlannerConfig:
     # Bucket edges of a plan's rows: [0, 0.1), [0.1, 0.25), ..., [50, inf). Log-spaced from 3G-edge
-    # rates to fast WiFi: the real traces in pipelines/data/traces span this range.
+    # rates to fast WiFi: the real traces of the data package (data/traces) span this range.
     bandwidth_edges_mbps: tuple[float, ...] = (0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 50.0)
     # A row keeps its previous choice unless the new optimum beats it by more than this fraction
     # (and the old one is still feasible): estimates move by a few % between periods on noise alone.
@@ -169,6 +209,10 @@ class PlannerConfig:
         object.__setattr__(self, "classes", classes)
 
 
+HANDLE_TRANSPORTS = ("grpc", "actor")
+HANDLE_ROUTERS = ("caller", "thread")
+
+
 @dataclass(frozen=True)
 class ServingConfig:
     """Ray Serve tails (cloud/serving.py): one deployment per model, fed batches by the broker."""
@@ -197,11 +241,76 @@ class ServingConfig:
     request_timeout_s: float = 1.0
     startup_timeout_s: float = 120.0  # ray.init 5-12 s + replicas importing torch on busy cores
     namespace: str = "splitsense"  # Ray namespace of the driver (Serve keeps its own, "serve")
+    # How the broker's DeploymentHandles reach a replica (cloud/serving.py). "grpc": Serve's
+    # by-value path (handle.options(_by_reference=False)), the batch pickled straight to the
+    # replica's own gRPC server; "actor": a Ray actor call with the batch in the object store.
+    # Measured here, one uci_har window per call, caller on its own loop: p50 2.7 vs 5.0 ms and 1.2
+    # vs 2.8 ms of the caller's CPU per call (both router placements: `handle_router`).
+    handle_transport: str = "grpc"
+    # Where Serve's router (replica choice, queue-length probes) runs in the broker: "caller", on
+    # the broker's own event loop (no thread hop per call, as Serve's proxy does with
+    # RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP=0), or "thread", Serve's default router thread.
+    handle_router: str = "caller"
+    # Placement over a multi-node cluster. None: Serve's own SPREAD scheduling, which puts each
+    # model's replicas on different nodes while there is room and packs them onto the survivors
+    # when a node dies (tests/integration/cloud/test_multinode.py: 2 replicas on 2 nodes, 2 again on
+    # the head ~7-8 s after the worker node is killed, with the GCS declaring a node dead after 3 s;
+    # Ray's default health checks take ~15 s for that). An int is Serve's hard cap
+    # max_replicas_per_node: replicas beyond (live nodes x cap) stay pending after a node loss.
+    max_replicas_per_node: int | None = None
+    # Serve autoscaling of each tail deployment on Ray's own metric: requests ongoing or queued per
+    # replica, as the broker's handles report them. false (single-node demos, 2 cores): a fixed
+    # num_replicas, as before. true: num_replicas is the initial count (clamped to min..max).
+    autoscaling: bool = False
+    # >= 1: a replica starts in ~3-10 s (a worker imports torch, loads the weights, warms up),
+    # far above a window's 300 ms deadline, so a tail never scales to zero.
+    min_replicas: int = 1
+    # Replicas beyond the batches in flight get no work: the broker keeps <= max_inflight_batches
+    # (2) per (model, cut) lane, so one broker with two cuts in use keeps <= 4 per model. Rule:
+    # max_replicas <= brokers x cuts in use x 2.
+    max_replicas: int = 4
+    # 1, not Serve's default 2: a replica runs one batch at a time (TailReplica blocks its loop),
+    # so a second ongoing request is a batch waiting inside it: time to add a replica.
+    target_ongoing_requests: float = 1.0
+    # Serve's defaults are 30 s up, 600 s down. Up: a device runs locally while the cloud is slow
+    # (no window is lost), so a burst shorter than a replica's start is not worth one. Down: a
+    # replica is cheap to keep and costly to restart; 60 s is six look-back periods.
+    upscale_delay_s: float = 10.0
+    downscale_delay_s: float = 60.0
+    # The mean of ongoing requests over this window drives the decision (Serve's default 30 s).
+    look_back_period_s: float = 10.0
+    # How often handles and replicas push their counts to Serve's controller. Serve's default 10 s
+    # would be a whole look-back period; deprecated in Serve (to become env variables) but it is
+    # the setting Ray 2.60 reads. Must be below look_back_period_s.
+    metrics_interval_s: float = 2.0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "models", tuple(self.models))
         if not self.models:
             raise ConfigError("serving.models must name at least one model")
+        if not isinstance(self.autoscaling, bool):
+            raise ConfigError(f"serving.autoscaling must be true or false, got {self.autoscaling!r}")
+        for name in ("min_replicas", "max_replicas"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"serving.{name} must be an int >= 1, got {value!r}")
+        if self.max_replicas < self.min_replicas:
+            raise ConfigError(
+                f"serving.max_replicas ({self.max_replicas}) must be >= min_replicas ({self.min_replicas})"
+            )
+        cap = self.max_replicas_per_node
+        if cap is not None and (isinstance(cap, bool) or not isinstance(cap, int) or cap < 1):
+            raise ConfigError(f"serving.max_replicas_per_node must be null or an int >= 1, got {cap!r}")
+        for name in ("target_ongoing_requests", "look_back_period_s", "metrics_interval_s"):
+            _positive(f"serving.{name}", getattr(self, name))
+        for name in ("upscale_delay_s", "downscale_delay_s"):
+            if not getattr(self, name) >= 0:
+                raise ConfigError(f"serving.{name} must be >= 0, got {getattr(self, name)!r}")
+        if not self.look_back_period_s > self.metrics_interval_s:
+            raise ConfigError(
+                f"serving.look_back_period_s ({self.look_back_period_s}) must be > metrics_interval_s "
+                f"({self.metrics_interval_s})"
+            )
         for name in ("num_replicas", "max_ongoing_requests", "replica_threads"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -210,6 +319,12 @@ class ServingConfig:
             _positive(f"serving.{name}", getattr(self, name))
         if self.ray_address is not None and not str(self.ray_address).strip():
             raise ConfigError("serving.ray_address must be null (local Ray) or an address such as 'auto'")
+        if self.handle_transport not in HANDLE_TRANSPORTS:
+            raise ConfigError(
+                f"serving.handle_transport must be one of {HANDLE_TRANSPORTS}, got {self.handle_transport!r}"
+            )
+        if self.handle_router not in HANDLE_ROUTERS:
+            raise ConfigError(f"serving.handle_router must be one of {HANDLE_ROUTERS}, got {self.handle_router!r}")
 
 
 # Loudly labelled: anyone with the source can mint tokens with it. `splitsense cloud up` warns when
@@ -268,6 +383,7 @@ def _optional_path(key: str, value: Any) -> Path | None:
 
 
 TOKEN_STORES = ("hmac", "redis")
+EDGE_BACKENDS = ("auto", "onnx", "torch")  # edge/backend.py
 
 
 @dataclass(frozen=True)
@@ -304,6 +420,14 @@ class BrokerConfig:
     initial_batch_service_ms: float = 10.0
     service_ewma_alpha: float = 0.2  # weight of the newest batch: settles in ~10 batches
     max_stream_windows_in_flight: int = 64  # per OffloadStream: back-pressure on one device
+    # A (model, cut) lane with nothing in flight runs its next batch of at most local_tail_max_batch
+    # windows in the broker's own process (the models it already loads to validate requests) instead
+    # of calling Ray: a lone window skips the Ray hop, ~3-5 ms here against ~0.3 ms for a uci_har tail
+    # (`bench serve`, one device); under load a lane always has a Ray batch in flight, so batches go
+    # to Ray Serve, which scales. 4: a few windows that arrive together still cost well under the hop.
+    # false: every batch goes to Ray (a broker process that must not run model code).
+    local_tail: bool = True
+    local_tail_max_batch: int = 4
     # HMAC-SHA256 key of the per-device tokens (`splitsense cloud token DEVICE_ID`).
     auth_secret: str = field(default=DEV_AUTH_SECRET, repr=False)  # never printed with the config
     allowed_device_ids: tuple[str, ...] = ()  # empty: any device with a valid token
@@ -336,7 +460,9 @@ class BrokerConfig:
     shutdown_grace_s: float = 5.0  # in-flight windows finish; the devices fall back after that
 
     def __post_init__(self) -> None:
-        for name in ("port", "max_batch_size", "max_inflight_batches", "max_queue_depth"):
+        if not isinstance(self.local_tail, bool):
+            raise ConfigError(f"broker.local_tail must be true or false, got {self.local_tail!r}")
+        for name in ("port", "max_batch_size", "max_inflight_batches", "max_queue_depth", "local_tail_max_batch"):
             value = getattr(self, name)
             lo = 0 if name == "port" else 1
             if isinstance(value, bool) or not isinstance(value, int) or value < lo:
@@ -487,6 +613,7 @@ class EstimatorConfig:
 
 _EDGE_CODECS = VALID_CODECS
 _EDGE_RADIOS = tuple(r.value for r in Radio)
+_EDGE_LB_POLICIES = ("pick_first", "round_robin")  # edge/transport.py LB_POLICIES
 
 
 @dataclass(frozen=True)
@@ -511,6 +638,13 @@ class EdgeConfig:
     default_codec: str = "fp32"  # exact: offloaded predictions equal local ones
     compression_energy_kept: float = 1.0  # front compression until a plan says otherwise; 1.0 = none
     use_stream: bool = True  # one OffloadStream per device; False: one unary call per window
+    # gRPC's client-side load balancing over the addresses broker_address resolves to (several
+    # brokers: "ipv4:10.0.0.1:50051,10.0.0.2:50051" or a DNS name with several A records).
+    # "pick_first": one broker chosen at random per device (addresses shuffled), the next one when
+    # it goes away; a device's one long-lived stream makes this the even spread. "round_robin"
+    # spreads calls, not streams: a stream lands on the first broker whose connection is ready, so
+    # devices starting together pile onto one (edge/transport.py says what was measured).
+    lb_policy: str = "pick_first"
     max_message_bytes: int = 1 << 20  # broker.max_receive_message_bytes: the largest activation fits
     # 1.0 replays the recording at its real rate; 2.0 twice as fast; 0 as fast as possible (tests).
     replay_speed: float = 1.0
@@ -534,14 +668,30 @@ class EdgeConfig:
     # Dial a broker that is not on loopback without TLS: off, since the token would cross the
     # network in the clear. The twin of broker.allow_plaintext.
     allow_plaintext: bool = False
+    # The engine the device runs its model on (edge/backend.py): "onnx" (ONNX Runtime on the graphs
+    # `splitsense models export` wrote: what a device ships, no torch), "torch" (PyTorch on the
+    # weights), or "auto": onnx when onnxruntime is installed and every model the device runs has
+    # an export made from the current weights (its manifest's sha256), torch otherwise. The
+    # simulator's devices follow it too.
+    backend: str = "auto"
+    # Threads inside one operator (ONNX Runtime's intra_op_num_threads; torch.set_num_threads for
+    # `splitsense edge run` on torch): a device runs one window at a time, and a phone's or board's
+    # big cores are few; 1 is also what the catalog's stage latencies are measured with.
+    intra_op_threads: int = 1
+    export_dir: Path | None = None  # the exports' root folder; None: <paths.weights_dir>/export
 
     def __post_init__(self) -> None:
         for name in ("broker_address", "device_id", "device_class", "model"):
             value = getattr(self, name)
             if not isinstance(value, str) or not value.strip():
                 raise ConfigError(f"edge.{name} must be a non-empty string, got {value!r}")
-        for name in ("tls_ca_file", "tls_cert_file", "tls_key_file"):
+        for name in ("tls_ca_file", "tls_cert_file", "tls_key_file", "export_dir"):
             object.__setattr__(self, name, _optional_path(f"edge.{name}", getattr(self, name)))
+        if self.backend not in EDGE_BACKENDS:
+            raise ConfigError(f"edge.backend must be one of {', '.join(EDGE_BACKENDS)}, got {self.backend!r}")
+        if isinstance(self.intra_op_threads, bool) or not isinstance(self.intra_op_threads, int):
+            raise ConfigError(f"edge.intra_op_threads must be an integer, got {self.intra_op_threads!r}")
+        _positive("edge.intra_op_threads", self.intra_op_threads)
         if (self.tls_cert_file is None) != (self.tls_key_file is None):
             raise ConfigError("edge.tls_cert_file and edge.tls_key_file go together: set both (mutual TLS) or neither")
         if self.tls_cert_file is not None and self.tls_ca_file is None:
@@ -558,6 +708,8 @@ class EdgeConfig:
             raise ConfigError(f"edge.default_cut must be null or an int >= 0, got {cut!r}")
         if self.default_codec not in _EDGE_CODECS:
             raise ConfigError(f"edge.default_codec must be one of {_EDGE_CODECS}, got {self.default_codec!r}")
+        if self.lb_policy not in _EDGE_LB_POLICIES:
+            raise ConfigError(f"edge.lb_policy must be one of {_EDGE_LB_POLICIES}, got {self.lb_policy!r}")
         if self.radio not in _EDGE_RADIOS:
             raise ConfigError(f"edge.radio must be one of {_EDGE_RADIOS}, got {self.radio!r}")
         if not 0 < self.compression_energy_kept <= 1:
@@ -675,7 +827,7 @@ class SimulatorConfig:
     # bandwidth changes of the traces, short enough that all six policies fit in a ~2.5-minute demo.
     duration_s: float = 20.0
     policies: tuple[str, ...] = _SIM_POLICIES  # run one after the other on the same inputs
-    traces_dir: Path | None = None  # None: the project's traces (pipelines/data/traces)
+    traces_dir: Path | None = None  # None: the project's traces (the data package's data/traces)
     trace_families: tuple[str, ...] = ()  # sub-folders of traces_dir to use; empty: all of them
     rtt_ms: dict[str, float] = field(default_factory=_default_sim_rtt_ms, hash=False)
     # The most a radio's first hop carries, Mbit/s: a device on BLE reaches the Internet through a
@@ -704,8 +856,22 @@ class SimulatorConfig:
     # from the device's start, what a short probe transfer would measure.
     probe_s: float = 1.0
     device_id_prefix: str = "sim"
+    # A sharded fleet (simulators/shards.py): the devices split over this many Ray actors (one
+    # process each, on any node of the cluster), one clock origin, one cloud; 1 with reuse off: the
+    # fleet runs in the CLI's own process, as before.
+    shards: int = 1
+    # Reuse each device's front results (predictions, activations, encodings) per (window, cut,
+    # level, codec), computed once for real per shard (simulators/reuse.py): only with compute_time
+    # "reference", where a window's device time does not depend on the host's.
+    reuse: bool = False
 
     def __post_init__(self) -> None:
+        if isinstance(self.shards, bool) or not isinstance(self.shards, int) or self.shards < 1:
+            raise ConfigError(f"simulator.shards must be an int >= 1, got {self.shards!r}")
+        if not isinstance(self.reuse, bool):
+            raise ConfigError(f"simulator.reuse must be true or false, got {self.reuse!r}")
+        if self.reuse and self.compute_time != "reference":
+            raise ConfigError("simulator.reuse needs compute_time 'reference' (reused fronts take no host time)")
         if isinstance(self.devices, bool) or not isinstance(self.devices, int) or self.devices < 1:
             raise ConfigError(f"simulator.devices must be an int >= 1, got {self.devices!r}")
         object.__setattr__(self, "device_classes", tuple(self.device_classes))

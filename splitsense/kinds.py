@@ -52,6 +52,7 @@ class FallbackKind(StrEnum):
     PROBING = "probing"  # ran here while its activation probes the cloud in the background
     CODEC = "codec"  # the activation could not be encoded with the chosen codec
     LATE = "late"  # hedged: the answer was late relative to the link estimate; the local tail answered
+    MISSING_FRONT = "missing_front"  # the plan named a front (cut, level) the device does not hold
     # an offload that failed (edge.breaker.FailureKind)
     UNAVAILABLE = "unavailable"
     DEADLINE = "deadline"

@@ -12,6 +12,7 @@ which travel on the same wire):
     OffloadResponse                OffloadResponse         (OffloadStreamResponse: stream_response_*,
     WindowError                    WindowError              its oneof is OffloadResponse | WindowError)
     TelemetryObservation           TelemetryObservation
+    HeldFronts                     HeldFronts (its fronts: FrontRef)
     TelemetryReport                ReportTelemetryRequest
     PlanRequest                    GetPlanRequest, WatchPlanRequest   plan_request_from_pb
     PlanRow, Plan, PlanSet         PlanRow, Plan, PlanSet
@@ -42,8 +43,11 @@ from splitsense.v1 import offload_pb2 as pb
 __all__ = [
     "DeviceEstimates",
     "ExecutionMode",
+    "HeldFronts",
     "OffloadRequest",
     "MAX_EXTRA_MODELS",
+    "MAX_FRONTS_PER_MODEL",
+    "MAX_HELD_MODELS",
     "MAX_ID_CHARS",
     "MAX_NAME_CHARS",
     "MAX_PLAN_MODELS",
@@ -74,9 +78,11 @@ _INT64_MAX = 2**63 - 1
 MAX_ID_CHARS = 128  # window_id, device_id: a UUID is 36, "fleet-sensor_node-0042" 22
 MAX_NAME_CHARS = 64  # model names (model, extra_models, observations, plan requests), device_class,
 #                      prior_digest (16 hex digits): the shipped names are at most 11
-MAX_FALLBACK_KINDS = 32  # TelemetryObservation.fallback_kinds: FallbackKind has 12 values
+MAX_FALLBACK_KINDS = 32  # TelemetryObservation.fallback_kinds: FallbackKind has 13 values
 MAX_EXTRA_MODELS = 8  # OffloadRequest.extra_models: tasks sharing one encoder (2 ship)
 MAX_PLAN_MODELS = 64  # GetPlanRequest / WatchPlanRequest.models: a device runs a handful
+MAX_HELD_MODELS = 16  # ReportTelemetryRequest.held_fronts: one entry per model a device runs
+MAX_FRONTS_PER_MODEL = 256  # HeldFronts.fronts: (N + 1) cuts x levels (the shipped: 5 x 4 = 20)
 
 
 # Call metadata keys of the contract (both sides import these; gRPC status codes are mapped only
@@ -344,6 +350,44 @@ class TelemetryObservation:
 
 
 @dataclass(frozen=True)
+class HeldFronts:
+    """The fronts of one model a device can run: (cut, compression level) pairs, each at most once,
+    kept sorted (cut ascending, level from 1.0 down). Cut 0 needs no front and is implied; an
+    ONNX Runtime device lists what its export's manifest holds, a PyTorch one what its weights and
+    catalog can build (edge/backend.py `FrontBackend.fronts`)."""
+
+    model: str
+    fronts: tuple[tuple[int, float], ...]
+
+    def __post_init__(self) -> None:
+        o = "HeldFronts"
+        _check_str(o, "model", self.model, MAX_NAME_CHARS)
+        if isinstance(self.fronts, (str, bytes)) or not isinstance(self.fronts, Sequence):
+            _bad(o, "fronts", "a sequence of (cut, level) pairs", self.fronts)
+        if len(self.fronts) > MAX_FRONTS_PER_MODEL:
+            raise _FieldError(o, "fronts", f"expected at most {MAX_FRONTS_PER_MODEL} fronts, got {len(self.fronts)}")
+        out: dict[tuple[int, float], None] = {}
+        for i, pair in enumerate(self.fronts):
+            if isinstance(pair, (str, bytes)) or not isinstance(pair, Sequence) or len(pair) != 2:
+                _bad(o, f"fronts[{i}]", "a (cut, level) pair", pair)
+            cut, level = pair
+            _check_int(o, f"fronts[{i}].cut", cut, 0, _UINT32_MAX)
+            lv = _check_float(o, f"fronts[{i}].compression_energy_kept", level, 0.0, 1.0)
+            if not lv > 0:
+                _bad(o, f"fronts[{i}].compression_energy_kept", "a level in (0, 1]", level)
+            if (cut, lv) in out:
+                _bad(o, f"fronts[{i}]", "each (cut, level) at most once", (cut, lv))
+            out[(cut, lv)] = None
+        object.__setattr__(self, "fronts", tuple(sorted(out, key=lambda f: (f[0], -f[1]))))
+
+    def holds(self, cut: int, level: float, tol: float = 1e-9) -> bool:
+        """Whether the front of `cut` at `level` is listed (cut 0 at level 1.0 always is)."""
+        if cut == 0 and level >= 1.0 - tol:
+            return True
+        return any(k == cut and abs(lv - level) <= tol for k, lv in self.fronts)
+
+
+@dataclass(frozen=True)
 class TelemetryReport:
     """One device's observations for one reporting period (ReportTelemetryRequest)."""
 
@@ -354,6 +398,8 @@ class TelemetryReport:
     period_start_unix_ms: int
     period_end_unix_ms: int
     observations: tuple[TelemetryObservation, ...]
+    # The fronts the device holds, per model it runs; empty: unknown (no restriction)
+    held_fronts: tuple[HeldFronts, ...] = ()
 
     def __post_init__(self) -> None:
         o = "TelemetryReport"
@@ -369,6 +415,18 @@ class TelemetryReport:
             if not isinstance(x, TelemetryObservation):
                 _bad(o, "observations", "TelemetryObservation items", x)
         object.__setattr__(self, "observations", observations)
+        if isinstance(self.held_fronts, (str, bytes)) or not isinstance(self.held_fronts, Sequence):
+            _bad(o, "held_fronts", "a sequence of HeldFronts", self.held_fronts)
+        held = tuple(self.held_fronts)
+        if len(held) > MAX_HELD_MODELS:
+            raise _FieldError(o, "held_fronts", f"expected at most {MAX_HELD_MODELS} models, got {len(held)}")
+        for h in held:
+            if not isinstance(h, HeldFronts):
+                _bad(o, "held_fronts", "HeldFronts items", type(h).__name__)
+        models = [h.model for h in held]
+        if len(set(models)) != len(models):
+            raise _FieldError(o, "held_fronts", "expected each model at most once")
+        object.__setattr__(self, "held_fronts", held)
 
 
 @dataclass(frozen=True)
@@ -648,6 +706,18 @@ def _observation_from_pb(msg: pb.TelemetryObservation, path: str = "TelemetryObs
     )
 
 
+def _held_to_pb(x: HeldFronts) -> pb.HeldFronts:
+    return pb.HeldFronts(model=x.model, fronts=[pb.FrontRef(cut=k, compression_energy_kept=lv) for k, lv in x.fronts])
+
+
+def _held_from_pb(msg: pb.HeldFronts, path: str = "HeldFronts") -> HeldFronts:
+    if len(msg.fronts) > MAX_FRONTS_PER_MODEL:  # before building a tuple of a huge list
+        raise WireError(f"{path}.fronts: expected at most {MAX_FRONTS_PER_MODEL} fronts, got {len(msg.fronts)}")
+    return _build(
+        path, HeldFronts, model=msg.model, fronts=tuple((f.cut, f.compression_energy_kept) for f in msg.fronts)
+    )
+
+
 def _report_to_pb(x: TelemetryReport) -> pb.ReportTelemetryRequest:
     return pb.ReportTelemetryRequest(
         device_id=x.device_id,
@@ -657,6 +727,7 @@ def _report_to_pb(x: TelemetryReport) -> pb.ReportTelemetryRequest:
         period_start_unix_ms=x.period_start_unix_ms,
         period_end_unix_ms=x.period_end_unix_ms,
         observations=[_observation_to_pb(o) for o in x.observations],
+        held_fronts=[_held_to_pb(h) for h in x.held_fronts],
     )
 
 
@@ -673,7 +744,14 @@ def _report_from_pb(msg: pb.ReportTelemetryRequest, path: str = "ReportTelemetry
         observations=tuple(
             _observation_from_pb(o, f"{path}.observations[{i}]") for i, o in enumerate(msg.observations)
         ),
+        held_fronts=_held_list_from_pb(msg, path),
     )
+
+
+def _held_list_from_pb(msg: pb.ReportTelemetryRequest, path: str) -> tuple[HeldFronts, ...]:
+    if len(msg.held_fronts) > MAX_HELD_MODELS:
+        raise WireError(f"{path}.held_fronts: expected at most {MAX_HELD_MODELS} models, got {len(msg.held_fronts)}")
+    return tuple(_held_from_pb(h, f"{path}.held_fronts[{i}]") for i, h in enumerate(msg.held_fronts))
 
 
 def _row_to_pb(x: PlanRow) -> pb.PlanRow:
@@ -819,6 +897,7 @@ _TO_PB: dict[type, Callable[[Any], Any]] = {
     Timing: _timing_to_pb,
     OffloadResponse: _response_to_pb,
     TelemetryObservation: _observation_to_pb,
+    HeldFronts: _held_to_pb,
     TelemetryReport: _report_to_pb,
     PlanRow: _row_to_pb,
     Plan: _plan_to_pb,
@@ -832,6 +911,7 @@ _FROM_PB: dict[type, Callable[[Any], Any]] = {
     pb.Timing: _timing_from_pb,
     pb.OffloadResponse: _response_from_pb,
     pb.TelemetryObservation: _observation_from_pb,
+    pb.HeldFronts: _held_from_pb,
     pb.ReportTelemetryRequest: _report_from_pb,
     pb.PlanRow: _row_from_pb,
     pb.Plan: _plan_from_pb,
@@ -851,6 +931,8 @@ def to_pb(x: Timing) -> pb.Timing: ...
 def to_pb(x: OffloadResponse) -> pb.OffloadResponse: ...
 @overload
 def to_pb(x: TelemetryObservation) -> pb.TelemetryObservation: ...
+@overload
+def to_pb(x: HeldFronts) -> pb.HeldFronts: ...
 @overload
 def to_pb(x: TelemetryReport) -> pb.ReportTelemetryRequest: ...
 @overload
@@ -879,6 +961,8 @@ def from_pb(msg: pb.Timing) -> Timing: ...
 def from_pb(msg: pb.OffloadResponse) -> OffloadResponse: ...
 @overload
 def from_pb(msg: pb.TelemetryObservation) -> TelemetryObservation: ...
+@overload
+def from_pb(msg: pb.HeldFronts) -> HeldFronts: ...
 @overload
 def from_pb(msg: pb.ReportTelemetryRequest) -> TelemetryReport: ...
 @overload

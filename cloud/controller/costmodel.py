@@ -29,6 +29,10 @@ level, codec)``:
                  weights where they are loaded, in RAM). A profile without budgets holds anything.
                  The grid carries it (``CostGrid.fits``, ``CostGrid.refusal``); the planner never
                  chooses a front that does not fit.
+    held         whether every device of the class that says what it holds (telemetry's held
+                 fronts: an ONNX Runtime device holds only what its export has) holds the front
+                 [0, k) at `level` (``CostGrid.held``, ``CostGrid.missing``). Cut 0 needs no front;
+                 held fronts unknown (None) hold everything. The planner names only held fronts.
 
 Radio energy uses the published power model of pipelines.power (Huang et al., MobiSys 2012,
 Tables 3 and 4; the constants live there and are read from its RadioPowerModel, never copied):
@@ -47,7 +51,7 @@ replan a whole fleet in a few ms). Both give the same numbers (tested).
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
@@ -78,6 +82,7 @@ __all__ = [
     "choices_of",
     "device_prep_ms",
     "device_stage_ms",
+    "front_held",
     "estimate",
     "estimate_grid",
 ]
@@ -439,6 +444,8 @@ class CostGrid:
     prep_mj: float  # its energy, in every choice's compute_mj
     fits: np.ndarray  # (M,) bool: the device can hold the choice's front (memory budgets)
     refusals: Mapping[int, str] = field(default_factory=dict)  # m -> why its front does not fit
+    held: np.ndarray | None = None  # (M,) bool: every reporting device holds the choice's front
+    missing: Mapping[int, str] = field(default_factory=dict)  # m -> which front is not held
     _index: dict[tuple[int, float, Codec], int] = field(default_factory=dict, repr=False)
 
     def index(self, choice: Choice) -> int | None:
@@ -448,6 +455,11 @@ class CostGrid:
     def refusal(self, m: int) -> str | None:
         """Why choice m's front does not fit the device's memory (None: it fits)."""
         return self.refusals.get(m)
+
+    @property
+    def held_mask(self) -> np.ndarray:
+        """(M,) bool: the class's devices hold the choice's front (all True when unknown)."""
+        return self.held if self.held is not None else np.ones(len(self.choices), dtype=bool)
 
     def estimate(self, b: int, m: int) -> CostEstimate:
         """The CostEstimate of choice m on link b (same numbers as `estimate`)."""
@@ -481,6 +493,35 @@ class CostGrid:
         )
 
 
+_LEVEL_TOL = 1e-6  # a held front's level as the broker's label writes it (%g) matches the catalog's
+
+
+def front_held(held_fronts: Collection[tuple[int, float]] | None, cut: int, level: float) -> bool:
+    """Whether the front of `cut` at `level` is among `held_fronts` (None: unknown, held). Cut 0
+    needs no front: always held."""
+    if held_fronts is None or cut == 0:
+        return True
+    return any(k == cut and abs(lv - level) <= _LEVEL_TOL for k, lv in held_fronts)
+
+
+def _held(
+    catalog: ModelCatalog, choices: Sequence[Choice], held_fronts: Collection[tuple[int, float]] | None
+) -> tuple[np.ndarray | None, dict[int, str]]:
+    """(held mask or None when unknown, {choice index: which front is not held})."""
+    if held_fronts is None:
+        return None, {}
+    fronts = tuple(held_fronts)
+    missing: dict[int, str] = {}
+    for m, c in enumerate(choices):
+        if not front_held(fronts, c.cut, c.level):
+            where = "the whole model" if c.cut == catalog.n_stages else f"the front of cut {c.cut}"
+            missing[m] = f"{where} at level {c.level:g} is not held by every device of the class"
+    held = np.ones(len(choices), dtype=bool)
+    if missing:
+        held[list(missing)] = False
+    return held, missing
+
+
 def estimate_grid(
     catalog: ModelCatalog,
     device: DeviceCostProfile,
@@ -490,8 +531,10 @@ def estimate_grid(
     *,
     min_telemetry_samples: int = 30,
     local_only: bool = False,
+    held_fronts: Collection[tuple[int, float]] | None = None,
 ) -> CostGrid:
-    """Costs of every choice of `choices_of(catalog, local_only=...)` on every link, vectorised."""
+    """Costs of every choice of `choices_of(catalog, local_only=...)` on every link, vectorised.
+    `held_fronts`: the (cut, level) fronts every device of the class holds (None: unknown, all)."""
     links = tuple(links)
     if not links:
         raise ConfigError("estimate_grid needs at least one link")
@@ -569,6 +612,7 @@ def estimate_grid(
     fits = np.ones(len(choices), dtype=bool)
     if refusals:
         fits[list(refusals)] = False
+    held, missing = _held(catalog, choices, held_fronts)
 
     return CostGrid(
         catalog=catalog,
@@ -599,5 +643,7 @@ def estimate_grid(
         prep_mj=device.active_mw * prep_ms / _MS_PER_S,
         fits=fits,
         refusals=MappingProxyType(refusals),
+        held=held,
+        missing=MappingProxyType(missing),
         _index={(c.cut, c.level, c.codec): i for i, c in enumerate(choices)},
     )

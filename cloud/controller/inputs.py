@@ -15,6 +15,10 @@ the cost of the rows:
                       `controller.local_only_failure_rate`, over at least
                       `controller.local_only_min_windows` of them, goes local only, and is held
                       there (below)
+    held fronts       per (class, model): the fronts every device that reported them holds (an
+                      ONNX Runtime device holds what its export has); the planner names only those.
+                      None reported in the window: the last known ones (remembered as RTTs are),
+                      else unknown (no restriction)
     battery           a class of which at least a quarter of the battery reports are below
                       `planner.low_battery_threshold` (p25 below it) saves energy as a class: its
                       NORMAL rows minimise energy within its deadline too, as its LOW rows always
@@ -38,8 +42,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from cloud.controller.costmodel import CloudState, DeviceCostProfile, TelemetryStats
-from cloud.controller.metrics_source import FleetSnapshot
+from cloud.controller.costmodel import CloudState, DeviceCostProfile, TelemetryStats, front_held
+from cloud.controller.metrics_source import DeviceModelSnapshot, FleetSnapshot
 from cloud.controller.planner import PlannerInputs, changed_rows, inputs_from_config, plan_fleet
 from pipelines.catalog import ModelCatalog
 from pipelines.devices import DeviceClass
@@ -52,6 +56,7 @@ __all__ = [
     "PRIOR_RTT_MS",
     "ClassDecision",
     "CloudDecision",
+    "HeldFronts",
     "LocalOnlyHold",
     "Measured",
     "Memory",
@@ -91,6 +96,8 @@ class ClassDecision:
     local_only_reason: str | None = None  # set: the class runs local only, this is why
     battery_saving_reason: str | None = None  # set: NORMAL rows minimise energy, this is why
     telemetry_models: tuple[str, ...] = ()  # models with per-stage device telemetry in the snapshot
+    # per model whose devices said what they hold: "model: H of T fronts held (source)"
+    held_fronts: tuple[str, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -124,12 +131,22 @@ class LocalOnlyHold:
 
 
 @dataclass(frozen=True)
+class HeldFronts:
+    """The fronts every reporting device of a class holds of one model, and when they were read."""
+
+    fronts: frozenset[tuple[int, float]]
+    taken_unix_ms: int
+
+
+@dataclass(frozen=True)
 class Memory:
     """What one pass hands the next: the last measured RTTs and cloud figures (standing in for
-    missing ones), and the classes held local only. The loop's only state besides the plan."""
+    missing ones), the classes held local only, and the last known held fronts per (class,
+    model). The loop's only state besides the plan."""
 
     measured: Mapping[str, Measured] = field(default_factory=dict)
     holds: Mapping[str, LocalOnlyHold] = field(default_factory=dict)
+    fronts: Mapping[tuple[str, str], HeldFronts] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -150,6 +167,7 @@ class SnapshotInputs:
             out[f"{c.device_class} local only"] = "on" if c.local_only_reason else "off"
             out[f"{c.device_class} battery saving"] = "on" if c.battery_saving_reason else "off"
             out[f"{c.device_class} telemetry"] = ",".join(c.telemetry_models) or "none"
+            out[f"{c.device_class} held fronts"] = ",".join(h.split(" (")[0] for h in c.held_fronts) or "unknown"
         return out
 
     def to_dict(self) -> dict[str, Any]:
@@ -287,6 +305,8 @@ def inputs_from_snapshot(
     rtt: dict[str, float] = {}
     unavailable: dict[str, str] = {}
     telemetry: dict[tuple[str, str], TelemetryStats] = {}
+    held_fronts: dict[tuple[str, str], frozenset[tuple[int, float]]] = {}
+    fronts_memory: dict[tuple[str, str], HeldFronts] = {}
     for name in devices:
         obj = classes.get(name)
         if obj is None:
@@ -315,13 +335,21 @@ def inputs_from_snapshot(
         elif battery is not None:
             battery = None  # the class minimises energy anyway: nothing to switch
         with_telemetry = []
+        held_notes = []
         for model, cat in catalogs.items():
             dm = snapshot.device_model(model, name) if snapshot is not None else None
             stats = dm.telemetry_stats(cat.n_stages) if dm is not None else None
             if stats is not None:
                 telemetry[(name, model)] = stats
                 with_telemetry.append(model)
-        decisions.append(ClassDecision(name, rtt_ms, rtt_source, local, battery, tuple(with_telemetry)))
+            held = _held_fronts(dm, (name, model), memory.fronts, now_unix_ms, max_age_s)
+            if held is not None:
+                fronts_memory[(name, model)] = held[0]
+                held_fronts[(name, model)] = held[0].fronts
+                held_notes.append(f"{model}: {_held_count(held[0].fronts, cat)} fronts held ({held[1]})")
+        decisions.append(
+            ClassDecision(name, rtt_ms, rtt_source, local, battery, tuple(with_telemetry), tuple(held_notes))
+        )
 
     cloud = _cloud(snapshot, catalogs)
     if cloud is not None:
@@ -345,8 +373,33 @@ def inputs_from_snapshot(
         now_unix_ms=now_unix_ms,
         telemetry=telemetry,
         cloud_unavailable=unavailable,
+        held_fronts=held_fronts,
     )
-    return SnapshotInputs(inputs, tuple(decisions), cloud, Memory(measured, holds))
+    return SnapshotInputs(inputs, tuple(decisions), cloud, Memory(measured, holds, fronts_memory))
+
+
+def _held_fronts(
+    dm: DeviceModelSnapshot | None,
+    key: tuple[str, str],
+    remembered: Mapping[tuple[str, str], HeldFronts],
+    now_unix_ms: int,
+    max_age_s: float,
+) -> tuple[HeldFronts, str] | None:
+    """(the fronts every reporting device of the class holds of the model, where that came from):
+    the snapshot's, else the last known ones while younger than `max_age_s`, else None (unknown)."""
+    if dm is not None and (fronts := dm.held_fronts()) is not None:
+        return HeldFronts(fronts, now_unix_ms), f"{dm.front_reports or 0:.0f} reports"
+    old = remembered.get(key)
+    if old is None or now_unix_ms - old.taken_unix_ms > max_age_s * 1000:
+        return None
+    return old, f"last reported {max(now_unix_ms - old.taken_unix_ms, 0) / 1000:.0f} s ago"
+
+
+def _held_count(fronts: frozenset[tuple[int, float]], catalog: ModelCatalog) -> str:
+    """Of the catalog's fronts past cut 0 (each cut 1..N at each level), those held, as "H of T"."""
+    wanted = [(k, e.energy_kept) for e in catalog.levels for k in range(1, catalog.n_stages + 1)]
+    held = sum(front_held(fronts, k, lv) for k, lv in wanted)
+    return f"{held} of {len(wanted)}"
 
 
 def plan_from_snapshot(

@@ -55,7 +55,9 @@ __all__ = [
     "PrometheusSource",
     "StageLatency",
     "bucket_quantile",
+    "front_key",
     "parse_exposition",
+    "parse_front_key",
     "snapshot_from_file",
 ]
 
@@ -87,6 +89,8 @@ class MetricNames:
     energy: str = _EXPORTED["device_energy"]  # same labels
     stage_seconds: str = _EXPORTED["device_stage_seconds"]  # {model, device_class, stage}
     stage_windows: str = _EXPORTED["device_stage_windows"]  # same labels
+    front_reports: str = _EXPORTED["device_front_reports"]  # {model, device_class}
+    front_held: str = _EXPORTED["device_front_held"]  # {model, device_class, cut, level}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -136,6 +140,22 @@ class DeviceModelSnapshot:
     mean_latency_ms: float | None = None
     energy_mj_per_window: float | None = None
     stages: tuple[StageLatency, ...] = ()
+    # Telemetry reports in the window that listed the fronts their device holds (None: none did,
+    # the fronts are unknown), and per front "cut@level" the share of them whose device holds it
+    front_reports: float | None = None
+    front_shares: dict[str, float] = field(default_factory=dict, hash=False)
+
+    def held_fronts(self, tol: float = 1e-6) -> frozenset[tuple[int, float]] | None:
+        """The fronts (cut, level) every reporting device holds (share 1); None when unknown (no
+        report listed any: no restriction). Cut 0 needs no front: the planner never restricts it."""
+        if not self.front_reports:
+            return None
+        out = set()
+        for key, share in self.front_shares.items():
+            front = parse_front_key(key)
+            if front is not None and share >= 1.0 - tol:
+                out.add(front)
+        return frozenset(out)
 
     def telemetry_stats(self, n_stages: int) -> TelemetryStats | None:
         """The planner's view of the stages, N entries (an unmeasured stage has 0 samples);
@@ -203,6 +223,7 @@ class FleetSnapshot:
             for raw in d.get("device_models", ()):
                 dm = _only(DeviceModelSnapshot, raw, "device_models[]")
                 dm["windows_by_cut"] = {int(k): float(v) for k, v in dict(dm.get("windows_by_cut", {})).items()}
+                dm["front_shares"] = {str(k): float(v) for k, v in dict(dm.get("front_shares", {})).items()}
                 dm["stages"] = tuple(StageLatency(**_only(StageLatency, s, "stages[]")) for s in dm.get("stages", ()))
                 dms.append(DeviceModelSnapshot(**dm))
             d["device_models"] = tuple(dms)
@@ -219,6 +240,23 @@ class FleetSnapshot:
         p = Path(path)
         p.write_text(self.to_json() + "\n")
         return p
+
+
+def front_key(cut: int, level: float) -> str:
+    """How a snapshot names a front: "cut@level", the level as %g (DeviceModelSnapshot.front_shares)."""
+    return f"{cut}@{level:g}"
+
+
+def parse_front_key(key: str) -> tuple[int, float] | None:
+    """(cut, level) of a `front_key`; None when it is not one (e.g. a level labelled "other")."""
+    cut, sep, level = key.partition("@")
+    try:
+        k, lv = int(cut), float(level)
+    except ValueError:
+        return None
+    if not sep or k < 0 or not 0 < lv <= 1:
+        return None
+    return k, lv
 
 
 def _only(cls: Any, data: Any, where: str) -> dict[str, Any]:
@@ -562,6 +600,8 @@ def _assemble(
     energy = ev.increase(n.energy, MC)
     stage_s = ev.increase(n.stage_seconds, ("model", "device_class", "stage"))
     stage_n = ev.increase(n.stage_windows, ("model", "device_class", "stage"))
+    front_reports = {k: v for k, v in ev.increase(n.front_reports, MC).items() if v > 0}
+    front_held = ev.increase(n.front_held, ("model", "device_class", "cut", "level"))
     MK = ("model", "cut")
     answered = ev.increase(f"{n.request_duration}_count", ("model", "device_class", "cut"))
     p99 = ev.quantile(0.99, n.request_duration, MK)
@@ -591,8 +631,15 @@ def _assemble(
         if stage.isdigit() and count > 0:
             stages[(model, cls)].append(StageLatency(int(stage), secs / count * _MS_PER_S, int(round(count))))
 
+    shares: dict[Labels, dict[str, float]] = defaultdict(dict)
+    for (model, cls, cut, level), v in front_held.items():
+        reports = front_reports.get((model, cls))
+        front = parse_front_key(f"{cut}@{level}")
+        if reports and front is not None:
+            shares[(model, cls)][front_key(*front)] = min(v / reports, 1.0)
+
     device_models = []
-    for key in sorted(set(mc_mode) | set(failures) | set(stages)):
+    for key in sorted(set(mc_mode) | set(failures) | set(stages) | set(front_reports)):
         model, cls = key
         modes = mc_mode.get(key, {})
         total = sum(modes.values()) if modes else None
@@ -609,6 +656,8 @@ def _assemble(
                 mean_latency_ms=_ratio(latency.get(key), total, _MS_PER_S),
                 energy_mj_per_window=_ratio(energy.get(key), total, _MS_PER_S),
                 stages=tuple(sorted(stages.get(key, []), key=lambda s: s.stage)),
+                front_reports=front_reports.get(key),
+                front_shares=dict(sorted(shares.get(key, {}).items())),
             )
         )
         if not stages.get(key):

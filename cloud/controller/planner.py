@@ -40,9 +40,20 @@ memory were unlimited and its reason starts with "NO choice fits" (after the inf
 its budget is infeasible too): the device cannot run that row as planned, and the plan set's reason
 counts such rows.
 
+Held fronts. A device says in its telemetry which fronts it holds (an ONNX Runtime device: what its
+export has, e.g. only some compression levels); the snapshot keeps, per (model, class), the fronts
+every reporting device holds (``ClassInputs.held_fronts``; a model absent from it is unknown: no
+restriction). A choice whose front is not among them is never a candidate (cut 0 needs no front
+and is always held), and when the row's optimum without that rule would have been such a front,
+the row's reason says so ("... avoided: the front of cut k at level L is not held by every device
+of the class"); the plan set's reason counts such rows. When no held choice has a finite cost (the
+cloud unreachable and no device holds a local front), the row is chosen as if every front were
+held and its reason starts with "NO choice is held" (a device that lacks the front runs the nearest
+one it holds, edge/runtime.py).
+
 Hysteresis. With a previous PlanSet, a row keeps its previous (cut, level, codec) unless the new
 optimum improves the row's objective by more than ``hysteresis_margin`` (relative) -- provided the
-previous choice is still a candidate and still feasible under the new inputs; otherwise the row
+previous choice is still a (fitting, held) candidate and still feasible under the new inputs; otherwise the row
 follows the optimum. Rows match by (model, class, battery, bucket edges); new edges start afresh.
 The exact-optimum property (tests compare with ``exhaustive_best``) is for ``previous=None`` or a
 margin of 0.
@@ -75,7 +86,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections import deque
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
@@ -92,6 +103,7 @@ from cloud.controller.costmodel import (
     choices_of,
     estimate,
     estimate_grid,
+    front_held,
 )
 from pipelines.catalog import ModelCatalog
 from pipelines.devices import front_fits
@@ -162,6 +174,8 @@ class ClassInputs:
     cloud_available: bool = True
     cloud_unavailable_reason: str = "cloud unavailable"  # e.g. "cloud failure rate 42% > 20%"
     telemetry: Mapping[str, TelemetryStats] = field(default_factory=dict, hash=False)  # per model
+    # per model: the (cut, level) fronts every reporting device holds; a model absent: unknown (all)
+    held_fronts: Mapping[str, frozenset[tuple[int, float]]] = field(default_factory=dict, hash=False)
 
     def __post_init__(self) -> None:
         try:
@@ -177,6 +191,8 @@ class ClassInputs:
         if not 0 <= self.accuracy_budget_points <= 100:
             raise ConfigError(f"class {self.name!r}: accuracy_budget_points must be in [0, 100]")
         object.__setattr__(self, "telemetry", MappingProxyType(dict(self.telemetry)))
+        held = {m: frozenset((int(k), float(lv)) for k, lv in f) for m, f in self.held_fronts.items()}
+        object.__setattr__(self, "held_fronts", MappingProxyType(held))
 
     @property
     def name(self) -> str:
@@ -225,12 +241,15 @@ def inputs_from_config(
     now_unix_ms: int = 0,
     telemetry: Mapping[tuple[str, str], TelemetryStats] | None = None,
     cloud_unavailable: Mapping[str, str] | None = None,
+    held_fronts: Mapping[tuple[str, str], Collection[tuple[int, float]]] | None = None,
 ) -> PlannerInputs:
     """PlannerInputs for the classes in `devices`, objectives from `cfg.classes`.
 
-    `telemetry` is keyed by (device class, model); `cloud_unavailable` maps a class whose cloud is
-    broken to the reason (its rows become local only).
+    `telemetry` and `held_fronts` (the fronts every reporting device holds; absent: unknown) are
+    keyed by (device class, model); `cloud_unavailable` maps a class whose cloud is broken to the
+    reason (its rows become local only).
     """
+    held_fronts = held_fronts or {}
     telemetry = telemetry or {}
     cloud_unavailable = cloud_unavailable or {}
     classes = []
@@ -254,6 +273,7 @@ def inputs_from_config(
                 cloud_available=name not in cloud_unavailable,
                 cloud_unavailable_reason=cloud_unavailable.get(name, "cloud unavailable"),
                 telemetry={m: t for (c, m), t in telemetry.items() if c == name},
+                held_fronts={m: frozenset(f) for (c, m), f in held_fronts.items() if c == name},
             )
         )
     return PlannerInputs(
@@ -307,6 +327,7 @@ class Selection:
     index: int  # into the grid's choices
     feasible: bool  # False: infeasible (no choice met the energy budget / deadline): the least violating
     fits: bool = True  # False: no candidate fits the device's memory; chosen as if memory were unlimited
+    held: bool = True  # False: no candidate is held by every device of the class; chosen as if all were
 
 
 def _within(value: np.ndarray, limit: float) -> np.ndarray:
@@ -314,17 +335,21 @@ def _within(value: np.ndarray, limit: float) -> np.ndarray:
     return result
 
 
-def select(grid: CostGrid, b: int, cons: Constraints, *, memory: bool = True) -> Selection:
+def select(grid: CostGrid, b: int, cons: Constraints, *, memory: bool = True, holdings: bool = True) -> Selection:
     """The optimum of link b's row under `cons` (vectorised; `exhaustive_best` is its twin).
 
-    Only choices whose front fits the device (`grid.fits`) are candidates; `memory=False` ignores
-    the memory budgets (what the row would have chosen without them)."""
-    if memory:
-        fit = grid.fits
+    Only choices whose front fits the device (`grid.fits`) and is held by every device of the
+    class (`grid.held`) are candidates; `memory=False` ignores the memory budgets, `holdings=False`
+    the held fronts (what the row would have chosen without them). When no candidate has a finite
+    cost, the held fronts are ignored first (Selection.held False), then the memory budgets."""
+    ones = np.ones(len(grid.choices), dtype=bool)
+    fit = grid.fits if memory else ones
+    if holdings and grid.held is not None:
+        fit = fit & grid.held
         if not (fit & _finite_choice(grid, b, cons)).any():
-            return dataclasses.replace(select(grid, b, cons, memory=False), fits=False)
-    else:
-        fit = np.ones(len(grid.choices), dtype=bool)
+            return dataclasses.replace(select(grid, b, cons, memory=memory, holdings=False), held=False)
+    if memory and not (fit & _finite_choice(grid, b, cons)).any():
+        return dataclasses.replace(select(grid, b, cons, memory=False, holdings=holdings), fits=False)
     total, energy = grid.total_ms[b], grid.energy_mj[b]
     acc_ok = grid.accuracy_loss_points <= cons.accuracy_budget_points + _ACC_SLACK_POINTS
     if cons.objective is Objective.LATENCY:
@@ -378,19 +403,26 @@ def exhaustive_best(
     *,
     min_telemetry_samples: int = 30,
     local_only: bool = False,
+    held_fronts: Collection[tuple[int, float]] | None = None,
 ) -> tuple[Choice, CostEstimate, bool]:
     """Brute force with plain loops over every choice and the scalar cost model: (choice, its
     estimate, feasible). The reference the planner is tested against.
 
-    Choices whose front does not fit the device (`pipelines.devices.front_fits`) are left out,
-    unless none of those that fit has a finite cost: then memory is ignored, as `select` does."""
+    Choices whose front does not fit the device (`pipelines.devices.front_fits`) or is not among
+    `held_fronts` (None: unknown, all held) are left out, unless none of those left has a finite
+    cost: then the held fronts are ignored, then memory too, as `select` does."""
     items = []
     for choice in choices_of(catalog, local_only=local_only):
         est = estimate(catalog, device, link, cloud, choice, telemetry, min_telemetry_samples=min_telemetry_samples)
-        items.append((choice, est, front_fits(device, catalog, choice.cut, choice.level) is None))
+        fits = front_fits(device, catalog, choice.cut, choice.level) is None
+        items.append((choice, est, fits, front_held(held_fronts, choice.cut, choice.level)))
     violated = (lambda e: e.energy_mj) if cons.objective is Objective.LATENCY else (lambda e: e.total_ms)
-    fitting = [(c, e) for c, e, fits in items if fits]
-    pool = fitting if any(math.isfinite(violated(e)) for _, e in fitting) else [(c, e) for c, e, _ in items]
+    pools = (
+        [(c, e) for c, e, fits, held in items if fits and held],
+        [(c, e) for c, e, fits, _ in items if fits],
+        [(c, e) for c, e, _, _ in items],
+    )
+    pool = next((p for p in pools if any(math.isfinite(violated(e)) for _, e in p)), pools[-1])
     best: tuple[float, float] | None = None
     best_item: tuple[Choice, CostEstimate] | None = None
     fallback: tuple[float, float] | None = None
@@ -449,7 +481,7 @@ def plan_fleet(inputs: PlannerInputs, previous: PlanSet | None = None) -> PlanSe
     buckets = bandwidth_buckets(inputs.bandwidth_edges_mbps)
     prev = _previous_choices(previous)
     plans = []
-    kept = infeasible = refused = unfit = 0
+    kept = infeasible = refused = unfit = avoided = unheld = 0
     for cls in inputs.classes:
         links = [LinkState(bk.planned_mbps, cls.rtt_ms) for bk in buckets]
         for catalog in inputs.catalogs:
@@ -461,11 +493,13 @@ def plan_fleet(inputs: PlannerInputs, previous: PlanSet | None = None) -> PlanSe
                 cls.telemetry.get(catalog.model),
                 min_telemetry_samples=inputs.min_telemetry_samples,
                 local_only=not cls.cloud_available,
+                held_fronts=cls.held_fronts.get(catalog.model),
             )
-            plan, k, inf, mem = _plan_one(cls, catalog, grid, buckets, prev, inputs.hysteresis_margin)
+            plan, k, inf, mem, hold = _plan_one(cls, catalog, grid, buckets, prev, inputs.hysteresis_margin)
             plans.append(plan)
             kept, infeasible = kept + k, infeasible + inf
             refused, unfit = refused + mem[0], unfit + mem[1]
+            avoided, unheld = avoided + hold[0], unheld + hold[1]
 
     version = 1 if previous is None else previous.version + 1
     plan_set = PlanSet(version=version, plans=tuple(plans), created_unix_ms=inputs.now_unix_ms, reason="-")
@@ -482,6 +516,10 @@ def plan_fleet(inputs: PlannerInputs, previous: PlanSet | None = None) -> PlanSe
         parts.append(f"{refused} rows refused a front that does not fit the device's memory")
     if unfit:
         parts.append(f"{unfit} rows where NO choice fits the device's memory")
+    if avoided:
+        parts.append(f"{avoided} rows avoided a front not every device of the class holds")
+    if unheld:
+        parts.append(f"{unheld} rows where NO choice is held by every device of the class")
     local = [c.name for c in inputs.classes if not c.cloud_available]
     if local:
         parts.append(f"local only for {', '.join(local)} (cloud unavailable)")
@@ -495,11 +533,12 @@ def _plan_one(
     buckets: tuple[Bucket, ...],
     prev: dict[_RowKey, Choice],
     margin: float,
-) -> tuple[Plan, int, int, tuple[int, int]]:
-    """The plan of one (class, model), how many rows hysteresis kept, how many are infeasible, and
-    (rows whose optimum was refused for memory, rows where no choice fits)."""
+) -> tuple[Plan, int, int, tuple[int, int], tuple[int, int]]:
+    """The plan of one (class, model), how many rows hysteresis kept, how many are infeasible,
+    (rows whose optimum was refused for memory, rows where no choice fits) and (rows whose optimum
+    is a front not every device holds, rows where no choice is held)."""
     local_m, cloud_m = grid.index(Choice(catalog.n_stages)), grid.index(Choice(0))
-    rows, kept, infeasible, refused, unfit = [], 0, 0, 0, 0
+    rows, kept, infeasible, refused, unfit, avoided, unheld = [], 0, 0, 0, 0, 0, 0
     for battery in (BatteryState.NORMAL, BatteryState.LOW):
         cons = row_constraints(cls, catalog, battery)
         for b, bk in enumerate(buckets):
@@ -511,12 +550,15 @@ def _plan_one(
             memory_note = _memory_note(cls, grid, b, cons, sel, m)
             refused += bool(memory_note) and sel.fits
             unfit += not sel.fits
+            held_note = _held_note(cls, grid, b, cons, sel, m)
+            avoided += bool(held_note) and sel.held
+            unheld += not sel.held
             est = grid.estimate(b, m)
             choice = grid.choices[m]
             reason = _reason(
                 cls, catalog, grid, b, m, est, cons, battery, bk, sel.feasible, kept_note, local_m, cloud_m
             )  # fmt: skip
-            reason = memory_note + reason
+            reason = memory_note + held_note + reason
             if not sel.feasible:  # the verdict first: no choice can meet this row's budget
                 reason = _infeasible_note(cons) + reason
             rows.append(
@@ -533,7 +575,24 @@ def _plan_one(
                 )
             )
     plan = Plan(model=catalog.model, device_class=cls.name, rows=tuple(rows), objective=cls.objective)
-    return plan, kept, infeasible, (refused, unfit)
+    return plan, kept, infeasible, (refused, unfit), (avoided, unheld)
+
+
+def _held_note(cls: ClassInputs, grid: CostGrid, b: int, cons: Constraints, sel: Selection, m: int) -> str:
+    """'' when the held fronts did not decide the row; else the front they ruled out (or that no
+    choice is held), ending '; '."""
+    if grid.held is None:
+        return ""
+    if not sel.held:
+        why = grid.missing.get(m) or "its front is not held by every device of the class"
+        return f"NO choice is held by every {cls.name} device, planned as if it were ({why}); "
+    if not grid.missing:
+        return ""
+    free = select(grid, b, cons, holdings=False).index
+    ruled_out = grid.missing.get(free)
+    if free == sel.index or ruled_out is None:
+        return ""
+    return f"{_choice_text(grid.catalog, grid.choices[free])} avoided: {ruled_out}; "
 
 
 def _memory_note(cls: ClassInputs, grid: CostGrid, b: int, cons: Constraints, sel: Selection, m: int) -> str:
@@ -557,6 +616,8 @@ def _hysteresis(
     optimum does not beat it by more than `margin`; else the optimum and no note."""
     old_m = None if old is None else grid.index(old)
     if not sel.feasible or old_m is None or old_m == sel.index or not grid.fits[old_m]:
+        return sel.index, ""
+    if sel.held and not grid.held_mask[old_m]:  # the class no longer holds the previous front
         return sel.index, ""
     if not _feasible(grid.estimate(b, old_m), cons):
         return sel.index, ""

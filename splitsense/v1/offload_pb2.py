@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bsplitsense/v1/offload.proto\x12\rsplitsense.v1\"\x83\x01\n\x06Tensor\x12#\n\x05\x63odec\x18\x01 \x01(\x0e\x32\x14.splitsense.v1.Codec\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\r\n\x05scale\x18\x03 \x01(\x02\x12\x12\n\nzero_point\x18\x04 \x01(\x05\x12\x0c\n\x04\x64\x61ta\x18\x05 \x01(\x0c\x12\x14\n\x0cprior_digest\x18\x06 \x01(\t\"\x90\x01\n\x0f\x44\x65viceEstimates\x12\x16\n\x0e\x62\x61ndwidth_mbps\x18\x01 \x01(\x01\x12\x0e\n\x06rtt_ms\x18\x02 \x01(\x01\x12\x18\n\x10\x62\x61ttery_fraction\x18\x03 \x01(\x01\x12\x12\n\non_battery\x18\x04 \x01(\x08\x12\'\n\x05radio\x18\x05 \x01(\x0e\x32\x18.splitsense.v1.RadioKind\"\x9d\x02\n\x0eOffloadRequest\x12\x11\n\twindow_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0b\n\x03\x63ut\x18\x03 \x01(\r\x12\x11\n\tdevice_id\x18\x04 \x01(\t\x12\x14\n\x0c\x64\x65vice_class\x18\x05 \x01(\t\x12\x31\n\testimates\x18\x06 \x01(\x0b\x32\x1e.splitsense.v1.DeviceEstimates\x12\x14\n\x0cplan_version\x18\x07 \x01(\x03\x12)\n\nactivation\x18\x08 \x01(\x0b\x32\x15.splitsense.v1.Tensor\x12\x14\n\x0csent_unix_ms\x18\t \x01(\x03\x12\x13\n\x0b\x64\x65\x61\x64line_ms\x18\n \x01(\r\x12\x14\n\x0c\x65xtra_models\x18\x0b \x03(\t\"?\n\nTaskResult\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06logits\x18\x02 \x03(\x02\x12\x12\n\nprediction\x18\x03 \x01(\x05\"B\n\x06Timing\x12\x10\n\x08queue_ms\x18\x01 \x01(\x01\x12\x12\n\ncompute_ms\x18\x02 \x01(\x01\x12\x12\n\nbatch_size\x18\x03 \x01(\r\"\xa0\x01\n\x0fOffloadResponse\x12\x11\n\twindow_id\x18\x01 \x01(\t\x12\x0e\n\x06logits\x18\x02 \x03(\x02\x12\x12\n\nprediction\x18\x03 \x01(\x05\x12%\n\x06timing\x18\x04 \x01(\x0b\x32\x15.splitsense.v1.Timing\x12/\n\x0ctask_results\x18\x05 \x03(\x0b\x32\x19.splitsense.v1.TaskResult\"F\n\x14OffloadStreamRequest\x12.\n\x07request\x18\x01 \x01(\x0b\x32\x1d.splitsense.v1.OffloadRequest\"D\n\x0bWindowError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x16\n\x0eretry_after_ms\x18\x03 \x01(\r\"\x94\x01\n\x15OffloadStreamResponse\x12\x11\n\twindow_id\x18\x01 \x01(\t\x12\x30\n\x06result\x18\x02 \x01(\x0b\x32\x1e.splitsense.v1.OffloadResponseH\x00\x12+\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x1a.splitsense.v1.WindowErrorH\x00\x42\t\n\x07outcome\"\x82\x03\n\x14TelemetryObservation\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0b\n\x03\x63ut\x18\x02 \x01(\r\x12*\n\x04mode\x18\x03 \x01(\x0e\x32\x1c.splitsense.v1.ExecutionMode\x12\x14\n\x0cwindow_count\x18\x04 \x01(\r\x12\x16\n\x0e\x66ront_ms_total\x18\x05 \x01(\x01\x12\x16\n\x0estage_ms_total\x18\x06 \x03(\x01\x12\x18\n\x10latency_ms_total\x18\x07 \x01(\x01\x12\x12\n\nbytes_sent\x18\x08 \x01(\x04\x12\x11\n\tenergy_mj\x18\t \x01(\x01\x12\x15\n\rfailure_count\x18\n \x01(\r\x12N\n\x0e\x66\x61llback_kinds\x18\x0b \x03(\x0b\x32\x36.splitsense.v1.TelemetryObservation.FallbackKindsEntry\x1a\x34\n\x12\x46\x61llbackKindsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\r:\x02\x38\x01\"\xff\x01\n\x16ReportTelemetryRequest\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x14\n\x0c\x64\x65vice_class\x18\x02 \x01(\t\x12\x31\n\testimates\x18\x03 \x01(\x0b\x32\x1e.splitsense.v1.DeviceEstimates\x12\x14\n\x0cplan_version\x18\x04 \x01(\x03\x12\x1c\n\x14period_start_unix_ms\x18\x05 \x01(\x03\x12\x1a\n\x12period_end_unix_ms\x18\x06 \x01(\x03\x12\x39\n\x0cobservations\x18\x07 \x03(\x0b\x32#.splitsense.v1.TelemetryObservation\"/\n\x17ReportTelemetryResponse\x12\x14\n\x0cplan_version\x18\x01 \x01(\x03\"\x8d\x02\n\x07PlanRow\x12\x1a\n\x12min_bandwidth_mbps\x18\x01 \x01(\x01\x12\x1a\n\x12max_bandwidth_mbps\x18\x02 \x01(\x01\x12,\n\x07\x62\x61ttery\x18\x03 \x01(\x0e\x32\x1b.splitsense.v1.BatteryState\x12\x0b\n\x03\x63ut\x18\x04 \x01(\r\x12\x1f\n\x17\x63ompression_energy_kept\x18\x05 \x01(\x01\x12#\n\x05\x63odec\x18\x06 \x01(\x0e\x32\x14.splitsense.v1.Codec\x12\x0e\n\x06reason\x18\x07 \x01(\t\x12\x1c\n\x14predicted_latency_ms\x18\x08 \x01(\x01\x12\x1b\n\x13predicted_energy_mj\x18\t \x01(\x01\"~\n\x04Plan\x12\r\n\x05model\x18\x01 \x01(\t\x12\x14\n\x0c\x64\x65vice_class\x18\x02 \x01(\t\x12$\n\x04rows\x18\x03 \x03(\x0b\x32\x16.splitsense.v1.PlanRow\x12+\n\tobjective\x18\x04 \x01(\x0e\x32\x18.splitsense.v1.Objective\"g\n\x07PlanSet\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12\"\n\x05plans\x18\x02 \x03(\x0b\x32\x13.splitsense.v1.Plan\x12\x17\n\x0f\x63reated_unix_ms\x18\x03 \x01(\x03\x12\x0e\n\x06reason\x18\x04 \x01(\t\"M\n\x0eGetPlanRequest\x12\x14\n\x0c\x64\x65vice_class\x18\x01 \x01(\t\x12\x0e\n\x06models\x18\x02 \x03(\t\x12\x15\n\rknown_version\x18\x03 \x01(\x03\";\n\x0fGetPlanResponse\x12(\n\x08plan_set\x18\x01 \x01(\x0b\x32\x16.splitsense.v1.PlanSet\"O\n\x10WatchPlanRequest\x12\x14\n\x0c\x64\x65vice_class\x18\x01 \x01(\t\x12\x0e\n\x06models\x18\x02 \x03(\t\x12\x15\n\rknown_version\x18\x03 \x01(\x03\"=\n\x11WatchPlanResponse\x12(\n\x08plan_set\x18\x01 \x01(\x0b\x32\x16.splitsense.v1.PlanSet*]\n\x05\x43odec\x12\x15\n\x11\x43ODEC_UNSPECIFIED\x10\x00\x12\x0e\n\nCODEC_FP32\x10\x01\x12\x0e\n\nCODEC_FP16\x10\x02\x12\x0e\n\nCODEC_INT8\x10\x03\x12\r\n\tCODEC_ANS\x10\x04*w\n\tRadioKind\x12\x1a\n\x16RADIO_KIND_UNSPECIFIED\x10\x00\x12\x13\n\x0fRADIO_KIND_WIFI\x10\x01\x12\x12\n\x0eRADIO_KIND_LTE\x10\x02\x12\x11\n\rRADIO_KIND_3G\x10\x03\x12\x12\n\x0eRADIO_KIND_BLE\x10\x04*^\n\x0c\x42\x61tteryState\x12\x1d\n\x19\x42\x41TTERY_STATE_UNSPECIFIED\x10\x00\x12\x18\n\x14\x42\x41TTERY_STATE_NORMAL\x10\x01\x12\x15\n\x11\x42\x41TTERY_STATE_LOW\x10\x02*S\n\tObjective\x12\x19\n\x15OBJECTIVE_UNSPECIFIED\x10\x00\x12\x15\n\x11OBJECTIVE_LATENCY\x10\x01\x12\x14\n\x10OBJECTIVE_ENERGY\x10\x02*\xa1\x01\n\rExecutionMode\x12\x1e\n\x1a\x45XECUTION_MODE_UNSPECIFIED\x10\x00\x12\x1c\n\x18\x45XECUTION_MODE_OFFLOADED\x10\x01\x12\x18\n\x14\x45XECUTION_MODE_LOCAL\x10\x02\x12\x1b\n\x17\x45XECUTION_MODE_FALLBACK\x10\x03\x12\x1b\n\x17\x45XECUTION_MODE_DEFERRED\x10\x04\x32\x9c\x02\n\x0eOffloadService\x12H\n\x07Offload\x12\x1d.splitsense.v1.OffloadRequest\x1a\x1e.splitsense.v1.OffloadResponse\x12^\n\rOffloadStream\x12#.splitsense.v1.OffloadStreamRequest\x1a$.splitsense.v1.OffloadStreamResponse(\x01\x30\x01\x12`\n\x0fReportTelemetry\x12%.splitsense.v1.ReportTelemetryRequest\x1a&.splitsense.v1.ReportTelemetryResponse2\xa9\x01\n\x0bPlanService\x12H\n\x07GetPlan\x12\x1d.splitsense.v1.GetPlanRequest\x1a\x1e.splitsense.v1.GetPlanResponse\x12P\n\tWatchPlan\x12\x1f.splitsense.v1.WatchPlanRequest\x1a .splitsense.v1.WatchPlanResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bsplitsense/v1/offload.proto\x12\rsplitsense.v1\"\x83\x01\n\x06Tensor\x12#\n\x05\x63odec\x18\x01 \x01(\x0e\x32\x14.splitsense.v1.Codec\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\r\n\x05scale\x18\x03 \x01(\x02\x12\x12\n\nzero_point\x18\x04 \x01(\x05\x12\x0c\n\x04\x64\x61ta\x18\x05 \x01(\x0c\x12\x14\n\x0cprior_digest\x18\x06 \x01(\t\"\x90\x01\n\x0f\x44\x65viceEstimates\x12\x16\n\x0e\x62\x61ndwidth_mbps\x18\x01 \x01(\x01\x12\x0e\n\x06rtt_ms\x18\x02 \x01(\x01\x12\x18\n\x10\x62\x61ttery_fraction\x18\x03 \x01(\x01\x12\x12\n\non_battery\x18\x04 \x01(\x08\x12\'\n\x05radio\x18\x05 \x01(\x0e\x32\x18.splitsense.v1.RadioKind\"\x9d\x02\n\x0eOffloadRequest\x12\x11\n\twindow_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0b\n\x03\x63ut\x18\x03 \x01(\r\x12\x11\n\tdevice_id\x18\x04 \x01(\t\x12\x14\n\x0c\x64\x65vice_class\x18\x05 \x01(\t\x12\x31\n\testimates\x18\x06 \x01(\x0b\x32\x1e.splitsense.v1.DeviceEstimates\x12\x14\n\x0cplan_version\x18\x07 \x01(\x03\x12)\n\nactivation\x18\x08 \x01(\x0b\x32\x15.splitsense.v1.Tensor\x12\x14\n\x0csent_unix_ms\x18\t \x01(\x03\x12\x13\n\x0b\x64\x65\x61\x64line_ms\x18\n \x01(\r\x12\x14\n\x0c\x65xtra_models\x18\x0b \x03(\t\"?\n\nTaskResult\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06logits\x18\x02 \x03(\x02\x12\x12\n\nprediction\x18\x03 \x01(\x05\"B\n\x06Timing\x12\x10\n\x08queue_ms\x18\x01 \x01(\x01\x12\x12\n\ncompute_ms\x18\x02 \x01(\x01\x12\x12\n\nbatch_size\x18\x03 \x01(\r\"\xa0\x01\n\x0fOffloadResponse\x12\x11\n\twindow_id\x18\x01 \x01(\t\x12\x0e\n\x06logits\x18\x02 \x03(\x02\x12\x12\n\nprediction\x18\x03 \x01(\x05\x12%\n\x06timing\x18\x04 \x01(\x0b\x32\x15.splitsense.v1.Timing\x12/\n\x0ctask_results\x18\x05 \x03(\x0b\x32\x19.splitsense.v1.TaskResult\"F\n\x14OffloadStreamRequest\x12.\n\x07request\x18\x01 \x01(\x0b\x32\x1d.splitsense.v1.OffloadRequest\"D\n\x0bWindowError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x16\n\x0eretry_after_ms\x18\x03 \x01(\r\"\x94\x01\n\x15OffloadStreamResponse\x12\x11\n\twindow_id\x18\x01 \x01(\t\x12\x30\n\x06result\x18\x02 \x01(\x0b\x32\x1e.splitsense.v1.OffloadResponseH\x00\x12+\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x1a.splitsense.v1.WindowErrorH\x00\x42\t\n\x07outcome\"\x82\x03\n\x14TelemetryObservation\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0b\n\x03\x63ut\x18\x02 \x01(\r\x12*\n\x04mode\x18\x03 \x01(\x0e\x32\x1c.splitsense.v1.ExecutionMode\x12\x14\n\x0cwindow_count\x18\x04 \x01(\r\x12\x16\n\x0e\x66ront_ms_total\x18\x05 \x01(\x01\x12\x16\n\x0estage_ms_total\x18\x06 \x03(\x01\x12\x18\n\x10latency_ms_total\x18\x07 \x01(\x01\x12\x12\n\nbytes_sent\x18\x08 \x01(\x04\x12\x11\n\tenergy_mj\x18\t \x01(\x01\x12\x15\n\rfailure_count\x18\n \x01(\r\x12N\n\x0e\x66\x61llback_kinds\x18\x0b \x03(\x0b\x32\x36.splitsense.v1.TelemetryObservation.FallbackKindsEntry\x1a\x34\n\x12\x46\x61llbackKindsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\r:\x02\x38\x01\"\xaf\x02\n\x16ReportTelemetryRequest\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x14\n\x0c\x64\x65vice_class\x18\x02 \x01(\t\x12\x31\n\testimates\x18\x03 \x01(\x0b\x32\x1e.splitsense.v1.DeviceEstimates\x12\x14\n\x0cplan_version\x18\x04 \x01(\x03\x12\x1c\n\x14period_start_unix_ms\x18\x05 \x01(\x03\x12\x1a\n\x12period_end_unix_ms\x18\x06 \x01(\x03\x12\x39\n\x0cobservations\x18\x07 \x03(\x0b\x32#.splitsense.v1.TelemetryObservation\x12.\n\x0bheld_fronts\x18\x08 \x03(\x0b\x32\x19.splitsense.v1.HeldFronts\"8\n\x08\x46rontRef\x12\x0b\n\x03\x63ut\x18\x01 \x01(\r\x12\x1f\n\x17\x63ompression_energy_kept\x18\x02 \x01(\x01\"D\n\nHeldFronts\x12\r\n\x05model\x18\x01 \x01(\t\x12\'\n\x06\x66ronts\x18\x02 \x03(\x0b\x32\x17.splitsense.v1.FrontRef\"/\n\x17ReportTelemetryResponse\x12\x14\n\x0cplan_version\x18\x01 \x01(\x03\"\x8d\x02\n\x07PlanRow\x12\x1a\n\x12min_bandwidth_mbps\x18\x01 \x01(\x01\x12\x1a\n\x12max_bandwidth_mbps\x18\x02 \x01(\x01\x12,\n\x07\x62\x61ttery\x18\x03 \x01(\x0e\x32\x1b.splitsense.v1.BatteryState\x12\x0b\n\x03\x63ut\x18\x04 \x01(\r\x12\x1f\n\x17\x63ompression_energy_kept\x18\x05 \x01(\x01\x12#\n\x05\x63odec\x18\x06 \x01(\x0e\x32\x14.splitsense.v1.Codec\x12\x0e\n\x06reason\x18\x07 \x01(\t\x12\x1c\n\x14predicted_latency_ms\x18\x08 \x01(\x01\x12\x1b\n\x13predicted_energy_mj\x18\t \x01(\x01\"~\n\x04Plan\x12\r\n\x05model\x18\x01 \x01(\t\x12\x14\n\x0c\x64\x65vice_class\x18\x02 \x01(\t\x12$\n\x04rows\x18\x03 \x03(\x0b\x32\x16.splitsense.v1.PlanRow\x12+\n\tobjective\x18\x04 \x01(\x0e\x32\x18.splitsense.v1.Objective\"g\n\x07PlanSet\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12\"\n\x05plans\x18\x02 \x03(\x0b\x32\x13.splitsense.v1.Plan\x12\x17\n\x0f\x63reated_unix_ms\x18\x03 \x01(\x03\x12\x0e\n\x06reason\x18\x04 \x01(\t\"M\n\x0eGetPlanRequest\x12\x14\n\x0c\x64\x65vice_class\x18\x01 \x01(\t\x12\x0e\n\x06models\x18\x02 \x03(\t\x12\x15\n\rknown_version\x18\x03 \x01(\x03\";\n\x0fGetPlanResponse\x12(\n\x08plan_set\x18\x01 \x01(\x0b\x32\x16.splitsense.v1.PlanSet\"O\n\x10WatchPlanRequest\x12\x14\n\x0c\x64\x65vice_class\x18\x01 \x01(\t\x12\x0e\n\x06models\x18\x02 \x03(\t\x12\x15\n\rknown_version\x18\x03 \x01(\x03\"=\n\x11WatchPlanResponse\x12(\n\x08plan_set\x18\x01 \x01(\x0b\x32\x16.splitsense.v1.PlanSet*]\n\x05\x43odec\x12\x15\n\x11\x43ODEC_UNSPECIFIED\x10\x00\x12\x0e\n\nCODEC_FP32\x10\x01\x12\x0e\n\nCODEC_FP16\x10\x02\x12\x0e\n\nCODEC_INT8\x10\x03\x12\r\n\tCODEC_ANS\x10\x04*w\n\tRadioKind\x12\x1a\n\x16RADIO_KIND_UNSPECIFIED\x10\x00\x12\x13\n\x0fRADIO_KIND_WIFI\x10\x01\x12\x12\n\x0eRADIO_KIND_LTE\x10\x02\x12\x11\n\rRADIO_KIND_3G\x10\x03\x12\x12\n\x0eRADIO_KIND_BLE\x10\x04*^\n\x0c\x42\x61tteryState\x12\x1d\n\x19\x42\x41TTERY_STATE_UNSPECIFIED\x10\x00\x12\x18\n\x14\x42\x41TTERY_STATE_NORMAL\x10\x01\x12\x15\n\x11\x42\x41TTERY_STATE_LOW\x10\x02*S\n\tObjective\x12\x19\n\x15OBJECTIVE_UNSPECIFIED\x10\x00\x12\x15\n\x11OBJECTIVE_LATENCY\x10\x01\x12\x14\n\x10OBJECTIVE_ENERGY\x10\x02*\xa1\x01\n\rExecutionMode\x12\x1e\n\x1a\x45XECUTION_MODE_UNSPECIFIED\x10\x00\x12\x1c\n\x18\x45XECUTION_MODE_OFFLOADED\x10\x01\x12\x18\n\x14\x45XECUTION_MODE_LOCAL\x10\x02\x12\x1b\n\x17\x45XECUTION_MODE_FALLBACK\x10\x03\x12\x1b\n\x17\x45XECUTION_MODE_DEFERRED\x10\x04\x32\x9c\x02\n\x0eOffloadService\x12H\n\x07Offload\x12\x1d.splitsense.v1.OffloadRequest\x1a\x1e.splitsense.v1.OffloadResponse\x12^\n\rOffloadStream\x12#.splitsense.v1.OffloadStreamRequest\x1a$.splitsense.v1.OffloadStreamResponse(\x01\x30\x01\x12`\n\x0fReportTelemetry\x12%.splitsense.v1.ReportTelemetryRequest\x1a&.splitsense.v1.ReportTelemetryResponse2\xa9\x01\n\x0bPlanService\x12H\n\x07GetPlan\x12\x1d.splitsense.v1.GetPlanRequest\x1a\x1e.splitsense.v1.GetPlanResponse\x12P\n\tWatchPlan\x12\x1f.splitsense.v1.WatchPlanRequest\x1a .splitsense.v1.WatchPlanResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,16 +33,16 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_TELEMETRYOBSERVATION_FALLBACKKINDSENTRY']._loaded_options = None
   _globals['_TELEMETRYOBSERVATION_FALLBACKKINDSENTRY']._serialized_options = b'8\001'
-  _globals['_CODEC']._serialized_start=2689
-  _globals['_CODEC']._serialized_end=2782
-  _globals['_RADIOKIND']._serialized_start=2784
-  _globals['_RADIOKIND']._serialized_end=2903
-  _globals['_BATTERYSTATE']._serialized_start=2905
-  _globals['_BATTERYSTATE']._serialized_end=2999
-  _globals['_OBJECTIVE']._serialized_start=3001
-  _globals['_OBJECTIVE']._serialized_end=3084
-  _globals['_EXECUTIONMODE']._serialized_start=3087
-  _globals['_EXECUTIONMODE']._serialized_end=3248
+  _globals['_CODEC']._serialized_start=2865
+  _globals['_CODEC']._serialized_end=2958
+  _globals['_RADIOKIND']._serialized_start=2960
+  _globals['_RADIOKIND']._serialized_end=3079
+  _globals['_BATTERYSTATE']._serialized_start=3081
+  _globals['_BATTERYSTATE']._serialized_end=3175
+  _globals['_OBJECTIVE']._serialized_start=3177
+  _globals['_OBJECTIVE']._serialized_end=3260
+  _globals['_EXECUTIONMODE']._serialized_start=3263
+  _globals['_EXECUTIONMODE']._serialized_end=3424
   _globals['_TENSOR']._serialized_start=47
   _globals['_TENSOR']._serialized_end=178
   _globals['_DEVICEESTIMATES']._serialized_start=181
@@ -66,25 +66,29 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TELEMETRYOBSERVATION_FALLBACKKINDSENTRY']._serialized_start=1539
   _globals['_TELEMETRYOBSERVATION_FALLBACKKINDSENTRY']._serialized_end=1591
   _globals['_REPORTTELEMETRYREQUEST']._serialized_start=1594
-  _globals['_REPORTTELEMETRYREQUEST']._serialized_end=1849
-  _globals['_REPORTTELEMETRYRESPONSE']._serialized_start=1851
-  _globals['_REPORTTELEMETRYRESPONSE']._serialized_end=1898
-  _globals['_PLANROW']._serialized_start=1901
-  _globals['_PLANROW']._serialized_end=2170
-  _globals['_PLAN']._serialized_start=2172
-  _globals['_PLAN']._serialized_end=2298
-  _globals['_PLANSET']._serialized_start=2300
-  _globals['_PLANSET']._serialized_end=2403
-  _globals['_GETPLANREQUEST']._serialized_start=2405
-  _globals['_GETPLANREQUEST']._serialized_end=2482
-  _globals['_GETPLANRESPONSE']._serialized_start=2484
-  _globals['_GETPLANRESPONSE']._serialized_end=2543
-  _globals['_WATCHPLANREQUEST']._serialized_start=2545
-  _globals['_WATCHPLANREQUEST']._serialized_end=2624
-  _globals['_WATCHPLANRESPONSE']._serialized_start=2626
-  _globals['_WATCHPLANRESPONSE']._serialized_end=2687
-  _globals['_OFFLOADSERVICE']._serialized_start=3251
-  _globals['_OFFLOADSERVICE']._serialized_end=3535
-  _globals['_PLANSERVICE']._serialized_start=3538
-  _globals['_PLANSERVICE']._serialized_end=3707
+  _globals['_REPORTTELEMETRYREQUEST']._serialized_end=1897
+  _globals['_FRONTREF']._serialized_start=1899
+  _globals['_FRONTREF']._serialized_end=1955
+  _globals['_HELDFRONTS']._serialized_start=1957
+  _globals['_HELDFRONTS']._serialized_end=2025
+  _globals['_REPORTTELEMETRYRESPONSE']._serialized_start=2027
+  _globals['_REPORTTELEMETRYRESPONSE']._serialized_end=2074
+  _globals['_PLANROW']._serialized_start=2077
+  _globals['_PLANROW']._serialized_end=2346
+  _globals['_PLAN']._serialized_start=2348
+  _globals['_PLAN']._serialized_end=2474
+  _globals['_PLANSET']._serialized_start=2476
+  _globals['_PLANSET']._serialized_end=2579
+  _globals['_GETPLANREQUEST']._serialized_start=2581
+  _globals['_GETPLANREQUEST']._serialized_end=2658
+  _globals['_GETPLANRESPONSE']._serialized_start=2660
+  _globals['_GETPLANRESPONSE']._serialized_end=2719
+  _globals['_WATCHPLANREQUEST']._serialized_start=2721
+  _globals['_WATCHPLANREQUEST']._serialized_end=2800
+  _globals['_WATCHPLANRESPONSE']._serialized_start=2802
+  _globals['_WATCHPLANRESPONSE']._serialized_end=2863
+  _globals['_OFFLOADSERVICE']._serialized_start=3427
+  _globals['_OFFLOADSERVICE']._serialized_end=3711
+  _globals['_PLANSERVICE']._serialized_start=3714
+  _globals['_PLANSERVICE']._serialized_end=3883
 # @@protoc_insertion_point(module_scope)

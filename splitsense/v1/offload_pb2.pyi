@@ -653,6 +653,7 @@ class ReportTelemetryRequest(_message.Message):
     PERIOD_START_UNIX_MS_FIELD_NUMBER: _builtins.int
     PERIOD_END_UNIX_MS_FIELD_NUMBER: _builtins.int
     OBSERVATIONS_FIELD_NUMBER: _builtins.int
+    HELD_FRONTS_FIELD_NUMBER: _builtins.int
     device_id: _builtins.str
     """The id of the device; it must match the authenticated identity of the call."""
     device_class: _builtins.str
@@ -671,6 +672,13 @@ class ReportTelemetryRequest(_message.Message):
     def observations(self) -> _containers.RepeatedCompositeFieldContainer[Global___TelemetryObservation]:
         """One entry per (model, cut, mode) seen in the period."""
 
+    @_builtins.property
+    def held_fronts(self) -> _containers.RepeatedCompositeFieldContainer[Global___HeldFronts]:
+        """The fronts the device can run, one entry per model it runs (added in v1.2): the controller
+        plans only cuts and levels that every reporting device of the class holds. Empty means unknown
+        (a device that predates the field, or does not say): no restriction.
+        """
+
     def __init__(
         self,
         *,
@@ -681,14 +689,75 @@ class ReportTelemetryRequest(_message.Message):
         period_start_unix_ms: _builtins.int = ...,
         period_end_unix_ms: _builtins.int = ...,
         observations: _abc.Iterable[Global___TelemetryObservation] | None = ...,
+        held_fronts: _abc.Iterable[Global___HeldFronts] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["estimates", b"estimates"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["device_class", b"device_class", "device_id", b"device_id", "estimates", b"estimates", "observations", b"observations", "period_end_unix_ms", b"period_end_unix_ms", "period_start_unix_ms", b"period_start_unix_ms", "plan_version", b"plan_version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["device_class", b"device_class", "device_id", b"device_id", "estimates", b"estimates", "held_fronts", b"held_fronts", "observations", b"observations", "period_end_unix_ms", b"period_end_unix_ms", "period_start_unix_ms", b"period_start_unix_ms", "plan_version", b"plan_version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ReportTelemetryRequest: _TypeAlias = ReportTelemetryRequest  # noqa: Y015
+
+@_typing.final
+class FrontRef(_message.Message):
+    """FrontRef names one front: the device side of a cut at a compression level."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CUT_FIELD_NUMBER: _builtins.int
+    COMPRESSION_ENERGY_KEPT_FIELD_NUMBER: _builtins.int
+    cut: _builtins.int
+    """The cut k: the front is stages [0, k); k = N is the whole model on the device."""
+    compression_energy_kept: _builtins.float
+    """The compression level of the front, as PlanRow.compression_energy_kept; 1.0 is uncompressed."""
+    def __init__(
+        self,
+        *,
+        cut: _builtins.int = ...,
+        compression_energy_kept: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["compression_energy_kept", b"compression_energy_kept", "cut", b"cut"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FrontRef: _TypeAlias = FrontRef  # noqa: Y015
+
+@_typing.final
+class HeldFronts(_message.Message):
+    """HeldFronts lists the fronts of one model that a device can run (e.g. what its export holds).
+
+    At most 16 entries per report, each with at most 256 distinct fronts; a device that lacks a front
+    a plan names does not fail the window, it runs the nearest front it holds and says why.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    FRONTS_FIELD_NUMBER: _builtins.int
+    model: _builtins.str
+    """The name of the model, as in TelemetryObservation.model (a task group by its group name)."""
+    @_builtins.property
+    def fronts(self) -> _containers.RepeatedCompositeFieldContainer[Global___FrontRef]:
+        """The fronts held, each (cut, level) at most once. Cut 0 (sending the preprocessed input) needs
+        no front and is implied.
+        """
+
+    def __init__(
+        self,
+        *,
+        model: _builtins.str = ...,
+        fronts: _abc.Iterable[Global___FrontRef] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["fronts", b"fronts", "model", b"model"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___HeldFronts: _TypeAlias = HeldFronts  # noqa: Y015
 
 @_typing.final
 class ReportTelemetryResponse(_message.Message):

@@ -33,7 +33,8 @@ class OffloadServiceStub:
 
     Every string a device sends, here and on PlanService, has a length limit: ids (window_id,
     device_id) at most 128 characters, names (model, extra_models, device_class, models,
-    prior_digest) at most 64; a longer one is INVALID_ARGUMENT naming the field and the limit.
+    prior_digest, held_fronts.model) at most 64; a longer one is INVALID_ARGUMENT naming the field
+    and the limit.
     """
 
     def __init__(self, channel):
@@ -67,7 +68,8 @@ class OffloadServiceServicer:
 
     Every string a device sends, here and on PlanService, has a length limit: ids (window_id,
     device_id) at most 128 characters, names (model, extra_models, device_class, models,
-    prior_digest) at most 64; a longer one is INVALID_ARGUMENT naming the field and the limit.
+    prior_digest, held_fronts.model) at most 64; a longer one is INVALID_ARGUMENT naming the field
+    and the limit.
     """
 
     def Offload(self, request, context):
@@ -130,7 +132,8 @@ class OffloadService:
 
     Every string a device sends, here and on PlanService, has a length limit: ids (window_id,
     device_id) at most 128 characters, names (model, extra_models, device_class, models,
-    prior_digest) at most 64; a longer one is INVALID_ARGUMENT naming the field and the limit.
+    prior_digest, held_fronts.model) at most 64; a longer one is INVALID_ARGUMENT naming the field
+    and the limit.
     """
 
     @staticmethod

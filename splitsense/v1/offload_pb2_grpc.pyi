@@ -40,7 +40,8 @@ class OffloadServiceStub:
 
     Every string a device sends, here and on PlanService, has a length limit: ids (window_id,
     device_id) at most 128 characters, names (model, extra_models, device_class, models,
-    prior_digest) at most 64; a longer one is INVALID_ARGUMENT naming the field and the limit.
+    prior_digest, held_fronts.model) at most 64; a longer one is INVALID_ARGUMENT naming the field
+    and the limit.
     """
 
     @_typing.overload
@@ -70,7 +71,8 @@ class OffloadServiceAsyncStub(OffloadServiceStub):
 
     Every string a device sends, here and on PlanService, has a length limit: ids (window_id,
     device_id) at most 128 characters, names (model, extra_models, device_class, models,
-    prior_digest) at most 64; a longer one is INVALID_ARGUMENT naming the field and the limit.
+    prior_digest, held_fronts.model) at most 64; a longer one is INVALID_ARGUMENT naming the field
+    and the limit.
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
@@ -96,7 +98,8 @@ class OffloadServiceServicer(metaclass=_abc_1.ABCMeta):
 
     Every string a device sends, here and on PlanService, has a length limit: ids (window_id,
     device_id) at most 128 characters, names (model, extra_models, device_class, models,
-    prior_digest) at most 64; a longer one is INVALID_ARGUMENT naming the field and the limit.
+    prior_digest, held_fronts.model) at most 64; a longer one is INVALID_ARGUMENT naming the field
+    and the limit.
     """
 
     @_abc_1.abstractmethod

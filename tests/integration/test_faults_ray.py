@@ -120,7 +120,11 @@ async def test_killed_ray_replica_mid_stream_loses_nothing_and_the_device_comes_
 ) -> None:
     registry = ModelRegistry([MODEL])
     trained = registry.trained(MODEL)
-    cfg_b = BrokerConfig(port=0, metrics_port=None, auth_secret=SECRET, static_plan_cut=CUT, shutdown_grace_s=0.5)
+    # local_tail off: a lone device's windows would otherwise run in the broker itself (an idle lane)
+    # and never see the dead replica, which is the path under test here.
+    cfg_b = BrokerConfig(
+        port=0, metrics_port=None, auth_secret=SECRET, static_plan_cut=CUT, shutdown_grace_s=0.5, local_tail=False
+    )
     broker = Broker(cfg_b, registry, tails)
     port = await broker.start()
     token = device_token(SECRET, DEVICE)

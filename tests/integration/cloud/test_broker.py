@@ -88,7 +88,15 @@ async def backend(registry: ModelRegistry) -> AsyncIterator[ControlledBackend]:
 
 
 def broker_config(**kw: Any) -> BrokerConfig:
-    base: dict[str, Any] = {"host": "127.0.0.1", "port": 0, "auth_secret": SECRET, "metrics_port": None}
+    # local_tail off: these tests put faults and delays into the backend, which a lone window on an
+    # idle lane would otherwise never reach (it runs in the broker; test_a_lone_window_... below).
+    base: dict[str, Any] = {
+        "host": "127.0.0.1",
+        "port": 0,
+        "auth_secret": SECRET,
+        "metrics_port": None,
+        "local_tail": False,
+    }
     base.update(kw)
     return BrokerConfig(**base)
 
@@ -428,6 +436,44 @@ async def test_stream_pipelines_windows(
 
 
 # --- deadlines, shedding, backend failures ----------------------------------------------------
+
+
+async def test_a_lone_window_runs_in_the_broker_and_a_busy_lane_goes_to_the_backend(
+    backend: ControlledBackend, registry: ModelRegistry, windows: dict[str, torch.Tensor]
+) -> None:
+    """broker.local_tail (on by default): an idle lane's window skips the backend hop; windows that
+    arrive while a batch is in flight go to the backend, batched."""
+    b = Broker(broker_config(local_tail=True), registry, backend, metrics_registry=CollectorRegistry())
+    await b.start()
+    calls: list[int] = []
+    run_tail = backend.run_tail
+
+    async def counted(model: str, cut: int, batch: np.ndarray) -> np.ndarray:
+        calls.append(len(batch))
+        return await run_tail(model, cut, batch)
+
+    backend.run_tail = counted  # type: ignore[method-assign]
+    try:
+        async with grpc.aio.insecure_channel(b.address) as ch:
+            stub = pb_grpc.OffloadServiceStub(ch)
+            lone = await stub.Offload(good_request(registry, windows), metadata=creds("dev-ok"), timeout=5)
+            assert lone.timing.batch_size == 1 and calls == [], "a lone window never reaches the backend"
+            v = b.metrics.registry.get_sample_value
+            assert v("splitsense_broker_local_batches_total", {"model": "uci_har", "cut": "2"}) == 1.0
+
+            # a burst: the first window takes the broker's tail, the rest queue behind it and go to
+            # the backend while it runs (or take the broker's tail again once it is idle)
+            def request(i: int) -> Any:
+                device = f"dev-{i}"
+                return stub.Offload(good_request(registry, windows, device=device), metadata=creds(device), timeout=5)
+
+            many = await asyncio.gather(*(request(i) for i in range(24)))
+            assert all(len(r.logits) == registry.info["uci_har"].num_classes for r in many)
+            np.testing.assert_allclose([r.logits for r in many], [lone.logits] * 24, rtol=1e-5, atol=1e-6)
+            local = v("splitsense_broker_local_batches_total", {"model": "uci_har", "cut": "2"}) or 0.0
+            assert sum(calls) + local >= 2
+    finally:
+        await b.stop(0.5)
 
 
 async def test_deadline_exceeded_when_the_tail_is_too_slow(

@@ -138,6 +138,7 @@ def make_config(prometheus_url: str, redis_url: str, **controller: Any) -> Confi
             static_plan_cut=N_STAGES,
             static_plan_device_classes=(CLASS,),
             shutdown_grace_s=0.5,
+            local_tail=False,  # the failing tails must be what the boards' windows meet
         ),  # fmt: skip
         controller=replace(ctl, **controller),
     )

@@ -145,6 +145,10 @@ def _scalar(f: FieldDescriptor, hints: dict[str, st.SearchStrategy[Any]]) -> st.
     return generic if hint is None else st.one_of(hint, generic)
 
 
+def _is_map(f: FieldDescriptor) -> bool:
+    return f.type == FieldDescriptor.TYPE_MESSAGE and f.message_type.GetOptions().map_entry
+
+
 def _value(
     f: FieldDescriptor, hints: dict[str, st.SearchStrategy[Any]], base: Message | None, depth: int
 ) -> st.SearchStrategy[Any]:
@@ -169,7 +173,12 @@ def message_of(
     fields: dict[str, st.SearchStrategy[Any]] = {}
     for f in desc.fields:
         sub_base = getattr(base, f.name) if base is not None and f.type == FieldDescriptor.TYPE_MESSAGE else None
-        if f.is_repeated:
+        if _is_map(f):  # map<k, v>: key and value fields of its entry message, few or very many entries
+            key, value = (_value(e, hints, None, depth) for e in f.message_type.fields)
+            fields[f.name] = st.one_of(
+                st.dictionaries(key, value, max_size=4), st.dictionaries(key, value, min_size=40, max_size=200)
+            )
+        elif f.is_repeated:
             item = _value(f, hints, None, depth)
             fields[f.name] = st.one_of(st.lists(item, max_size=4), st.lists(item, min_size=100, max_size=2000))
         elif f.type == FieldDescriptor.TYPE_MESSAGE and depth >= 4:
@@ -186,7 +195,9 @@ def message_of(
         for name, v in values.items():
             msg.ClearField(name)
             f = desc.fields_by_name[name]
-            if f.is_repeated:
+            if _is_map(f):
+                getattr(msg, name).update(v)
+            elif f.is_repeated:
                 if f.type == FieldDescriptor.TYPE_MESSAGE:
                     for item in v:
                         getattr(msg, name).add().CopyFrom(item)

@@ -136,7 +136,9 @@ def _check_dashboard(base: str) -> tuple[list[str], dict[str, int]]:
 async def test_every_dashboard_query_runs_against_a_scraped_fleet(prometheus_server: Any) -> None:
     overrides = {
         "simulator": {"policies": ["all_cloud", "adaptive"], "outages": []},
-        "broker": {"auth_secret": "dashboard-integration-secret-0123"},
+        # local_tail off: the slow tail must be what the phone's windows meet (an idle lane would
+        # otherwise run them in the broker and nothing would be shed)
+        "broker": {"auth_secret": "dashboard-integration-secret-0123", "local_tail": False},
     }
     config = with_ports(load_scenario("smoke", overrides))
     runner = FleetRunner(config, backend="in_process")

@@ -51,16 +51,29 @@ def _cell(path: str, devices: int, p50: float, rps: float) -> Cell:
 
 def test_summary_ratios_and_targets() -> None:
     cells = [
+        _cell("raw_grpc", 1, 0.7, 1400.0),
+        _cell("in_process", 1, 0.2, 4000.0),
         _cell("naive_ray", 1, 5.0, 200.0),
-        _cell("broker", 1, 5.6, 180.0),
-        _cell("naive_ray", 64, 150.0, 300.0),
-        _cell("broker", 64, 40.0, 1500.0),
+        _cell("broker", 1, 2.5, 400.0),
+        _cell("broker_ray_only", 1, 5.5, 180.0),
+        _cell("naive_ray", 64, 150.0, 30.0),
+        _cell("naive_ray_unthrottled", 64, 40.0, 400.0),
+        _cell("broker", 64, 40.0, 1600.0),
+        _cell("broker_x2", 64, 30.0, 2000.0),
     ]
     s = summarize(cells, (1, 64))
-    assert s["broker_vs_naive_throughput_at_64"] == 5.0 and s["throughput_target"]["met"]
-    assert s["broker_minus_naive_p50_ms_at_1"] == pytest.approx(0.6) and s["p50_target"]["met"]
-    s = summarize([*cells[:1], _cell("broker", 1, 7.0, 150.0)], (1,))
-    assert not s["p50_target"]["met"] and s["broker_vs_naive_throughput_at_1"] == 0.75
+    assert s["broker_vs_naive_throughput_at_64"] == pytest.approx(53.33)
+    assert s["broker_vs_naive_unthrottled_throughput_at_64"] == 4.0
+    assert s["throughput_target"]["versus"] == "naive_ray_unthrottled" and s["throughput_target"]["met"]
+    assert s["broker_x2_vs_broker_throughput_at_64"] == 1.25
+    assert s["broker_minus_naive_p50_ms_at_1"] == pytest.approx(-2.5)
+    assert s["broker_ray_only_minus_broker_p50_ms_at_1"] == pytest.approx(3.0)
+    # the lone window's budget: raw gRPC + the tail in process + 2 ms
+    assert s["broker_p50_budget_ms_at_1"] == pytest.approx(2.9) and s["p50_target"]["met"]
+    slow = [c if c.path != "broker" or c.devices != 1 else _cell("broker", 1, 3.0, 300.0) for c in cells]
+    s = summarize(slow, (1, 64))
+    assert not s["p50_target"]["met"] and s["p50_target"]["broker_p50_ms"] == 3.0
+    s = summarize([c for c in cells if c.devices == 1], (1,))
     assert "throughput_target" not in s, "judged at 64 devices only"
     s = summarize([_cell("naive_ray", 2, 5.0, 200.0), _cell("broker", 2, 9.0, 100.0)], (2,))
     assert s == {"broker_vs_naive_throughput_at_2": 0.5, "broker_minus_naive_p50_ms_at_2": 4.0}
@@ -69,22 +82,31 @@ def test_summary_ratios_and_targets() -> None:
 
 def test_rows_and_render() -> None:
     cells = [
-        _cell("broker", 64, 10.0, 500.0),
-        _cell("naive_ray", 64, 20.0, 100.0),
+        _cell("broker", 64, 10.0, 2000.0),
+        _cell("naive_ray_unthrottled", 64, 20.0, 400.0),
+        _cell("raw_grpc", 1, 0.7, 1400.0),
+        _cell("in_process", 1, 0.2, 4000.0),
         _cell("broker", 1, 6.0, 150.0),
-        _cell("naive_ray", 1, 4.0, 200.0),
     ]
     assert "first_error" not in cells[0].row() and "broker_timing" not in cells[0].row()
+    assert "server_cpu_ms_per_window" not in cells[0].row() and "broker_windows" not in cells[0].row()
+    cells[0] = Cell("broker", 64, 10.0, 20.0, 2000.0, 10, 0, 1.0, server_cpu_ms_per_window=0.25)
+    cells.append(Cell("broker_x2", 64, 9.0, 18.0, 2200.0, 10, 0, 1.0, broker_windows=[6, 4]))
+    assert cells[0].row()["server_cpu_ms_per_window"] == 0.25
     result = {
         "config": {"model": "m", "cut": 3, "cut_name": "conv3", "request_bytes": 100},
         "results": [c.row() for c in cells],
         "summary": summarize(cells, (1, 64)),
     }
-    console = Console(record=True, width=120)
+    console = Console(record=True, width=160)
     render(result, console)
     text = console.export_text()
-    assert "at 64 devices: 5.00x (target >= 4x: met)" in text
-    assert "at 1 device(s): +2.00 ms (target <= 1 ms: missed)" in text
+    assert "broker / naive_ray_unthrottled throughput at 64 devices: 5.00x (target >= 4x: met)" in text
+    assert (
+        "broker p50 budget at 1 device(s): 2.90 ms (target <= 2.90 ms (raw_grpc + in_process + 2 ms): missed)" in text
+    )
+    assert "broker: server CPU 0.250 ms per window at 64 devices" in text
+    assert "windows per broker [6, 4]" in text
 
 
 def test_arguments_are_checked() -> None:

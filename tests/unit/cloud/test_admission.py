@@ -82,6 +82,33 @@ def test_idle_lane_probes_even_when_the_estimate_is_stale() -> None:
     assert not admit(busy, 300.0, POLICY).admitted
 
 
+def test_with_the_brokers_own_tail_an_idle_lane_admits_whatever_the_backend_estimate() -> None:
+    inflated = LaneLoad(queued=0, inflight_batches=0, batch_service_ms=5_000.0, runs_local_when_idle=True)
+    a = admit(inflated, 300.0, POLICY)
+    assert a.admitted and "broker's own tail" in a.reason
+    # Busy only with its own tail and a stale backend estimate: the next window probes the backend
+    # (found by the fault test: otherwise the estimate of an outage never came down).
+    busy_local = LaneLoad(
+        queued=0, inflight_batches=1, batch_service_ms=5_000.0, estimate_age_ms=1_500.0,
+        local_batches=1, runs_local_when_idle=True,
+    )  # fmt: skip
+    p = admit(busy_local, 300.0, POLICY)
+    assert p.admitted and "probe" in p.reason
+    busy_backend = LaneLoad(
+        queued=0, inflight_batches=1, batch_service_ms=5_000.0, estimate_age_ms=1_500.0,
+        local_batches=0, runs_local_when_idle=True,
+    )  # fmt: skip
+    assert not admit(busy_backend, 300.0, POLICY).admitted  # a backend batch is already measuring it
+
+
+def test_ewma_reset_starts_from_the_sample() -> None:
+    e = Ewma(0.2, 10.0)
+    for _ in range(5):
+        e.update(1_000.0)
+    assert e.reset(12.0) == 12.0 and e.samples == 1
+    assert e.reset(math.nan) == 12.0
+
+
 def test_no_time_left_is_shed() -> None:
     a = admit(LaneLoad(queued=0, inflight_batches=0, batch_service_ms=5.0), 0.0, POLICY)
     assert not a.admitted

@@ -10,7 +10,7 @@ import pytest
 
 from cloud.backend import TailUnavailableError
 from cloud.batcher import BatchReport, MicroBatcher
-from splitsense.errors import OffloadDeadlineError, WireError
+from splitsense.errors import ConfigError, OffloadDeadlineError, WireError
 
 
 class FakeBackend:
@@ -304,4 +304,92 @@ async def test_many_concurrent_windows_all_answered_correctly() -> None:
     assert [r.logits[0] for r in results] == pytest.approx(values)
     assert len(be.calls) < 100  # batched
     assert max(c[2] for c in be.calls) <= 16
+    await b.close()
+
+
+# --- the broker's own tail for an idle lane (broker.local_tail) --------------------------------
+
+
+async def test_an_idle_lane_runs_its_batch_locally_a_busy_one_goes_to_the_backend() -> None:
+    remote, local = FakeBackend(), FakeBackend()
+    reports: list[BatchReport] = []
+    b = batcher(remote, max_inflight_batches=2, run_local=local, local_max_batch=2, on_batch=reports.append)
+    r = await b.submit("m", 1, window(6.0))  # a lone window: the local tail, not the hop
+    assert r.logits.tolist() == pytest.approx([6.0, 1.0]) and r.batch_size == 1
+    assert local.calls == [("m", 1, 1)] and remote.calls == []
+    local.gate.clear()  # a local batch in flight: the lane is busy, the next windows go to the backend
+    first = asyncio.create_task(b.submit("m", 1, window(1.0)))
+    await asyncio.sleep(0.01)
+    rest = [asyncio.create_task(b.submit("m", 1, window(float(v)))) for v in (2, 3, 4)]
+    await asyncio.sleep(0.05)
+    assert remote.calls == [("m", 1, 3)]
+    local.gate.set()
+    results = await asyncio.gather(first, *rest)
+    assert [x.logits[0] for x in results] == pytest.approx([1.0, 2.0, 3.0, 4.0])
+    assert [rep.local for rep in reports] == [True, False, True]
+    await b.close()
+
+
+async def test_local_batches_hold_at_most_local_max_batch_and_leave_the_estimate_alone() -> None:
+    remote, local = FakeBackend(), FakeBackend()
+    local.gate.clear()
+    b = batcher(remote, max_inflight_batches=1, run_local=local, local_max_batch=2, initial_service_ms=10.0)
+    tasks = [asyncio.create_task(b.submit("m", 0, window(float(v)))) for v in range(5)]
+    await asyncio.sleep(0.01)
+    assert local.calls == [("m", 0, 2)]  # the first two; the lane is busy until they are answered
+    local.gate.set()
+    results = await asyncio.gather(*tasks)
+    assert sorted(r.logits[0] for r in results) == pytest.approx([0.0, 1.0, 2.0, 3.0, 4.0])
+    assert all(n <= 2 for _, _, n in local.calls)
+    assert b.load("m", 0).batch_service_ms == 10.0, "admission's estimate is the backend's, not the local tail's"
+    await b.close()
+
+
+async def test_a_failed_local_batch_fails_its_windows_as_unavailable() -> None:
+    remote, local = FakeBackend(), FakeBackend()
+    local.error = RuntimeError("torch broke")
+    b = batcher(remote, run_local=local)
+    with pytest.raises(TailUnavailableError, match="torch broke"):
+        await b.submit("m", 0, window(1.0))
+    assert remote.calls == []
+    await b.close()
+
+
+def test_local_max_batch_is_checked() -> None:
+    with pytest.raises(ConfigError):
+        MicroBatcher(FakeBackend(), max_batch_size=4, max_batch_wait_ms=1.0, local_max_batch=0)
+
+
+async def test_a_stale_estimate_sends_an_idle_lanes_batch_to_the_backend_and_a_good_one_resets_it() -> None:
+    """With the broker's own tail an idle lane runs locally; once the backend's estimate is older
+    than refresh_after_ms the next idle batch probes the backend, and the first answer after
+    timeouts replaces the outage's estimate instead of blending into it."""
+    be, local_calls = FakeBackend(), []
+
+    async def local(model: str, cut: int, batch: np.ndarray) -> np.ndarray:
+        local_calls.append(batch.shape[0])
+        return np.zeros((batch.shape[0], 2), dtype=np.float32)
+
+    b = batcher(
+        be, run_local=local, local_max_batch=2, refresh_after_ms=50.0, batch_timeout_ms=30.0, max_inflight_batches=2
+    )
+    await b.submit("m", 1, window(1.0))
+    assert local_calls == [1] and be.calls == []  # never measured: local
+    lane = b._lanes[("m", 1)]
+    # An outage: a backend batch (the lane busy with its own tail) times out and inflates the estimate.
+    be.hang = True
+    lane.inflight = lane.local_inflight = 1  # as while a local batch runs
+    with pytest.raises(TailUnavailableError):
+        await b.submit("m", 1, window(1.0))
+    lane.inflight = lane.local_inflight = 0
+    inflated = b.load("m", 1).batch_service_ms
+    assert inflated >= 25.0 and lane.inflated
+    await b.submit("m", 1, window(1.0))  # estimate fresh: the idle lane runs locally
+    assert len(local_calls) == 2
+    be.hang = False
+    await asyncio.sleep(0.06)  # now stale: the idle batch goes to the backend
+    calls = len(be.calls)
+    await b.submit("m", 1, window(1.0))
+    assert len(be.calls) == calls + 1 and len(local_calls) == 2
+    assert b.load("m", 1).batch_service_ms < inflated / 2 and not lane.inflated
     await b.close()

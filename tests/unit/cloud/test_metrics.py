@@ -10,7 +10,14 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.metrics import MetricWrapperBase
 
 from cloud.metrics import BrokerMetrics, ErrorReason
-from splitsense.wire import DeviceEstimates, ExecutionMode, RadioKind, TelemetryObservation, TelemetryReport
+from splitsense.wire import (
+    DeviceEstimates,
+    ExecutionMode,
+    HeldFronts,
+    RadioKind,
+    TelemetryObservation,
+    TelemetryReport,
+)
 
 
 def metrics(**kw: object) -> tuple[BrokerMetrics, CollectorRegistry]:
@@ -87,8 +94,9 @@ def test_every_device_class_label_takes_only_known_values() -> None:
             bytes_sent=3,
             energy_mj=4.0,
             stage_ms_total=(1.0,),
+            fallback_kinds=(("late", 1),),
         )
-        m.telemetry(TelemetryReport("d", c, EST, 1, 0, 1, (obs,)))
+        m.telemetry(TelemetryReport("d", c, EST, 1, 0, 1, (obs,), held_fronts=(HeldFronts("m", ((1, 1.0),)),)))
     with_class = set()
     values = set()
     for family in reg.collect():
@@ -101,7 +109,7 @@ def test_every_device_class_label_takes_only_known_values() -> None:
     declared = {
         x._name for x in vars(m).values() if isinstance(x, MetricWrapperBase) and "device_class" in x._labelnames
     }
-    assert with_class == declared and len(declared) == 18, sorted(declared ^ with_class)
+    assert with_class == declared and len(declared) == 21, sorted(declared ^ with_class)
 
 
 def test_reason_label_is_a_fixed_set() -> None:

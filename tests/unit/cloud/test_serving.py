@@ -149,6 +149,31 @@ def test_serving_config_defaults_and_checks() -> None:
         {"request_timeout_s": 0},
         {"replica_cpus": -1},
         {"ray_address": "  "},
+        {"handle_transport": "carrier"},
+        {"handle_router": "elsewhere"},
     ):
         with pytest.raises(ConfigError, match="serving"):
             ServingConfig(**bad)
+    assert cfg.handle_transport == "grpc" and cfg.handle_router == "caller"
+
+
+async def test_a_handle_factory_gives_each_event_loop_handles_of_its_own() -> None:
+    made: list[tuple[str, asyncio.AbstractEventLoop]] = []
+
+    def factory(model: str) -> FakeHandle:
+        made.append((model, asyncio.get_running_loop()))
+        return FakeHandle(_logits)
+
+    backend = RayTailBackend({"m": FakeHandle(_logits)}, request_timeout_s=1.0, factory=factory)
+    for _ in range(3):
+        out = await backend.run_tail("m", 2, np.zeros((2, 3), np.float32))
+        assert out.shape == (2, 6)
+    assert [m for m, _ in made] == ["m"], "made once per loop and model, on first use"
+
+    def other_loop() -> None:
+        asyncio.run(backend.run_tail("m", 2, np.zeros((1, 3), np.float32)))
+
+    await asyncio.to_thread(other_loop)
+    assert [m for m, _ in made] == ["m", "m"] and made[0][1] is not made[1][1]
+    with pytest.raises(ModelError, match="unknown model"):
+        await backend.run_tail("x", 1, np.zeros((1, 2), np.float32))

@@ -2,13 +2,25 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
-from edge.sources import FrameAssembler, RecordedWindow, ReplaySource, audio_windows, recorded_windows
+from edge.sources import (
+    FrameAssembler,
+    RecordedWindow,
+    ReplaySource,
+    audio_windows,
+    load_recording,
+    recorded_windows,
+    recording_from_datasets,
+    save_recording,
+    source_for_model,
+)
 from pipelines import datasets, features
 from pipelines.models import get_spec
-from splitsense.errors import ConfigError
+from splitsense.errors import ConfigError, DataError
 
 
 class FakeTime:
@@ -121,3 +133,61 @@ async def test_limit() -> None:
 def test_bad_speed_is_refused() -> None:
     with pytest.raises(ConfigError):
         ReplaySource(recorded(1), speed=-1.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Recording files (what a device without the data package replays)
+
+
+def test_a_recording_file_replays_exactly_the_datasets_windows(tmp_path: Path) -> None:
+    rec = recording_from_datasets("fsdd", limit=12)
+    assert rec.models == ("fsdd_speaker", "fsdd_digit") and len(rec) == 12
+    path = save_recording(rec, tmp_path / "fsdd.npz")
+    assert path.stat().st_size < 12 * 8000  # 16-bit PCM, compressed: under 1 byte a sample
+    back = load_recording(path)
+    spec, digit = get_spec("fsdd_speaker"), get_spec("fsdd_digit")
+    want = list(recorded_windows(spec, tasks=(digit,)))[:12]
+    got = list(back.windows("fsdd_speaker+fsdd_digit"))
+    assert [(w.window_id, w.label, w.task_labels, w.stream_t_s) for w in got] == [
+        (w.window_id, w.label, w.task_labels, w.stream_t_s) for w in want
+    ]
+    for a, b in zip(got, want, strict=True):
+        np.testing.assert_array_equal(a.raw, b.raw)  # exact: PCM samples stored as int16
+        assert a.raw.dtype == np.float32
+    # one task of the recording alone: its labels, no task labels
+    assert [w.label for w in back.windows("fsdd_digit")] == [w.task_labels[0][1] for w in want]
+    assert all(w.task_labels == () for w in back.windows("fsdd_digit"))
+
+
+async def test_source_for_model_replays_a_recording_file(tmp_path: Path) -> None:
+    path = save_recording(recording_from_datasets("uci_har", limit=5), tmp_path / "har.npz")
+    clock = FakeTime()
+    src = source_for_model("uci_har", recording=path, speed=1.0, clock=clock, sleep=clock.sleep)
+    got = [w async for w in src]
+    want = list(recorded_windows(get_spec("uci_har")))[:5]
+    assert [w.window_id for w in got] == [w.window_id for w in want]
+    assert [w.label for w in got] == [w.label for w in want]
+    np.testing.assert_array_equal(got[3].raw, want[3].raw)  # IMU windows are float32: stored as such
+    assert clock.t - 1000.0 == pytest.approx(want[-1].stream_t_s)  # paced on the recording's times
+
+
+def test_recording_files_that_do_not_fit_are_refused(tmp_path: Path) -> None:
+    har = save_recording(recording_from_datasets("uci_har", limit=3), tmp_path / "har.npz")
+    with pytest.raises(DataError, match="reads fsdd"):
+        source_for_model("fsdd_digit", recording=har)
+    only_digit = recording_from_datasets("fsdd", models=["fsdd_digit"], limit=2)
+    with pytest.raises(DataError, match="no labels for fsdd_speaker"):
+        list(only_digit.windows("fsdd_speaker"))
+    with pytest.raises(DataError, match="does not exist"):
+        load_recording(tmp_path / "nope.npz")
+    (tmp_path / "junk.npz").write_bytes(b"not a zip")
+    with pytest.raises(DataError, match="not a readable recording"):
+        load_recording(tmp_path / "junk.npz")
+    np.savez(tmp_path / "other.npz", x=np.zeros(3))
+    with pytest.raises(DataError, match="not a splitsense recording"):
+        load_recording(tmp_path / "other.npz")
+
+
+def test_without_the_data_package_the_error_says_what_to_install(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="splitsense-assets"):
+        list(recorded_windows(get_spec("uci_har"), data_dir=tmp_path / "none"))

@@ -26,10 +26,18 @@ from splitsense.errors import DataError
 # ---------------------------------------------------------------------------------------------
 
 
-def test_data_dir_is_inside_the_repo() -> None:
+def test_data_dir_is_the_data_package() -> None:
+    """The datasets are the splitsense-assets package (installed, or the checkout's assets/), never
+    the shared workspace folder, and never inside the code packages a device installs."""
+    from splitsense.config import assets_root
+
     repo = Path(datasets.__file__).resolve().parent.parent
-    assert DATA_DIR.resolve() == repo / "pipelines" / "data"
-    assert "shared" not in DATA_DIR.resolve().relative_to(repo).parts
+    root = assets_root()
+    assert root is not None and root.name == "splitsense_assets"
+    assert DATA_DIR.resolve() == (root / "data").resolve()
+    assert (DATA_DIR / "README.md").is_file()  # the licences travel with the data
+    assert not (repo / "pipelines" / "data").exists() and not (repo / "pipelines" / "weights").exists()
+    assert "shared" not in DATA_DIR.resolve().parts
 
 
 def test_fsdd_real() -> None:

@@ -117,7 +117,7 @@ def test_shipped_traces_load() -> None:
     traces = load_trace_dir(default_trace_dir())
     families = {t.family for t in traces}
     assert {"norway_hsdpa_3g", "fcc_broadband", "oboe"} <= families
-    assert len(traces) == 438  # pipelines/data/traces/manifest.csv
+    assert len(traces) == 438  # <paths.data_dir>/traces/manifest.csv
     norway = next(t for t in traces if t.name == "norway_bus_1")
     assert 2.5 < norway.mean_mbps < 4.0  # manifest: sample mean 3.34 Mbit/s
     assert norway.duration_s == pytest.approx(154.76, abs=1.0)

@@ -25,6 +25,7 @@ from splitsense.v1 import offload_pb2 as pb
 from splitsense.wire import (
     DeviceEstimates,
     ExecutionMode,
+    HeldFronts,
     OffloadRequest,
     OffloadResponse,
     RadioKind,
@@ -128,6 +129,10 @@ def report(**kw: Any) -> TelemetryReport:
     return TelemetryReport(**args)
 
 
+def held(model: str = "har_cnn", fronts: tuple[tuple[int, float], ...] = ((3, 0.98), (0, 1.0), (3, 1.0))) -> HeldFronts:
+    return HeldFronts(model, fronts)
+
+
 def plan_set() -> PlanSet:
     def row(lo: float, hi: float, battery: BatteryState, cut: int, codec: Codec) -> PlanRow:
         return PlanRow(
@@ -176,6 +181,8 @@ SAMPLES: dict[str, Callable[[], Any]] = {
     "observation": observation,
     "report": report,
     "report_unknown_estimates": lambda: report(estimates=None),
+    "report_with_held_fronts": lambda: report(held_fronts=(held(), held("fsdd_digit", ((6, 1.0),)))),
+    "held_fronts": held,
     "plan_row": lambda: plan_set().plans[0].rows[1],
     "plan": lambda: plan_set().plans[0],
     "plan_set": plan_set,
@@ -631,3 +638,79 @@ def test_fallback_kinds_round_trip_sorted_and_bounded() -> None:
         TelemetryObservation(**{**o.__dict__, "fallback_kinds": too_many})
     with pytest.raises(WireError, match="fallback_kinds"):
         TelemetryObservation(**{**o.__dict__, "fallback_kinds": (("late", -1),)})
+
+
+def test_held_fronts_are_sorted_distinct_and_bounded() -> None:
+    h = held()
+    assert h.fronts == ((0, 1.0), (3, 1.0), (3, 0.98))  # cut ascending, level from 1.0 down
+    assert h.holds(3, 0.98) and h.holds(0, 1.0) and not h.holds(3, 0.99) and not h.holds(6, 1.0)
+    assert HeldFronts("m", ()).holds(0, 1.0)  # cut 0 runs no stage: implied
+    msg = to_pb(report(held_fronts=(h,)))
+    assert [(f.cut, f.compression_energy_kept) for f in msg.held_fronts[0].fronts] == [(0, 1.0), (3, 1.0), (3, 0.98)]
+    assert from_pb(to_pb(report())).held_fronts == ()  # a device that does not say: unknown
+    bad: list[tuple[Callable[[], Any], str]] = [
+        (
+            lambda: HeldFronts("m", ((1, 1.0), (1, 1.0))),
+            r"^HeldFronts\.fronts\[1\]: expected each \(cut, level\) at most once",
+        ),
+        (
+            lambda: HeldFronts("m", ((1, 0.0),)),
+            r"^HeldFronts\.fronts\[0\]\.compression_energy_kept: expected a level in \(0, 1\]",
+        ),
+        (
+            lambda: HeldFronts("m", ((1, 1.5),)),
+            r"^HeldFronts\.fronts\[0\]\.compression_energy_kept: expected a number in",
+        ),
+        (lambda: HeldFronts("m", ((-1, 1.0),)), r"^HeldFronts\.fronts\[0\]\.cut: expected an int"),
+        (lambda: HeldFronts("m", ((1, math.nan),)), r"^HeldFronts\.fronts\[0\]\.compression_energy_kept"),
+        (lambda: HeldFronts("", ()), r"^HeldFronts\.model: expected a non-empty string"),
+        (
+            lambda: HeldFronts("m" * (wire.MAX_NAME_CHARS + 1), ()),
+            r"^HeldFronts\.model: expected at most 64 characters",
+        ),
+        (
+            lambda: HeldFronts("m", tuple((1, (i + 1) / 1000) for i in range(wire.MAX_FRONTS_PER_MODEL + 1))),
+            rf"^HeldFronts\.fronts: expected at most {wire.MAX_FRONTS_PER_MODEL} fronts",
+        ),
+        (
+            lambda: report(held_fronts=(held(), held())),
+            r"^TelemetryReport\.held_fronts: expected each model at most once",
+        ),
+        (
+            lambda: report(held_fronts=tuple(held(f"m{i}") for i in range(wire.MAX_HELD_MODELS + 1))),
+            rf"^TelemetryReport\.held_fronts: expected at most {wire.MAX_HELD_MODELS} models",
+        ),
+        (lambda: report(held_fronts=("m",)), r"^TelemetryReport\.held_fronts: expected HeldFronts items"),
+    ]
+    for build, expected in bad:
+        with pytest.raises(WireError, match=expected):
+            build()
+    at_limit = HeldFronts("m", tuple((1, (i + 1) / 1000) for i in range(wire.MAX_FRONTS_PER_MODEL)))
+    assert from_pb(to_pb(at_limit)) == at_limit
+
+
+def test_malformed_held_fronts_on_the_wire_name_the_field() -> None:
+    msg = to_pb(report(held_fronts=(held(), held("fsdd_digit"))))
+    msg.held_fronts[1].fronts[2].compression_energy_kept = -0.5
+    with pytest.raises(
+        WireError, match=r"^ReportTelemetryRequest\.held_fronts\[1\]\.fronts\[2\]\.compression_energy_kept: "
+    ):
+        from_pb(msg)
+    msg = to_pb(report(held_fronts=(held(),)))
+    msg.held_fronts[0].model = "m" * 100_000
+    with pytest.raises(WireError) as info:
+        from_pb(msg)
+    assert str(info.value).startswith("ReportTelemetryRequest.held_fronts[0].model: expected at most 64 characters")
+    assert len(str(info.value)) < 200  # the value is not echoed
+    msg = to_pb(report())
+    for _ in range(wire.MAX_FRONTS_PER_MODEL + 1):
+        msg.held_fronts.add(model="m")
+    with pytest.raises(
+        WireError, match=rf"^ReportTelemetryRequest\.held_fronts: expected at most {wire.MAX_HELD_MODELS} models"
+    ):
+        from_pb(msg)
+    msg = to_pb(report(held_fronts=(held(),)))
+    for _ in range(wire.MAX_FRONTS_PER_MODEL):
+        msg.held_fronts[0].fronts.add(cut=1, compression_energy_kept=0.5)
+    with pytest.raises(WireError, match=r"^ReportTelemetryRequest\.held_fronts\[0\]\.fronts: expected at most"):
+        from_pb(msg)
