@@ -346,7 +346,9 @@ def start_serving(
         say("starting Ray" if cfg.ray_address is None else f"joining Ray at {cfg.ray_address}")
         try:
             ray.init(
-                address=cfg.ray_address or None,
+                # "local": a new local cluster, never one a stale /tmp/ray/ray_current_cluster names
+                # (ray.init's default joins whatever `ray start` last ran on this machine)
+                address=cfg.ray_address or "local",
                 namespace=cfg.namespace,
                 include_dashboard=False,
                 log_to_driver=False,

@@ -224,7 +224,7 @@ def _ray(address: str | None, namespace: str) -> tuple[Any, bool]:
     if ray.is_initialized():
         return ray, False
     ray.init(
-        address=address or None, namespace=namespace, include_dashboard=False, log_to_driver=False,
+        address=address or "local", namespace=namespace, include_dashboard=False, log_to_driver=False,
         logging_level=logging.WARNING,
     )  # fmt: skip
     return ray, True

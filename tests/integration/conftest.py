@@ -36,6 +36,7 @@ def ray_cluster() -> Iterator[str]:
     """A running local Ray (this process is its driver); yields the GCS address to join it."""
     ray = pytest.importorskip("ray")
     ray.init(
+        address="local",  # never a cluster another test or `ray start` left on this machine
         include_dashboard=False,
         num_cpus=2,
         namespace="splitsense",
