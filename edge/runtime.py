@@ -299,6 +299,7 @@ class EdgeDevice:
         drain_timeout_s: float | None = None,
         tasks: Sequence[TrainedModel] = (),
         backend: FrontBackend | None = None,
+        encoder: Callable[..., EncodedTensor] = encode,
     ) -> None:
         """`clock` (monotonic seconds) times latency, deadlines and the breaker; `wall_clock` (Unix
         seconds) stamps what goes on the wire. `low_battery_threshold` must be the planner's
@@ -326,10 +327,14 @@ class EdgeDevice:
         request's extra_models), and a window finished here runs every task's own tail. The
         config's model is then the group's name ("fsdd_speaker+fsdd_digit"), which names its plan.
 
+        `encoder` encodes an activation for the wire (pipelines.codecs.encode; the simulator's
+        front reuse passes a caching one, simulators/reuse.py).
+
         `backend` runs preprocessing and stages (edge/backend.py): by default PyTorch on `trained`
         and `tasks` (sharing `front_cache`, which a given backend ignores: it holds its own). With a
         backend, `trained` may be None (a device without torch: `OnnxBackend`): the models are then
         those `config.model` names, and `tasks` is unused."""
+        self._encode = encoder  # pipelines.codecs.encode; the simulator may reuse results (simulators/reuse.py)
         self.tasks = tuple(tasks)
         if trained is not None:
             names = (trained.spec.name, *(t.spec.name for t in self.tasks))
@@ -601,7 +606,7 @@ class EdgeDevice:
         local_tail: tuple[Any, list[float]] | None = None  # (logits, stage ms) when the tail ran here
         if decision.route in (Route.OFFLOAD, Route.PROBE):  # encode only when it will be sent
             try:
-                encoded = encode(act, choice.codec, self.info.symbol_prior(choice.cut))
+                encoded = self._encode(act, choice.codec, self.info.symbol_prior(choice.cut))
             except CodecError as e:
                 mode, kind, reason = ExecutionMode.FALLBACK, FallbackKind.CODEC, f"codec: {e}"
         if encoded is not None and decision.route is Route.PROBE and self.breaker.allow_offload(self._clock()):
@@ -951,13 +956,13 @@ class EdgeDevice:
         code it (ans at a cut without a symbol prior): a device without local fallback has no
         other way to finish the window. CodecError only when fp32 cannot either (NaN/inf)."""
         try:
-            return encode(act, choice.codec, self.info.symbol_prior(choice.cut)), choice
+            return self._encode(act, choice.codec, self.info.symbol_prior(choice.cut)), choice
         except CodecError as e:
             if choice.codec is Codec.FP32:
                 raise
             why = f"{choice.why}; {choice.codec.value} cannot code it ({e}): sent as fp32"
             fp32 = _Choice(choice.cut, Codec.FP32, choice.level, choice.plan_version, why)
-            return encode(act, Codec.FP32), fp32
+            return self._encode(act, Codec.FP32), fp32
 
     async def _compact(
         self, act: Any, choice: _Choice, encoded: EncodedTensor, stage_ms: list[float]
@@ -974,7 +979,7 @@ class EdgeDevice:
         t0 = self._clock()
         code = self._run_stages(self.model_name, act, choice.cut, b, times, choice.level)
         try:
-            small = encode(code, Codec.ANS, self.info.symbol_prior(b))
+            small = self._encode(code, Codec.ANS, self.info.symbol_prior(b))
         except CodecError:
             return None
         if small.nbytes >= encoded.nbytes:

@@ -71,6 +71,7 @@ from edge.sink import WindowResult
 from edge.sources import RecordedWindow, ReplaySource, SensorWindow, recorded_windows
 from edge.transport import GrpcTransport
 from pipelines.catalog import ModelCatalog
+from pipelines.codecs import encode
 from pipelines.compress import compress_front_at_level
 from pipelines.devices import DEVICE_CLASSES, DeviceClass, edge_fallback, front_fits, stage_device_ms
 from pipelines.groups import group_members
@@ -96,6 +97,7 @@ from simulators.scenario import DeviceSpec, assign_devices, select_traces
 from simulators.traces import Trace
 from splitsense.config import Config, EdgeConfig
 from splitsense.errors import ConfigError
+from splitsense.kinds import EncodedTensor
 from splitsense.wire import ExecutionMode
 
 __all__ = [
@@ -552,6 +554,7 @@ class FleetRunner:
         # shared by every device that runs it: its sessions or compressed fronts are built once.
         self.engines: dict[str, FrontBackend] = {}
         self.engine_kind = "torch"
+        self.encoder: Callable[..., EncodedTensor] = encode  # the devices' (a sharded fleet may reuse results)
         self.engine_why = ""
         self.host_stage_ms: dict[str, list[float]] = {}
         self.prep_ms: dict[str, float] = {}  # compute_time "measured" only: this host's, at start
@@ -885,6 +888,7 @@ class FleetRunner:
                 front_cache=self.fronts[spec.model],
                 tasks=self.tasks[spec.model],
                 backend=self.engines[spec.model],
+                encoder=self.encoder,
                 # A class that cannot hold the whole model keeps no local fallback: what it cannot
                 # offload now it stores and forwards (edge/store.py), at most its deepest fitting cut.
                 **edge_fallback(dev, self.catalogs[spec.model]),  # type: ignore[arg-type]

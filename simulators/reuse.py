@@ -6,7 +6,7 @@ the same front (cut, compression level) and the same codec again and again; with
 changes nothing the simulation measures but costs the host CPU that the fleet's own event loop
 needs. `ReuseBackend` wraps a device backend (edge/backend.py's `FrontBackend` seam) and returns
 the first result of each call on the same input object; `ReuseEncoder` does the same for the
-runtime's `encode` of an activation. The cloud still receives and computes every offloaded window
+encoding of an activation (EdgeDevice's `encoder`). The cloud still receives and computes every offloaded window
 for real: only the device side is reused.
 
 Keys are the identity of the input array (the recording's raw window, then each stage's cached
@@ -17,8 +17,7 @@ input the cache never produced (another device's fresh array) is simply computed
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,7 +25,7 @@ import numpy as np
 
 from edge.backend import FrontBackend, ModelInfo
 
-__all__ = ["ReuseBackend", "ReuseEncoder", "ReuseStats", "reusing_encoder"]
+__all__ = ["ReuseBackend", "ReuseEncoder", "ReuseStats"]
 
 _MAX_ENTRIES = 200_000  # per cache; past it the cache starts over (a bound, never reached in practice)
 
@@ -131,18 +130,3 @@ class ReuseEncoder:
 
     def __call__(self, x: Any, codec: Any, prior: Any = None) -> Any:
         return self._cache.get(x, (str(codec), id(prior)), lambda: self.encode(x, codec, prior))  # priors live all run
-
-
-@contextlib.contextmanager
-def reusing_encoder() -> Iterator[ReuseEncoder]:
-    """The device runtime's `encode` (edge.runtime imports it by name) replaced by a ReuseEncoder
-    in this process while the context lasts: a shard's process is its own, so nothing else sees it."""
-    import edge.runtime as runtime
-
-    original = runtime.encode
-    encoder = ReuseEncoder(original)
-    runtime.encode = encoder  # type: ignore[assignment]
-    try:
-        yield encoder
-    finally:
-        runtime.encode = original

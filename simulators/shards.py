@@ -119,11 +119,11 @@ class FleetShard:
         classes = len(self.config.simulator.device_classes)
         runner.specs = [s for s in runner.specs if shard_of(s.index, self.shards, classes) == self.shard]
         if self.config.simulator.reuse:
-            from simulators.reuse import ReuseBackend, reusing_encoder
+            from simulators.reuse import ReuseBackend, ReuseEncoder
 
             for m, engine in list(runner.engines.items()):
                 runner.engines[m] = self._engines[m] = ReuseBackend(engine)
-            self._encoder = self._scope.enter_context(reusing_encoder())
+            self._encoder = runner.encoder = ReuseEncoder(runner.encoder)
         runner.cloud = self.cloud
         runner._prepare_policies(self.cloud.catalogs)
         await asyncio.to_thread(runner._build_fronts, self.cloud.catalogs)

@@ -7,10 +7,9 @@ from typing import Any
 
 import numpy as np
 
-import edge.runtime
 from edge.backend import FrontBackend, ModelInfo
 from pipelines.codecs import Codec, encode
-from simulators.reuse import ReuseBackend, ReuseEncoder, reusing_encoder
+from simulators.reuse import ReuseBackend, ReuseEncoder
 
 
 class _Counting:
@@ -132,14 +131,18 @@ def test_the_encoder_is_reused_per_activation_and_codec() -> None:
     assert calls == [Codec.FP32, Codec.INT8]
 
 
-def test_reusing_encoder_patches_the_runtime_and_restores_it() -> None:
-    original = edge.runtime.encode
-    with reusing_encoder() as enc:
-        assert edge.runtime.encode is enc
-        act = np.ones((1, 4), dtype=np.float32)
-        assert edge.runtime.encode(act, Codec.FP32, None) is edge.runtime.encode(act, Codec.FP32, None)
-        assert enc.stats.hits == 1
-    assert edge.runtime.encode is original
+async def test_a_device_encodes_through_the_encoder_it_is_given() -> None:
+    """The seam the sharded fleet's reuse uses (EdgeDevice's `encoder`), not a patched module."""
+    from edge.runtime import EdgeDevice
+    from edge.sink import MemorySink
+    from tests.unit.edge.test_runtime import MODEL, FakeTransport, config, source, trained, windows
+
+    enc = ReuseEncoder(encode)
+    ws = windows(MODEL, 3)
+    device = EdgeDevice(config(default_cut=3), trained(MODEL), FakeTransport(), encoder=enc)
+    summary = await device.run(source(ws + ws), MemorySink())  # the same windows twice
+    assert summary.by_mode["offloaded"] == 6
+    assert enc.stats.misses + enc.stats.hits == 6
 
 
 def test_reused_results_equal_computed_ones() -> None:
