@@ -145,6 +145,8 @@ class BrokerMetrics:
     ) -> None:
         self.registry = REGISTRY if registry is None else registry
         r = self.registry
+        broker: dict[str, Any] = {"namespace": NAMESPACE, "subsystem": "broker", "registry": r}
+        device: dict[str, Any] = {"namespace": NAMESPACE, "subsystem": "device", "registry": r}
         self._stages = dict(models or {})  # model -> number of stages N
         self._classes: frozenset[str] = frozenset()  # the device classes with a label of their own
         # The labelled children one window touches, per (model, device class, cut, codec) as sent:
@@ -160,217 +162,163 @@ class BrokerMetrics:
             "Time from receiving a window to answering it with a result.",
             (*_REQ, "codec"),
             buckets=_LATENCY_BUCKETS_S,
-            namespace=NAMESPACE,
-            subsystem="broker",
-            registry=r,
+            **broker,
         )
         self.queue_duration = Histogram(
             "queue_duration_seconds",
             "Time a window waited in the broker's batching queue.",
             _REQ,
             buckets=_LATENCY_BUCKETS_S,
-            namespace=NAMESPACE,
-            subsystem="broker",
-            registry=r,
+            **broker,
         )
         self.compute_duration = Histogram(
             "compute_duration_seconds",
             "Time the tail call of the batch that held a window took (cloud compute and the hop).",
             _REQ,
             buckets=_LATENCY_BUCKETS_S,
-            namespace=NAMESPACE,
-            subsystem="broker",
-            registry=r,
+            **broker,
         )
         self.received_bytes = Counter(
             "received_bytes",
             "Activation payload bytes received in offload requests.",
             (*_REQ, "codec"),
-            namespace=NAMESPACE,
-            subsystem="broker",
-            registry=r,
+            **broker,
         )
         self.batch_size = Histogram(
             "batch_size",
             "Windows per tail call.",
             ("model", "cut"),
             buckets=_BATCH_BUCKETS,
-            namespace=NAMESPACE,
-            subsystem="broker",
-            registry=r,
+            **broker,
         )
         self.batches = Counter(
             "batches",
             "Tail calls made, by model and cut.",
             ("model", "cut"),
-            namespace=NAMESPACE,
-            subsystem="broker",
-            registry=r,
+            **broker,
         )
         self.local_batches = Counter(
             "local_batches",
             "Batches of an idle lane run by the broker's own tail, not Ray (broker.local_tail), by model and cut.",
             ("model", "cut"),
-            namespace=NAMESPACE,
-            subsystem="broker",
-            registry=r,
+            **broker,
         )
         self.shed = Counter(
             "shed",
             "Windows shed by admission control (answered RESOURCE_EXHAUSTED).",
             _REQ,
-            namespace=NAMESPACE,
-            subsystem="broker",
-            registry=r,
+            **broker,
         )
         self.errors = Counter(
             "errors",
             "Windows and calls not answered with a result, by gRPC status code and reason.",
             ("model", "device_class", "code", "reason"),
-            namespace=NAMESPACE,
-            subsystem="broker",
-            registry=r,
+            **broker,
         )
         self.token_rejections = Counter(
             "token_rejections",
             "Calls refused for their stored device token (broker.token_store redis), by reason.",
             ("reason",),
-            namespace=NAMESPACE,
-            subsystem="broker",
-            registry=r,
+            **broker,
         )
         self.in_flight = Gauge(
             "requests_in_flight",
             "Windows received and not yet answered.",
-            namespace=NAMESPACE,
-            subsystem="broker",
-            registry=r,
+            **broker,
         )
         self.queue_depth = Gauge(
             "queue_depth",
             "Windows waiting for a batch, by model and cut.",
             ("model", "cut"),
-            namespace=NAMESPACE,
-            subsystem="broker",
-            registry=r,
+            **broker,
         )
         self.telemetry_reports = Counter(
             "telemetry_reports",
             "ReportTelemetry calls accepted.",
             ("device_class",),
-            namespace=NAMESPACE,
-            subsystem="broker",
-            registry=r,
+            **broker,
         )
         self.device_bandwidth = Histogram(
             "bandwidth_bytes_per_second",
             "Devices' own estimates of their uplink bandwidth.",
             ("device_class",),
             buckets=_BANDWIDTH_BUCKETS,
-            namespace=NAMESPACE,
-            subsystem="device",
-            registry=r,
+            **device,
         )
         self.device_rtt = Histogram(
             "rtt_seconds",
             "Devices' own estimates of their round-trip time to the broker.",
             ("device_class",),
             buckets=_RTT_BUCKETS_S,
-            namespace=NAMESPACE,
-            subsystem="device",
-            registry=r,
+            **device,
         )
         self.device_battery = Histogram(
             "battery_ratio",
             "Devices' remaining battery charge (0..1) while on battery.",
             ("device_class",),
             buckets=_BATTERY_BUCKETS,
-            namespace=NAMESPACE,
-            subsystem="device",
-            registry=r,
+            **device,
         )
         self.device_windows = Counter(
             "windows",
             "Windows devices finished, from telemetry.",
             _OBS,
-            namespace=NAMESPACE,
-            subsystem="device",
-            registry=r,
+            **device,
         )
         self.device_failures = Counter(
             "offload_failures",
             "Offload attempts that produced no result (the device finished the window itself).",
             _OBS,
-            namespace=NAMESPACE,
-            subsystem="device",
-            registry=r,
+            **device,
         )
         self.device_latency = Counter(
             "latency_seconds",
             "Sum of window latencies (ready -> result) reported by devices.",
             _OBS,
-            namespace=NAMESPACE,
-            subsystem="device",
-            registry=r,
+            **device,
         )
         self.device_front = Counter(
             "front_seconds",
             "Sum of on-device compute time of the front stages [0, cut).",
             _OBS,
-            namespace=NAMESPACE,
-            subsystem="device",
-            registry=r,
+            **device,
         )
-        self.device_sent_bytes = Counter(
-            "sent_bytes", "Activation bytes devices sent.", _OBS, namespace=NAMESPACE, subsystem="device", registry=r
-        )
+        self.device_sent_bytes = Counter("sent_bytes", "Activation bytes devices sent.", _OBS, **device)
         self.device_energy = Counter(
             "energy_joules",
             "Energy devices estimate they spent.",
             _OBS,
-            namespace=NAMESPACE,
-            subsystem="device",
-            registry=r,
+            **device,
         )
         self.device_fallbacks = Counter(
             "fallbacks",
             "Windows the cloud did not answer, by why (kind: a FallbackKind value; others are 'other').",
             ("model", "device_class", "kind"),
-            namespace=NAMESPACE,
-            subsystem="device",
-            registry=r,
+            **device,
         )
         self.device_stage_seconds = Counter(
             "stage_seconds",
             "Sum of on-device compute time of one stage (index `stage`).",
             ("model", "device_class", "stage"),
-            namespace=NAMESPACE,
-            subsystem="device",
-            registry=r,
+            **device,
         )
         self.device_stage_windows = Counter(
             "stage_windows",
             "Windows whose on-device time of stage `stage` was measured.",
             ("model", "device_class", "stage"),
-            namespace=NAMESPACE,
-            subsystem="device",
-            registry=r,
+            **device,
         )
         self.device_front_reports = Counter(
             "front_reports",
             "Telemetry reports that listed which fronts of the model the device holds.",
             ("model", "device_class"),
-            namespace=NAMESPACE,
-            subsystem="device",
-            registry=r,
+            **device,
         )
         self.device_front_held = Counter(
             "front_held_reports",
             "Telemetry reports whose device holds the front of cut `cut` at compression level `level`.",
             ("model", "device_class", "cut", "level"),
-            namespace=NAMESPACE,
-            subsystem="device",
-            registry=r,
+            **device,
         )
 
     @staticmethod

@@ -93,96 +93,73 @@ class ControllerMetrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = REGISTRY if registry is None else registry
         r = self.registry
+        controller: dict[str, Any] = {"namespace": NAMESPACE, "subsystem": "controller", "registry": r}
         self.dependency_up = Gauge(
             "dependency_up",
             "Whether the controller reached a dependency on its last pass (1) or not (0).",
             ("dependency",),
-            namespace=NAMESPACE,
-            subsystem="controller",
-            registry=r,
+            **controller,
         )
         self.replans = Counter(
             "replans",
             "Planning passes that computed a plan set.",
-            namespace=NAMESPACE,
-            subsystem="controller",
-            registry=r,
+            **controller,
         )
         self.published = Counter(
             "plans_published",
             "Plan sets stored in the plan store.",
-            namespace=NAMESPACE,
-            subsystem="controller",
-            registry=r,
+            **controller,
         )
         self.pass_failures = Counter(
             "pass_failures",
             "Passes cut short, by the dependency (or step) that failed.",
             ("dependency",),
-            namespace=NAMESPACE,
-            subsystem="controller",
-            registry=r,
+            **controller,
         )
         self.plan_version = Gauge(
             "plan_version",
             "Version of the plan set last stored or read.",
-            namespace=NAMESPACE,
-            subsystem="controller",
-            registry=r,
+            **controller,
         )
         self.duration = Histogram(
             "replan_duration_seconds",
             "Wall time of one controller pass: snapshot, plan, publish.",
             buckets=_DURATION_BUCKETS_S,
-            namespace=NAMESPACE,
-            subsystem="controller",
-            registry=r,
+            **controller,
         )
         self.last_success = Gauge(
             "last_success_timestamp_seconds",
             "Unix time at which the last complete pass (published or unchanged) ended.",
-            namespace=NAMESPACE,
-            subsystem="controller",
-            registry=r,
+            **controller,
         )
         self.last_publish = Gauge(
             "last_publish_timestamp_seconds",
             "Unix time of the last plan set stored.",
-            namespace=NAMESPACE,
-            subsystem="controller",
-            registry=r,
+            **controller,
         )
         self.missing = Gauge(
             "snapshot_missing",
             "Items the last fleet snapshot could not read (named in the controller's log).",
-            namespace=NAMESPACE,
-            subsystem="controller",
-            registry=r,
+            **controller,
         )
         self.local_only = Gauge(
             "class_local_only",
             "1 while the controller keeps a device class local only (its cloud path fails).",
             ("device_class",),
-            namespace=NAMESPACE,
-            subsystem="controller",
-            registry=r,
+            **controller,
         )
         self.battery_saving = Gauge(
             "class_battery_saving",
             "1 while a device class's NORMAL rows minimise energy (a quarter of it is low on battery).",
             ("device_class",),
-            namespace=NAMESPACE,
-            subsystem="controller",
-            registry=r,
+            **controller,
         )
         self.infeasible_rows = Gauge(
             "infeasible_rows",
             "Rows of the last plan computed whose budget no choice can meet (energy: a latency row's energy "
             "budget, deadline: an energy row's deadline); they take the least energy or least latency choice.",
             ("device_class", "model", "budget"),
-            namespace=NAMESPACE,
-            subsystem="controller",
-            registry=r,
+            **controller,
         )
 
     def set_infeasible_rows(self, plan_set: PlanSet) -> None:
