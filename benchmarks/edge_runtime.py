@@ -21,9 +21,11 @@ For every model, on the exports of `splitsense models export` and the shipped we
                     backend neither imports torch)
     on disk         the weights file vs the exported graphs of level 1.0 and of every level (.onnx,
                     .ort), and the installed size of the torch and onnxruntime packages
-    the install     (`install`, on by default) what a device installs: `pip install splitsense[edge]`
-                    into a fresh venv (a wheel of this checkout, its dependencies from the package
-                    index; `edge_venv` reuses or keeps one), its site-packages measured with the
+    the install     (`install`, on by default) what a device installs: `pip install -c deploy/edge/
+                    constraints.txt splitsense[edge]` into a fresh venv (a wheel of this checkout,
+                    its dependencies from the package index, ONNX Runtime pinned to the version the
+                    exports are checked on; `edge_venv` reuses or keeps one; `unpinned` also sizes
+                    one without the constraints, the newest onnxruntime), its site-packages measured with the
                     bytecode pip compiled and without it, the venv's own installer (pip,
                     setuptools) aside; against a CPU-torch install: the same plus what
                     `splitsense[torch]` adds (torch, safetensors and what they need beyond the edge
@@ -90,6 +92,7 @@ class EdgeBenchConfig:
     edge_venv: Path | None = None  # an edge venv to reuse, or where to build one and keep it; None: a temp one
     cli_runs: int = 3  # fresh `splitsense edge run` processes per set-up, median; 0: none
     cli_windows: int = 20  # windows of the recording each of them replays
+    unpinned: bool = True  # also size an install without the device's constraints (newest onnxruntime)
 
     def __post_init__(self) -> None:
         if self.repeats < 1 or self.warmup < 0 or self.cold_runs < 0 or self.cli_runs < 0:
@@ -377,6 +380,8 @@ def run_edge_bench(cfg: EdgeBenchConfig, progress: Callable[[str], None] | None 
 PACKAGES = ("splitsense", "pipelines", "edge", "cloud", "simulators", "benchmarks")  # pyproject's packages
 # A venv's own installer, not part of what a device installs (it has its own, or none: an image)
 TOOLING = frozenset({"pip", "setuptools", "wheel"})
+# The versions a device image is built with (the ONNX Runtime the exports are checked on).
+DEVICE_CONSTRAINTS = REPO / "deploy" / "edge" / "constraints.txt"
 _INDEX_UNREACHABLE = ("No matching distribution", "Could not find a version", "NewConnectionError", "Max retries")
 
 
@@ -415,15 +420,18 @@ def build_wheel(dest: Path) -> Path:
     return max(wheels.glob("splitsense-*.whl"), key=lambda p: p.stat().st_mtime)
 
 
-def build_edge_venv(dest: Path, extra: str = "edge") -> Path:
-    """A fresh venv at `dest` with `splitsense[extra]` installed as a user would (a wheel of this
-    checkout, its dependencies from the package index); its python. EdgeInstallError when pip fails."""
+def build_edge_venv(dest: Path, extra: str = "edge", constraints: Path | None = DEVICE_CONSTRAINTS) -> Path:
+    """A fresh venv at `dest` with `splitsense[extra]` installed as a device image is built (a wheel
+    of this checkout, its dependencies from the package index, pinned by `constraints`: the device's
+    ONNX Runtime, deploy/edge/constraints.txt; None: whatever the index serves newest); its python.
+    EdgeInstallError when pip fails."""
     import venv
 
     wheel = build_wheel(dest.parent / f".{dest.name}-build")
     venv.EnvBuilder(with_pip=True, symlinks=True, clear=True).create(dest)
     python = dest / "bin" / "python"
-    proc = _pip(python, "install", "-q", f"{wheel}[{extra}]")
+    pins = ["-c", str(constraints)] if constraints is not None else []
+    proc = _pip(python, "install", "-q", *pins, f"{wheel}[{extra}]")
     if proc.returncode != 0:
         text = (proc.stdout + proc.stderr).strip()
         unreachable = any(s in text for s in _INDEX_UNREACHABLE)
@@ -456,6 +464,13 @@ def _files_bytes(paths: Sequence[Path], bytecode: bool = True) -> int:
         except OSError:
             continue  # listed in RECORD, not on disk
     return total
+
+
+def _dist_version(site: Path, name: str) -> str | None:
+    """The version of distribution `name` installed in `site`, or None."""
+    from importlib.metadata import distributions
+
+    return next((d.version for d in distributions(path=[str(site)]) if d.metadata["Name"].lower() == name), None)
 
 
 def installed_size(site: Path, top: int = 10) -> dict[str, Any]:
@@ -670,12 +685,27 @@ def _install_figures(cfg: EdgeBenchConfig, root: Path, say: Callable[[str], None
             torch_env = round(edge["mb"] + added["mb"], 1)
             out.update(
                 edge=edge,
+                constraints=str(DEVICE_CONSTRAINTS.relative_to(REPO)),
+                onnxruntime_version=_dist_version(site_packages(edge_python), "onnxruntime"),
                 torch_importable_in_edge=probe.returncode == 0,
                 torch_added=added,
                 torch_env_mb=torch_env,
                 ratio=round(torch_env / edge["mb"], 2) if edge["mb"] else None,
                 meets_target=edge["mb"] <= TARGET_EDGE_MB and torch_env >= TARGET_RATIO * edge["mb"],
             )
+        if cfg.unpinned:
+            say("edge install without the device's constraints: the newest onnxruntime the index serves")
+            try:
+                loose = site_packages(build_edge_venv(work / "edge-venv-unpinned", constraints=None))
+                size = installed_size(loose)
+                out["edge_unpinned"] = {
+                    "mb": size["mb"],
+                    "mb_without_bytecode": size["mb_without_bytecode"],
+                    "onnxruntime_version": _dist_version(loose, "onnxruntime"),
+                    "onnxruntime_mb": next((d["mb"] for d in size["largest"] if d["name"] == "onnxruntime"), None),
+                }
+            except EdgeInstallError as e:
+                out["edge_unpinned"] = {"error": str(e)}
         cli: list[dict[str, Any]] = []
         if cfg.cli_runs:
             nowhere = work / "nowhere"  # a device: no data package, no weights
@@ -803,6 +833,7 @@ def render(result: dict[str, Any], console: Any) -> None:
 
 
 def _render_install(inst: dict[str, Any] | None, console: Any) -> None:
+    from rich.markup import escape
     from rich.table import Table
 
     if not inst:
@@ -813,9 +844,22 @@ def _render_install(inst: dict[str, Any] | None, console: Any) -> None:
         for col in ("install", "MB", "without bytecode", "largest"):
             table.add_column(col, justify="left" if col in ("install", "largest") else "right")
         largest = ", ".join(f"{d['name']} {d['mb']:g}" for d in e["largest"][:6])
-        table.add_row("splitsense[edge] (fresh venv)", f"{e['mb']:.1f}", f"{e['mb_without_bytecode']:.1f}", largest)
+        table.add_row(
+            escape(f"splitsense[edge], onnxruntime {inst.get('onnxruntime_version')} ({inst.get('constraints')})"),
+            f"{e['mb']:.1f}",
+            f"{e['mb_without_bytecode']:.1f}",
+            largest,
+        )
+        loose = inst.get("edge_unpinned") or {}
+        if "mb" in loose:
+            table.add_row(
+                escape(f"splitsense[edge], unpinned: onnxruntime {loose['onnxruntime_version']}"),
+                f"{loose['mb']:.1f}",
+                f"{loose['mb_without_bytecode']:.1f}",
+                f"onnxruntime {loose['onnxruntime_mb']:g}",
+            )
         added = ", ".join(f"{n} {mb:g}" for n, mb in list(t["distributions"].items())[:6])
-        table.add_row(f"+ splitsense[torch] (torch {t['torch_version']} CPU)", f"+{t['mb']:.1f}", "", added)
+        table.add_row(escape(f"+ splitsense[torch] (torch {t['torch_version']})"), f"+{t['mb']:.1f}", "", added)
         table.add_row("CPU-torch install", f"{inst['torch_env_mb']:.1f}", "", "")
         console.print(table)
         verdict = "met" if inst["meets_target"] else "NOT met"

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Set up .venv/ in the repo root with splitsense installed (editable) and everything it needs.
 #   scripts/setup.sh          the runtime: models, edge, cloud and simulators (what `splitsense demo` needs),
-#                             and the data package splitsense-assets (assets/: datasets, weights, catalogs)
+#                             and the data package splitsense-assets (assets/: datasets, weights, catalogs);
+#                             exports the fronts to ONNX once (`splitsense models export`) for the demo's devices
 #   scripts/setup.sh --dev    also the test, lint and codegen tools, and Debian's redis-server and prometheus
 # Safe to rerun: it only installs what is missing.
 set -euo pipefail
@@ -28,8 +29,24 @@ if ! .venv/bin/python -c "import torch, sys; sys.exit(0 if torch.__version__.sta
   "${pip[@]}" torch==2.13.0
 fi
 echo "==> installing splitsense[$extras] and its data package (assets/)"
-"${pip[@]}" -e ".[$extras]" -e ./assets
-# A device installs less: `pip install ".[edge]"` (ONNX Runtime, no torch, no data); see README.
+# -c: the ONNX Runtime the devices run (deploy/edge/constraints.txt), so that exports are checked on it
+"${pip[@]}" -c deploy/edge/constraints.txt -e ".[$extras]" -e ./assets
+# A device installs less: `pip install -c deploy/edge/constraints.txt ".[edge]"` (ONNX Runtime, no
+# torch, no data); see README.
+
+if [ "$services" = 0 ]; then
+  # The demo's devices run their fronts on ONNX Runtime (edge.backend auto) when every model has
+  # an export; the exports are build outputs (git-ignored), made once here. The tests make their own.
+  unexported=()
+  for catalog in assets/splitsense_assets/weights/*.catalog.json; do
+    model=$(basename "$catalog" .catalog.json)
+    [ -f "assets/splitsense_assets/weights/export/$model/manifest.json" ] || unexported+=("$model")
+  done
+  if [ ${#unexported[@]} -gt 0 ]; then
+    echo "==> exporting the fronts to ONNX (${unexported[*]}; once, ~1 min a model): splitsense models export"
+    for model in "${unexported[@]}"; do .venv/bin/splitsense models export --model "$model"; done
+  fi
+fi
 
 if [ "$services" = 1 ]; then
   missing=()

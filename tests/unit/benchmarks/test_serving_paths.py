@@ -75,6 +75,31 @@ def test_summary_ratios_and_targets() -> None:
     assert not s["p50_target"]["met"] and s["p50_target"]["broker_p50_ms"] == 3.0
     s = summarize([c for c in cells if c.devices == 1], (1,))
     assert "throughput_target" not in s, "judged at 64 devices only"
+    assert summarize(cells, (1, 64))["throughput_target"]["feasible"] is None, "no raw_grpc cell at 64: unknown"
+
+
+def test_a_throughput_target_above_the_echo_servers_ceiling_is_infeasible() -> None:
+    cells = [
+        _cell("raw_grpc", 64, 30.0, 1900.0),
+        _cell("naive_ray_unthrottled", 64, 40.0, 500.0),
+        _cell("broker", 64, 40.0, 1200.0),
+    ]
+    t = summarize(cells, (64,))["throughput_target"]
+    assert t["ratio"] == 2.4 and not t["met"]
+    assert t["ceiling_ratio"] == 3.8 and t["feasible"] is False, "an echo reaches only 3.8x: 4x cannot be met"
+    console = Console(record=True, width=300)
+    render(
+        {
+            "config": {"model": "m", "cut": 3, "cut_name": "c", "request_bytes": 1},
+            "results": [],
+            "summary": {"broker_vs_naive_unthrottled_throughput_at_64": 2.4, "throughput_target": t},
+        },
+        console,
+    )
+    text = console.export_text()
+    assert "infeasible on this host" in text and "3.80x" in text
+    t = summarize([*cells[:2], _cell("raw_grpc", 64, 30.0, 2100.0)][1:] + [cells[2]], (64,))["throughput_target"]
+    assert t["feasible"] is True and not t["met"], "an echo above 4x: the target is feasible and missed"
     s = summarize([_cell("naive_ray", 2, 5.0, 200.0), _cell("broker", 2, 9.0, 100.0)], (2,))
     assert s == {"broker_vs_naive_throughput_at_2": 0.5, "broker_minus_naive_p50_ms_at_2": 4.0}
     assert summarize([], (1, 8)) == {}
