@@ -23,7 +23,10 @@ the window with a WindowError carrying the same code, message and hint, and goes
 window. Nothing a device sends can stop the broker serving the others.
 
 Message sizes are capped in both directions by the server options; gRPC itself answers an
-oversize message with RESOURCE_EXHAUSTED. The standard grpc.health.v1 service (SERVING while up,
+oversize message with RESOURCE_EXHAUSTED. Connections live at most broker.max_connection_age_s
+(then GOAWAY, and broker.max_connection_age_grace_s for what still runs on them): a device's
+long-lived stream then moves to a new connection, so brokers that come back get devices again
+(`server_options`). The standard grpc.health.v1 service (SERVING while up,
 NOT_SERVING while stopping) and server reflection are registered and need no token.
 
 PlanService serves the current PlanSet cut down to the caller's device class and models:
@@ -93,7 +96,7 @@ from splitsense.wire import (
     to_pb,
 )
 
-__all__ = ["RETRY_AFTER_METADATA", "Broker", "reason_of", "run_broker_forever", "status_of"]
+__all__ = ["RETRY_AFTER_METADATA", "Broker", "reason_of", "run_broker_forever", "server_options", "status_of"]
 
 log = logging.getLogger(__name__)
 
@@ -140,6 +143,28 @@ def reason_of(error: BaseException) -> ErrorReason:
     if isinstance(error, DependencyError):
         return ErrorReason.BACKEND_UNAVAILABLE
     return ErrorReason.INTERNAL
+
+
+def server_options(config: BrokerConfig) -> list[tuple[str, int]]:
+    """The gRPC server's channel arguments: message caps, no port sharing, and the connection age.
+
+    With broker.max_connection_age_s (> 0) gRPC sends a connection GOAWAY once it is that old
+    (+-10% jitter, gRPC's own) and closes it max_connection_age_grace_s later, whatever still runs
+    on it (the stream then ends UNAVAILABLE "max connection age"). The GOAWAY alone ends no call: a
+    device's GrpcTransport sees its channel leave READY, half-closes its OffloadStream (the windows
+    already read are answered, then the stream ends OK) and opens the next one on a new connection,
+    which its load-balancing policy may place on another broker (edge/transport.py)."""
+    options = [
+        ("grpc.max_receive_message_length", config.max_receive_message_bytes),
+        ("grpc.max_send_message_length", config.max_send_message_bytes),
+        ("grpc.so_reuseport", 0),  # a port already taken fails loudly, never shares silently
+    ]
+    if config.max_connection_age_s > 0:
+        options += [
+            ("grpc.max_connection_age_ms", max(1, round(config.max_connection_age_s * 1000))),
+            ("grpc.max_connection_age_grace_ms", max(1, round(config.max_connection_age_grace_s * 1000))),
+        ]
+    return options
 
 
 class Broker:
@@ -230,14 +255,7 @@ class Broker:
         self._loop = asyncio.get_running_loop()
         # With mutual TLS the interceptor also checks that the client certificate is the caller's.
         interceptor = AuthInterceptor(self._auth, on_reject=self._on_auth_reject, require_peer_identity=cfg.uses_mtls)
-        server = grpc.aio.server(
-            interceptors=[interceptor],
-            options=[
-                ("grpc.max_receive_message_length", cfg.max_receive_message_bytes),
-                ("grpc.max_send_message_length", cfg.max_send_message_bytes),
-                ("grpc.so_reuseport", 0),  # a port already taken fails loudly, never shares silently
-            ],
-        )
+        server = grpc.aio.server(interceptors=[interceptor], options=server_options(cfg))
         _add_service(server, "OffloadService", _OffloadServicer(self), self._on_undecodable)
         _add_service(server, "PlanService", _PlanServicer(self), self._on_undecodable)
         self._health = health.aio.HealthServicer()

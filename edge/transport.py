@@ -22,6 +22,18 @@ flight on it fails with the mapped error at once and the next offload opens a ne
 broker without OffloadStream (UNIMPLEMENTED) is remembered, and windows go by unary calls from then
 on (the window that found out is retried by unary within its own deadline).
 
+Connections that go away: the transport follows its channel's connectivity. When the channel
+leaves READY (the broker's GOAWAY at broker.max_connection_age_s, a broker stopping, or one that
+died), the stream is retired: no new window goes on it, it is half-closed (the broker answers the
+windows it read, then ends it OK), and the next window opens a new stream, on the connection the
+load-balancing policy picks now (another broker, perhaps); the plan watch moves the same way. A
+window the stream never answers because the stream ended (OK, or UNAVAILABLE once its connection
+went away: a broker killed, or its max-age grace ran out) is sent once more on a new stream if its
+deadline allows, so it is answered by a broker rather than finished on the device; it is not
+counted as a failure then. It can only be answered once: its answer is awaited on one stream at a
+time (the dead one's reader has ended), keyed by window id. A stream the broker aborts with a
+status on a live connection (UNAVAILABLE "replica died") fails its windows as before.
+
 Several brokers: the address may be any gRPC target, e.g. `ipv4:10.0.0.1:50051,10.0.0.2:50051` or
 `dns:///brokers.example:50051` (a name with several A records), and `load_balancing` picks gRPC's
 client-side policy through the channel's service config (`lb_service_config`):
@@ -37,8 +49,9 @@ client-side policy through the channel's service config (`lb_service_config`):
   starting together all put their streams on one broker (and a fleet reconnecting after an outage
   would too). For unary devices (edge.use_stream false).
 
-When a broker dies, the windows in flight on its stream fail with BrokerUnavailableError (the
-runtime finishes them locally), and the next window opens a new stream on a live broker.
+When a broker dies, the windows in flight on its stream are sent again on a new stream, which
+pick_first places on the next broker that answers (within each window's deadline; with no broker
+left they fail with BrokerUnavailableError and the runtime finishes them locally).
 
 Authentication is call metadata on every call: `authorization: Bearer <token>` and
 `x-splitsense-device-id: <device id>` (constants of splitsense/wire.py, shared with cloud/auth.py).
@@ -104,6 +117,10 @@ _UNAVAILABLE = frozenset(
 )
 _STATUS_BY_NUMBER = {c.value[0]: c for c in grpc.StatusCode}
 _STATUS_WAIT_S = 1.0  # how long a failed write waits for the call's final status
+# The details gRPC core gives a call its server's max-age grace cut off (round_robin keeps the
+# channel READY through the other brokers' connections, so the channel's state cannot say it).
+_MAX_AGE_DETAILS = "max connection age"
+_STREAM_ATTEMPTS = 3  # streams one window may try: at most one resend, the others never got it
 
 
 class OffloadTransport(Protocol):
@@ -167,14 +184,25 @@ class _StreamUnsupported(BrokerUnavailableError):
     """The broker answered OffloadStream with UNIMPLEMENTED: use unary calls."""
 
 
+class _StreamEnded(BrokerUnavailableError):
+    """The stream ended, or its connection went away, before this window was answered: the window
+    may go once more on a new stream."""
+
+
+class _NotSent(_StreamEnded):
+    """The stream was broken or retired before this window was written: it goes on the next one."""
+
+
 class _Stream:
     """One open OffloadStream call, its reader and the windows waiting on it."""
 
-    def __init__(self, call: Any) -> None:
+    def __init__(self, call: Any, connection: int) -> None:
         self.call = call
         self.pending: dict[str, asyncio.Future[wire.OffloadResponse]] = {}
         self.write_lock = asyncio.Lock()
         self.broken = False
+        self.retired = False  # half-closed: its windows are answered on it, no new one goes on it
+        self.connection = connection  # GrpcTransport._connection when it was opened
         self.reader: asyncio.Task[None] | None = None
 
     def fail_all(self, error: BaseException) -> None:
@@ -289,11 +317,17 @@ class GrpcTransport:
         self._offload_stub: pb_grpc.OffloadServiceStub | None = None
         self._plan_stub: pb_grpc.PlanServiceStub | None = None
         self._stream: _Stream | None = None
+        self._retired: set[_Stream] = set()  # half-closed streams whose windows are still answered
         self._stream_supported = True
         self._closed = False
+        # The channel's connections lost so far (it left READY), and what the plan watch waits on
+        self._connection = 0
+        self._connection_lost = asyncio.Event()
+        self._follower: asyncio.Task[None] | None = None
         # OffloadStreams opened so far: a call that opened one paid its set-up (and the channel's
         # connection, if it was the first), so the runtime does not time the link by it
         self.streams_opened = 0
+        self.windows_resent = 0  # windows sent again after their stream ended without answering
 
     # --- channel ----------------------------------------------------------------------------
 
@@ -307,19 +341,85 @@ class GrpcTransport:
                 self._channel = grpc.aio.secure_channel(self.address, self._tls, options=self._options)
             self._offload_stub = pb_grpc.OffloadServiceStub(self._channel)
             self._plan_stub = pb_grpc.PlanServiceStub(self._channel)
+            self._follower = asyncio.ensure_future(self._follow(self._channel))
         assert self._offload_stub is not None and self._plan_stub is not None
         return self._offload_stub, self._plan_stub
+
+    async def _follow(self, channel: grpc.aio.Channel) -> None:
+        """Follow the channel's connectivity: each time it leaves READY, its connection is gone or
+        going (a GOAWAY, a broker stopping or dead) and the next calls get a new one."""
+        ready = grpc.ChannelConnectivity.READY
+        try:
+            state = channel.get_state(try_to_connect=False)
+            while True:
+                await channel.wait_for_state_change(state)
+                new = channel.get_state(try_to_connect=False)
+                if state is ready and new is not ready:
+                    self._lost_connection()
+                state = new
+        except Exception as e:  # e.g. the channel closed under it: streams then just break as they did
+            log.debug("stopped following the channel to %s: %s: %s", self.address, type(e).__name__, e)
+
+    def _lost_connection(self) -> None:
+        self._connection += 1
+        self._connection_lost.set()
+        self._connection_lost = asyncio.Event()
+        stream = self._stream
+        if stream is not None and not stream.broken and not self._closed:
+            log.debug("connection to %s left READY: moving the offload stream to a new one", self.address)
+            self._retire(stream)
+            # Open the next one now: the next window finds it connected (a new connection and
+            # stream cost a window ~2x its usual time here, enough to be hedged as late).
+            try:
+                self._open_stream()
+            except Exception as e:  # the next window opens it then
+                log.debug("opening the next offload stream to %s: %s: %s", self.address, type(e).__name__, e)
+
+    def _retire(self, stream: _Stream) -> None:
+        """No new window on `stream`; half-close it, so that the broker answers what it read and
+        ends it. The next window opens a new stream."""
+        if self._stream is stream:
+            self._stream = None
+        if stream.retired or stream.broken:
+            return
+        stream.retired = True
+        self._retired.add(stream)
+        task = asyncio.ensure_future(self._half_close(stream))
+        task.add_done_callback(_consume_exception)
+
+    async def _half_close(self, stream: _Stream) -> None:
+        async with stream.write_lock:
+            if stream.broken:
+                return
+            try:
+                await stream.call.done_writing()
+            except (grpc.aio.AioRpcError, asyncio.InvalidStateError, grpc.aio.UsageError) as e:
+                log.debug("half-closing a retired offload stream: %s", e)  # its reader ends it
+
+    def _connection_gone(self, stream: _Stream) -> bool:
+        """Whether `stream`'s connection went away: retired, or the channel left READY since."""
+        if stream.retired or stream.connection != self._connection:
+            return True
+        channel = self._channel
+        return channel is None or channel.get_state(try_to_connect=False) is not grpc.ChannelConnectivity.READY
 
     async def close(self) -> None:
         self._closed = True
         stream, self._stream = self._stream, None
-        if stream is not None:
-            stream.fail_all(BrokerUnavailableError("transport closed"))
-            stream.call.cancel()
-            if stream.reader is not None:
-                stream.reader.cancel()
+        streams = [s for s in (stream, *self._retired) if s is not None]
+        self._retired.clear()
+        for s in streams:
+            s.fail_all(BrokerUnavailableError("transport closed"))
+            s.call.cancel()
+            if s.reader is not None:
+                s.reader.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await stream.reader
+                    await s.reader
+        if self._follower is not None:
+            self._follower.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._follower
+            self._follower = None
         if self._channel is not None:
             await self._channel.close()
             self._channel = None
@@ -367,8 +467,29 @@ class GrpcTransport:
         return out
 
     async def _offload_stream(self, window_id: str, msg: pb.OffloadRequest, timeout_s: float) -> wire.OffloadResponse:
+        """One window on the stream; sent once more on a new stream if the stream ended before
+        answering it (_StreamEnded) and its deadline leaves time; one the stream never got (it broke
+        or was retired first) simply goes on the next stream."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        left_s, resent = timeout_s, False
+        for attempt in range(1, _STREAM_ATTEMPTS + 1):
+            try:
+                return await self._stream_attempt(window_id, msg, left_s)
+            except _StreamEnded as e:
+                sent = not isinstance(e, _NotSent)
+                left_s = deadline - loop.time()
+                if not left_s > 0 or (sent and resent) or attempt == _STREAM_ATTEMPTS:
+                    raise
+                if sent:
+                    resent = True
+                    self.windows_resent += 1
+                log.debug("window %s: %s; sending it on a new stream (%.0f ms left)", window_id, e, left_s * 1000)
+        raise AssertionError("unreachable: the last attempt returns or raises")
+
+    async def _stream_attempt(self, window_id: str, msg: pb.OffloadRequest, timeout_s: float) -> wire.OffloadResponse:
         stream = self._open_stream()
-        if window_id in stream.pending:
+        if any(window_id in s.pending for s in (stream, *self._retired)):
             raise RejectedError(f"window {window_id} is already in flight on this stream", code="ALREADY_EXISTS")
         fut: asyncio.Future[wire.OffloadResponse] = asyncio.get_running_loop().create_future()
         stream.pending[window_id] = fut
@@ -394,15 +515,19 @@ class GrpcTransport:
     async def _write(self, stream: _Stream, req: pb.OffloadStreamRequest) -> None:
         async with stream.write_lock:
             if stream.broken:
-                raise BrokerUnavailableError("the offload stream broke before this window was sent")
+                raise _NotSent("the offload stream broke before this window was sent")
+            if stream.retired:  # the others on it are still answered: it is not broken
+                raise _NotSent("the offload stream was retired (its connection left) before this window was sent")
             try:
                 await stream.call.write(req)
             except grpc.aio.AioRpcError as e:
                 err = await self._write_error(stream, e)
             except (asyncio.InvalidStateError, grpc.aio.UsageError) as e:
-                err = BrokerUnavailableError(f"the offload stream is closed ({e})")
+                err = await self._write_error(stream, None, f"the offload stream is closed ({e})")
             else:
                 return
+        # A failed write may still have reached the broker: this window counts as sent, like the
+        # others on the stream (no answer can come twice: the stream's reader is done with them).
         self._break(stream, err)
         raise err
 
@@ -410,37 +535,48 @@ class GrpcTransport:
         if self._stream is not None and not self._stream.broken:
             return self._stream
         stub, _ = self._stubs()
-        stream = _Stream(stub.OffloadStream(metadata=self._metadata))
+        stream = _Stream(stub.OffloadStream(metadata=self._metadata), self._connection)
         stream.reader = asyncio.ensure_future(self._read(stream))
         self._stream = stream
         self.streams_opened += 1
         return stream
 
-    async def _write_error(self, stream: _Stream, e: grpc.aio.AioRpcError) -> OffloadError:
+    async def _write_error(self, stream: _Stream, e: grpc.aio.AioRpcError | None, closed: str = "") -> OffloadError:
         """The error of a failed write: the call's own final status when the broker ended the
         stream (a write racing the broker's refusal fails with a generic INTERNAL "Internal error
-        from Core", while the call's status says why, e.g. UNAUTHENTICATED), else the write's."""
+        from Core", while the call's status says why, e.g. UNAUTHENTICATED), else the write's.
+        `e` None: the call had finished already (`closed` says so) and only its status tells."""
         with contextlib.suppress(Exception):
             async with asyncio.timeout(_STATUS_WAIT_S):
                 code = await stream.call.code()
                 details = await stream.call.details()
-            if code is not None and code is not grpc.StatusCode.OK and code is not e.code():
-                if code is grpc.StatusCode.UNIMPLEMENTED:
-                    self._stream_supported = False
-                    return _StreamUnsupported(f"OffloadStream is not implemented by the broker ({details})")
-                return error_from_status(code, details or "", _retry_after_ms(await stream.call.trailing_metadata()))
-        return self._stream_error(e)
+            if code is not None and code is not grpc.StatusCode.OK and (e is None or code is not e.code()):
+                metadata = await stream.call.trailing_metadata()
+                return self._status_error(stream, code, details or "", _retry_after_ms(metadata))
+            if code is grpc.StatusCode.OK:
+                return _StreamEnded(f"the broker ended the offload stream ({closed or 'OK'})")
+        if e is None:
+            return BrokerUnavailableError(closed)
+        return self._stream_error(stream, e)
 
-    def _stream_error(self, e: grpc.aio.AioRpcError) -> OffloadError:
-        if e.code() is grpc.StatusCode.UNIMPLEMENTED:
+    def _stream_error(self, stream: _Stream, e: grpc.aio.AioRpcError) -> OffloadError:
+        return self._status_error(stream, e.code(), e.details() or "", _retry_after_ms(e.trailing_metadata()))
+
+    def _status_error(self, stream: _Stream, code: grpc.StatusCode, details: str, retry_ms: float) -> OffloadError:
+        """The error for the windows of a stream that ended with `code`: UNAVAILABLE once its
+        connection went away (or its max-age grace ran out) is _StreamEnded, sent again."""
+        if code is grpc.StatusCode.UNIMPLEMENTED:
             self._stream_supported = False
-            return _StreamUnsupported(f"OffloadStream is not implemented by the broker ({e.details()})")
-        return _from_rpc_error(e)
+            return _StreamUnsupported(f"OffloadStream is not implemented by the broker ({details})")
+        if code is grpc.StatusCode.UNAVAILABLE and (_MAX_AGE_DETAILS in details or self._connection_gone(stream)):
+            return _StreamEnded(f"broker unavailable (UNAVAILABLE: {details}); its connection is gone")
+        return error_from_status(code, details, retry_ms)
 
     def _break(self, stream: _Stream, error: OffloadError) -> None:
         stream.fail_all(error)
         if self._stream is stream:
             self._stream = None
+        self._retired.discard(stream)
         stream.call.cancel()
 
     async def _read(self, stream: _Stream) -> None:
@@ -448,12 +584,12 @@ class GrpcTransport:
         try:
             while True:
                 msg = await stream.call.read()
-                if msg is grpc.aio.EOF:
-                    error = BrokerUnavailableError("the broker closed the offload stream")
+                if msg is grpc.aio.EOF:  # ended OK: what it never answered, it never read
+                    error = _StreamEnded("the broker closed the offload stream")
                     break
                 self._deliver(stream, msg)
         except grpc.aio.AioRpcError as e:
-            error = self._stream_error(e)
+            error = self._stream_error(stream, e)
         except asyncio.CancelledError:
             stream.fail_all(BrokerUnavailableError("transport closed"))
             raise
@@ -496,20 +632,32 @@ class GrpcTransport:
     async def watch_plans(
         self, device_class: str, models: Sequence[str] = (), known_version: int = 0
     ) -> AsyncIterator[PlanSet]:
-        _, stub = self._stubs()
-        req = pb.WatchPlanRequest(device_class=device_class, models=list(models), known_version=known_version)
-        call = stub.WatchPlan(req, metadata=self._metadata)
-        try:
-            while True:
-                resp = await call.read()
-                if resp is grpc.aio.EOF:
-                    raise BrokerUnavailableError("the broker ended the plan watch")
-                if resp.HasField("plan_set"):
-                    yield _plan_set(resp.plan_set)
-        except grpc.aio.AioRpcError as e:
-            raise _from_rpc_error(e) from None
-        finally:
-            call.cancel()
+        """The plan watch; when its connection goes away (the channel leaves READY) or its max-age
+        grace runs out, it is opened again on the next connection from the newest version seen."""
+        known = known_version
+        while True:
+            _, stub = self._stubs()
+            lost = self._connection_lost
+            req = pb.WatchPlanRequest(device_class=device_class, models=list(models), known_version=known)
+            call = stub.WatchPlan(req, metadata=self._metadata)
+            try:
+                while True:
+                    resp = await _read_unless(call, lost)
+                    if resp is None:
+                        log.debug("connection to %s left READY: moving the plan watch to a new one", self.address)
+                        break
+                    if resp is grpc.aio.EOF:
+                        raise BrokerUnavailableError("the broker ended the plan watch")
+                    if resp.HasField("plan_set"):
+                        plan_set = _plan_set(resp.plan_set)
+                        known = max(known, plan_set.version)
+                        yield plan_set
+            except grpc.aio.AioRpcError as e:
+                if not (e.code() is grpc.StatusCode.UNAVAILABLE and _MAX_AGE_DETAILS in (e.details() or "")):
+                    raise _from_rpc_error(e) from None
+                log.debug("the plan watch's connection reached its max age: watching again")
+            finally:
+                call.cancel()
 
     async def report_telemetry(self, report: wire.TelemetryReport, timeout_s: float = 5.0) -> int:
         stub, _ = self._stubs()
@@ -525,6 +673,22 @@ def _plan_set(msg: pb.PlanSet) -> PlanSet:
         return wire.from_pb(msg)
     except WireError as e:
         raise BrokerUnavailableError(f"malformed plan set from the broker: {e}") from None
+
+
+async def _read_unless(call: Any, lost: asyncio.Event) -> Any:
+    """The call's next message, or None (the read cancelled) once `lost` is set."""
+    if lost.is_set():
+        return None
+    read = asyncio.ensure_future(call.read())
+    waiter = asyncio.ensure_future(lost.wait())
+    try:
+        await asyncio.wait({read, waiter}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        waiter.cancel()
+        if not read.done():
+            read.cancel()  # cancels the call too (grpc.aio); the caller opens the next one
+            read.add_done_callback(_consume_exception)
+    return read.result() if read.done() and not read.cancelled() else None
 
 
 def _consume_exception(task: asyncio.Future[Any]) -> None:

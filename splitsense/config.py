@@ -24,6 +24,11 @@ from splitsense.kinds import VALID_CODECS, Radio
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
+# broker.max_connection_age_s / max_connection_age_grace_s: gRPC's options are int32 milliseconds.
+_MIN_AGE_S = 0.001
+_MAX_AGE_S = (2**31 - 1) / 1000.0
+
+
 def _positive(name: str, value: float) -> None:
     if not value > 0:
         raise ConfigError(f"{name} must be > 0, got {value!r}")
@@ -458,6 +463,20 @@ class BrokerConfig:
     static_plan_codec: str = "fp32"
     static_plan_device_classes: tuple[str, ...] = ("phone", "iot_board", "watch", "sensor_node")  # planner.classes
     shutdown_grace_s: float = 5.0  # in-flight windows finish; the devices fall back after that
+    # Several brokers (`cloud up --join`): a device's one long-lived OffloadStream keeps it on the
+    # broker it first reached, so a broker that comes back (or is added) would get devices only as
+    # their streams break. A connection older than this (gRPC's grpc.max_connection_age_ms, with
+    # gRPC's own +-10% jitter) is sent a GOAWAY: the device moves its stream, and its plan watch,
+    # to a new connection, which pick_first places on the first broker of its (shuffled) list that
+    # answers, so the fleet spreads over every live broker within about this long. Windows in flight
+    # finish on the old stream; one the old stream never answers is sent again (edge/transport.py).
+    # 0: off, a connection lives until it breaks. A reconnect costs the device a handshake (TLS: a
+    # few round trips) per this period, so not much under a minute for a real fleet.
+    max_connection_age_s: float = 60.0
+    # After the GOAWAY, how long the old connection's calls may still run before it is closed
+    # (grpc.max_connection_age_grace_ms): the windows in flight on it answered, as long as this
+    # exceeds the windows' deadlines (edge.deadline_ms); one cut off is sent again on the new stream.
+    max_connection_age_grace_s: float = 10.0
 
     def __post_init__(self) -> None:
         if not isinstance(self.local_tail, bool):
@@ -481,6 +500,16 @@ class BrokerConfig:
             _positive(f"broker.{name}", getattr(self, name))
         if not self.max_batch_wait_ms >= 0:
             raise ConfigError(f"broker.max_batch_wait_ms must be >= 0, got {self.max_batch_wait_ms!r}")
+        for name in ("max_connection_age_s", "max_connection_age_grace_s"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ConfigError(f"broker.{name} must be a number of seconds, got {value!r}")
+            if not (value == 0 and name == "max_connection_age_s") and not _MIN_AGE_S <= value <= _MAX_AGE_S:
+                off = " (0: off)" if name == "max_connection_age_s" else ""
+                raise ConfigError(
+                    f"broker.{name} must be in {_MIN_AGE_S:g}..{_MAX_AGE_S:g} s{off} "
+                    f"(gRPC takes whole milliseconds in an int32), got {value!r}"
+                )
         if not 0 < self.service_ewma_alpha <= 1:
             raise ConfigError(f"broker.service_ewma_alpha must be in (0, 1], got {self.service_ewma_alpha!r}")
         if not isinstance(self.auth_secret, str) or len(self.auth_secret) < 16:
@@ -864,8 +893,16 @@ class SimulatorConfig:
     # level, codec), computed once for real per shard (simulators/reuse.py): only with compute_time
     # "reference", where a window's device time does not depend on the host's.
     reuse: bool = False
+    # How a device's bytes meet its link (simulators/link.py). "proxy": through a shaping TCP proxy
+    # per device (LinkEmulator; the real gRPC bytes cross it). "inline": the device dials the
+    # broker directly and its transport waits out the same link model in process (ShapedTransport:
+    # bandwidth, delay, loss, slow start, outages), with no proxy's sockets and copies: far less CPU
+    # per window, for large fleets; HTTP/2 control frames between calls and TCP itself are not shaped.
+    link: str = "proxy"
 
     def __post_init__(self) -> None:
+        if self.link not in ("proxy", "inline"):
+            raise ConfigError(f"simulator.link must be 'proxy' or 'inline', got {self.link!r}")
         if isinstance(self.shards, bool) or not isinstance(self.shards, int) or self.shards < 1:
             raise ConfigError(f"simulator.shards must be an int >= 1, got {self.shards!r}")
         if not isinstance(self.reuse, bool):

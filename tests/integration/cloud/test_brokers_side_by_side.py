@@ -6,10 +6,12 @@ A plan set published to Redis reaches both. Six EdgeDevices, each with one GrpcT
 both addresses (`ipv4:127.0.0.1:P1,127.0.0.1:P2`, pick_first, the device default; half of them
 list the other broker first, in place of the per-device shuffle, so that both brokers get
 devices), replay the UCI HAR test recording at 12.8x (a window every 100 ms) at cut 3. Once every
-device offloads steadily and both brokers answer windows, the busier broker is killed (SIGKILL).
-Checked: every window of every device has exactly one result (none lost, none twice; a window in
-flight on the dead broker's stream is finished on the device), and every device offloads again,
-through the surviving broker, which answers more windows than before.
+device offloads steadily and both brokers answer windows, the busier broker is killed (SIGKILL)
+2 ms into a window one of its devices sent, so that at least that window is in flight on it.
+Checked: every window of every device has exactly one result (none lost, none twice), every
+device offloads again, through the surviving broker, which answers more windows than before, and
+the windows in flight on the dead broker were sent again to the survivor (edge/transport.py:
+their stream ended UNAVAILABLE with its connection gone), none falling back as `unavailable`.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from collections import Counter
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -40,7 +43,8 @@ from edge.sink import WindowResult
 from edge.sources import SensorWindow, source_for_model
 from edge.transport import GrpcTransport
 from splitsense.config import REPO_ROOT, BreakerConfig, BrokerConfig, EdgeConfig, ServingConfig
-from splitsense.wire import ExecutionMode
+from splitsense.kinds import FallbackKind
+from splitsense.wire import ExecutionMode, OffloadRequest, OffloadResponse
 from tests.integration.conftest import RedisServer, free_port
 
 pytestmark = pytest.mark.integration
@@ -124,6 +128,38 @@ class BrokerProcess:
                 self.proc.wait(10)
 
 
+class _Trigger:
+    """Armed with a broker process: kills it 2 ms into the next window sent to it."""
+
+    def __init__(self) -> None:
+        self.victim: BrokerProcess | None = None
+        self.fired: asyncio.Event = asyncio.Event()
+        self.window: tuple[str, str] | None = None  # (device id, window id) in flight at the kill
+
+
+class KillingTransport(GrpcTransport):
+    """A device's transport that kills an armed victim while one of its windows is in flight.
+
+    `first_port` is the broker it dials first (pick_first, no shuffle): while both brokers are up,
+    its stream is on that broker."""
+
+    def __init__(self, *args: Any, trigger: _Trigger, first_port: int, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._trigger = trigger
+        self._first_port = first_port
+
+    async def offload(self, request: OffloadRequest, timeout_s: float) -> OffloadResponse:
+        call = asyncio.ensure_future(super().offload(request, timeout_s))
+        t = self._trigger
+        if t.victim is not None and not t.fired.is_set() and t.victim.port == self._first_port:
+            await asyncio.sleep(0.002)  # written, and on its way through the broker
+            if not call.done() and not t.fired.is_set():
+                t.victim.proc.send_signal(signal.SIGKILL)
+                t.window = (request.device_id, request.window_id)
+                t.fired.set()
+        return await call
+
+
 async def _plans_reach(brokers: list[BrokerProcess], version: int, timeout_s: float) -> list[int]:
     """The plan version each broker serves once all serve `version` (or the deadline passes)."""
     seen = [0] * len(brokers)
@@ -147,6 +183,7 @@ async def test_two_brokers_share_a_fleet_and_one_dying_loses_no_window(
 ) -> None:
     brokers = [BrokerProcess(i, ray_cluster, redis_server, tmp_path) for i in range(2)]
     transports: list[GrpcTransport] = []
+    trigger = _Trigger()
     runs: list[asyncio.Future[RunSummary]] = []
     try:
         deadline = time.monotonic() + START_TIMEOUT_S
@@ -193,7 +230,7 @@ async def test_two_brokers_share_a_fleet_and_one_dying_loses_no_window(
             order = ports if i % 2 == 0 else ports[::-1]  # half the fleet dials the other broker first
             token = device_token(SECRET, device_id)
             target = "ipv4:" + ",".join(f"127.0.0.1:{p}" for p in order)
-            transport = GrpcTransport(
+            transport = KillingTransport(
                 target,
                 token,
                 device_id=device_id,
@@ -201,6 +238,8 @@ async def test_two_brokers_share_a_fleet_and_one_dying_loses_no_window(
                 shuffle_addresses=False,
                 # its own connections, as a real device has (in one process gRPC shares them)
                 channel_options=[("grpc.use_local_subchannel_pool", 1)],
+                trigger=trigger,
+                first_port=order[0],
             )
             transports.append(transport)
             cfg = EdgeConfig(
@@ -228,8 +267,10 @@ async def test_two_brokers_share_a_fleet_and_one_dying_loses_no_window(
         assert all(n > 0 for n in before), f"a broker got no device: answered {before}"
         victim = 0 if before[0] >= before[1] else 1
         survivor = brokers[1 - victim]
+        trigger.victim = brokers[victim]  # the next window sent to it kills it
+        await asyncio.wait_for(trigger.fired.wait(), 10)
         marks["kill"] = time.monotonic()
-        await asyncio.to_thread(brokers[victim].kill)
+        await asyncio.to_thread(brokers[victim].proc.wait, 10)
         try:
             await asyncio.wait_for(recovered.wait(), 30)
         except TimeoutError:
@@ -262,4 +303,16 @@ async def test_two_brokers_share_a_fleet_and_one_dying_loses_no_window(
     # the survivor carried the whole fleet after the kill
     assert answered_after >= before[1 - victim] + DEVICES * AFTER
     fallbacks = Counter(r.kind.value for rs in results.values() for r, t in rs if t >= t_kill and r.kind)
-    print(f"\nanswered before the kill {before}, survivor after {answered_after}; fallbacks after the kill {fallbacks}")
+    resent = sum(t.windows_resent for t in transports)
+    assert trigger.window is not None
+    device_id, window_id = trigger.window
+    in_flight = next(r for r, _ in results[device_id] if r.window_id == window_id)
+    print(
+        f"\nanswered before the kill {before}, survivor after {answered_after}; fallbacks after the kill "
+        f"{fallbacks}; windows resent {resent}; the window in flight at the kill: {in_flight.mode.value} "
+        f"{in_flight.kind.value if in_flight.kind else ''} {in_flight.latency_ms:.0f} ms"
+    )
+    # the windows in flight on the dead broker went to the survivor, none fell back for it (the
+    # one in flight at the kill: sent again, unless its answer was already on its way back)
+    assert resent >= 1 or in_flight.mode is ExecutionMode.OFFLOADED, "no window was sent again after the kill"
+    assert fallbacks[FallbackKind.UNAVAILABLE.value] == 0, fallbacks
