@@ -2,9 +2,14 @@
 
 Each device is the product's own `edge.runtime.EdgeDevice` with its class (pipelines/devices.py),
 its own real sensor stream (the test recording of its model, from its own start position, paced in
-real time by `edge.sources.ReplaySource`), its own trace behind its own `LinkEmulator` (a shaping
-TCP proxy: the real gRPC bytes cross it), and its own `GrpcTransport` to the real broker, which
-batches for the Ray Serve tails; the controller replans from the fleet's telemetry meanwhile.
+real time by `edge.sources.ReplaySource`), its own trace on its own link, and its own
+`GrpcTransport` to the real broker, which batches for the Ray Serve tails; the controller replans
+from the fleet's telemetry meanwhile. The link (`simulator.link`, simulators/link.py) is either
+    proxy   a `LinkEmulator` per device: a shaping TCP proxy that the real gRPC bytes cross (the
+            default; every byte crosses loopback twice more and is copied through asyncio streams)
+    inline  a `ShapedTransport` around a `GrpcTransport` that dials the broker directly: each call's
+            bytes wait out the same link model (bandwidth, delay, loss, slow start, outages) in
+            this process first; what it does not shape is in its docstring (the `scale` scenario)
 
 Simulated hardware. A device's preprocessing and stages run for real on this host (one thread, on
 the devices' backend, `edge.backend` as `config.edge.backend` chooses: ONNX Runtime on the exported
@@ -79,7 +84,7 @@ from pipelines.models import get_spec
 from pipelines.stages import StagedModel
 from pipelines.training import TrainedModel, load_trained
 from simulators.hardware import LINK_LOSS_DETECT_S, SimulatedHardware
-from simulators.link import BYTES_PER_MBIT, LinkEmulator, ShapingSchedule
+from simulators.link import BYTES_PER_MBIT, LinkEmulator, ShapedTransport, ShapingSchedule
 from simulators.policies import (
     OracleTable,
     Policy,
@@ -805,37 +810,46 @@ class FleetRunner:
         deadline_ms = objective.deadline_ms or cfg.edge.deadline_ms
         loop = asyncio.get_running_loop()
         link: LinkEmulator | None = None
-        transport: GrpcTransport | None = None
+        transport: GrpcTransport | ShapedTransport | None = None
         try:
             # Every policy, all_local included, has its link and transport: the same plan watch and
             # telemetry load on the host, so that only the choices differ between policies.
             # The link's clock starts when it does (now, before t0): shift its trace and outages
             # by that lead so that its clock and the policy's agree to within the start-up time.
             lead = t0 - loop.time()
-            host, port = self.cloud.broker_address.rsplit(":", 1)
-            link = LinkEmulator(
-                (host, int(port)),
-                spec.trace,
-                rtt_ms=sim.rtt_ms[dev.radio.value],
-                loss=sim.loss,
-                outages=[(a + lead, b + lead) for a, b in sim.outages],
-                time_offset_s=spec.trace_offset_s - lead,
-                seed=spec.seed,
-            )
-            await link.start()
-            assert link.uplink is not None
-            schedule, zero = link.uplink, link.started_at  # what the link really does
-            transport = GrpcTransport(
-                link.address,
-                self.cloud.token_for(spec.device_id),
-                device_id=spec.device_id,
-                max_message_bytes=cfg.edge.max_message_bytes,
-            )
+            token = self.cloud.token_for(spec.device_id)
+            shaping: dict[str, Any] = {
+                "rtt_ms": sim.rtt_ms[dev.radio.value],
+                "loss": sim.loss,
+                "outages": [(a + lead, b + lead) for a, b in sim.outages],
+                "time_offset_s": spec.trace_offset_s - lead,
+                "seed": spec.seed,
+            }
+            if sim.link == "inline":  # the same link model in this process, the broker dialled directly
+                address = self.cloud.broker_address
+                direct = GrpcTransport(
+                    address, token, device_id=spec.device_id, max_message_bytes=cfg.edge.max_message_bytes
+                )
+                shaped = ShapedTransport(direct, spec.trace, **shaping)
+                transport = shaped
+                await shaped.start()
+                uplink, zero = shaped.uplink, shaped.started_at
+            else:  # a shaping TCP proxy in front of the broker: the real bytes cross it
+                host, port = self.cloud.broker_address.rsplit(":", 1)
+                link = LinkEmulator((host, int(port)), spec.trace, **shaping)
+                await link.start()
+                address = link.address
+                uplink, zero = link.uplink, link.started_at
+                transport = GrpcTransport(
+                    address, token, device_id=spec.device_id, max_message_bytes=cfg.edge.max_message_bytes
+                )
+            assert uplink is not None
+            schedule = uplink  # what the link really does
             ecfg = EdgeConfig(
-                broker_address=link.address,
+                broker_address=address,
                 device_id=spec.device_id,
                 device_class=spec.device_class,
-                token=self.cloud.token_for(spec.device_id),
+                token=token,
                 model=spec.model,
                 deadline_ms=deadline_ms,
                 # Local until the first plan arrives (at the start of the plan watch, before the

@@ -9,8 +9,9 @@ demo). `load_scenario("demo")` builds one by name; a path loads a JSON scenario 
     demo       12 devices x 20 s per policy, all five policies: `splitsense demo`
     outage     12 devices x 30 s, every link down from 10 s to 16 s: fallback and recovery
     benchmark  24 devices x 60 s per policy, all five policies: the figures of the issue
-    scale      200 devices x 60 s, adaptive and all_cloud, in 2 shards (Ray actors) reusing fronts:
-               does the fleet keep up in real time? (`--devices 1000`: the sharded target)
+    scale      200 devices x 60 s, adaptive and all_cloud, in 2 shards (Ray actors) reusing fronts,
+               links inline (no proxy per device): does the fleet keep up in real time?
+               (`--devices 1000`: the sharded target; `--link proxy` for the proxies)
 
 `assign_devices` is pure and seeded: device i gets class ``device_classes[i % C]``, the model of
 its class, a trace (the traces shuffled once by the seed, then dealt round-robin), a start offset
@@ -62,13 +63,14 @@ SCENARIOS: dict[str, dict[str, Any]] = {
     },
     "scale": {
         # a sharded fleet (simulators/shards.py): Ray actors, fronts reused per (window, cut,
-        # level, codec); --devices 1000 is the issue's target, --shards/--no-reuse change the mode
+        # level, codec); --devices 1000 is the issue's target, --shards/--no-reuse/--link change the mode
         "simulator": {
             "devices": 200,
             "duration_s": 60.0,
             "policies": ["adaptive", "all_cloud"],
             "shards": 2,
             "reuse": True,
+            "link": "inline",  # the link model in process: no proxy per device (simulators/link.py)
         },
         "controller": {"period_s": 15.0},
     },

@@ -1078,6 +1078,11 @@ def bench_edge(
     edge_venv: Path = typer.Option(None, help="An edge venv to reuse, or where to build one and keep it."),
     cli_runs: int = typer.Option(3, help="Fresh `splitsense edge run` processes per set-up (median; 0: none)."),
     cli_windows: int = typer.Option(20, help="Windows of the recording each `splitsense edge run` replays."),
+    unpinned: bool = typer.Option(
+        True,
+        "--unpinned/--no-unpinned",
+        help="Also size an edge install without deploy/edge/constraints.txt (the newest onnxruntime).",
+    ),
 ) -> None:
     """PyTorch vs ONNX Runtime on the device: per-cut front latency on one thread, cold start, memory, size."""
     from benchmarks.edge_runtime import EdgeBenchConfig, render, run_edge_bench
@@ -1094,6 +1099,7 @@ def bench_edge(
         edge_venv=edge_venv,
         cli_runs=cli_runs,
         cli_windows=cli_windows,
+        unpinned=unpinned,
     )
     with err.status("bench edge") as status:
         result = run_edge_bench(bench, progress=status.update)
@@ -1259,6 +1265,11 @@ def simulate_cmd(
     ray_address: str = typer.Option(
         None, "--ray-address", help="Join this Ray cluster (e.g. 'auto') for the tails and the shards."
     ),
+    link: str = typer.Option(
+        None,
+        "--link",
+        help="proxy (a shaping TCP proxy per device) or inline (the link model in process) (default: simulator.link).",
+    ),
 ) -> None:
     """A fleet of simulated devices on real network traces, under every policy, against the real cloud."""
     from simulators.scenario import load_scenario, parse_outages
@@ -1282,6 +1293,8 @@ def simulate_cmd(
         over["shards"] = shards
     if reuse is not None:
         over["reuse"] = reuse
+    if link is not None:
+        over["link"] = link
     top: dict[str, Any] = {"simulator": over} if over else {}
     if ray_address is not None:
         top["serving"] = {"ray_address": ray_address}

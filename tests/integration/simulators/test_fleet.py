@@ -13,6 +13,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -111,3 +112,33 @@ def test_report_folder(run: dict[str, Any]) -> None:
     assert report["timeline"]["device"]["device_id"] in {w["device_id"] for w in run["windows"]}
     for name in PLOTS:
         assert (run["dir"] / name).stat().st_size > 10_000
+
+
+def test_inline_link_end_to_end(tmp_path: Path) -> None:
+    """The smoke fleet with `--link inline` (no proxy: each device's transport waits out the same
+    link model in process), adaptive and all_cloud, the 2-4 s outage included: nothing lost, the
+    outage's windows finished on the device or stored, and the devices' link estimates sane."""
+    out = tmp_path / "report"
+    cmd = [sys.executable, "-m", "splitsense.cli", "simulate", "--scenario", "smoke", "--in-process", "--json",
+           "--link", "inline", "--policy", "adaptive,all_cloud", "--report-dir", str(out)]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env={**os.environ, "COLUMNS": "150"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads(proc.stdout)
+    assert summary["config"]["link"] == "inline" and summary["config"]["outages"] == [[2.0, 4.0]]
+    for policy, classes in summary["policies"].items():
+        for cls, stats in classes.items():
+            assert stats["lost"] == 0 and stats["windows"] > 0, (policy, cls)
+    assert 0.8 < summary["realtime_factor"] <= 1.0
+    windows = [json.loads(line) for line in (out / "windows.jsonl").read_text().splitlines()]
+    cloud = [w for w in windows if w["policy"] == "all_cloud"]
+    offloaded = [w for w in cloud if w["mode"] == "offloaded"]
+    assert offloaded and {w["device_class"] for w in offloaded} >= {"phone", "sensor_node"}
+    in_outage = [w for w in cloud if 2.0 <= w["t_s"] < 3.6 and w["true_mbps"] == 0.0]
+    assert in_outage and all(w["mode"] in ("fallback", "local", "deferred") for w in in_outage)
+    # what the devices estimate of their links (a prior, then their own calls through the inline
+    # link) stays within a factor of a few of the truth, as through the proxy
+    ratios = sorted(w["estimate_mbps"] / w["true_mbps"] for w in windows if w["bytes_sent"] and w["true_mbps"] > 0)
+    assert ratios and all(0.0 < r for r in ratios)
+    assert 0.25 <= ratios[len(ratios) // 2] <= 2.0, ratios
+    for w in offloaded:  # a round trip through the link: at least its RTT (the smoke's radios: 20 ms or more)
+        assert w["latency_ms"] >= 20.0, w

@@ -1,5 +1,6 @@
 """The link emulator with real sockets on 127.0.0.1: throughput tracks a real trace, outages stall
-traffic and it resumes, RTT and loss add their delays, many connections and devices in one process."""
+traffic and it resumes, RTT and loss add their delays, many connections and devices in one process;
+and the inline link (ShapedTransport) times real gRPC calls as the proxy does."""
 
 from __future__ import annotations
 
@@ -7,12 +8,20 @@ import asyncio
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
+import grpc
+import grpc.aio
 import numpy as np
 import pytest
 
-from simulators.link import LinkEmulator, burst_completion_s
+from edge.transport import GrpcTransport
+from pipelines.codecs import Codec, encode
+from simulators.link import LinkEmulator, ShapedTransport, burst_completion_s
 from simulators.traces import Trace, default_trace_dir, load_trace
+from splitsense.v1 import offload_pb2 as pb
+from splitsense.v1 import offload_pb2_grpc as pb_grpc
+from splitsense.wire import DeviceEstimates, OffloadRequest, RadioKind
 
 pytestmark = pytest.mark.integration
 
@@ -332,3 +341,90 @@ def accumulate(arrivals: list[tuple[float, int]]) -> list[tuple[float, int]]:
         total += n
         out.append((t, total))
     return out
+
+
+# --- the inline link (ShapedTransport) against the proxy, with real gRPC ------------------------
+
+
+class StubBroker(pb_grpc.OffloadServiceServicer, pb_grpc.PlanServiceServicer):
+    """Answers every window on the stream at once, and GetPlan with nothing (the device's ping)."""
+
+    async def OffloadStream(self, request_iterator: Any, context: Any) -> AsyncIterator[pb.OffloadStreamResponse]:  # noqa: N802
+        async for msg in request_iterator:
+            wid = msg.request.window_id
+            answer = pb.OffloadResponse(window_id=wid, logits=[0.1, 0.9], prediction=1, timing=pb.Timing(batch_size=1))
+            yield pb.OffloadStreamResponse(window_id=wid, result=answer)
+
+    async def GetPlan(self, request: pb.GetPlanRequest, context: Any) -> pb.GetPlanResponse:  # noqa: N802
+        return pb.GetPlanResponse()
+
+    async def Offload(self, request: pb.OffloadRequest, context: Any) -> pb.OffloadResponse:  # noqa: N802
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "streams only")
+        raise AssertionError("abort raises")
+
+    async def ReportTelemetry(self, request: pb.ReportTelemetryRequest, context: Any) -> pb.ReportTelemetryResponse:  # noqa: N802
+        return pb.ReportTelemetryResponse(plan_version=1)
+
+    async def WatchPlan(self, request: pb.WatchPlanRequest, context: Any) -> AsyncIterator[pb.WatchPlanResponse]:  # noqa: N802
+        await context.abort(grpc.StatusCode.UNAVAILABLE, "no plans here")
+        yield pb.WatchPlanResponse()
+
+
+def window(i: int, floats: int) -> OffloadRequest:
+    return OffloadRequest(
+        window_id=f"w{i}",
+        model="m",
+        cut=1,
+        device_id="sim-000-phone",
+        device_class="phone",
+        estimates=DeviceEstimates(2.0, 50.0, 1.0, True, RadioKind.LTE),
+        plan_version=1,
+        activation=encode(np.ones((1, floats), np.float32), Codec.FP32),
+        sent_unix_ms=1,
+    )
+
+
+async def timed_calls(transport: Any, sizes: list[int]) -> list[float]:
+    """Seconds each call took: a warm-up window (opens the stream), then one window per size 0.3 s
+    apart (an idle RTO or more: each starts a slow-start burst), then a ping."""
+    await transport.offload(window(-1, 4), 5.0)
+    out = []
+    for i, floats in enumerate(sizes):
+        await asyncio.sleep(0.3)
+        t = time.perf_counter()
+        await transport.offload(window(i, floats), 5.0)
+        out.append(time.perf_counter() - t)
+    t = time.perf_counter()
+    await transport.get_plan("phone", ["m"], 2**62, 5.0)
+    out.append(time.perf_counter() - t)
+    return out
+
+
+async def test_inline_link_times_calls_as_the_proxy_does() -> None:
+    """The same gRPC calls through the proxy and through ShapedTransport (2 Mbit/s each way, 60 ms
+    RTT, slow start): each takes the same time to within a few milliseconds (the per-call bytes
+    are calibrated on the proxy; the rest is the one model)."""
+    server = grpc.aio.server()
+    stub = StubBroker()
+    pb_grpc.add_OffloadServiceServicer_to_server(stub, server)
+    pb_grpc.add_PlanServiceServicer_to_server(stub, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    sizes = [4, 1000, 4000, 16000]  # 0.1 kB to 64 kB: one to four slow-start rounds
+    shape: dict[str, Any] = {"downlink_trace": Trace.constant(2.0), "rtt_ms": 60.0}
+    try:
+        async with LinkEmulator(("127.0.0.1", port), Trace.constant(2.0), **shape) as link:
+            client = GrpcTransport(link.address, "t" * 64, device_id="sim-000-phone")
+            try:
+                proxy = await timed_calls(client, sizes)
+            finally:
+                await client.close()
+        direct = GrpcTransport(f"127.0.0.1:{port}", "t" * 64, device_id="sim-000-phone")
+        async with ShapedTransport(direct, Trace.constant(2.0), **shape) as inline:
+            inline_s = await timed_calls(inline, sizes)
+            assert inline.counters.bytes_up > 4 * 16000
+    finally:
+        await server.stop(0)
+    assert proxy[-2] > 0.3  # 64 kB at 2 Mbit/s: the link, not the host, sets these times
+    for p, s in zip(proxy, inline_s, strict=True):
+        assert s == pytest.approx(p, abs=0.015 + 0.05 * p), (proxy, inline_s)

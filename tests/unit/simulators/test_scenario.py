@@ -46,6 +46,20 @@ def test_overrides_and_scenario_files(tmp_path: Path) -> None:
         load_scenario(None, {"simulator": {"policies": ["magic"]}})
 
 
+def test_the_link_mode_is_proxy_but_for_the_scale_scenario() -> None:
+    assert {name: load_scenario(name).simulator.link for name in SCENARIOS} == {
+        "smoke": "proxy",
+        "demo": "proxy",
+        "outage": "proxy",
+        "benchmark": "proxy",
+        "scale": "inline",
+    }
+    assert load_scenario("scale", {"simulator": {"link": "proxy"}}).simulator.link == "proxy"
+    assert Config.from_dict(Config(simulator=SimulatorConfig(link="inline")).to_dict()).simulator.link == "inline"
+    with pytest.raises(ConfigError, match="simulator.link"):
+        load_scenario(None, {"simulator": {"link": "netem"}})
+
+
 def test_parse_outages() -> None:
     assert parse_outages("10+6, 40-42.5") == ((10.0, 16.0), (40.0, 42.5))
     assert parse_outages("") == ()
