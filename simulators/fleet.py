@@ -83,6 +83,7 @@ from pipelines.groups import group_members
 from pipelines.models import get_spec
 from pipelines.stages import StagedModel
 from pipelines.training import TrainedModel, load_trained
+from simulators.capacity import read_host_cpu, usage_since
 from simulators.hardware import LINK_LOSS_DETECT_S, SimulatedHardware
 from simulators.link import BYTES_PER_MBIT, LinkEmulator, ShapedTransport, ShapingSchedule
 from simulators.policies import (
@@ -235,6 +236,8 @@ class PolicyRun:
     radio_overhead_mj: dict[str, float] = field(default_factory=dict)
     # a sharded fleet (simulators/shards.py): per shard, its devices, windows, wall time, loop lag
     shards: list[dict[str, Any]] = field(default_factory=list)
+    # the host's CPU over the run (simulators/capacity.py usage_since): was a shortfall the host's?
+    host_cpu: dict[str, float] = field(default_factory=dict)
 
     @property
     def lost(self) -> int:
@@ -740,6 +743,7 @@ class FleetRunner:
         registry = _broker_registry(self.cloud)  # None in a shard: the driver reads the broker
         before = _batch_totals(registry) if registry is not None else None
         loop = asyncio.get_running_loop()
+        cpu0 = read_host_cpu()
         t0 = loop.time() + (_START_DELAY_S if start_wall is None else start_wall - time.time())
         tasks = [
             asyncio.create_task(self._device(policy, spec, t0, records, errors, overhead), name=spec.device_id)
@@ -768,6 +772,7 @@ class FleetRunner:
             loop_lag_ms=_lag_stats(lags),
             infeasible=infeasible,
             radio_overhead_mj={k: round(v, 4) for k, v in sorted(overhead.items())},
+            host_cpu=usage_since(cpu0),
         )
         self.progress.policy_done(policy.value, run)
         return run

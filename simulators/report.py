@@ -58,6 +58,7 @@ import numpy as np
 
 from pipelines.devices import DEVICE_CLASSES
 from pipelines.groups import group_members
+from simulators.capacity import capacity_verdict
 from simulators.fleet import FleetProgress, FleetResult, PolicyRun, WindowRecord
 from simulators.link import ShapingSchedule
 from simulators.policies import BudgetFeasibility, PolicyInputs
@@ -599,8 +600,23 @@ def realtime(result: FleetResult) -> dict[str, Any]:
             "broker": run.broker,
             "plan_versions": run.plan_versions,
             "shards": list(run.shards),  # a sharded fleet: each shard's devices, wall time, loop lag
+            # was a shortfall the host's? (simulators/capacity.py; this node's CPU only on a cluster)
+            "capacity": _capacity(run),
         }
     return out
+
+
+def _capacity(run: PolicyRun) -> dict[str, Any] | None:
+    if not run.host_cpu or run.duration_s <= 0:
+        return None
+    return capacity_verdict(
+        realtime_factor=run.realtime_factor,
+        windows=len(run.records),
+        offered_windows_per_s=sum(run.windows_expected.values()) / run.duration_s,
+        busy_cpu_s=run.host_cpu["busy_cpu_s"],
+        busy_share=run.host_cpu["busy_share"],
+        cores=run.host_cpu["cores"],
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1028,6 +1044,11 @@ def render_summary(result: FleetResult, console: Any, report_dir: Path | None = 
         for p, v in rt.items()
     )
     console.print(f"  real-time factor: {line}; lost windows: {sum(r.lost for r in result.runs.values())}")
+    for p, v in rt.items():
+        cap = v.get("capacity")
+        if cap and cap["verdict"] != "kept up":
+            colour = "red" if cap["verdict"] == "saturated" else "yellow"
+            console.print(f"    [{colour}]{p}: {cap['verdict']}[/]: {cap['why']}", highlight=False)
     fleet = result.extra.get("fleet")
     if fleet:
         lag = "; ".join(

@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pipelines.catalog import ModelCatalog
+from simulators.capacity import read_host_cpu, usage_since
 from simulators.fleet import (
     FleetProgress,
     FleetResult,
@@ -294,9 +295,12 @@ async def simulate_sharded(
                 )
                 before = _batch_totals(stack.broker.metrics.registry)
                 start_wall = time.time() + _LEAD_S + _LEAD_PER_DEVICE_S * per_shard
+                cpu0 = read_host_cpu()
                 parts = await asyncio.gather(*(h.run_policy.remote(name, start_wall) for h in handles))
+                host_cpu = usage_since(cpu0)  # this node's: the driver's, the cloud's and local shards'
                 after = _batch_totals(stack.broker.metrics.registry)
                 run = merge_runs(name, parts, infos, _batch_delta(before, after))
+                run.host_cpu = host_cpu
                 runs[name] = run
                 progress.policy_done(name, run)
             reuse = list(await asyncio.gather(*(h.reuse_stats.remote() for h in handles))) if sim.reuse else []

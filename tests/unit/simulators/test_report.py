@@ -491,3 +491,23 @@ def test_where_nothing_the_device_holds_can_run_there_is_no_least_value() -> Non
     budget = comparison(_with_inputs(_result(), inputs))["watch"]["budget"]
     assert budget["feasible_share"] == 0.75 and budget["least_where_infeasible"] is None
     assert budget_verdict(budget) == "infeasible for every choice at 25% of windows; every policy within it on average"
+
+
+def test_a_run_that_fell_behind_on_a_saturated_host_says_so() -> None:
+    from rich.console import Console
+
+    from simulators.report import realtime
+
+    result = _result()
+    run = result.runs["adaptive"]
+    assert realtime(result)["adaptive"]["capacity"] is None, "no accounting: no verdict"
+    run.host_cpu = {"busy_cpu_s": 7.9, "busy_share": 0.97, "cores": 2.0}
+    cap = realtime(result)["adaptive"]["capacity"]
+    assert run.realtime_factor < 0.99  # the fixture's run ends late
+    assert cap["verdict"] == "saturated" and "infeasible on this host" in cap["why"]
+    console = Console(record=True, width=250)
+    render_summary(result, console)
+    assert "adaptive: saturated" in console.export_text()
+    run.host_cpu = {"busy_cpu_s": 2.0, "busy_share": 0.3, "cores": 2.0}
+    assert realtime(result)["adaptive"]["capacity"]["verdict"] == "fell behind"
+    assert cap["cpu_ms_per_window"] == pytest.approx(1000 * 7.9 / len(run.records), abs=1e-3)

@@ -1,0 +1,70 @@
+"""simulators/capacity.py: the host's CPU accounting and the verdict on a run's real-time factor."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from simulators.capacity import HostCpu, capacity_verdict, read_host_cpu
+
+
+def test_read_host_cpu_parses_the_aggregate_line(tmp_path: Path) -> None:
+    hz = os.sysconf("SC_CLK_TCK")
+    stat = tmp_path / "stat"
+    # user nice system idle iowait irq softirq steal guest guest_nice
+    stat.write_text(f"cpu  {3 * hz} 0 {hz} {5 * hz} {hz} 0 0 0 0 0\ncpu0 1 2 3 4\n")
+    cpu = read_host_cpu(stat)
+    assert cpu is not None
+    assert cpu.busy_s == pytest.approx(4.0) and cpu.total_s == pytest.approx(10.0)
+    assert read_host_cpu(tmp_path / "missing") is None
+    (tmp_path / "odd").write_text("intr 1 2 3\n")
+    assert read_host_cpu(tmp_path / "odd") is None
+
+
+def test_this_hosts_counters_move_forward() -> None:
+    a = read_host_cpu()
+    if a is None:
+        pytest.skip("no /proc/stat here")
+    sum(i * i for i in range(200_000))
+    b = read_host_cpu()
+    assert b is not None and b.total_s >= a.total_s and b.busy_s >= a.busy_s
+    d = b.since(a)
+    assert 0.0 <= d["busy_share"] <= 1.0
+
+
+def test_since_is_the_interval() -> None:
+    d = HostCpu(busy_s=13.0, total_s=24.0, cores=2).since(HostCpu(busy_s=4.0, total_s=4.0, cores=2))
+    assert d == {"busy_cpu_s": 9.0, "busy_share": 0.45}
+    assert HostCpu(1.0, 1.0, 1).since(HostCpu(1.0, 1.0, 1))["busy_share"] == 0.0
+
+
+def test_a_saturated_host_makes_the_target_infeasible_and_says_how_many_cores() -> None:
+    # 60 s, 2 cores 98% busy: 117.6 CPU-s over 15,000 windows = 7.84 ms a window;
+    # 2 cores carry 255 windows/s, the fleet offers 500/s: ~3.9 cores needed
+    v = capacity_verdict(
+        realtime_factor=0.51, windows=15_000, offered_windows_per_s=500.0, busy_cpu_s=117.6, busy_share=0.98, cores=2
+    )
+    assert v["verdict"] == "saturated" and "infeasible on this host" in v["why"]
+    assert v["cpu_ms_per_window"] == pytest.approx(7.84)
+    assert v["host_windows_per_s"] == pytest.approx(255.1, abs=0.1)
+    assert v["cores_needed"] == pytest.approx(3.92)
+
+
+def test_falling_behind_with_cpu_to_spare_is_the_softwares_fault() -> None:
+    v = capacity_verdict(
+        realtime_factor=0.9, windows=1000, offered_windows_per_s=20.0, busy_cpu_s=10.0, busy_share=0.4, cores=2
+    )
+    assert v["verdict"] == "fell behind" and "software" in v["why"]
+
+
+def test_a_run_that_kept_up_and_one_without_windows() -> None:
+    v = capacity_verdict(
+        realtime_factor=0.995, windows=1000, offered_windows_per_s=20.0, busy_cpu_s=95.0, busy_share=0.99, cores=2
+    )
+    assert v["verdict"] == "kept up", "a busy host that kept up is not a failure"
+    v = capacity_verdict(
+        realtime_factor=0.0, windows=0, offered_windows_per_s=20.0, busy_cpu_s=1.0, busy_share=0.5, cores=2
+    )
+    assert v["verdict"] == "unknown" and v["cpu_ms_per_window"] is None
