@@ -30,6 +30,11 @@ import pytest
 from cloud.planstore import ACL_RULES, acl_user_line
 from cloud.planstore import _ping as _redis_ping
 
+# Ray waits 30 s by default for a new GCS to write its port; on two cores busy with the test that
+# ran before (its Ray still shutting down) that has run out once in CI. Every Ray started by these
+# tests, in this process or in a command it runs, inherits the longer wait.
+os.environ.setdefault("RAY_gcs_server_port_wait_time_s", "120")
+
 
 @pytest.fixture(scope="session")
 def ray_cluster() -> Iterator[str]:
