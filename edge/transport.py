@@ -120,6 +120,7 @@ _STATUS_WAIT_S = 1.0  # how long a failed write waits for the call's final statu
 # The details gRPC core gives a call its server's max-age grace cut off (round_robin keeps the
 # channel READY through the other brokers' connections, so the channel's state cannot say it).
 _MAX_AGE_DETAILS = "max connection age"
+_CORE_INTERNAL = "Internal error from Core"  # grpc.aio's write error when the call ended under it
 _STREAM_ATTEMPTS = 3  # streams one window may try: at most one resend, the others never got it
 
 
@@ -204,6 +205,7 @@ class _Stream:
         self.retired = False  # half-closed: its windows are answered on it, no new one goes on it
         self.connection = connection  # GrpcTransport._connection when it was opened
         self.reader: asyncio.Task[None] | None = None
+        self.error: OffloadError | None = None  # the reader's verdict once the call ended
 
     def fail_all(self, error: BaseException) -> None:
         self.broken = True
@@ -545,8 +547,14 @@ class GrpcTransport:
         """The error of a failed write: the call's own final status when the broker ended the
         stream (a write racing the broker's refusal fails with a generic INTERNAL "Internal error
         from Core", while the call's status says why, e.g. UNAUTHENTICATED), else the write's.
-        `e` None: the call had finished already (`closed` says so) and only its status tells."""
+        `e` None: the call had finished already (`closed` says so) and only its status tells.
+        The reader's verdict comes first (it read the status the call ended with); a generic
+        INTERNAL that nothing explains is a stream that ended under the window: sent once more."""
         with contextlib.suppress(Exception):
+            if stream.reader is not None:
+                await asyncio.wait({stream.reader}, timeout=_STATUS_WAIT_S)
+            if stream.error is not None:
+                return stream.error
             async with asyncio.timeout(_STATUS_WAIT_S):
                 code = await stream.call.code()
                 details = await stream.call.details()
@@ -557,6 +565,8 @@ class GrpcTransport:
                 return _StreamEnded(f"the broker ended the offload stream ({closed or 'OK'})")
         if e is None:
             return BrokerUnavailableError(closed)
+        if e.code() is grpc.StatusCode.INTERNAL and _CORE_INTERNAL in (e.details() or ""):
+            return _StreamEnded(f"the offload stream failed under a write ({e.details()}) with no status to say why")
         return self._stream_error(stream, e)
 
     def _stream_error(self, stream: _Stream, e: grpc.aio.AioRpcError) -> OffloadError:
@@ -595,6 +605,7 @@ class GrpcTransport:
             raise
         except Exception as e:  # never leave windows waiting on a dead reader
             error = BrokerUnavailableError(f"offload stream reader failed: {type(e).__name__}: {e}")
+        stream.error = error
         self._break(stream, error)
 
     @staticmethod
