@@ -48,6 +48,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from simulators.capacity import read_host_cpu
 from splitsense.config import Config
 from splitsense.errors import ConfigError, DependencyError
 
@@ -135,6 +136,10 @@ class Cell:
     server_cpu_ms_per_window: float | None = None  # server paths: the server processes' CPU / ok
     client_cpu_ms_per_window: float | None = None  # this process's CPU / ok: the devices (and Ray's caller side)
     broker_windows: list[int] | None = None  # broker_x2: windows each broker answered
+    # The whole host's busy CPU (/proc/stat: every process, the replicas' and Ray's included) per
+    # answered window, and the busy share of its cores over the cell: what the path costs in all.
+    host_cpu_ms_per_window: float | None = None
+    host_busy_share: float | None = None
 
     def row(self) -> dict[str, Any]:
         optional = (
@@ -143,6 +148,8 @@ class Cell:
             "server_cpu_ms_per_window",
             "client_cpu_ms_per_window",
             "broker_windows",
+            "host_cpu_ms_per_window",
+            "host_busy_share",
         )
         return {k: v for k, v in asdict(self).items() if v or k not in optional}
 
@@ -371,15 +378,33 @@ async def _measure_cell(
         await asyncio.gather(*(call(d, 0) for d in range(n)), return_exceptions=True)
         timings.clear()
         before = [s.stats() for s in measured]
+        host_before = read_host_cpu()
         client_cpu = time.process_time()
         cell = await drive(path, n, call, bench.requests, bench.max_seconds)
         client_cpu = time.process_time() - client_cpu
+        host_after = read_host_cpu()
         after = [s.stats() for s in measured]
+        if host_before is not None and host_after is not None and cell.ok:
+            used = host_after.since(host_before)
+            cell = replace(
+                cell,
+                host_cpu_ms_per_window=round(used["busy_cpu_s"] * 1000 / cell.ok, 3),
+                host_busy_share=round(used["busy_share"], 3),
+            )
         if cell.ok:
             cell = replace(cell, client_cpu_ms_per_window=round(client_cpu * 1000 / cell.ok, 3))
         if timings:
-            batch, queue, compute = (round(float(v), 3) for v in np.mean(np.asarray(timings), axis=0))
-            timing = {"batch_size": batch, "queue_ms": queue, "compute_ms": compute}
+            t = np.asarray(timings)
+            batch, queue, compute = (round(float(v), 3) for v in np.mean(t, axis=0))
+            # each answer carries its batch's compute: the mean of compute / batch size over the
+            # answers is the tail's compute per window, as the broker's batches ran it
+            per_window = round(float(np.mean(t[:, 2] / np.maximum(t[:, 0], 1.0))), 3)
+            timing = {
+                "batch_size": batch,
+                "queue_ms": queue,
+                "compute_ms": compute,
+                "compute_ms_per_window": per_window,
+            }
             cell = replace(cell, broker_timing=timing)
         if measured and cell.ok:
             cpu_s = sum(a["cpu_s"] - b["cpu_s"] for a, b in zip(after, before, strict=True))
@@ -559,9 +584,11 @@ def _bench_config(cfg: Config, bench: ServeBenchConfig) -> Config:
     return replace(cfg, serving=serving, broker=broker)
 
 
-def summarize(cells: list[Cell], devices: tuple[int, ...]) -> dict[str, Any]:
+def summarize(cells: list[Cell], devices: tuple[int, ...], host_cores: int | None = None) -> dict[str, Any]:
     """Ratios at the most devices (throughput) and the fewest (p50), and a verdict on each target
-    whose device count was measured (64 for throughput, 1 for p50)."""
+    whose device count was measured (64 for throughput, 1 for p50). `host_cores`: this host's
+    logical CPUs (os.cpu_count() when None)."""
+    host_cores = host_cores or os.cpu_count() or 1
     by = {(c.path, c.devices): c for c in cells}
     hi, lo = max(devices), min(devices)
     out: dict[str, Any] = {}
@@ -587,6 +614,10 @@ def summarize(cells: list[Cell], devices: tuple[int, ...]) -> dict[str, Any]:
         # answers the same messages and does no work, so no broker gets past it. A ceiling under
         # the target makes the target infeasible here, whatever the broker does.
         ceiling = ratio("raw_grpc", "naive_ray_unthrottled", hi)
+        work = work_ceiling(
+            by.get(("raw_grpc", hi)), by.get(("broker", hi)), by.get(("naive_ray_unthrottled", hi)), host_cores
+        )
+        bounds = [c for c in (ceiling, work["ratio"] if work else None) if c is not None]
         out["throughput_target"] = {
             "devices": hi,
             "versus": "naive_ray_unthrottled",
@@ -594,7 +625,8 @@ def summarize(cells: list[Cell], devices: tuple[int, ...]) -> dict[str, Any]:
             "min_ratio": TARGET_THROUGHPUT_RATIO,
             "met": r >= TARGET_THROUGHPUT_RATIO,
             "ceiling_ratio": ceiling,
-            "feasible": None if ceiling is None else ceiling >= TARGET_THROUGHPUT_RATIO,
+            "work_ceiling": work,
+            "feasible": min(bounds) >= TARGET_THROUGHPUT_RATIO if bounds else None,
         }
     for path in BROKER_PATHS:
         c = by.get((path, hi))
@@ -619,6 +651,27 @@ def summarize(cells: list[Cell], devices: tuple[int, ...]) -> dict[str, Any]:
                 "met": b.p50_ms <= budget,
             }
     return out
+
+
+def work_ceiling(echo: Cell | None, broker: Cell | None, naive: Cell | None, cores: int) -> dict[str, float] | None:
+    """The most this host could answer per second if a broker added nothing to an echo but the
+    tail's compute: its cores over (the echo path's host CPU per window, clients included, + the
+    tail's compute per window in the broker's own batches), and that over the naive path's
+    throughput. An upper bound: it assumes every core busy and a broker that costs nothing else."""
+    if echo is None or broker is None or naive is None or echo.host_cpu_ms_per_window is None:
+        return None
+    compute = (broker.broker_timing or {}).get("compute_ms_per_window")
+    if compute is None or naive.throughput_rps <= 0:
+        return None
+    cost_ms = echo.host_cpu_ms_per_window + compute
+    rps = cores * 1000.0 / cost_ms
+    return {
+        "host_cores": cores,
+        "echo_host_cpu_ms_per_window": echo.host_cpu_ms_per_window,
+        "tail_compute_ms_per_window": compute,
+        "windows_per_s": round(rps, 1),
+        "ratio": round(rps / naive.throughput_rps, 2),
+    }
 
 
 def _deploy_unthrottled(cfg: Config, model: str) -> Any:
@@ -740,11 +793,22 @@ def render(result: dict[str, Any], console: Any) -> None:
     c = result["config"]
     title = f"bench serve: {c['model']} cut {c['cut']} ({c['cut_name']}), {c['request_bytes']} B per request"
     table = Table(title=title)
-    cols = ("path", "devices", "p50 ms", "p99 ms", "throughput req/s", "server CPU ms/window", "ok", "errors")
+    cols = (
+        "path",
+        "devices",
+        "p50 ms",
+        "p99 ms",
+        "throughput req/s",
+        "server CPU ms/window",
+        "host CPU ms/window",
+        "ok",
+        "errors",
+    )
     for col in cols:
         table.add_column(col, justify="left" if col == "path" else "right")
     for r in sorted(result["results"], key=lambda r: (r["devices"], PATHS.index(r["path"]))):
         cpu = r.get("server_cpu_ms_per_window")
+        host = r.get("host_cpu_ms_per_window")
         table.add_row(
             r["path"],
             str(r["devices"]),
@@ -752,6 +816,7 @@ def render(result: dict[str, Any], console: Any) -> None:
             f"{r['p99_ms']:.2f}",
             f"{r['throughput_rps']:.0f}",
             "" if cpu is None else f"{cpu:.3f}",
+            "" if host is None else f"{host:.3f} ({r.get('host_busy_share', 0):.0%} busy)",
             str(r["ok"]),
             str(r["errors"]),
         )
@@ -763,12 +828,18 @@ def render(result: dict[str, Any], console: Any) -> None:
         if not t:
             return ""
         bound = f">= {t['min_ratio']:g}x" if "min_ratio" in t else f"<= {t['budget_ms']:.2f} ms ({t['rule']})"
+        ceilings = ""
+        if t.get("ceiling_ratio") is not None:
+            ceilings = f"; ceilings here: an echo {t['ceiling_ratio']:.2f}x"
+            w = t.get("work_ceiling")
+            if w:
+                ceilings += (
+                    f", an echo plus the tail's compute {w['ratio']:.2f}x ({w['host_cores']} cores / "
+                    f"({w['echo_host_cpu_ms_per_window']:.2f} + {w['tail_compute_ms_per_window']:.2f}) ms)"
+                )
         if not t["met"] and t.get("feasible") is False:
-            return (
-                f" (target {bound}: [red]infeasible on this host[/]: raw_grpc, an echo that does no work, "
-                f"reaches only {t['ceiling_ratio']:.2f}x naive_ray_unthrottled here)"
-            )
-        return f" (target {bound}: {'[green]met[/]' if t['met'] else '[red]missed[/]'})"
+            return f" (target {bound}: [red]infeasible on this host[/]{ceilings})"
+        return f" (target {bound}: {'[green]met[/]' if t['met'] else '[red]missed[/]'}{ceilings})"
 
     labels = {
         "broker_vs_naive_throughput_at_": ("broker / naive_ray throughput at {n} devices: {v:.2f}x", ""),

@@ -105,6 +105,39 @@ def test_a_throughput_target_above_the_echo_servers_ceiling_is_infeasible() -> N
     assert summarize([], (1, 8)) == {}
 
 
+def test_an_echo_plus_the_tails_compute_bounds_what_any_broker_reaches() -> None:
+    from dataclasses import replace
+
+    echo = replace(_cell("raw_grpc", 64, 30.0, 1900.0), host_cpu_ms_per_window=1.0)
+    naive = _cell("naive_ray_unthrottled", 64, 40.0, 400.0)
+    broker = replace(
+        _cell("broker", 64, 40.0, 1200.0),
+        broker_timing={"batch_size": 20.0, "queue_ms": 1.0, "compute_ms": 10.0, "compute_ms_per_window": 0.5},
+    )
+    t = summarize([echo, naive, broker], (64,), host_cores=2)["throughput_target"]
+    # 2 cores / (1.0 + 0.5) ms = 1333 windows/s, 3.33x the naive path: under 4x although the echo
+    # alone reaches 4.75x, so no broker doing this work can meet the target on this host
+    assert t["ceiling_ratio"] == 4.75
+    assert t["work_ceiling"]["windows_per_s"] == pytest.approx(1333.3) and t["work_ceiling"]["ratio"] == 3.33
+    assert t["feasible"] is False
+    console = Console(record=True, width=300)
+    render(
+        {
+            "config": {"model": "m", "cut": 3, "cut_name": "c", "request_bytes": 1},
+            "results": [],
+            "summary": {"broker_vs_naive_unthrottled_throughput_at_64": 3.0, "throughput_target": t},
+        },
+        console,
+    )
+    text = console.export_text()
+    assert "infeasible on this host" in text and "tail's compute 3.33x" in text
+    t = summarize([echo, naive, broker], (64,), host_cores=4)["throughput_target"]
+    assert t["work_ceiling"]["ratio"] == 6.67 and t["feasible"] is True, "4 cores: 2667 windows/s, feasible"
+    assert (
+        summarize([echo, naive, _cell("broker", 64, 40.0, 1200.0)], (64,))["throughput_target"]["work_ceiling"] is None
+    )
+
+
 def test_rows_and_render() -> None:
     cells = [
         _cell("broker", 64, 10.0, 2000.0),
