@@ -25,7 +25,15 @@ not share an interpreter with the server they load (a second server process hold
 of broker_x2). Figures: p50/p99 latency per window and throughput (answered windows per second of
 the cell's wall time); for the server paths also the server processes' CPU time per answered window
 (`server_cpu_ms_per_window`: every thread of the broker or echo processes, gRPC's and Ray's included;
-not the replica's) and, for broker_x2, the windows each broker answered.
+not the replica's) and, for broker_x2, the windows each broker answered. Every cell also gives the
+whole host's busy CPU per answered window (`host_cpu_ms_per_window`, /proc/stat: the devices, the
+servers, the replicas, Ray) and how busy its cores were: what a path costs in all.
+
+The 4x throughput target is judged beside two ceilings measured in the same run: an echo
+(raw_grpc over naive_ray_unthrottled: no gRPC server gets past it) and the work ceiling, the host's
+cores over (the echo's host CPU per window + the tail's CPU per window at the broker's batch size,
+measured in process after the cells): what a broker that cost nothing beyond the wire and the
+tail would reach. Under either, the target is reported infeasible on this host.
 
     python -m benchmarks.serving_paths [--devices 1,8,64] [--requests N]  ->  {"config", "results", "summary"}
     splitsense bench serve --json
@@ -140,6 +148,7 @@ class Cell:
     # answered window, and the busy share of its cores over the cell: what the path costs in all.
     host_cpu_ms_per_window: float | None = None
     host_busy_share: float | None = None
+    local_tail_share: float | None = None  # broker paths: windows the brokers' own tails ran, not Ray
 
     def row(self) -> dict[str, Any]:
         optional = (
@@ -150,8 +159,9 @@ class Cell:
             "broker_windows",
             "host_cpu_ms_per_window",
             "host_busy_share",
+            "local_tail_share",
         )
-        return {k: v for k, v in asdict(self).items() if v or k not in optional}
+        return {k: v for k, v in asdict(self).items() if k not in optional or (v is not None and v != "")}
 
 
 @dataclass
@@ -409,6 +419,11 @@ async def _measure_cell(
         if measured and cell.ok:
             cpu_s = sum(a["cpu_s"] - b["cpu_s"] for a, b in zip(after, before, strict=True))
             cell = replace(cell, server_cpu_ms_per_window=round(cpu_s * 1000 / cell.ok, 3))
+        if path in BROKER_PATHS and measured:
+            answered = sum(a["answered"] - b["answered"] for a, b in zip(after, before, strict=True))
+            local = sum(a["local"] - b["local"] for a, b in zip(after, before, strict=True))
+            if answered > 0:
+                cell = replace(cell, local_tail_share=round(local / answered, 3))
         if path == "broker_x2":
             per_broker = [int(a["answered"] - b["answered"]) for a, b in zip(after, before, strict=True)]
             cell = replace(cell, broker_windows=per_broker)
@@ -487,7 +502,7 @@ class ServerProcess:
         msg = self._read_line(timeout_s)
         if msg is None:
             raise DependencyError(f"the benchmark server process did not answer; its log ends:\n{self.log_tail()}")
-        return {"cpu_s": float(msg["cpu_s"]), "answered": float(msg["answered"])}
+        return {"cpu_s": float(msg["cpu_s"]), "answered": float(msg["answered"]), "local": float(msg["local"])}
 
     def log_tail(self, chars: int = 2000) -> str:
         self._log.flush()
@@ -516,6 +531,14 @@ def _answered(broker: Any) -> int:
     total = 0.0
     for family in broker.metrics.request_duration.collect():
         total += sum(s.value for s in family.samples if s.name.endswith("_count"))
+    return int(total)
+
+
+def _local_windows(broker: Any) -> int:
+    """Windows a broker's own tail ran so far (broker.local_tail), not Ray."""
+    total = 0.0
+    for family in broker.metrics.local_windows.collect():
+        total += sum(s.value for s in family.samples if s.name.endswith("_total"))
     return int(total)
 
 
@@ -557,7 +580,8 @@ async def _serve_main(spec: dict[str, Any]) -> None:
             break
         if line.strip() == "stats":
             answered = _answered(main) if main is not None else 0
-            print(json.dumps({"cpu_s": time.process_time(), "answered": answered}), flush=True)
+            local = _local_windows(main) if main is not None else 0
+            print(json.dumps({"cpu_s": time.process_time(), "answered": answered, "local": local}), flush=True)
     for broker in brokers.values():
         await broker.stop(1.0)
     if echo is not None:
@@ -584,10 +608,16 @@ def _bench_config(cfg: Config, bench: ServeBenchConfig) -> Config:
     return replace(cfg, serving=serving, broker=broker)
 
 
-def summarize(cells: list[Cell], devices: tuple[int, ...], host_cores: int | None = None) -> dict[str, Any]:
+def summarize(
+    cells: list[Cell],
+    devices: tuple[int, ...],
+    host_cores: int | None = None,
+    tail_cpu_ms: float | None = None,
+) -> dict[str, Any]:
     """Ratios at the most devices (throughput) and the fewest (p50), and a verdict on each target
     whose device count was measured (64 for throughput, 1 for p50). `host_cores`: this host's
-    logical CPUs (os.cpu_count() when None)."""
+    logical CPUs (os.cpu_count() when None); `tail_cpu_ms`: the tail's CPU per window at the
+    broker's batch size (tail_cpu_ms_per_window), for the work ceiling."""
     host_cores = host_cores or os.cpu_count() or 1
     by = {(c.path, c.devices): c for c in cells}
     hi, lo = max(devices), min(devices)
@@ -614,9 +644,7 @@ def summarize(cells: list[Cell], devices: tuple[int, ...], host_cores: int | Non
         # answers the same messages and does no work, so no broker gets past it. A ceiling under
         # the target makes the target infeasible here, whatever the broker does.
         ceiling = ratio("raw_grpc", "naive_ray_unthrottled", hi)
-        work = work_ceiling(
-            by.get(("raw_grpc", hi)), by.get(("broker", hi)), by.get(("naive_ray_unthrottled", hi)), host_cores
-        )
+        work = work_ceiling(by.get(("raw_grpc", hi)), by.get(("naive_ray_unthrottled", hi)), tail_cpu_ms, host_cores)
         bounds = [c for c in (ceiling, work["ratio"] if work else None) if c is not None]
         out["throughput_target"] = {
             "devices": hi,
@@ -653,25 +681,40 @@ def summarize(cells: list[Cell], devices: tuple[int, ...], host_cores: int | Non
     return out
 
 
-def work_ceiling(echo: Cell | None, broker: Cell | None, naive: Cell | None, cores: int) -> dict[str, float] | None:
+def work_ceiling(
+    echo: Cell | None, naive: Cell | None, tail_cpu_ms_per_window: float | None, cores: int
+) -> dict[str, float] | None:
     """The most this host could answer per second if a broker added nothing to an echo but the
     tail's compute: its cores over (the echo path's host CPU per window, clients included, + the
-    tail's compute per window in the broker's own batches), and that over the naive path's
-    throughput. An upper bound: it assumes every core busy and a broker that costs nothing else."""
-    if echo is None or broker is None or naive is None or echo.host_cpu_ms_per_window is None:
+    tail's CPU per window at the broker's batch size, measured in process), and that over the naive
+    path's throughput. An upper bound: every core busy and a broker that costs nothing else."""
+    if echo is None or naive is None or echo.host_cpu_ms_per_window is None or tail_cpu_ms_per_window is None:
         return None
-    compute = (broker.broker_timing or {}).get("compute_ms_per_window")
-    if compute is None or naive.throughput_rps <= 0:
+    if naive.throughput_rps <= 0:
         return None
-    cost_ms = echo.host_cpu_ms_per_window + compute
-    rps = cores * 1000.0 / cost_ms
+    rps = cores * 1000.0 / (echo.host_cpu_ms_per_window + tail_cpu_ms_per_window)
     return {
         "host_cores": cores,
         "echo_host_cpu_ms_per_window": echo.host_cpu_ms_per_window,
-        "tail_compute_ms_per_window": compute,
+        "tail_cpu_ms_per_window": tail_cpu_ms_per_window,
         "windows_per_s": round(rps, 1),
         "ratio": round(rps / naive.throughput_rps, 2),
     }
+
+
+def tail_cpu_ms_per_window(model: Any, cut: int, arrays: list[np.ndarray], batch: int, seconds: float = 1.0) -> float:
+    """This process's CPU per window running the tail on batches of `batch` of the workload's
+    windows (run_tail_sync, as a replica runs a batch), for about `seconds` after one warm-up."""
+    from cloud.backend import run_tail_sync
+
+    batch = max(1, batch)
+    x = np.concatenate([arrays[i % len(arrays)] for i in range(batch)], axis=0)
+    run_tail_sync(model, cut, x)
+    windows, cpu0, end = 0, time.process_time(), time.perf_counter() + seconds
+    while time.perf_counter() < end or windows == 0:
+        run_tail_sync(model, cut, x)
+        windows += batch
+    return round((time.process_time() - cpu0) * 1000 / windows, 4)
 
 
 def _deploy_unthrottled(cfg: Config, model: str) -> Any:
@@ -708,6 +751,7 @@ def run_serve_bench(
     backends: dict[str, Any] = {"naive_ray": backend}
     servers: list[ServerProcess] = []
     unthrottled = "naive_ray_unthrottled" in bench.paths
+    tail_cpu: float | None = None  # the tail's CPU per window at the broker's batch size
     try:
         if unthrottled:
             say(f"deploying the naive_ray_unthrottled twin (max_ongoing_requests {UNTHROTTLED_MAX_ONGOING})")
@@ -733,6 +777,11 @@ def run_serve_bench(
                     cells.append(await _measure_cell(path, n, bench, wl, model, backends, servers))
 
         asyncio.run(all_cells())
+        top = next((c for c in cells if c.path == "broker" and c.devices == max(bench.devices)), None)
+        if top is not None and top.broker_timing:
+            size = round(top.broker_timing["batch_size"])
+            say(f"measuring the tail's CPU per window in batches of {size} (the broker's mean)")
+            tail_cpu = tail_cpu_ms_per_window(model, wl.cut, wl.arrays, size)
     finally:
         for server in servers:
             server.close()
@@ -761,9 +810,10 @@ def run_serve_bench(
             "broker": _jsonable({k: v for k, v in asdict(cfg.broker).items() if k != "auth_secret"}),
             "host_cpus": os.cpu_count(),
             "torch_threads_in_process": torch.get_num_threads(),
+            "tail_cpu_ms_per_window_at_broker_batch": tail_cpu,
         },
         "results": [c.row() for c in cells],
-        "summary": summarize(cells, bench.devices),
+        "summary": summarize(cells, bench.devices, tail_cpu_ms=tail_cpu),
     }
 
 
@@ -801,6 +851,7 @@ def render(result: dict[str, Any], console: Any) -> None:
         "throughput req/s",
         "server CPU ms/window",
         "host CPU ms/window",
+        "broker's own tail",
         "ok",
         "errors",
     )
@@ -817,6 +868,7 @@ def render(result: dict[str, Any], console: Any) -> None:
             f"{r['throughput_rps']:.0f}",
             "" if cpu is None else f"{cpu:.3f}",
             "" if host is None else f"{host:.3f} ({r.get('host_busy_share', 0):.0%} busy)",
+            "" if r.get("local_tail_share") is None else f"{r['local_tail_share']:.0%}",
             str(r["ok"]),
             str(r["errors"]),
         )
@@ -835,7 +887,7 @@ def render(result: dict[str, Any], console: Any) -> None:
             if w:
                 ceilings += (
                     f", an echo plus the tail's compute {w['ratio']:.2f}x ({w['host_cores']} cores / "
-                    f"({w['echo_host_cpu_ms_per_window']:.2f} + {w['tail_compute_ms_per_window']:.2f}) ms)"
+                    f"({w['echo_host_cpu_ms_per_window']:.2f} + {w['tail_cpu_ms_per_window']:.2f}) ms)"
                 )
         if not t["met"] and t.get("feasible") is False:
             return f" (target {bound}: [red]infeasible on this host[/]{ceilings})"

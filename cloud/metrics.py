@@ -203,6 +203,12 @@ class BrokerMetrics:
             ("model", "cut"),
             **broker,
         )
+        self.local_windows = Counter(
+            "local_windows",
+            "Windows of an idle lane run by the broker's own tail, not Ray (broker.local_tail), by model and cut.",
+            ("model", "cut"),
+            **broker,
+        )
         self.shed = Counter(
             "shed",
             "Windows shed by admission control (answered RESOURCE_EXHAUSTED).",
@@ -426,6 +432,7 @@ class BrokerMetrics:
         self.batches.labels(m, k).inc()
         if local:
             self.local_batches.labels(m, k).inc()
+            self.local_windows.labels(m, k).inc(size)
 
     def set_queue_depth(self, model: str, cut: int, depth: int) -> None:
         self.queue_depth.labels(self.model_label(model), self.cut_label(model, cut)).set(depth)

@@ -460,6 +460,7 @@ async def test_a_lone_window_runs_in_the_broker_and_a_busy_lane_goes_to_the_back
             assert lone.timing.batch_size == 1 and calls == [], "a lone window never reaches the backend"
             v = b.metrics.registry.get_sample_value
             assert v("splitsense_broker_local_batches_total", {"model": "uci_har", "cut": "2"}) == 1.0
+            assert v("splitsense_broker_local_windows_total", {"model": "uci_har", "cut": "2"}) == 1.0
 
             # a burst: the first window takes the broker's tail, the rest queue behind it and go to
             # the backend while it runs (or take the broker's tail again once it is idle)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
+import numpy as np
 import pytest
 from rich.console import Console
 
@@ -110,11 +111,8 @@ def test_an_echo_plus_the_tails_compute_bounds_what_any_broker_reaches() -> None
 
     echo = replace(_cell("raw_grpc", 64, 30.0, 1900.0), host_cpu_ms_per_window=1.0)
     naive = _cell("naive_ray_unthrottled", 64, 40.0, 400.0)
-    broker = replace(
-        _cell("broker", 64, 40.0, 1200.0),
-        broker_timing={"batch_size": 20.0, "queue_ms": 1.0, "compute_ms": 10.0, "compute_ms_per_window": 0.5},
-    )
-    t = summarize([echo, naive, broker], (64,), host_cores=2)["throughput_target"]
+    broker = _cell("broker", 64, 40.0, 1200.0)
+    t = summarize([echo, naive, broker], (64,), host_cores=2, tail_cpu_ms=0.5)["throughput_target"]
     # 2 cores / (1.0 + 0.5) ms = 1333 windows/s, 3.33x the naive path: under 4x although the echo
     # alone reaches 4.75x, so no broker doing this work can meet the target on this host
     assert t["ceiling_ratio"] == 4.75
@@ -131,11 +129,25 @@ def test_an_echo_plus_the_tails_compute_bounds_what_any_broker_reaches() -> None
     )
     text = console.export_text()
     assert "infeasible on this host" in text and "tail's compute 3.33x" in text
-    t = summarize([echo, naive, broker], (64,), host_cores=4)["throughput_target"]
+    t = summarize([echo, naive, broker], (64,), host_cores=4, tail_cpu_ms=0.5)["throughput_target"]
     assert t["work_ceiling"]["ratio"] == 6.67 and t["feasible"] is True, "4 cores: 2667 windows/s, feasible"
-    assert (
-        summarize([echo, naive, _cell("broker", 64, 40.0, 1200.0)], (64,))["throughput_target"]["work_ceiling"] is None
-    )
+    assert summarize([echo, naive, broker], (64,))["throughput_target"]["work_ceiling"] is None, "tail CPU unknown"
+
+
+def test_the_tails_cpu_per_window_is_measured_on_batches() -> None:
+    import torch
+
+    from benchmarks.serving_paths import tail_cpu_ms_per_window
+
+    class Tail:
+        def run(self, x: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+            return x.reshape(x.shape[0], -1).sum(dim=1, keepdim=True)
+
+        n_stages = 2
+
+    arrays = [np.ones((1, 4, 8), dtype=np.float32) * i for i in range(3)]
+    ms = tail_cpu_ms_per_window(Tail(), 1, arrays, batch=5, seconds=0.05)
+    assert 0 < ms < 5.0
 
 
 def test_rows_and_render() -> None:
