@@ -8,8 +8,10 @@ which of two things happened:
     saturated   the host's CPUs were (nearly) all busy during the run: at the CPU the run spent per
                 window, this host cannot keep up with the window rate the fleet offers, whatever the
                 policy does; the report gives the cores the fleet would need at that cost
-    fell behind the host had CPU to spare, so the shortfall is the software's (a queue, a lock, an
-                event loop that blocked), not the host's
+    infeasible  not (nearly) all busy, but at the CPU the run spent per window even every core busy
+                would carry fewer windows than the fleet offers: the same shortfall of cores
+    fell behind the host had CPU to spare, enough for the offered rate at that cost, so the
+                shortfall is the software's (a queue, a lock, an event loop that blocked), not the host's
 
 The measure is the host's own accounting, /proc/stat's aggregate line (every process on the
 machine: the fleet's and anyone else's, so a noisy neighbour counts as busy), sampled at the
@@ -116,6 +118,17 @@ def capacity_verdict(
                 f"the host's {cores} CPUs were {busy_share:.0%} busy; at {cpu_ms:.1f} ms of CPU a window "
                 f"they carry ~{keeps_up:.0f} windows/s and the fleet offers {offered_windows_per_s:.0f}/s: "
                 f"infeasible on this host, it needs ~{needed:.1f} cores at this cost"
+            ),
+        )
+    elif needed > cores:
+        # Not all busy, but even all busy these cores could not carry the offered rate at the CPU the
+        # run spent per window: the host is short whatever the idle part was doing.
+        out.update(
+            verdict="infeasible",
+            why=(
+                f"at {cpu_ms:.1f} ms of CPU a window the host's {cores} CPUs carry ~{keeps_up:.0f} windows/s "
+                f"even all busy (they were {busy_share:.0%} busy) and the fleet offers "
+                f"{offered_windows_per_s:.0f}/s: infeasible on this host, it needs ~{needed:.1f} cores at this cost"
             ),
         )
     else:

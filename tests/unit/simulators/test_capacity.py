@@ -59,6 +59,20 @@ def test_falling_behind_with_cpu_to_spare_is_the_softwares_fault() -> None:
     assert v["verdict"] == "fell behind" and "software" in v["why"]
 
 
+def test_a_host_not_all_busy_that_could_not_carry_the_rate_even_all_busy_is_infeasible() -> None:
+    # the 1,000-device run on a two-node cluster on this machine: 88% busy, 3.3 ms a window, 925
+    # windows/s offered; it was reported as "fell behind ... CPU to spare" before this verdict existed
+    v = capacity_verdict(
+        realtime_factor=0.594, windows=55_476, offered_windows_per_s=924.6, busy_cpu_s=184.8, busy_share=0.875, cores=2
+    )
+    assert v["verdict"] == "infeasible" and "even all busy" in v["why"] and "88% busy" in v["why"]
+    assert v["cores_needed"] == pytest.approx(3.08, abs=0.01)
+    v = capacity_verdict(
+        realtime_factor=0.7, windows=1000, offered_windows_per_s=100.0, busy_cpu_s=10.0, busy_share=0.88, cores=2
+    )
+    assert v["verdict"] == "fell behind", "10 ms a window x 100/s = 1 core of 2: the host could carry it"
+
+
 def test_a_run_that_kept_up_and_one_without_windows() -> None:
     v = capacity_verdict(
         realtime_factor=0.995, windows=1000, offered_windows_per_s=20.0, busy_cpu_s=95.0, busy_share=0.99, cores=2
