@@ -406,8 +406,9 @@ async def _measure_cell(
         if timings:
             t = np.asarray(timings)
             batch, queue, compute = (round(float(v), 3) for v in np.mean(t, axis=0))
-            # each answer carries its batch's compute: the mean of compute / batch size over the
-            # answers is the tail's compute per window, as the broker's batches ran it
+            # each answer carries its batch's compute time: the mean of compute / batch size over
+            # the answers is the tail's time per window in the broker's batches (wall time, which a
+            # busy host stretches: the work ceiling uses tail_cpu_ms_per_window instead)
             per_window = round(float(np.mean(t[:, 2] / np.maximum(t[:, 0], 1.0))), 3)
             timing = {
                 "batch_size": batch,

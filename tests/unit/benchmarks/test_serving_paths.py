@@ -50,6 +50,17 @@ def _cell(path: str, devices: int, p50: float, rps: float) -> Cell:
     return Cell(path, devices, p50, p50 * 2, rps, ok=10, errors=0, seconds=1.0)
 
 
+def _rendered_target(target: dict[str, object], ratio: float) -> str:
+    """What `render` prints of a throughput target (no cells)."""
+    console = Console(record=True, width=300)
+    summary = {"broker_vs_naive_unthrottled_throughput_at_64": ratio, "throughput_target": target}
+    render(
+        {"config": {"model": "m", "cut": 3, "cut_name": "c", "request_bytes": 1}, "results": [], "summary": summary},
+        console,
+    )
+    return console.export_text()
+
+
 def test_summary_ratios_and_targets() -> None:
     cells = [
         _cell("raw_grpc", 1, 0.7, 1400.0),
@@ -88,16 +99,7 @@ def test_a_throughput_target_above_the_echo_servers_ceiling_is_infeasible() -> N
     t = summarize(cells, (64,))["throughput_target"]
     assert t["ratio"] == 2.4 and not t["met"]
     assert t["ceiling_ratio"] == 3.8 and t["feasible"] is False, "an echo reaches only 3.8x: 4x cannot be met"
-    console = Console(record=True, width=300)
-    render(
-        {
-            "config": {"model": "m", "cut": 3, "cut_name": "c", "request_bytes": 1},
-            "results": [],
-            "summary": {"broker_vs_naive_unthrottled_throughput_at_64": 2.4, "throughput_target": t},
-        },
-        console,
-    )
-    text = console.export_text()
+    text = _rendered_target(t, ratio=2.4)
     assert "infeasible on this host" in text and "3.80x" in text
     t = summarize([*cells[:2], _cell("raw_grpc", 64, 30.0, 2100.0)][1:] + [cells[2]], (64,))["throughput_target"]
     assert t["feasible"] is True and not t["met"], "an echo above 4x: the target is feasible and missed"
@@ -118,16 +120,7 @@ def test_an_echo_plus_the_tails_compute_bounds_what_any_broker_reaches() -> None
     assert t["ceiling_ratio"] == 4.75
     assert t["work_ceiling"]["windows_per_s"] == pytest.approx(1333.3) and t["work_ceiling"]["ratio"] == 3.33
     assert t["feasible"] is False
-    console = Console(record=True, width=300)
-    render(
-        {
-            "config": {"model": "m", "cut": 3, "cut_name": "c", "request_bytes": 1},
-            "results": [],
-            "summary": {"broker_vs_naive_unthrottled_throughput_at_64": 3.0, "throughput_target": t},
-        },
-        console,
-    )
-    text = console.export_text()
+    text = _rendered_target(t, ratio=3.0)
     assert "infeasible on this host" in text and "tail's compute 3.33x" in text
     t = summarize([echo, naive, broker], (64,), host_cores=4, tail_cpu_ms=0.5)["throughput_target"]
     assert t["work_ceiling"]["ratio"] == 6.67 and t["feasible"] is True, "4 cores: 2667 windows/s, feasible"
