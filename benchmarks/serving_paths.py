@@ -527,20 +527,19 @@ async def _echo(request: bytes, context: Any) -> bytes:
     return request
 
 
+def _summed(metric: Any, suffix: str) -> int:
+    """The sum over every label set of a metric's samples whose name ends with `suffix`."""
+    return int(sum(s.value for family in metric.collect() for s in family.samples if s.name.endswith(suffix)))
+
+
 def _answered(broker: Any) -> int:
     """Windows a broker answered so far: the count of its request-duration histogram."""
-    total = 0.0
-    for family in broker.metrics.request_duration.collect():
-        total += sum(s.value for s in family.samples if s.name.endswith("_count"))
-    return int(total)
+    return _summed(broker.metrics.request_duration, "_count")
 
 
 def _local_windows(broker: Any) -> int:
     """Windows a broker's own tail ran so far (broker.local_tail), not Ray."""
-    total = 0.0
-    for family in broker.metrics.local_windows.collect():
-        total += sum(s.value for s in family.samples if s.name.endswith("_total"))
-    return int(total)
+    return _summed(broker.metrics.local_windows, "_total")
 
 
 async def _serve_main(spec: dict[str, Any]) -> None:

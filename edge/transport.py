@@ -551,11 +551,11 @@ class GrpcTransport:
         The reader's verdict comes first (it read the status the call ended with); a generic
         INTERNAL that nothing explains is a stream that ended under the window: sent once more."""
         with contextlib.suppress(Exception):
-            if stream.reader is not None:
-                await asyncio.wait({stream.reader}, timeout=_STATUS_WAIT_S)
-            if stream.error is not None:
-                return stream.error
-            async with asyncio.timeout(_STATUS_WAIT_S):
+            async with asyncio.timeout(_STATUS_WAIT_S):  # one wait: the reader ends with the call
+                if stream.reader is not None:
+                    await asyncio.wait({stream.reader})
+                if stream.error is not None:
+                    return stream.error
                 code = await stream.call.code()
                 details = await stream.call.details()
             if code is not None and code is not grpc.StatusCode.OK and (e is None or code is not e.code()):
