@@ -120,7 +120,7 @@ _STATUS_WAIT_S = 1.0  # how long a failed write waits for the call's final statu
 # The details gRPC core gives a call its server's max-age grace cut off (round_robin keeps the
 # channel READY through the other brokers' connections, so the channel's state cannot say it).
 _MAX_AGE_DETAILS = "max connection age"
-_CORE_INTERNAL = "Internal error from Core"  # grpc.aio's write error when the call ended under it
+_CORE_INTERNAL = "Internal error from Core"  # gRPC core's status for a call that ended under a write
 _STREAM_ATTEMPTS = 3  # streams one window may try: at most one resend, the others never got it
 
 
@@ -548,8 +548,8 @@ class GrpcTransport:
         stream (a write racing the broker's refusal fails with a generic INTERNAL "Internal error
         from Core", while the call's status says why, e.g. UNAUTHENTICATED), else the write's.
         `e` None: the call had finished already (`closed` says so) and only its status tells.
-        The reader's verdict comes first (it read the status the call ended with); a generic
-        INTERNAL that nothing explains is a stream that ended under the window: sent once more."""
+        The reader's verdict comes first (it read the status the call ended with); gRPC core's
+        generic INTERNAL is a stream that ended under the window (`_status_error`): sent once more."""
         with contextlib.suppress(Exception):
             async with asyncio.timeout(_STATUS_WAIT_S):  # one wait: the reader ends with the call
                 if stream.reader is not None:
@@ -565,8 +565,6 @@ class GrpcTransport:
                 return _StreamEnded(f"the broker ended the offload stream ({closed or 'OK'})")
         if e is None:
             return BrokerUnavailableError(closed)
-        if e.code() is grpc.StatusCode.INTERNAL and _CORE_INTERNAL in (e.details() or ""):
-            return _StreamEnded(f"the offload stream failed under a write ({e.details()}) with no status to say why")
         return self._stream_error(stream, e)
 
     def _stream_error(self, stream: _Stream, e: grpc.aio.AioRpcError) -> OffloadError:
@@ -580,6 +578,10 @@ class GrpcTransport:
             return _StreamUnsupported(f"OffloadStream is not implemented by the broker ({details})")
         if code is grpc.StatusCode.UNAVAILABLE and (_MAX_AGE_DETAILS in details or self._connection_gone(stream)):
             return _StreamEnded(f"broker unavailable (UNAVAILABLE: {details}); its connection is gone")
+        if code is grpc.StatusCode.INTERNAL and _CORE_INTERNAL in details:
+            # gRPC core's status for a stream that ended under a write (the broker's own status,
+            # e.g. UNAUTHENTICATED, lost in the race; seen on the write and on the read alike)
+            return _StreamEnded(f"the offload stream ended with no status to say why (INTERNAL: {details})")
         return error_from_status(code, details, retry_ms)
 
     def _break(self, stream: _Stream, error: OffloadError) -> None:

@@ -236,8 +236,12 @@ async def test_a_broker_without_streams_gets_unary_calls(stub: Any, transport: G
     servicer, _ = stub
     servicer.stream_unimplemented = True
     assert (await transport.offload(request("x1"), 5.0)).window_id == "x1"  # retried by unary
+    # one stream, or two when the first write raced the refusal and gRPC core lost its status
+    # (INTERNAL "Internal error from Core": the window goes once more on a new stream)
+    opened = servicer.streams
+    assert opened in (1, 2)
     assert (await transport.offload(request("x2"), 5.0)).window_id == "x2"
-    assert servicer.streams == 1 and servicer.unary_calls == 2
+    assert servicer.streams == opened and servicer.unary_calls == 2, "once refused, no more streams"
 
 
 async def test_a_missed_deadline_leaves_the_stream_usable(stub: Any, transport: GrpcTransport) -> None:

@@ -82,3 +82,9 @@ async def test_another_write_error_is_final(transport: GrpcTransport) -> None:
     err = await transport._write_error(stream, e)
     assert not isinstance(err, _StreamEnded)
     assert "not yours" in str(err)
+
+
+async def test_a_reader_that_got_core_internal_sends_the_window_again(transport: GrpcTransport) -> None:
+    # the same race seen from the read side: the call itself ended INTERNAL "Internal error from Core"
+    err = transport._stream_error(_Stream(_Call(), connection=0), _core_internal())
+    assert isinstance(err, _StreamEnded) and "no status to say why" in str(err)
