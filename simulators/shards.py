@@ -63,6 +63,54 @@ SHARD_CPUS = 0.1  # Ray's logical CPUs per shard actor: scheduling only, never a
 _LEAD_S = 2.0  # the clock origin lies this far after the driver's call, plus ...
 _LEAD_PER_DEVICE_S = 0.004  # ... this per device of a shard (links and channels built before it)
 _LAG_KEYS = ("p50", "p95", "p99", "max")
+_GROUP_READY_S = 30.0  # how long the shards' placement group may take to be placed
+# A shard's bundle in the placement group reserves Ray's logical memory, not CPU: the Serve replicas
+# may hold every logical CPU of a small node (the tests' worker has 1, two replicas take 0.5 each),
+# and a shard is placed to spread the fleet's event loops, not to own a core. What a shard of a few
+# hundred devices really holds (its RSS) is of this order.
+SHARD_MEMORY_BYTES = 256 << 20
+
+
+def shard_strategy(nodes: int, shards: int) -> str | None:
+    """The placement-group strategy that spreads `shards` over a cluster of `nodes` alive nodes:
+    STRICT_SPREAD (one shard per node, as far as there are nodes) when every shard can have a node
+    of its own, SPREAD (as even as the nodes allow) when there are fewer nodes than shards, None on
+    one node (nothing to spread). An actor's own scheduling_strategy="SPREAD" is only best effort:
+    on a fresh two-node cluster it put both shards on the head."""
+    if nodes <= 1 or shards <= 1:
+        return None
+    return "STRICT_SPREAD" if nodes >= shards else "SPREAD"
+
+
+def _shard_group(ray_mod: Any, shards: int) -> tuple[Any, str]:
+    """A ready placement group of one bundle per shard (shard_strategy), or None and why not.
+    A group that is not placed within _GROUP_READY_S (a node short of memory) is removed and
+    the shards fall back to best-effort SPREAD: the fleet still runs, the report names the nodes."""
+    nodes = [
+        x for x in ray_mod.nodes() if x.get("Alive") and x.get("Resources", {}).get("memory", 0) >= SHARD_MEMORY_BYTES
+    ]
+    strategy = shard_strategy(len(nodes), shards)
+    if strategy is None:
+        return None, f"SPREAD ({len(nodes)} node{'s' if len(nodes) != 1 else ''}, {shards} shard(s))"
+    group = ray_mod.util.placement_group([{"memory": SHARD_MEMORY_BYTES}] * shards, strategy=strategy)
+    ready, _ = ray_mod.wait([group.ready()], timeout=_GROUP_READY_S)
+    if not ready:
+        with contextlib.suppress(Exception):
+            ray_mod.util.remove_placement_group(group)
+        why = f"a {strategy} group over {len(nodes)} nodes was not placed in {_GROUP_READY_S:g} s"
+        log.warning("shard placement: %s; best-effort SPREAD", why)
+        return None, f"SPREAD (best effort: {why})"
+    return group, f"{strategy} placement group over {len(nodes)} nodes, {shards} shards"
+
+
+def _shard_options(group: Any, index: int) -> dict[str, Any]:
+    """Shard `index`'s actor options: its bundle of the group, or Ray's best-effort SPREAD."""
+    if group is None:
+        return {"num_cpus": SHARD_CPUS, "scheduling_strategy": "SPREAD"}
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    strategy = PlacementGroupSchedulingStrategy(placement_group=group, placement_group_bundle_index=index)
+    return {"num_cpus": 0, "memory": SHARD_MEMORY_BYTES, "scheduling_strategy": strategy}
 
 
 def shard_of(index: int, shards: int, classes: int = 1) -> int:
@@ -254,6 +302,8 @@ async def simulate_sharded(
     preparing = asyncio.ensure_future(asyncio.to_thread(runner.prepare))
     handles: list[Any] = []
     ray_mod: Any = None
+    group: Any = None  # the shards' placement group, on a cluster of several nodes
+    placement: str | None = None
     own_ray = False
     try:
         async with CloudStack(stack_config, with_ray=with_ray, progress=stack_progress) as stack:
@@ -264,14 +314,12 @@ async def simulate_sharded(
             say(f"starting {n} fleet shard(s) as Ray actors{' (front reuse)' if sim.reuse else ''}")
             actor = ray_mod.remote(FleetShard)
             cfg_dict = stack_config.to_dict()
+            group, placement = await asyncio.to_thread(_shard_group, ray_mod, n)
+            say(f"shard placement: {placement}")
             for i in range(n):
                 mine = [s.device_id for s in runner.specs if shard_of(s.index, n, len(sim.device_classes)) == i]
                 cloud = ShardCloud(stack.broker_address, {d: stack.token_for(d) for d in mine}, dict(stack.catalogs))
-                handles.append(
-                    actor.options(num_cpus=SHARD_CPUS, scheduling_strategy="SPREAD").remote(
-                        cfg_dict, i, n, cloud, runner.backend
-                    )
-                )
+                handles.append(actor.options(**_shard_options(group, i)).remote(cfg_dict, i, n, cloud, runner.backend))
             infos: list[dict[str, Any]] = list(await asyncio.gather(*(h.setup.remote() for h in handles)))
             say(
                 "shards ready: "
@@ -317,7 +365,9 @@ async def simulate_sharded(
                     "host_prep_ms": {m: round(c.prep_ms, 4) for m, c in runner.catalogs.items()},
                     "policy_inputs": dict(runner.inputs),
                     "device_backend": {"kind": runner.engine_kind, "why": runner.engine_why},
-                    "fleet": fleet_mode(sim.shards, sim.reuse, stack_config.serving.ray_address, infos, reuse),
+                    "fleet": fleet_mode(
+                        sim.shards, sim.reuse, stack_config.serving.ray_address, infos, reuse, placement
+                    ),
                 },
             )
     finally:
@@ -328,6 +378,9 @@ async def simulate_sharded(
         for h in handles:
             with contextlib.suppress(Exception):
                 ray_mod.kill(h)
+        if group is not None:
+            with contextlib.suppress(Exception):
+                ray_mod.util.remove_placement_group(group)
         if own_ray and ray_mod is not None:
             with contextlib.suppress(Exception):
                 ray_mod.shutdown()
@@ -339,6 +392,7 @@ def fleet_mode(
     ray_address: str | None = None,
     infos: Sequence[Mapping[str, Any]] = (),
     reuse_stats: Sequence[Mapping[str, Any]] = (),
+    placement: str | None = None,
 ) -> dict[str, Any]:
     """What `FleetResult.extra["fleet"]` says of how the fleet ran (report: config.fleet)."""
     return {
@@ -349,5 +403,6 @@ def fleet_mode(
         "ray_address": ray_address,
         "nodes": sorted({str(x.get("node")) for x in infos}),
         "shard_devices": [int(x.get("devices", 0)) for x in infos],
+        "placement": placement,  # how the shards were spread over the nodes (_shard_group)
         "reuse_stats": [dict(s) for s in reuse_stats],
     }

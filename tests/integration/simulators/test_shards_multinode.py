@@ -4,7 +4,7 @@ The same command a fleet operator runs on one machine, pointed at a cluster star
 `ray start --block` (tests/integration/ray_cluster.py: a head with 2 logical CPUs and a worker
 with 1, on this machine, token authentication on). The cloud joins that cluster too: the Ray
 Serve tails deploy on it, the broker runs in the command's process. Checked: the shard actors ran
-on both nodes (Ray's SPREAD scheduling), every shard's windows were answered, none lost, for both
+on both nodes (a STRICT_SPREAD placement group: an actor's own SPREAD is only best effort), every shard's windows were answered, none lost, for both
 policies, and the report merges the shards into one run per policy.
 """
 
@@ -44,7 +44,8 @@ def test_a_sharded_fleet_runs_on_a_two_node_cluster(tmp_path: Path) -> None:
         cluster.stop()
     fleet = summary["config"]["fleet"]
     assert fleet["mode"] == "sharded" and fleet["shards"] == 2 and fleet["reuse"] is True
-    assert len(fleet["nodes"]) == 2, f"both nodes ran a shard (SPREAD): {fleet['nodes']}"
+    assert fleet["placement"].startswith("STRICT_SPREAD"), fleet["placement"]
+    assert len(fleet["nodes"]) == 2, f"both nodes ran a shard (STRICT_SPREAD): {fleet['nodes']}"
     report = json.loads((out / "report.json").read_text())
     for policy in ("adaptive", "all_cloud"):
         rt = report["realtime"][policy]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from simulators.fleet import PolicyRun, WindowRecord
-from simulators.shards import ShardCloud, fleet_mode, merge_runs, shard_of
+from simulators.shards import ShardCloud, fleet_mode, merge_runs, shard_of, shard_strategy
 from splitsense.config import Config
 from splitsense.errors import ConfigError
 
@@ -87,6 +87,16 @@ def test_fleet_mode_says_what_ran() -> None:
     sharded = fleet_mode(2, True, "auto", [{"node": "a", "devices": 3}, {"node": "b", "devices": 2}], [{"x": 1}])
     assert sharded["mode"] == "sharded" and sharded["nodes"] == ["a", "b"] and sharded["shard_devices"] == [3, 2]
     assert "reused" in sharded["front"] and sharded["ray_address"] == "auto"
+    assert sharded["placement"] is None
+    assert fleet_mode(2, True, placement="STRICT_SPREAD placement group")["placement"].startswith("STRICT_SPREAD")
+
+
+def test_shards_spread_one_per_node_when_there_are_nodes_enough() -> None:
+    assert shard_strategy(nodes=2, shards=2) == "STRICT_SPREAD"
+    assert shard_strategy(nodes=3, shards=2) == "STRICT_SPREAD"
+    assert shard_strategy(nodes=2, shards=4) == "SPREAD"  # as even as two nodes allow
+    assert shard_strategy(nodes=1, shards=2) is None  # one node: nothing to spread
+    assert shard_strategy(nodes=2, shards=1) is None
 
 
 def test_shard_cloud_tokens() -> None:
