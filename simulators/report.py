@@ -1057,7 +1057,9 @@ def render_summary(result: FleetResult, console: Any, report_dir: Path | None = 
             if v["shards"]
         )
         console.print(
-            f"  fleet: {fleet['shards']} shard(s) on {len(fleet.get('nodes', []))} node(s), front {fleet['front']}; "
+            f"  fleet: {fleet['shards']} shard(s) on {len(fleet.get('nodes', []))} node(s)"
+            + (f" ({fleet['placement']})" if fleet.get("placement") else "")
+            + f", front {fleet['front']}; "
             f"loop lag p95 per shard: {lag}",
             highlight=False,
         )

@@ -91,7 +91,7 @@ def _shard_group(ray_mod: Any, shards: int) -> tuple[Any, str]:
     ]
     strategy = shard_strategy(len(nodes), shards)
     if strategy is None:
-        return None, f"SPREAD ({len(nodes)} node{'s' if len(nodes) != 1 else ''}, {shards} shard(s))"
+        return None, f"{len(nodes)} node{'s' if len(nodes) != 1 else ''}: nothing to spread"
     group = ray_mod.util.placement_group([{"memory": SHARD_MEMORY_BYTES}] * shards, strategy=strategy)
     ready, _ = ray_mod.wait([group.ready()], timeout=_GROUP_READY_S)
     if not ready:
@@ -99,7 +99,7 @@ def _shard_group(ray_mod: Any, shards: int) -> tuple[Any, str]:
             ray_mod.util.remove_placement_group(group)
         why = f"a {strategy} group over {len(nodes)} nodes was not placed in {_GROUP_READY_S:g} s"
         log.warning("shard placement: %s; best-effort SPREAD", why)
-        return None, f"SPREAD (best effort: {why})"
+        return None, f"best-effort SPREAD: {why}"
     return group, f"{strategy} placement group over {len(nodes)} nodes, {shards} shards"
 
 
