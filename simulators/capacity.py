@@ -10,6 +10,10 @@ which of two things happened:
                 policy does; the report gives the cores the fleet would need at that cost
     infeasible  not (nearly) all busy, but at the CPU the run spent per window even every core busy
                 would carry fewer windows than the fleet offers: the same shortfall of cores
+    no headroom the cores could carry the offered rate, but only just: it needs at least
+                HEADROOM_SHARE of them at that cost, and event loops that must wake on time (every
+                shard's, the broker's) queue for a core at such a load; more cores, or less CPU a
+                window (the 500-device scale run here needed 1.87 of 2 cores and ran at 0.974)
     fell behind the host had CPU to spare, enough for the offered rate at that cost, so the
                 shortfall is the software's (a queue, a lock, an event loop that blocked), not the host's
 
@@ -28,6 +32,7 @@ from typing import Any
 
 __all__ = [
     "REALTIME_TARGET",
+    "HEADROOM_SHARE",
     "SATURATED_SHARE",
     "HostCpu",
     "capacity_verdict",
@@ -37,6 +42,10 @@ __all__ = [
 
 REALTIME_TARGET = 0.99  # a run keeps up when it answers at least this share of its windows in time
 SATURATED_SHARE = 0.90  # the host counts as saturated when its CPUs were at least this busy
+# A run that needs at least this share of the host's cores at its CPU per window has no headroom:
+# real-time work on a host that busy waits for a core (an M/M/1 queue at 85% load waits ~6 service
+# times on average), so falling behind there is not the software's fault alone.
+HEADROOM_SHARE = 0.85
 
 
 @dataclass(frozen=True)
@@ -129,6 +138,16 @@ def capacity_verdict(
                 f"at {cpu_ms:.1f} ms of CPU a window the host's {cores} CPUs carry ~{keeps_up:.0f} windows/s "
                 f"even all busy (they were {busy_share:.0%} busy) and the fleet offers "
                 f"{offered_windows_per_s:.0f}/s: infeasible on this host, it needs ~{needed:.1f} cores at this cost"
+            ),
+        )
+    elif needed >= HEADROOM_SHARE * cores:
+        out.update(
+            verdict="no headroom",
+            why=(
+                f"at {cpu_ms:.1f} ms of CPU a window the fleet's {offered_windows_per_s:.0f} windows/s need "
+                f"~{needed:.2f} of the host's {cores} CPUs ({needed / cores:.0%}; they were {busy_share:.0%} busy): "
+                f"too little headroom for real time on this host (>= {HEADROOM_SHARE:.0%} of the cores), "
+                "it needs more cores or less CPU a window"
             ),
         )
     else:

@@ -1047,7 +1047,7 @@ def render_summary(result: FleetResult, console: Any, report_dir: Path | None = 
     for p, v in rt.items():
         cap = v.get("capacity")
         if cap and cap["verdict"] != "kept up":
-            colour = "red" if cap["verdict"] in ("saturated", "infeasible") else "yellow"
+            colour = "red" if cap["verdict"] in ("saturated", "infeasible", "no headroom") else "yellow"
             console.print(f"    [{colour}]{p}: {cap['verdict']}[/]: {cap['why']}", highlight=False)
     fleet = result.extra.get("fleet")
     if fleet:

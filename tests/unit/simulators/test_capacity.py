@@ -73,6 +73,19 @@ def test_a_host_not_all_busy_that_could_not_carry_the_rate_even_all_busy_is_infe
     assert v["verdict"] == "fell behind", "10 ms a window x 100/s = 1 core of 2: the host could carry it"
 
 
+def test_a_run_that_needs_nearly_every_core_has_no_headroom() -> None:
+    # the 500-device scale run here, adaptive: 87% busy, 4.04 ms a window, 462 windows/s offered:
+    # 1.87 of 2 cores; it was reported "fell behind ... CPU to spare" before this verdict existed
+    v = capacity_verdict(
+        realtime_factor=0.974, windows=27_736, offered_windows_per_s=462.3, busy_cpu_s=112.1, busy_share=0.871, cores=2
+    )
+    assert v["verdict"] == "no headroom" and "1.87 of the host's 2 CPUs" in v["why"] and "87% busy" in v["why"]
+    v = capacity_verdict(
+        realtime_factor=0.9, windows=1000, offered_windows_per_s=80.0, busy_cpu_s=20.0, busy_share=0.84, cores=2
+    )
+    assert v["verdict"] == "fell behind", "20 ms a window x 80/s = 1.6 cores of 2: 80%, under the headroom line"
+
+
 def test_a_run_that_kept_up_and_one_without_windows() -> None:
     v = capacity_verdict(
         realtime_factor=0.995, windows=1000, offered_windows_per_s=20.0, busy_cpu_s=95.0, busy_share=0.99, cores=2
