@@ -59,7 +59,7 @@ import logging
 import math
 import random
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -234,6 +234,10 @@ class PolicyRun:
     infeasible: dict[str, str] = field(default_factory=dict)  # device class -> why it was not run
     # per device: radio energy charged to no window (telemetry, probes, the final tail), mJ
     radio_overhead_mj: dict[str, float] = field(default_factory=dict)
+    # why the lost windows got no result, as the devices' own runs counted them (edge RunSummary:
+    # expired or refused by the store, rejected, codec; "pending": still stored when a device
+    # stopped), and "device error" for a device that stopped on a bug: the lost windows, explained
+    lost_by_reason: dict[str, int] = field(default_factory=dict)
     # a sharded fleet (simulators/shards.py): per shard, its devices, windows, wall time, loop lag
     shards: list[dict[str, Any]] = field(default_factory=list)
     # the host's CPU over the run (simulators/capacity.py usage_since): was a shortfall the host's?
@@ -740,13 +744,16 @@ class FleetRunner:
         records: list[WindowRecord] = []
         errors: dict[str, str] = {}
         overhead: dict[str, float] = {}
+        unanswered: Counter[str] = Counter()
         registry = _broker_registry(self.cloud)  # None in a shard: the driver reads the broker
         before = _batch_totals(registry) if registry is not None else None
         loop = asyncio.get_running_loop()
         cpu0 = read_host_cpu()
         t0 = loop.time() + (_START_DELAY_S if start_wall is None else start_wall - time.time())
         tasks = [
-            asyncio.create_task(self._device(policy, spec, t0, records, errors, overhead), name=spec.device_id)
+            asyncio.create_task(
+                self._device(policy, spec, t0, records, errors, overhead, unanswered), name=spec.device_id
+            )
             for spec in specs
         ]
         lags: list[float] = []
@@ -760,6 +767,9 @@ class FleetRunner:
             await asyncio.gather(monitor, *tasks, return_exceptions=True)
         wall = loop.time() - t0
         after = _batch_totals(registry) if registry is not None else None
+        if errors:  # a device that stopped on a bug: what it had not answered is lost to it
+            answered = Counter(r.device_id for r in records if r.device_id in errors)
+            unanswered["device error"] += sum(max(expected.get(d, 0) - answered[d], 0) for d in errors)
         run = PolicyRun(
             policy=policy.value,
             duration_s=sim.duration_s,
@@ -773,6 +783,7 @@ class FleetRunner:
             infeasible=infeasible,
             radio_overhead_mj={k: round(v, 4) for k, v in sorted(overhead.items())},
             host_cpu=usage_since(cpu0),
+            lost_by_reason=dict(sorted(unanswered.items())),
         )
         self.progress.policy_done(policy.value, run)
         return run
@@ -796,9 +807,10 @@ class FleetRunner:
         records: list[WindowRecord],
         errors: dict[str, str],
         overhead: dict[str, float],
+        unanswered: Counter[str],
     ) -> None:
         try:
-            await self._device_run(policy, spec, t0, records, overhead)
+            await self._device_run(policy, spec, t0, records, overhead, unanswered)
         except asyncio.CancelledError:
             raise
         except Exception as e:  # one device's bug must not stop the fleet; its windows count as lost
@@ -806,7 +818,13 @@ class FleetRunner:
             errors[spec.device_id] = f"{type(e).__name__}: {e}"
 
     async def _device_run(
-        self, policy: Policy, spec: DeviceSpec, t0: float, records: list[WindowRecord], overhead: dict[str, float]
+        self,
+        policy: Policy,
+        spec: DeviceSpec,
+        t0: float,
+        records: list[WindowRecord],
+        overhead: dict[str, float],
+        unanswered: Counter[str],
     ) -> None:
         sim, cfg = self.sim, self.config
         dev = DEVICE_CLASSES[spec.device_class]
@@ -916,7 +934,10 @@ class FleetRunner:
             windows = device_windows(self.recordings[spec.model], spec.recording_offset, sim.duration_s, spec.phase_s)
             await asyncio.sleep(max(0.0, t0 + spec.phase_s - loop.time()))
             source = ReplaySource(windows, speed=1.0)
-            await device.run(ledger.watch(source), progress=ledger.on_result)
+            summary = await device.run(ledger.watch(source), progress=ledger.on_result)
+            unanswered.update(summary.lost_by_reason)
+            if summary.pending:
+                unanswered["pending"] += summary.pending
             ledger.close(time.monotonic())
             overhead[spec.device_id] = ledger.overhead_mj
         finally:

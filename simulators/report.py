@@ -597,6 +597,9 @@ def realtime(result: FleetResult) -> dict[str, Any]:
             "lag_ms_max": _r(max(lags)) if lags else None,
             "event_loop_lag_ms": dict(run.loop_lag_ms),
             "device_errors": dict(run.device_errors),
+            # the lost windows, by why they got no result (PolicyRun.lost_by_reason)
+            "lost": run.lost,
+            "lost_by_reason": dict(run.lost_by_reason),
             "broker": run.broker,
             "plan_versions": run.plan_versions,
             "shards": list(run.shards),  # a sharded fleet: each shard's devices, wall time, loop lag
@@ -1043,7 +1046,13 @@ def render_summary(result: FleetResult, console: Any, report_dir: Path | None = 
         f"{v['event_loop_lag_ms'].get('p95', 0):.0f} ms)"
         for p, v in rt.items()
     )
-    console.print(f"  real-time factor: {line}; lost windows: {sum(r.lost for r in result.runs.values())}")
+    lost = sum(r.lost for r in result.runs.values())
+    why = ", ".join(
+        f"{p}: " + ", ".join(f"{k} {n}" for k, n in r.lost_by_reason.items())
+        for p, r in result.runs.items()
+        if r.lost and r.lost_by_reason
+    )
+    console.print(f"  real-time factor: {line}; lost windows: {lost}" + (f" ({why})" if why else ""))
     for p, v in rt.items():
         cap = v.get("capacity")
         if cap and cap["verdict"] != "kept up":

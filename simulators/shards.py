@@ -36,6 +36,7 @@ import logging
 import os
 import socket
 import time
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -261,6 +262,7 @@ def merge_runs(
         infeasible={k: v for p in parts for k, v in p.infeasible.items()},
         radio_overhead_mj={k: v for p in parts for k, v in sorted(p.radio_overhead_mj.items())},
         shards=shards,
+        lost_by_reason=dict(sorted(sum((Counter(p.lost_by_reason) for p in parts), Counter()).items())),
     )
 
 

@@ -493,6 +493,25 @@ def test_where_nothing_the_device_holds_can_run_there_is_no_least_value() -> Non
     assert budget_verdict(budget) == "infeasible for every choice at 25% of windows; every policy within it on average"
 
 
+def test_the_summary_says_why_windows_were_lost() -> None:
+    from rich.console import Console
+
+    from simulators.report import realtime
+
+    result = _result()
+    run = result.runs["adaptive"]
+    if run.lost == 0:  # the fixture answers every window: take one away
+        run.records.pop()
+    run.lost_by_reason = {"expired": run.lost}
+    rt = realtime(result)["adaptive"]
+    assert rt["lost"] == run.lost > 0 and rt["lost_by_reason"] == {"expired": run.lost}
+    console = Console(record=True, width=250)
+    render_summary(result, console)
+    assert f"lost windows: {sum(r.lost for r in result.runs.values())} (adaptive: expired {run.lost})" in (
+        console.export_text()
+    )
+
+
 def test_a_run_that_fell_behind_on_a_saturated_host_says_so() -> None:
     from rich.console import Console
 
@@ -508,6 +527,7 @@ def test_a_run_that_fell_behind_on_a_saturated_host_says_so() -> None:
     console = Console(record=True, width=250)
     render_summary(result, console)
     assert "adaptive: saturated" in console.export_text()
+    assert realtime(result)["adaptive"]["lost_by_reason"] == {}
     run.host_cpu = {"busy_cpu_s": 2.0, "busy_share": 0.3, "cores": 2.0}
     assert realtime(result)["adaptive"]["capacity"]["verdict"] == "fell behind"
     assert cap["cpu_ms_per_window"] == pytest.approx(1000 * 7.9 / len(run.records), abs=1e-3)

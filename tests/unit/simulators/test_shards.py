@@ -72,6 +72,14 @@ def test_merge_counts_a_shards_lost_windows() -> None:
     assert m.lost == 2 and [s["lost"] for s in m.shards] == [2, 0]
 
 
+def test_merge_sums_why_windows_were_lost() -> None:
+    a, b, c = _run({"d0": 5}, 5.0, 1.0, missing=3), _run({"d1": 5}, 5.0, 1.0, missing=1), _run({"d2": 5}, 5.0, 1.0)
+    a.lost_by_reason = {"expired": 2, "pending": 1}
+    b.lost_by_reason = {"expired": 1}
+    m = merge_runs("adaptive", [a, b, c])
+    assert m.lost == 4 and m.lost_by_reason == {"expired": 3, "pending": 1}
+
+
 def test_merge_refuses_a_device_in_two_shards_or_another_policy() -> None:
     with pytest.raises(ConfigError, match="two shards"):
         merge_runs("adaptive", [_run({"d0": 1}, 1.0, 1.0), _run({"d0": 1}, 1.0, 1.0)])
