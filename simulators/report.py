@@ -64,6 +64,7 @@ from simulators.link import ShapingSchedule
 from simulators.policies import BudgetFeasibility, PolicyInputs
 from simulators.policies import budget_feasibility as _feasibility
 from simulators.scenario import DeviceSpec
+from splitsense.config import Config
 
 __all__ = [
     "BASELINES",
@@ -580,7 +581,18 @@ def _accuracy(records: Sequence[WindowRecord]) -> float | None:
     return sum(r.correct for r in records) / len(records) if records else None
 
 
+def _longest_deadline_s(config: Config) -> float:
+    """The longest a window of the fleet may take: its classes' deadlines (edge.deadline_ms where a
+    class has none)."""
+    classes = config.simulator.device_classes
+    ms = [
+        config.planner.classes[c].deadline_ms or config.edge.deadline_ms for c in classes if c in config.planner.classes
+    ]
+    return max(ms, default=config.edge.deadline_ms) / 1000.0
+
+
 def realtime(result: FleetResult) -> dict[str, Any]:
+    deadline_s = _longest_deadline_s(result.config)
     out = {}
     for policy, run in result.runs.items():
         lags = [r.lag_ms for r in run.records]
@@ -604,15 +616,17 @@ def realtime(result: FleetResult) -> dict[str, Any]:
             "plan_versions": run.plan_versions,
             "shards": list(run.shards),  # a sharded fleet: each shard's devices, wall time, loop lag
             # was a shortfall the host's? (simulators/capacity.py; this node's CPU only on a cluster)
-            "capacity": _capacity(run),
+            "capacity": _capacity(run, deadline_s),
         }
     return out
 
 
-def _capacity(run: PolicyRun) -> dict[str, Any] | None:
+def _capacity(run: PolicyRun, deadline_s: float | None = None) -> dict[str, Any] | None:
     if not run.host_cpu or run.duration_s <= 0:
         return None
     return capacity_verdict(
+        late_s=max(run.wall_s - run.sensor_s, 0.0) if run.records else None,
+        deadline_s=deadline_s,
         realtime_factor=run.realtime_factor,
         windows=len(run.records),
         offered_windows_per_s=sum(run.windows_expected.values()) / run.duration_s,

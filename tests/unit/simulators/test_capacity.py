@@ -86,6 +86,16 @@ def test_a_run_that_needs_nearly_every_core_has_no_headroom() -> None:
     assert v["verdict"] == "fell behind", "20 ms a window x 80/s = 1.6 cores of 2: 80%, under the headroom line"
 
 
+def test_a_short_run_that_ended_within_a_windows_deadline_kept_up() -> None:
+    # the smoke scenario (8 devices, 5 s): factor 0.947 at 16% busy, 0.28 s after its last window
+    # was due; it was reported "fell behind ... the software's" before the deadline was weighed
+    args = dict(realtime_factor=0.947, windows=25, offered_windows_per_s=5.0, busy_cpu_s=1.7, busy_share=0.16, cores=2)
+    v = capacity_verdict(**args, late_s=0.28, deadline_s=1.0)  # type: ignore[arg-type]
+    assert v["verdict"] == "kept up" and "within a window's deadline (1 s)" in v["why"] and "0.947" in v["why"]
+    assert capacity_verdict(**args, late_s=1.6, deadline_s=1.0)["verdict"] == "fell behind"  # type: ignore[arg-type]
+    assert capacity_verdict(**args)["verdict"] == "fell behind", "without the times, the factor alone"  # type: ignore[arg-type]
+
+
 def test_a_run_that_kept_up_and_one_without_windows() -> None:
     v = capacity_verdict(
         realtime_factor=0.995, windows=1000, offered_windows_per_s=20.0, busy_cpu_s=95.0, busy_share=0.99, cores=2
