@@ -87,22 +87,42 @@ def test_summary_ratios_and_targets() -> None:
     assert not s["p50_target"]["met"] and s["p50_target"]["broker_p50_ms"] == 3.0
     s = summarize([c for c in cells if c.devices == 1], (1,))
     assert "throughput_target" not in s, "judged at 64 devices only"
-    assert summarize(cells, (1, 64))["throughput_target"]["feasible"] is None, "no raw_grpc cell at 64: unknown"
+    assert summarize(cells, (1, 64))["throughput_target"]["feasible"] is None, "no echo cell at 64: unknown"
 
 
 def test_a_throughput_target_above_the_echo_servers_ceiling_is_infeasible() -> None:
     cells = [
-        _cell("raw_grpc", 64, 30.0, 1900.0),
+        _cell("raw_grpc_stream", 64, 30.0, 1900.0),
         _cell("naive_ray_unthrottled", 64, 40.0, 500.0),
         _cell("broker", 64, 40.0, 1200.0),
     ]
     t = summarize(cells, (64,))["throughput_target"]
     assert t["ratio"] == 2.4 and not t["met"]
     assert t["ceiling_ratio"] == 3.8 and t["feasible"] is False, "an echo reaches only 3.8x: 4x cannot be met"
+    assert t["ceiling_path"] == "raw_grpc_stream"
     text = _rendered_target(t, ratio=2.4)
-    assert "infeasible on this host" in text and "3.80x" in text
-    t = summarize([*cells[:2], _cell("raw_grpc", 64, 30.0, 2100.0)][1:] + [cells[2]], (64,))["throughput_target"]
+    assert "infeasible on this host" in text and "raw_grpc_stream 3.80x" in text
+    t = summarize([*cells[:2], _cell("raw_grpc_stream", 64, 30.0, 2100.0)][1:] + [cells[2]], (64,))["throughput_target"]
     assert t["feasible"] is True and not t["met"], "an echo above 4x: the target is feasible and missed"
+
+
+def test_only_the_echo_of_the_brokers_own_transport_bounds_it() -> None:
+    # the round before this test: a unary echo at 3.3x was taken for the ceiling of the stream
+    # path, and the target called infeasible, while a stream echo reached ~9x on the same host
+    cells = [
+        _cell("raw_grpc", 64, 30.0, 1834.0),
+        _cell("raw_grpc_stream", 64, 12.0, 5000.0),
+        _cell("naive_ray_unthrottled", 64, 110.0, 556.0),
+        _cell("broker", 64, 50.0, 1234.0),
+    ]
+    s = summarize(cells, (64,))
+    t = s["throughput_target"]
+    assert t["ceiling_path"] == "raw_grpc_stream" and t["ceiling_ratio"] == 8.99 and t["feasible"] is True
+    assert not t["met"] and "missed" in _rendered_target(t, ratio=t["ratio"])
+    assert s["raw_grpc_vs_naive_unthrottled_throughput_at_64"] == 3.3
+    assert s["raw_grpc_stream_vs_naive_unthrottled_throughput_at_64"] == 8.99
+    t = summarize(cells, (64,), transport="unary")["throughput_target"]
+    assert t["ceiling_path"] == "raw_grpc" and t["ceiling_ratio"] == 3.3 and t["feasible"] is False
     s = summarize([_cell("naive_ray", 2, 5.0, 200.0), _cell("broker", 2, 9.0, 100.0)], (2,))
     assert s == {"broker_vs_naive_throughput_at_2": 0.5, "broker_minus_naive_p50_ms_at_2": 4.0}
     assert summarize([], (1, 8)) == {}
@@ -111,7 +131,7 @@ def test_a_throughput_target_above_the_echo_servers_ceiling_is_infeasible() -> N
 def test_an_echo_plus_the_tails_compute_bounds_what_any_broker_reaches() -> None:
     from dataclasses import replace
 
-    echo = replace(_cell("raw_grpc", 64, 30.0, 1900.0), host_cpu_ms_per_window=1.0)
+    echo = replace(_cell("raw_grpc_stream", 64, 30.0, 1900.0), host_cpu_ms_per_window=1.0)
     naive = _cell("naive_ray_unthrottled", 64, 40.0, 400.0)
     broker = _cell("broker", 64, 40.0, 1200.0)
     t = summarize([echo, naive, broker], (64,), host_cores=2, tail_cpu_ms=0.5)["throughput_target"]
