@@ -60,8 +60,11 @@ class HostCpu:
     def since(self, earlier: HostCpu) -> dict[str, float]:
         """The interval from `earlier` to this sample: CPU-seconds busy, and the busy share of all."""
         busy = max(0.0, self.busy_s - earlier.busy_s)
+        # idle and iowait are not monotonic on every kernel (iowait is known to step back, notably
+        # in VMs), so over a short interval `total` may come out under `busy`: a share, clamped
         total = max(0.0, self.total_s - earlier.total_s)
-        return {"busy_cpu_s": busy, "busy_share": busy / total if total > 0 else 0.0}
+        share = min(1.0, busy / total) if total > 0 else (1.0 if busy > 0 else 0.0)
+        return {"busy_cpu_s": busy, "busy_share": share}
 
 
 def read_host_cpu(stat: Path = Path("/proc/stat")) -> HostCpu | None:

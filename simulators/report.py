@@ -1016,6 +1016,9 @@ def render_summary(result: FleetResult, console: Any, report_dir: Path | None = 
     for note in notes:
         console.print(f"  {note}", highlight=False)
     comp = comparison(result)
+    short = sorted(
+        p for p, v in realtime(result).items() if (v.get("capacity") or {}).get("verdict") in _SHORT_OF_CORES
+    )
     for cls in _class_order(result):
         c = comp[cls]
         parts = [f"{cls} ({c['objective']}, {c['metric']}):"]
@@ -1038,7 +1041,7 @@ def render_summary(result: FleetResult, console: Any, report_dir: Path | None = 
             parts.append(f"adaptive split {c['adaptive_split_ratio']:.0%}")
         bud = c.get("budget")
         if bud is not None:
-            parts.append(f"{bud['what']}: {budget_verdict(bud)}")
+            parts.append(f"{bud['what']}: {budget_verdict(bud, short)}")
         acc = c.get("accuracy")
         if acc is not None:
             parts.append(
@@ -1093,9 +1096,15 @@ def render_summary(result: FleetResult, console: Any, report_dir: Path | None = 
         console.print(f"  report: {report_dir}")
 
 
-def budget_verdict(budget: dict[str, Any]) -> str:
+_SHORT_OF_CORES = ("saturated", "infeasible", "no headroom")  # capacity verdicts of a host short of cores
+
+
+def budget_verdict(budget: dict[str, Any], short_of_cores: Sequence[str] = ()) -> str:
     """The summary's words for a `comparison` budget entry. Where no choice could meet the budget at
-    some windows, it says so instead of "exceeded by" every policy: none could have met it there."""
+    some windows, it says so instead of "exceeded by" every policy: none could have met it there.
+    `short_of_cores`: the policies whose run the host could not carry (simulators/capacity.py): a
+    budget every policy exceeded although the cost model had a choice within it is then the host's
+    queueing as much as the choices, and the words say so."""
     within = {p: ok for p, ok in budget["within"].items() if ok is not None}
     outside = [p for p, ok in within.items() if not ok]
     share = budget.get("feasible_share")
@@ -1114,7 +1123,14 @@ def budget_verdict(budget: dict[str, Any]) -> str:
         return "all within"
     text = f"exceeded by {', '.join(outside)}"
     if share is not None and len(outside) == len(within):  # the cost model said some choice met it
-        text += " (though the cost model had a choice within it at every window)"
+        late = [p for p in outside if p in short_of_cores]
+        if late:
+            text += (
+                " (the cost model had a choice within it at every window, on a host short of cores for "
+                f"{', '.join(late)}: see the real-time verdicts)"
+            )
+        else:
+            text += " (though the cost model had a choice within it at every window)"
     return text
 
 

@@ -475,6 +475,12 @@ def test_a_feasible_budget_keeps_its_exceeded_verdict() -> None:
     assert budget_verdict(everyone) == (
         "exceeded by adaptive, oracle (though the cost model had a choice within it at every window)"
     )
+    # the 1,000-device scale run: both policies over the sensor node's latency budget on a host
+    # that could not carry either run; the words name the host, not only the cost model
+    assert budget_verdict(everyone, ["adaptive", "all_cloud"]) == (
+        "exceeded by adaptive, oracle (the cost model had a choice within it at every window, on a host "
+        "short of cores for adaptive: see the real-time verdicts)"
+    )
     partly = {**budget, "feasible_share": 0.996, "least_where_infeasible": None}
     assert budget_verdict(partly) == "infeasible for every choice at <1% of windows; exceeded by all_cloud, fixed_cut"
     # without the class's policy inputs the report cannot tell: no share, the old verdict
