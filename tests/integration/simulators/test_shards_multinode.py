@@ -4,8 +4,9 @@ The same command a fleet operator runs on one machine, pointed at a cluster star
 `ray start --block` (tests/integration/ray_cluster.py: a head with 2 logical CPUs and a worker
 with 1, on this machine, token authentication on). The cloud joins that cluster too: the Ray
 Serve tails deploy on it, the broker runs in the command's process. Checked: the shard actors ran
-on both nodes (a STRICT_SPREAD placement group: an actor's own SPREAD is only best effort), every shard's windows were answered, none lost, for both
-policies, and the report merges the shards into one run per policy.
+on both nodes (a STRICT_SPREAD placement group: an actor's own SPREAD is only best effort), every
+shard's windows were answered, none lost, for both policies, and the report merges the shards into
+one run per policy.
 """
 
 from __future__ import annotations
