@@ -376,13 +376,14 @@ async def _measure_cell(
         channels = _Channels(servers[0].ports["echo"], n, bench.own_connections)
         streams = [c.stream_stream(ECHO_STREAM_METHOD)() for c in channels.channels]
         measured = [servers[0]]
+        eof = grpc_eof()
 
         async def call(d: int, i: int) -> None:
             payload = wl.payloads[d][i % k]
             async with asyncio.timeout(bench.call_timeout_s):
                 await streams[d].write(payload)
                 out = await streams[d].read()
-            if out is grpc_eof() or len(out) != len(payload):
+            if out is eof or len(out) != len(payload):
                 raise RuntimeError("the stream echo ended or answered other bytes")
 
     elif path in BROKER_PATHS:

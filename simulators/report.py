@@ -1016,9 +1016,8 @@ def render_summary(result: FleetResult, console: Any, report_dir: Path | None = 
     for note in notes:
         console.print(f"  {note}", highlight=False)
     comp = comparison(result)
-    short = sorted(
-        p for p, v in realtime(result).items() if (v.get("capacity") or {}).get("verdict") in _SHORT_OF_CORES
-    )
+    rt = realtime(result)
+    short = sorted(p for p, v in rt.items() if (v.get("capacity") or {}).get("verdict") in _SHORT_OF_CORES)
     for cls in _class_order(result):
         c = comp[cls]
         parts = [f"{cls} ({c['objective']}, {c['metric']}):"]
@@ -1057,7 +1056,6 @@ def render_summary(result: FleetResult, console: Any, report_dir: Path | None = 
                 f"p90 {err['p90_ratio']:.2f}) over {err['windows']} offloaded windows",
                 highlight=False,
             )
-    rt = realtime(result)
     line = ", ".join(
         f"{p} x{v['realtime_factor']:.3f} ({v['windows_per_s']:.0f} windows/s, loop lag p95 "
         f"{v['event_loop_lag_ms'].get('p95', 0):.0f} ms)"
@@ -1073,7 +1071,7 @@ def render_summary(result: FleetResult, console: Any, report_dir: Path | None = 
     for p, v in rt.items():
         cap = v.get("capacity")
         if cap and cap["verdict"] != "kept up":
-            colour = "red" if cap["verdict"] in ("saturated", "infeasible", "no headroom") else "yellow"
+            colour = "red" if cap["verdict"] in _SHORT_OF_CORES else "yellow"
             console.print(f"    [{colour}]{p}: {cap['verdict']}[/]: {cap['why']}", highlight=False)
     fleet = result.extra.get("fleet")
     if fleet:
