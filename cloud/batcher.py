@@ -33,6 +33,7 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import cast
 
 import numpy as np
 
@@ -52,10 +53,15 @@ Clock = Callable[[], float]
 class BatchResult:
     """What one window gets back from its batch."""
 
-    logits: np.ndarray  # (classes,) float32
+    logits: np.ndarray  # (classes,) as the backend returned them
     queue_ms: float  # from submit to its batch leaving
     compute_ms: float  # the batch's backend call
     batch_size: int
+    # Worked out once per batch (one numpy call each, not one per window): the row as float32
+    # values in a list, its argmax, and whether all of it is finite as float32.
+    values: list[float] = field(default_factory=list)
+    prediction: int = 0
+    finite: bool = True
 
 
 @dataclass(frozen=True)
@@ -138,20 +144,22 @@ class MicroBatcher:
 
     # --- public -------------------------------------------------------------------------------
 
-    async def submit(self, model: str, cut: int, x: np.ndarray, deadline: float | None = None) -> BatchResult:
-        """Queue one window (x: (1, *shape)) and wait for its row of the batch result.
+    def enqueue(
+        self, model: str, cut: int, x: np.ndarray, deadline: float | None = None
+    ) -> asyncio.Future[BatchResult]:
+        """Queue one window (x: (1, *shape)); its future gets its row of the batch result.
 
-        `deadline` is on this batcher's clock (time.monotonic by default). Cancelling the caller
-        (e.g. asyncio.wait_for timing out) withdraws the window without disturbing its batch.
-        """
+        `deadline` is on this batcher's clock (time.monotonic by default). Cancelling the future
+        withdraws the window without disturbing its batch. No task, no await: the broker's stream
+        answers a window from the future's callback."""
         if self._closed:
             raise TailUnavailableError("the broker is shutting down")
         if x.ndim < 1 or x.shape[0] != 1:
             raise WireError(f"a window's activation must have batch dimension 1, got shape {list(x.shape)}")
         lane = self._lane(model, cut)
-        row_shape = tuple(x.shape[1:])
+        row_shape = x.shape[1:]
         if lane.row_shape is None:
-            lane.row_shape = row_shape
+            lane.row_shape = tuple(row_shape)
         elif row_shape != lane.row_shape:
             raise WireError(
                 f"activation shape {list(x.shape)} does not match the batches of model {model!r} at cut "
@@ -162,6 +170,12 @@ class MicroBatcher:
         lane.wakeup.set()
         if lane.task is None:
             lane.task = asyncio.create_task(self._run_lane(lane), name=f"batcher-{model}-{cut}")
+        return fut
+
+    async def submit(self, model: str, cut: int, x: np.ndarray, deadline: float | None = None) -> BatchResult:
+        """`enqueue` and wait for the window's row. Cancelling the caller (e.g. asyncio.wait_for
+        timing out) withdraws the window without disturbing its batch."""
+        fut = self.enqueue(model, cut, x, deadline)
         try:
             return await fut
         finally:
@@ -325,14 +339,23 @@ class MicroBatcher:
                     _fail(it, TailUnavailableError(str(error)))
             elif out is not None:
                 compute_ms = compute_s * 1000
+                with np.errstate(over="ignore", invalid="ignore"):
+                    out32 = out.astype(np.float32, copy=False)  # logits travel as float32
+                values = out32.tolist()
+                predictions = out32.argmax(axis=1).tolist() if out32.shape[1] else [0] * len(batch)
+                finite = cast(list[bool], np.isfinite(out32).all(axis=1).tolist())
+                n = len(batch)
                 for i, it in enumerate(batch):
                     if not it.future.done():
                         it.future.set_result(
                             BatchResult(
-                                logits=out[i],
-                                queue_ms=(start - it.enqueued) * 1000,
-                                compute_ms=compute_ms,
-                                batch_size=len(batch),
+                                out[i],
+                                (start - it.enqueued) * 1000,
+                                compute_ms,
+                                n,
+                                values[i],
+                                predictions[i],
+                                finite[i],
                             )
                         )
             if self._on_batch is not None:

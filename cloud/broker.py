@@ -47,7 +47,7 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Iterable
-from typing import Any
+from typing import Any, NamedTuple
 
 import grpc
 from google.protobuf.message import DecodeError
@@ -57,13 +57,14 @@ from prometheus_client import CollectorRegistry
 
 from cloud.admission import AdmissionPolicy, admit
 from cloud.auth import Authenticator, AuthInterceptor, device_id_of
-from cloud.backend import InProcessTailBackend, ModelInfo, ModelRegistry, TailBackend
-from cloud.batcher import BatchReport, MicroBatcher
+from cloud.backend import InProcessTailBackend, ModelInfo, ModelRegistry, TailBackend, TailUnavailableError
+from cloud.batcher import BatchReport, BatchResult, MicroBatcher
+from cloud.intake import Intake, Window
 from cloud.metrics import BrokerMetrics, ErrorReason
 from cloud.plans import static_plan_set
 from cloud.tls import listen
 from cloud.tokens import TokenAuthenticator, TokenStore
-from cloud.validation import check_logits, validate_offload
+from cloud.validation import check_logits
 from cloud.wiring import Exporter, check_broker_exposure, stop_on_signals
 from pipelines.groups import GROUP_SEPARATOR, served_groups
 from splitsense.config import BrokerConfig
@@ -84,15 +85,10 @@ from splitsense.v1 import offload_pb2_grpc as pb_grpc  # servicer base classes (
 from splitsense.wire import (
     MAX_ID_CHARS,
     RETRY_AFTER_METADATA_KEY,
-    OffloadResponse,
     PlanRequest,
-    TaskResult,
     TelemetryReport,
-    Timing,
-    WindowError,
     from_pb,
     plan_request_from_pb,
-    stream_response_to_pb,
     to_pb,
 )
 
@@ -106,6 +102,17 @@ SERVICE_NAMES = (
     pb.DESCRIPTOR.services_by_name["PlanService"].full_name,
 )
 _HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+
+
+class Failure(NamedTuple):
+    """How one window was refused: its gRPC status, message and retry hint (0: none)."""
+
+    code: grpc.StatusCode
+    message: str
+    retry_after_ms: int
+
+
+Answer = Callable[["pb.OffloadResponse | Failure"], None]
 
 
 def status_of(error: BaseException) -> tuple[grpc.StatusCode, str, int]:
@@ -184,6 +191,7 @@ class Broker:
         label of their own; any class a device sends that is none of these is counted as "other"."""
         self.config = config
         self._models: dict[str, ModelInfo] = dict(registry.info)
+        self._intake = Intake(self._models)
         self._backend = backend
         self._plans: PlanSet = plans if plans is not None else static_plan_set(config, self._models)
         # What a device may report telemetry for: a served model, or a task group of served models
@@ -264,6 +272,14 @@ class Broker:
         port = listen(server, cfg)  # TLS as configured; refuses an exposed host (cloud/tls.py)
         if isinstance(self._auth, TokenAuthenticator):
             await self._auth.start()  # follow revocations before the first call
+        warm_up = getattr(self._backend, "warm_up", None)  # RayTailBackend's: its first calls are slow
+        if warm_up is not None:
+            last = {
+                name: (info.n_stages - 1, info.activation_shape(info.n_stages - 1))
+                for name, info in self._models.items()
+            }
+            took = await warm_up(last, cfg.backend_timeout_ms / 1000)
+            log.info("backend warmed up in %.0f ms", took * 1000)
         await server.start()
         self._server, self._port = server, port
         for name in ("", *SERVICE_NAMES):
@@ -346,81 +362,129 @@ class Broker:
             budgets.append(call_remaining_s)
         return min(budgets) if budgets else self.config.default_deadline_ms / 1000.0
 
+    def start_window(
+        self,
+        msg: pb.OffloadRequest,
+        device_id: str | None,
+        call_remaining_s: float | None,
+        received: float,
+        answer: Answer,
+    ) -> None:
+        """Take one window: `answer` gets its OffloadResponse, or the Failure of the first step that
+        refused it (see `status_of`), exactly once, now or when its batch is done. Never raises.
+
+        No task and no await per window: the checks run now (cloud/intake.py), the window joins its
+        batch (one future per task it asks for), and the futures' callbacks answer it; a timer
+        answers DEADLINE_EXCEEDED at its deadline if the batch has not. Errors are counted here."""
+        self.metrics.in_flight.inc()
+        try:
+            w = self._intake.accept(msg)
+            if device_id is None or w.device_id != device_id:
+                raise RejectedError(
+                    f"OffloadRequest.device_id: expected the authenticated device {device_id!r}, got {w.device_id!r}",
+                    code="PERMISSION_DENIED",
+                )
+            model, cut = w.model, w.cut
+            self.metrics.window_in(
+                model, w.device_class, cut, w.codec, w.nbytes, w.bandwidth_bytes_per_s, w.rtt_s, w.battery_fraction
+            )
+            budget_s = self._budget_s(w.deadline_ms, call_remaining_s)
+            deadline = received + budget_s
+            remaining_s = deadline - time.monotonic()
+            if remaining_s <= 0:
+                raise OffloadDeadlineError(
+                    f"the deadline of {budget_s * 1000:.0f} ms passed before the window was queued"
+                )
+            decision = admit(self._batcher.load(model, cut), remaining_s * 1000, self._policy)
+            if not decision.admitted:
+                self.metrics.shed_window(model, w.device_class, cut)
+                raise ShedError(f"model {model!r} cut {cut}: {decision.reason}", decision.retry_after_ms)
+            # One activation, every task that reads it (extra models share the front): each joins
+            # its own model's batch, and the window is answered when all are.
+            futures = [self._batcher.enqueue(model, cut, w.activation, deadline)]
+            try:
+                futures += [self._batcher.enqueue(info.name, cut, w.activation, deadline) for info in w.extra]
+            except BaseException:
+                for f in futures:
+                    f.cancel()
+                raise
+        except Exception as e:
+            self.metrics.in_flight.dec()
+            answer(self._failed(e, msg.model, msg.device_class))
+            return
+        flight = _Flight(self, w, received, budget_s, futures, answer)
+        flight.timer = asyncio.get_running_loop().call_later(remaining_s, flight.expire)
+        for f in futures:
+            f.add_done_callback(flight.part_done)
+
+    def _finish(self, flight: _Flight, last: asyncio.Future[BatchResult]) -> None:
+        """A window whose batches are all done, or one of whose tasks failed (`last`): its response,
+        or that failure."""
+        w = flight.window
+        try:
+            if last.cancelled() or last.exception() is not None:
+                last.result()  # raises the task's error (CancelledError: the batcher closed)
+            results = [f.result() for f in flight.futures]
+            main = results[0]
+            info, cut = w.info, w.cut
+            if not main.finite or len(main.values) != info.num_classes:
+                check_logits(main.logits, info, cut)  # raises the error that says which
+            tasks = []
+            for extra, r in zip(w.extra, results[1:], strict=True):
+                if not r.finite or len(r.values) != extra.num_classes:
+                    check_logits(r.logits, extra, cut)
+                tasks.append(pb.TaskResult(model=extra.name, logits=r.values, prediction=r.prediction))
+            total_s = time.monotonic() - flight.received
+            self.metrics.answered(
+                w.model,
+                w.device_class,
+                cut,
+                w.codec,
+                queue_s=main.queue_ms / 1000,
+                compute_s=main.compute_ms / 1000,
+                total_s=total_s,
+            )
+            response = pb.OffloadResponse(
+                window_id=w.window_id,
+                logits=main.values,
+                prediction=main.prediction,
+                timing=pb.Timing(queue_ms=main.queue_ms, compute_ms=main.compute_ms, batch_size=main.batch_size),
+                task_results=tasks,
+            )
+        except asyncio.CancelledError:  # the batcher closed under it
+            flight.answer(self._failed(TailUnavailableError("the broker is shutting down"), w.model, w.device_class))
+        except Exception as e:
+            flight.answer(self._failed(e, w.model, w.device_class))
+        else:
+            flight.answer(response)
+        finally:
+            self.metrics.in_flight.dec()
+
+    def _expired(self, flight: _Flight) -> None:
+        w = flight.window
+        try:
+            error = OffloadDeadlineError(
+                f"model {w.model!r} cut {w.cut}: no answer within the deadline of {flight.budget_s * 1000:.0f} ms"
+            )
+            flight.answer(self._failed(error, w.model, w.device_class))
+        finally:
+            self.metrics.in_flight.dec()
+
     async def offload(
         self, msg: pb.OffloadRequest, device_id: str | None, call_remaining_s: float | None, received: float
-    ) -> OffloadResponse:
-        """Answer one window, or raise the error of ours that says why not (see `status_of`)."""
-        req = from_pb(msg)
-        if device_id is None or req.device_id != device_id:
-            raise RejectedError(
-                f"OffloadRequest.device_id: expected the authenticated device {device_id!r}, got {req.device_id!r}",
-                code="PERMISSION_DENIED",
-            )
-        valid = validate_offload(req, self._models)
-        model, cut, device_class = req.model, req.cut, req.device_class
-        codec = req.activation.codec.value
-        self.metrics.window_in(model, device_class, cut, codec, req.activation.nbytes, req.estimates)
+    ) -> pb.OffloadResponse | Failure:
+        """`start_window` awaited: the window's response or its Failure."""
+        done: asyncio.Future[pb.OffloadResponse | Failure] = asyncio.get_running_loop().create_future()
+        self.start_window(msg, device_id, call_remaining_s, received, done.set_result)
+        return await done
 
-        budget_s = self._budget_s(req.deadline_ms, call_remaining_s)
-        deadline = received + budget_s
-        remaining_s = deadline - time.monotonic()
-        if remaining_s <= 0:
-            raise OffloadDeadlineError(f"the deadline of {budget_s * 1000:.0f} ms passed before the window was queued")
-        decision = admit(self._batcher.load(model, cut), remaining_s * 1000, self._policy)
-        if not decision.admitted:
-            self.metrics.shed_window(model, device_class, cut)
-            raise ShedError(f"model {model!r} cut {cut}: {decision.reason}", decision.retry_after_ms)
-
-        try:
-            async with asyncio.timeout(remaining_s):
-                # One activation, every task that reads it (extra_models share the front): each joins
-                # its own model's batch, and the window is answered when all are.
-                if req.extra_models:
-                    result, *extra_results = await asyncio.gather(
-                        *(
-                            self._batcher.submit(m, cut, valid.activation, deadline=deadline)
-                            for m in (model, *req.extra_models)
-                        )
-                    )
-                else:  # the common case: no gather, no task per window
-                    result, extra_results = await self._batcher.submit(model, cut, valid.activation, deadline), []
-        except TimeoutError:
-            raise OffloadDeadlineError(
-                f"model {model!r} cut {cut}: no answer within the deadline of {budget_s * 1000:.0f} ms"
-            ) from None
-        finally:
-            self.metrics.set_queue_depth(model, cut, self._batcher.load(model, cut).queued)
-        # NaN/inf logits of a finite activation: INVALID_ARGUMENT, not UNAVAILABLE (cloud/validation.py)
-        logits = check_logits(result.logits, valid.info, cut)
-        tasks = tuple(
-            TaskResult(info.name, tuple(lg.tolist()), int(lg.argmax()))
-            for info, r in zip(valid.extra, extra_results, strict=True)
-            for lg in (check_logits(r.logits, info, cut),)
-        )
-        total_s = time.monotonic() - received
-        self.metrics.answered(
-            model,
-            device_class,
-            cut,
-            codec,
-            queue_s=result.queue_ms / 1000,
-            compute_s=result.compute_ms / 1000,
-            total_s=total_s,
-        )
-        return OffloadResponse(
-            window_id=req.window_id,
-            logits=tuple(logits.tolist()),
-            prediction=int(logits.argmax()),
-            timing=Timing(queue_ms=result.queue_ms, compute_ms=result.compute_ms, batch_size=result.batch_size),
-            task_results=tasks,
-        )
-
-    def _failed(self, error: BaseException, model: str, device_class: str) -> tuple[grpc.StatusCode, str, int]:
+    def _failed(self, error: BaseException, model: str, device_class: str) -> Failure:
+        """The Failure answering `error`, counted in splitsense_broker_errors_total."""
         code, message, retry = status_of(error)
         if code is grpc.StatusCode.INTERNAL:
             log.error("internal error answering a window", exc_info=error)
         self.metrics.failed(model, device_class, code.name, reason_of(error))
-        return code, message, retry
+        return Failure(code, message, retry)
 
     def telemetry(self, msg: pb.ReportTelemetryRequest, device_id: str | None) -> int:
         """Record one telemetry report; returns the current plan set version."""
@@ -455,6 +519,52 @@ class Broker:
 
     def _on_undecodable(self) -> None:
         self.metrics.failed("", "", grpc.StatusCode.INVALID_ARGUMENT.name, ErrorReason.UNDECODABLE)
+
+
+class _Flight:
+    """One window between its batches and its answer (Broker.start_window)."""
+
+    __slots__ = ("_broker", "answer", "budget_s", "futures", "left", "over", "received", "timer", "window")
+
+    def __init__(
+        self,
+        broker: Broker,
+        window: Window,
+        received: float,
+        budget_s: float,
+        futures: list[asyncio.Future[BatchResult]],
+        answer: Answer,
+    ) -> None:
+        self._broker = broker
+        self.window, self.received, self.budget_s = window, received, budget_s
+        self.futures, self.answer = futures, answer
+        self.left = len(futures)
+        self.over = False
+        self.timer: asyncio.TimerHandle | None = None
+
+    def part_done(self, fut: asyncio.Future[BatchResult]) -> None:
+        if self.over:
+            return
+        if not fut.cancelled() and fut.exception() is None:
+            self.left -= 1
+            if self.left:
+                return
+        else:
+            for f in self.futures:  # a task failed: the window fails, the other tasks are withdrawn
+                if f is not fut:
+                    f.cancel()
+        self.over = True
+        if self.timer is not None:
+            self.timer.cancel()
+        self._broker._finish(self, fut)
+
+    def expire(self) -> None:
+        if self.over:
+            return
+        self.over = True
+        for f in self.futures:
+            f.cancel()  # withdrawn from its batch, or its result ignored
+        self._broker._expired(self)
 
 
 class _Undecodable:
@@ -534,16 +644,11 @@ class _OffloadServicer(pb_grpc.OffloadServiceServicer):
         self, request: pb.OffloadRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.OffloadResponse:
         received = time.monotonic()
-        b = self._b
-        with b.metrics.tracking():
-            try:
-                response = await b.offload(request, _caller(context), context.time_remaining(), received)
-            except Exception as e:
-                code, message, retry = b._failed(e, request.model, request.device_class)
-            else:
-                return to_pb(response)
-        trailing = ((RETRY_AFTER_METADATA, str(retry)),) if retry else ()
-        await context.abort(code, message, trailing_metadata=trailing)
+        out = await self._b.offload(request, _caller(context), context.time_remaining(), received)
+        if isinstance(out, pb.OffloadResponse):
+            return out
+        trailing = ((RETRY_AFTER_METADATA, str(out.retry_after_ms)),) if out.retry_after_ms else ()
+        await context.abort(out.code, out.message, trailing_metadata=trailing)
         raise AssertionError("unreachable: abort raises")
 
     async def OffloadStream(  # noqa: N802
@@ -551,22 +656,31 @@ class _OffloadServicer(pb_grpc.OffloadServiceServicer):
         request_iterator: AsyncIterator[pb.OffloadStreamRequest],
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> AsyncIterator[pb.OffloadStreamResponse]:
+        """Reads windows while fewer than broker.max_stream_windows_in_flight are unanswered (flow
+        control pushes back on the device), starts each at once (Broker.start_window: no task per
+        window) and writes the answers in the order they come."""
         b = self._b
         device_id = _caller(context)
         out: asyncio.Queue[pb.OffloadStreamResponse | None] = asyncio.Queue()
-        slots = asyncio.Semaphore(b.config.max_stream_windows_in_flight)
-        windows: set[asyncio.Task[None]] = set()
+        limit = b.config.max_stream_windows_in_flight
+        room = asyncio.Event()
         outstanding = 0
         shutting_down = False
 
-        async def window(index: int, msg: pb.OffloadStreamRequest, received: float) -> None:
-            nonlocal outstanding
-            try:
-                answer = await self._window(index, msg, device_id, context, received)
-            finally:
-                slots.release()
+        def answer_to(window_id: str) -> Answer:
+            def answer(result: pb.OffloadResponse | Failure) -> None:
+                nonlocal outstanding
                 outstanding -= 1
-            out.put_nowait(answer)
+                room.set()
+                if isinstance(result, Failure):
+                    error = pb.WindowError(
+                        code=result.code.value[0], message=result.message, retry_after_ms=result.retry_after_ms
+                    )
+                    out.put_nowait(pb.OffloadStreamResponse(window_id=window_id, error=error))
+                else:
+                    out.put_nowait(pb.OffloadStreamResponse(window_id=window_id, result=result))
+
+            return answer
 
         async def reader() -> None:
             nonlocal outstanding, shutting_down
@@ -574,15 +688,14 @@ class _OffloadServicer(pb_grpc.OffloadServiceServicer):
             index = 0
             try:
                 while True:
-                    await slots.acquire()  # at most N windows in flight: flow control pushes back
+                    while outstanding >= limit:  # at most N windows in flight: flow control pushes back
+                        room.clear()
+                        await room.wait()
                     msg = await anext(it, None)
                     if msg is None:
-                        slots.release()
                         break
                     outstanding += 1
-                    task = asyncio.create_task(window(index, msg, time.monotonic()))
-                    windows.add(task)
-                    task.add_done_callback(windows.discard)
+                    self._start(index, msg, device_id, context, time.monotonic(), answer_to)
                     index += 1
             except asyncio.CancelledError:
                 shutting_down = True  # stop() cancelled the reading (a gone client cancels us all)
@@ -610,42 +723,34 @@ class _OffloadServicer(pb_grpc.OffloadServiceServicer):
         finally:
             closer.cancel()
             reading.cancel()
-            for task in list(windows):
-                task.cancel()
         if shutting_down:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "the broker is shutting down; offload elsewhere")
 
-    async def _window(
+    def _start(
         self,
         index: int,
-        msg: pb.OffloadStreamRequest,
+        msg: pb.OffloadStreamRequest | _Undecodable,
         device_id: str | None,
         context: grpc.aio.ServicerContext[Any, Any],
         received: float,
-    ) -> pb.OffloadStreamResponse:
-        """One window of a stream: its result or its WindowError, never an exception."""
+        answer_to: Callable[[str], Answer],
+    ) -> None:
+        """Start one window of a stream; it is answered (result or WindowError) through `answer_to`."""
         b = self._b
         if isinstance(msg, _Undecodable):
             b._on_undecodable()
-            error = WindowError(
-                window_id=f"#{index}", code=grpc.StatusCode.INVALID_ARGUMENT.value[0], message=msg.message
-            )
-            return stream_response_to_pb(error)
-        has_request = msg.HasField("request")
+            answer_to(f"#{index}")(Failure(grpc.StatusCode.INVALID_ARGUMENT, msg.message, 0))
+            return
         # A window without a usable id (none, or one past the limit: never echoed) is named by its
         # position in the stream, "#<index>" from 0.
-        wid = msg.request.window_id if has_request else ""
+        if not msg.HasField("request"):
+            error = WireError("OffloadStreamRequest.request: expected an OffloadRequest message, got none")
+            answer_to(f"#{index}")(b._failed(error, "", ""))
+            return
+        request = msg.request
+        wid = request.window_id
         window_id = wid if 0 < len(wid) <= MAX_ID_CHARS else f"#{index}"
-        with b.metrics.tracking():
-            try:
-                if not has_request:
-                    raise WireError("OffloadStreamRequest.request: expected an OffloadRequest message, got none")
-                response = await b.offload(msg.request, device_id, context.time_remaining(), received)
-                return stream_response_to_pb(response)
-            except Exception as e:
-                code, message, retry = b._failed(e, msg.request.model, msg.request.device_class)
-                error = WindowError(window_id=window_id, code=code.value[0], message=message, retry_after_ms=retry)
-                return stream_response_to_pb(error)
+        b.start_window(request, device_id, context.time_remaining(), received, answer_to(window_id))
 
     async def ReportTelemetry(  # noqa: N802
         self, request: pb.ReportTelemetryRequest, context: grpc.aio.ServicerContext[Any, Any]

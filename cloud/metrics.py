@@ -386,17 +386,26 @@ class BrokerMetrics:
         self._children(model, device_class, cut, codec).get("received_bytes").inc(nbytes)
 
     def window_in(
-        self, model: str, device_class: str, cut: int, codec: str, nbytes: int, e: DeviceEstimates | None
+        self,
+        model: str,
+        device_class: str,
+        cut: int,
+        codec: str,
+        nbytes: int,
+        bandwidth_bytes_per_s: float | None,
+        rtt_s: float,
+        battery_fraction: float | None,
     ) -> None:
         """What one offloaded window brings: its bytes and its device's estimates (`received` and
-        `estimates` at once, with one lookup of the labelled children)."""
+        `estimates` at once, with one lookup of the labelled children). `bandwidth_bytes_per_s`
+        None: the device left its estimates out; `battery_fraction` None: not on battery."""
         children = self._children(model, device_class, cut, codec)
         children.get("received_bytes").inc(nbytes)
-        if e is not None:
-            children.get("device_bandwidth").observe(e.bandwidth_mbps * 125_000)
-            children.get("device_rtt").observe(e.rtt_ms / 1000)
-            if e.on_battery:
-                children.get("device_battery").observe(e.battery_fraction)
+        if bandwidth_bytes_per_s is not None:
+            children.get("device_bandwidth").observe(bandwidth_bytes_per_s)
+            children.get("device_rtt").observe(rtt_s)
+            if battery_fraction is not None:
+                children.get("device_battery").observe(battery_fraction)
 
     def answered(
         self,

@@ -291,6 +291,25 @@ class RayTailBackend:
             )
         return out
 
+    async def warm_up(self, windows: Mapping[str, tuple[int, tuple[int, ...]]], timeout_s: float) -> float:
+        """One window of zeros per model, {model: (cut, activation shape)}, through this loop's
+        handles; returns the seconds it took. A process's first calls through Serve (its router
+        learning the replicas, the channels to them) take 100-200 ms here: made while serving, they
+        inflate the batch service time admission control reads and shed the first seconds of real
+        windows (bench serve's broker_x2 shed 300-3,500 of them before the broker warmed up). A
+        failure is logged, not raised: the broker serves anyway and its breaker-free path answers
+        UNAVAILABLE as usual."""
+        t0 = time.monotonic()
+        for model, (cut, shape) in windows.items():
+            if model not in self._handles:
+                continue
+            try:
+                async with asyncio.timeout(timeout_s):
+                    await self.run_tail(model, cut, np.zeros((1, *shape), dtype=np.float32))
+            except Exception as e:
+                log.warning("warming up the Ray Serve tail of %s: %s", model, _short(e))
+        return time.monotonic() - t0
+
     async def close(self) -> None:
         self._closed = True
         # Routers on this loop stop with it (Serve logs an error for one left polling a dead loop).
