@@ -435,6 +435,60 @@ async def test_stream_pipelines_windows(
     assert batches is not None and batches <= n
 
 
+async def test_stream_windows_take_the_quick_intake_and_answer_like_the_local_model(
+    broker: Broker,
+    stub: pb_grpc.OffloadServiceStub,
+    registry: ModelRegistry,
+    windows: dict[str, torch.Tensor],
+) -> None:
+    """The rebuilt per-window path (cloud/intake.py, Broker.start_window): after a device's first
+    window its header is known and the rest are checked the quick way; the logits are the model's."""
+    x = windows["uci_har"][:8]
+    acts = front(registry, "uci_har", x, 2)
+    with torch.inference_mode():
+        local = registry.model("uci_har").run(x, 0, registry.model("uci_har").n_stages).numpy()
+    before = broker._intake.quick
+
+    async def requests() -> AsyncIterator[pb.OffloadStreamRequest]:
+        for i in range(len(acts)):
+            act = encode(acts[i : i + 1], Codec.FP32)
+            yield pb.OffloadStreamRequest(request=offload_request("uci_har", 2, act, device="dev-q", window_id=f"q{i}"))
+
+    answers = {r.window_id: r async for r in stub.OffloadStream(requests(), metadata=creds("dev-q"), timeout=20)}
+    assert broker._intake.quick - before == len(acts) - 1
+    for i in range(len(acts)):
+        got = answers[f"q{i}"].result
+        np.testing.assert_allclose(got.logits, local[i], rtol=1e-4, atol=1e-5)
+        assert got.prediction == int(local[i].argmax())
+    assert broker.metrics.registry.get_sample_value("splitsense_broker_requests_in_flight") == 0
+
+
+async def test_a_stream_window_past_its_deadline_is_answered_once_and_its_late_batch_ignored(
+    broker: Broker,
+    backend: ControlledBackend,
+    stub: pb_grpc.OffloadServiceStub,
+    registry: ModelRegistry,
+    windows: dict[str, torch.Tensor],
+) -> None:
+    backend.delay_s = 0.25  # the batch answers after the window's 80 ms deadline, within backend_timeout_ms
+    good = good_request(registry, windows, device="dev-d")
+
+    async def requests() -> AsyncIterator[pb.OffloadStreamRequest]:
+        yield pb.OffloadStreamRequest(request=_mutate(good, window_id="late", deadline_ms=80))
+        await asyncio.sleep(0.5)  # the late batch comes back while the stream is still open
+        backend.delay_s = 0.0
+        yield pb.OffloadStreamRequest(request=_mutate(good, window_id="next", deadline_ms=2000))
+
+    t0 = time.monotonic()
+    answers = [r async for r in stub.OffloadStream(requests(), metadata=creds("dev-d"), timeout=10)]
+    assert [a.window_id for a in answers] == ["late", "next"]
+    assert answers[0].error.code == grpc.StatusCode.DEADLINE_EXCEEDED.value[0]
+    assert "deadline of 80 ms" in answers[0].error.message
+    assert answers[1].WhichOneof("outcome") == "result"
+    assert time.monotonic() - t0 < 5
+    assert broker.metrics.registry.get_sample_value("splitsense_broker_requests_in_flight") == 0
+
+
 # --- deadlines, shedding, backend failures ----------------------------------------------------
 
 
