@@ -155,6 +155,9 @@ def _deployment_options(cfg: ServingConfig) -> dict[str, Any]:
         "health_check_timeout_s": 10.0,
         "graceful_shutdown_timeout_s": 2.0,
         "graceful_shutdown_wait_loop_s": 0.5,
+        # Serve writes an access-log line per request by default: hundreds of lines a second under
+        # load that no one reads (the broker's Prometheus metrics count every window and batch).
+        "logging_config": {"enable_access_log": cfg.access_log},
     }
 
 

@@ -241,6 +241,9 @@ class ServingConfig:
     replica_threads: int = 1  # torch threads per replica: 2 shared cores, the broker needs the other
     # Ray's scheduling reservation per replica, not a limit: 3 models x 1 replica fit on 2 cores.
     replica_cpus: float = 0.5
+    # Serve's access log, a line per request in each replica's log: off, as the broker's Prometheus
+    # metrics count every window and batch; on to debug a replica.
+    access_log: bool = False
     # Backstop for one batch: above every device deadline (300 ms by default), so the broker's own
     # deadline handling acts first, yet a batch stuck behind a dead replica fails within 1 s.
     request_timeout_s: float = 1.0
