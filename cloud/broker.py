@@ -5,9 +5,10 @@ One window on OffloadService goes through
     AuthInterceptor      metadata -> device id          UNAUTHENTICATED            (cloud/auth.py)
                          (token_store redis: hash lookup, UNAVAILABLE if Redis is down; cloud/tokens.py)
                          (mutual TLS: certificate CN == device id)
-    wire.from_pb         message -> dataclasses          INVALID_ARGUMENT
+    Intake.accept        every field, the data decoded   INVALID_ARGUMENT / NOT_FOUND (cloud/intake.py: a
+                         header seen before is not checked again; any error comes from wire.from_pb
+                         and validate_offload, cloud/validation.py)
     identity             request.device_id == caller     PERMISSION_DENIED
-    validate_offload     model, cut, codec, shape, data  NOT_FOUND / INVALID_ARGUMENT (cloud/validation.py)
     deadline             min(request.deadline_ms, call)  DEADLINE_EXCEEDED
     admit                queue vs. deadline              RESOURCE_EXHAUSTED + retry hint (cloud/admission.py)
     MicroBatcher         one tail call per batch         UNAVAILABLE on any backend failure (cloud/batcher.py);
@@ -21,6 +22,12 @@ splitsense_broker_errors_total by code and by a fixed reason (`reason_of`). The 
 status (a shed also sends trailing metadata `x-splitsense-retry-after-ms`); the stream answers
 the window with a WindowError carrying the same code, message and hint, and goes on with the next
 window. Nothing a device sends can stop the broker serving the others.
+
+No task and no await per window (`Broker.start_window`): the steps up to the batcher run as the
+window is read, its batch futures' callbacks answer it, and a timer answers it at its deadline.
+Without gRPC (64 callers, a backend that answers at once) this path costs ~0.11 ms of Python a
+window, against ~0.22 ms for the path it replaced (from_pb into dataclasses, a task per window);
+the rest of the broker process's ~0.5-0.6 ms a window is grpc.aio's and Ray's (README, `bench serve`).
 
 Message sizes are capped in both directions by the server options; gRPC itself answers an
 oversize message with RESOURCE_EXHAUSTED. Connections live at most broker.max_connection_age_s

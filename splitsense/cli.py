@@ -4,7 +4,7 @@
     splitsense cloud up|token issue|revoke|list   Ray Serve tails + gRPC broker (cloud/); device tokens
     splitsense edge run                      a device replaying a real recording (edge/)
     splitsense controller run|plan           metrics -> partition plans (cloud/controller)
-    splitsense bench serve|plan|planner      benchmarks that print figures and JSON
+    splitsense bench serve|plan|planner|window  benchmarks that print figures and JSON
     splitsense simulate / demo               fleets on real network traces (simulators/)
 
 Heavy modules are imported inside each command so that `splitsense --help` is instant and a
@@ -1057,6 +1057,48 @@ def bench_coders_cmd(
                 "yes" if r["exact"] else "NO",
             )
     _out().print(table)
+
+
+@bench_app.command("window")
+@friendly
+def bench_window(
+    devices: int = typer.Option(64, "--devices", help="Windows in flight at once in the start_window row."),
+    windows: int = typer.Option(20_000, "--windows", help="Windows through start_window."),
+    model: str = typer.Option("uci_har", "--model", "-m", help="Model whose windows are checked."),
+    config: Path | None = typer.Option(None, "--config", "-c", help="Scenario file (JSON): the broker section."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object {config, results, summary}."),
+) -> None:
+    """The broker's own Python per window, without gRPC or Ray: full checks vs the quick intake vs the whole path."""
+    from rich.table import Table
+
+    from benchmarks.broker_window_path import WindowBenchConfig, run_window_bench
+    from benchmarks.serving_paths import stdout_to_stderr
+
+    if devices < 1 or windows < 1:
+        raise typer.BadParameter("--devices and --windows must be >= 1")
+    bench = WindowBenchConfig(model=model, devices=devices, windows=windows)
+    with stdout_to_stderr(), err.status("bench window") as status:
+        result = run_window_bench(bench, _load_config(config), progress=status.update)
+    if as_json:
+        emit_json(result)
+        return
+    table = Table(title=f"bench window: the broker's Python per window ({model}, no gRPC, no Ray)")
+    for col in ("row", "CPU us / window", "windows", "quick share"):
+        table.add_column(col, justify="right")
+    for r in result["results"]:
+        share = r.get("quick_share")
+        table.add_row(
+            r["row"],
+            f"{r['cpu_us_per_window']:.1f}",
+            str(r.get("windows", "")),
+            "" if share is None else f"{share:.1%}",
+        )
+    _out().print(table)
+    s = result["summary"]
+    err.print(
+        f"full checks / quick intake: {s['full_vs_quick']}x; "
+        f"the whole path {s['start_window_cpu_us_per_window']:.0f} us a window"
+    )
 
 
 @bench_app.command("edge")
