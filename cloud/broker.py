@@ -480,9 +480,15 @@ class Broker:
     async def offload(
         self, msg: pb.OffloadRequest, device_id: str | None, call_remaining_s: float | None, received: float
     ) -> pb.OffloadResponse | Failure:
-        """`start_window` awaited: the window's response or its Failure."""
+        """`start_window` awaited: the window's response or its Failure. A caller cancelled first
+        (a unary call whose client left) is not answered; its window's timer still ends it."""
         done: asyncio.Future[pb.OffloadResponse | Failure] = asyncio.get_running_loop().create_future()
-        self.start_window(msg, device_id, call_remaining_s, received, done.set_result)
+
+        def settle(out: pb.OffloadResponse | Failure) -> None:
+            if not done.done():
+                done.set_result(out)
+
+        self.start_window(msg, device_id, call_remaining_s, received, settle)
         return await done
 
     def _failed(self, error: BaseException, model: str, device_class: str) -> Failure:

@@ -8,6 +8,7 @@ micro-batcher and admission control.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import signal
 import time
@@ -557,6 +558,27 @@ async def test_call_deadline_is_honoured(
     err = await rpc_error(stub.Offload(good_request(registry, windows), metadata=creds("dev-ok"), timeout=0.1))
     assert err.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     assert time.monotonic() - t0 < 0.4
+
+
+async def test_a_unary_call_whose_client_left_is_not_answered_and_leaves_nothing_behind(
+    broker: Broker,
+    backend: ControlledBackend,
+    stub: pb_grpc.OffloadServiceStub,
+    registry: ModelRegistry,
+    windows: dict[str, torch.Tensor],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    backend.delay_s = 0.2  # the batch answers after the client has cancelled, well before the window's deadline
+    call = stub.Offload(_mutate(good_request(registry, windows), deadline_ms=2000), metadata=creds("dev-ok"), timeout=5)
+    await asyncio.sleep(0.05)
+    call.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await call
+    await asyncio.sleep(0.4)  # the batch comes back to a call that is gone
+    backend.delay_s = 0.0
+    await assert_good_request_succeeds(stub, registry, windows)
+    assert broker.metrics.registry.get_sample_value("splitsense_broker_requests_in_flight") == 0
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], [r.getMessage() for r in caplog.records]
 
 
 async def test_shed_with_a_retry_hint_when_the_queue_cannot_make_the_deadline(
