@@ -199,6 +199,7 @@ class Broker:
         self.config = config
         self._models: dict[str, ModelInfo] = dict(registry.info)
         self._intake = Intake(self._models)
+        self._lanes_followed: set[tuple[str, int]] = set()  # lanes whose queue depth the gauge reads
         self._backend = backend
         self._plans: PlanSet = plans if plans is not None else static_plan_set(config, self._models)
         # What a device may report telemetry for: a served model, or a task group of served models
@@ -415,6 +416,8 @@ class Broker:
                 for f in futures:
                     f.cancel()
                 raise
+            if w.extra or (model, cut) not in self._lanes_followed:
+                self._follow_lanes(w)
         except Exception as e:
             self.metrics.in_flight.dec()
             answer(self._failed(e, msg.model, msg.device_class))
@@ -525,7 +528,17 @@ class Broker:
 
     def _on_batch(self, report: BatchReport) -> None:
         self.metrics.batch_done(report.model, report.cut, report.size, report.local)
-        self.metrics.set_queue_depth(report.model, report.cut, self._batcher.load(report.model, report.cut).queued)
+
+    def _follow_lanes(self, w: Window) -> None:
+        """splitsense_broker_queue_depth of the window's (model, cut) lanes, read from the batcher
+        when scraped (the first window of a lane; a group window's extra models' lanes too)."""
+        for model in (w.model, *(info.name for info in w.extra)):
+            if (model, w.cut) not in self._lanes_followed:
+                self._lanes_followed.add((model, w.cut))
+                self.metrics.follow_queue_depth(model, w.cut, self._queued_of(model, w.cut))
+
+    def _queued_of(self, model: str, cut: int) -> Callable[[], float]:
+        return lambda: float(self._batcher.load(model, cut).queued)
 
     def _on_auth_reject(self, error: RejectedError) -> None:
         self.metrics.failed("", "", error.code or "UNAUTHENTICATED", ErrorReason.AUTH)

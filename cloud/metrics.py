@@ -59,7 +59,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import threading
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from enum import StrEnum
 from types import MappingProxyType
 from typing import Any
@@ -443,8 +443,9 @@ class BrokerMetrics:
             self.local_batches.labels(m, k).inc()
             self.local_windows.labels(m, k).inc(size)
 
-    def set_queue_depth(self, model: str, cut: int, depth: int) -> None:
-        self.queue_depth.labels(self.model_label(model), self.cut_label(model, cut)).set(depth)
+    def follow_queue_depth(self, model: str, cut: int, depth: Callable[[], float]) -> None:
+        """Read a lane's queue depth when scraped (Gauge.set_function): exact, at no cost per window."""
+        self.queue_depth.labels(self.model_label(model), self.cut_label(model, cut)).set_function(depth)
 
     @contextlib.contextmanager
     def tracking(self) -> Iterator[None]:

@@ -430,6 +430,9 @@ async def test_stream_pipelines_windows(
 
     ids = [r.window_id async for r in stub.OffloadStream(requests(), metadata=creds("dev-p"), timeout=20)]
     assert sorted(ids) == sorted(f"p{i}" for i in range(n))
+    # the queue depth gauge reads the lane when scraped: nothing queued once every window is answered
+    depth = broker.metrics.registry.get_sample_value("splitsense_broker_queue_depth", {"model": "uci_har", "cut": "2"})
+    assert depth == 0
     batches = broker.metrics.registry.get_sample_value(
         "splitsense_broker_batches_total", {"model": "uci_har", "cut": "2"}
     )
