@@ -25,8 +25,8 @@ window. Nothing a device sends can stop the broker serving the others.
 
 No task and no await per window (`Broker.start_window`): the steps up to the batcher run as the
 window is read, its batch futures' callbacks answer it, and a timer answers it at its deadline.
-Without gRPC (64 callers, a backend that answers at once) this path costs ~0.11 ms of Python a
-window, against ~0.22 ms for the path it replaced (from_pb into dataclasses, a task per window);
+Without gRPC (64 callers, a backend that answers at once: `bench window`) this path costs ~0.12 ms
+of Python a window, against ~0.22 ms for the path it replaced (from_pb into dataclasses, a task per window);
 the rest of the broker process's ~0.5-0.6 ms a window is grpc.aio's and Ray's (README, `bench serve`).
 
 Message sizes are capped in both directions by the server options; gRPC itself answers an
@@ -94,8 +94,10 @@ from splitsense.wire import (
     RETRY_AFTER_METADATA_KEY,
     PlanRequest,
     TelemetryReport,
+    WindowError,
     from_pb,
     plan_request_from_pb,
+    stream_response_to_pb,
     to_pb,
 )
 
@@ -698,11 +700,9 @@ class _OffloadServicer(pb_grpc.OffloadServiceServicer):
                 nonlocal outstanding
                 outstanding -= 1
                 room.set()
-                if isinstance(result, Failure):
-                    error = pb.WindowError(
-                        code=result.code.value[0], message=result.message, retry_after_ms=result.retry_after_ms
-                    )
-                    out.put_nowait(pb.OffloadStreamResponse(window_id=window_id, error=error))
+                if isinstance(result, Failure):  # the wire's own conversion (and checks) of a WindowError
+                    error = WindowError(window_id, result.code.value[0], result.message, result.retry_after_ms)
+                    out.put_nowait(stream_response_to_pb(error))
                 else:
                     out.put_nowait(pb.OffloadStreamResponse(window_id=window_id, result=result))
 
