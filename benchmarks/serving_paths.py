@@ -5,7 +5,8 @@
     raw_grpc_stream        the same echo over one bidirectional stream per device (a window written, its
                            echo read, in turn): the wire floor of the broker's own transport, the stream
                            every device holds (GrpcTransport): ~2.5x a unary echo's throughput here
-    in_process             run_tail_sync on the window, in this process: the compute floor
+    in_process             the tail on the window in this process (serving.tail_engine, as the replicas
+                           run it): the compute floor
     naive_ray              one Ray Serve handle call per window (batch of 1), same deployment and config
                            as the broker's (serving.max_ongoing_requests, sized for batches: it collapses)
     naive_ray_unthrottled  the same per-window call to a twin deployment whose max_ongoing_requests
@@ -336,11 +337,10 @@ async def _measure_cell(
     n: int,
     bench: ServeBenchConfig,
     wl: Workload,
-    model: Any,
+    tail: Any,
     backends: dict[str, Any],
     servers: list[ServerProcess],
 ) -> Cell:
-    from cloud.backend import run_tail_sync
     from edge.transport import GrpcTransport
 
     k = bench.windows_per_device
@@ -353,7 +353,7 @@ async def _measure_cell(
         arrays = wl.arrays
 
         async def call(d: int, i: int) -> None:
-            run_tail_sync(model, wl.cut, arrays[(d * k + i) % len(arrays)])
+            tail(wl.cut, arrays[(d * k + i) % len(arrays)])
 
     elif path in ("naive_ray", "naive_ray_unthrottled"):
         arrays, backend = wl.arrays, backends[path]
@@ -620,7 +620,7 @@ async def _serve_main(spec: dict[str, Any]) -> None:
     for name in spec.get("brokers", ["broker"]):
         # broker_ray_only: the same broker with every batch through Ray (broker.local_tail off)
         bcfg = replace(cfg.broker, local_tail=False) if name == "broker_ray_only" else cfg.broker
-        brokers[name] = Broker(bcfg, registry, backend)
+        brokers[name] = Broker(bcfg, registry, backend, tail_engine=cfg.serving.tail_engine)
         ports[f"{name}_port"] = await brokers[name].start()
     print(json.dumps(ports), flush=True)
     loop = asyncio.get_running_loop()
@@ -762,17 +762,16 @@ def work_ceiling(
     }
 
 
-def tail_cpu_ms_per_window(model: Any, cut: int, arrays: list[np.ndarray], batch: int, seconds: float = 1.0) -> float:
-    """This process's CPU per window running the tail on batches of `batch` of the workload's
-    windows (run_tail_sync, as a replica runs a batch), for about `seconds` after one warm-up."""
-    from cloud.backend import run_tail_sync
-
+def tail_cpu_ms_per_window(tail: Any, cut: int, arrays: list[np.ndarray], batch: int, seconds: float = 1.0) -> float:
+    """This process's CPU per window running the tail (`tail(cut, batch)`, a cloud.backend
+    TailRunner, as a replica runs a batch) on batches of `batch` of the workload's windows, for
+    about `seconds` after one warm-up."""
     batch = max(1, batch)
     x = np.concatenate([arrays[i % len(arrays)] for i in range(batch)], axis=0)
-    run_tail_sync(model, cut, x)
+    tail(cut, x)
     windows, cpu0, end = 0, time.process_time(), time.perf_counter() + seconds
     while time.perf_counter() < end or windows == 0:
-        run_tail_sync(model, cut, x)
+        tail(cut, x)
         windows += batch
     return round((time.process_time() - cpu0) * 1000 / windows, 4)
 
@@ -799,6 +798,7 @@ def run_serve_bench(
     import torch
     from ray import serve
 
+    from cloud.backend import make_tail
     from cloud.serving import start_serving, stop_serving
 
     bench = bench or ServeBenchConfig()
@@ -807,6 +807,8 @@ def run_serve_bench(
     torch.set_num_threads(1)  # the in_process row is one window at a time, like a replica's thread
     say(f"preparing {bench.model} windows")
     wl, model = build_workload(bench, max(bench.devices))
+    # in_process and the tail's CPU: the engine the replicas and the broker's own tail run
+    tail = make_tail(bench.model, cfg.serving.tail_engine, model, cfg.paths.weights_dir)
     backend = start_serving(cfg.serving, weights_dir=cfg.paths.weights_dir, progress=say)
     backends: dict[str, Any] = {"naive_ray": backend}
     servers: list[ServerProcess] = []
@@ -834,14 +836,14 @@ def run_serve_bench(
             for n in bench.devices:
                 for path in bench.paths:
                     say(f"measuring {path} with {n} device(s)")
-                    cells.append(await _measure_cell(path, n, bench, wl, model, backends, servers))
+                    cells.append(await _measure_cell(path, n, bench, wl, tail, backends, servers))
 
         asyncio.run(all_cells())
         top = next((c for c in cells if c.path == "broker" and c.devices == max(bench.devices)), None)
         if top is not None and top.broker_timing:
             size = round(top.broker_timing["batch_size"])
             say(f"measuring the tail's CPU per window in batches of {size} (the broker's mean)")
-            tail_cpu = tail_cpu_ms_per_window(model, wl.cut, wl.arrays, size)
+            tail_cpu = tail_cpu_ms_per_window(tail, wl.cut, wl.arrays, size)
     finally:
         for server in servers:
             server.close()
@@ -870,6 +872,7 @@ def run_serve_bench(
             "broker": _jsonable({k: v for k, v in asdict(cfg.broker).items() if k != "auth_secret"}),
             "host_cpus": os.cpu_count(),
             "torch_threads_in_process": torch.get_num_threads(),
+            "tail_engine": {"kind": backend.tail_engine[0], "why": backend.tail_engine[1]},
             "tail_cpu_ms_per_window_at_broker_batch": tail_cpu,
         },
         "results": [c.row() for c in cells],

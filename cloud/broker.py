@@ -194,8 +194,10 @@ class Broker:
         plans: PlanSet | None = None,
         metrics_registry: CollectorRegistry | None = None,
         device_classes: Iterable[str] = (),
+        tail_engine: str = "torch",
     ) -> None:
-        """`device_classes`: the planner's classes (config.planner.classes), the only device classes
+        """`tail_engine`: what runs the broker's own tail (broker.local_tail), serving.tail_engine.
+        `device_classes`: the planner's classes (config.planner.classes), the only device classes
         besides broker.static_plan_device_classes and those of published plans that get a metric
         label of their own; any class a device sends that is none of these is counted as "other"."""
         self.config = config
@@ -240,7 +242,7 @@ class Broker:
         )
         # broker.local_tail: the models are loaded here anyway (validation); an idle lane runs them.
         self._local: InProcessTailBackend | None = (
-            InProcessTailBackend(registry, threads=1) if config.local_tail else None
+            InProcessTailBackend(registry, threads=1, engine=tail_engine) if config.local_tail else None
         )
         self._batcher = MicroBatcher(
             backend.run_tail,
@@ -849,6 +851,7 @@ async def run_broker_forever(
     metrics_registry: CollectorRegistry | None = None,
     on_started: Callable[[Broker], None] | None = None,
     device_classes: Iterable[str] = (),
+    tail_engine: str = "torch",
 ) -> None:
     """Serve until SIGINT or SIGTERM, then stop gracefully (config.shutdown_grace_s).
 
@@ -860,7 +863,15 @@ async def run_broker_forever(
     backend is the caller's: it is not closed here.
     """
     check_broker_exposure(config)  # before the exporter listens: refuse without side effects
-    broker = Broker(config, registry, backend, plans, metrics_registry=metrics_registry, device_classes=device_classes)
+    broker = Broker(
+        config,
+        registry,
+        backend,
+        plans,
+        metrics_registry=metrics_registry,
+        device_classes=device_classes,
+        tail_engine=tail_engine,
+    )
     exporter: Exporter | None = None
     if config.metrics_port is not None:
         exporter = Exporter.start(

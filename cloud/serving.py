@@ -60,9 +60,9 @@ from typing import Any
 
 import numpy as np
 
-from cloud.backend import TailUnavailableError, run_tail_sync
+from cloud.backend import TailUnavailableError, choose_tail_engine, make_tail
 from splitsense.config import ServingConfig
-from splitsense.errors import DependencyError, ModelError
+from splitsense.errors import ConfigError, DependencyError, ModelError
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +82,7 @@ class TailReplica:
     Wrapped by `serve.deployment` in `build_app`; kept a plain class so unit tests can call it.
     """
 
-    def __init__(self, model: str, weights_dir: str | None, threads: int) -> None:
+    def __init__(self, model: str, weights_dir: str | None, threads: int, engine: str = "torch") -> None:
         import torch
 
         from pipelines.training import load_trained
@@ -92,17 +92,21 @@ class TailReplica:
             torch.set_num_interop_threads(1)
         except RuntimeError:  # already set in this worker process
             pass
-        self._model = load_trained(model, Path(weights_dir) if weights_dir else None).model
+        wdir = Path(weights_dir) if weights_dir else None
+        self._model = load_trained(model, wdir).model
         self._name = model
+        # serving.tail_engine: ONNX Runtime on the export, or the weights above in torch
+        self._tail = make_tail(model, engine, self._model, wdir, threads)
+        self.engine = self._tail.engine
+        log.info("tail of %s runs on %s", model, self.engine)
         # Computed once: activation_shape runs the front on zeros, far too slow per request.
         self._shapes = [tuple(self._model.activation_shape(k)) for k in range(self._model.n_stages + 1)]
         self._warm_up()
 
     def _warm_up(self) -> None:
         """One forward per cut, so the first real batch does not pay for lazy kernel set-up."""
-        m = self._model
-        for k in range(m.n_stages):
-            run_tail_sync(m, k, np.zeros((1, *self._shapes[k]), dtype=np.float32))
+        for k in range(self._model.n_stages):
+            self._tail(k, np.zeros((1, *self._shapes[k]), dtype=np.float32))
 
     async def __call__(self, cut: int, batch: np.ndarray) -> np.ndarray:
         """Runs inline on the replica's user-code event loop, deliberately blocking it: a replica
@@ -118,7 +122,7 @@ class TailReplica:
                 f"{self._name} cut {cut}: expected a batch of shape (B, {', '.join(map(str, expected))}), "
                 f"got {tuple(batch.shape)}"
             )
-        return run_tail_sync(m, cut, batch)
+        return self._tail(cut, batch)
 
 
 def _scaling_options(cfg: ServingConfig) -> dict[str, Any]:
@@ -166,7 +170,7 @@ def build_app(model: str, cfg: ServingConfig, weights_dir: Path | None = None) -
     from ray import serve
 
     deployment = serve.deployment(**_deployment_options(cfg))(TailReplica)
-    return deployment.bind(model, str(weights_dir) if weights_dir else None, cfg.replica_threads)
+    return deployment.bind(model, str(weights_dir) if weights_dir else None, cfg.replica_threads, cfg.tail_engine)
 
 
 def replica_actor_names(model: str) -> list[str]:
@@ -235,6 +239,8 @@ class RayTailBackend:
         )
         self._timeout_s = request_timeout_s
         self._closed = False
+        # (engine, why) the replicas run their tails on (serving.tail_engine), as start_serving resolved it
+        self.tail_engine: tuple[str, str] = ("unknown", "handles given")
 
     @property
     def models(self) -> list[str]:
@@ -359,6 +365,8 @@ def start_serving(
 
     for m in cfg.models:
         get_spec(m)  # unknown model: a ModelError now, not a replica crash loop later
+    # serving.tail_engine "onnx" without a current export: a ConfigError now, before Ray starts
+    engine = choose_tail_engine(cfg.tail_engine, cfg.models, weights_dir)
     import ray
     from ray import serve
 
@@ -400,8 +408,10 @@ def start_serving(
     except BaseException:
         stop_serving()
         raise
-    say(f"Ray Serve ready in {time.monotonic() - t0:.1f} s")
-    return RayTailBackend(handles, cfg.request_timeout_s, factory=handle_factory(cfg))
+    say(f"Ray Serve ready in {time.monotonic() - t0:.1f} s; tails run on {engine[0]} ({engine[1]})")
+    backend = RayTailBackend(handles, cfg.request_timeout_s, factory=handle_factory(cfg))
+    backend.tail_engine = engine
+    return backend
 
 
 def connect_serving(cfg: ServingConfig, progress: ProgressFn | None = None) -> RayTailBackend:
@@ -431,7 +441,12 @@ def connect_serving(cfg: ServingConfig, progress: ProgressFn | None = None) -> R
             raise DependencyError(f"cannot join Ray at {cfg.ray_address}: {_short(e)}") from e
     _wait_running(tuple(app_name(m) for m in cfg.models), 0.0, say)
     handles = {m: serve.get_deployment_handle(DEPLOYMENT_NAME, app_name(m)) for m in cfg.models}
-    return RayTailBackend(handles, cfg.request_timeout_s, factory=handle_factory(cfg))
+    backend = RayTailBackend(handles, cfg.request_timeout_s, factory=handle_factory(cfg))
+    try:  # what a replica on this node picks (another node's may differ under "auto")
+        backend.tail_engine = choose_tail_engine(cfg.tail_engine, cfg.models)
+    except ConfigError as e:
+        backend.tail_engine = (cfg.tail_engine, f"as deployed; not on this node: {e}")
+    return backend
 
 
 def _wait_running(apps: tuple[str, ...], timeout_s: float, say: ProgressFn) -> None:

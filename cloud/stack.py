@@ -147,6 +147,19 @@ class CloudStack:
         return self._controller
 
     @property
+    def tail_engine(self) -> dict[str, str]:
+        """{"kind", "why"}: what runs the tails (serving.tail_engine): the replicas' engine with Ray,
+        this process's otherwise (the broker's own tail, broker.local_tail, runs the same)."""
+        be = self.backend
+        engine = getattr(be, "tail_engine", None)
+        if isinstance(engine, tuple):
+            return {"kind": engine[0], "why": engine[1]}
+        engines = sorted(set(be.engines.values())) if isinstance(be, InProcessTailBackend) else []
+        if engines:
+            return {"kind": "/".join(engines), "why": f"in process ({self.config.serving.tail_engine})"}
+        return {"kind": "torch", "why": "in process"}
+
+    @property
     def broker_address(self) -> str:
         return self.broker.address
 
@@ -228,7 +241,7 @@ class CloudStack:
         elif self.with_ray:
             self.backend = await self._step("starting Ray Serve tails (Ray cold start: 5-12 s)", self._start_ray)
         else:
-            self.backend = InProcessTailBackend(self.models)
+            self.backend = InProcessTailBackend(self.models, engine=cfg.serving.tail_engine)
 
         # 3. Redis and the plan store
         # The controller writes plans with its own Redis user; the broker reads and follows them with
@@ -246,6 +259,7 @@ class CloudStack:
             self.backend,
             metrics_registry=self.registry,
             device_classes=cfg.planner.classes,  # the only device classes with metric labels of their own
+            tail_engine=cfg.serving.tail_engine,
         )
         port = await self._step(f"starting the broker on {cfg.broker.host}:{cfg.broker.port}", broker.start)
         self._broker = broker

@@ -1094,7 +1094,9 @@ async def simulate(
     try:
         async with CloudStack(stack_config, with_ray=with_ray, progress=stack_progress) as stack:
             await preparing
-            return await runner.run(stack)
+            result = await runner.run(stack)
+            result.extra["cloud_tails"] = stack.tail_engine
+            return result
     finally:
         if not preparing.done():
             preparing.cancel()

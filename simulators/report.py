@@ -701,6 +701,7 @@ def write_report(result: FleetResult, directory: str | Path) -> Path:
             "host_stage_ms_measured_at_start": {m: [_r(v, 4) for v in ms] for m, ms in result.host_stage_ms.items()},
             **{k: v for k, v in result.extra.items() if k.startswith("host_")},
             "device_backend": result.extra.get("device_backend"),  # edge.backend: what the devices ran on
+            "cloud_tails": result.extra.get("cloud_tails"),  # serving.tail_engine: what ran the tails
             "classes": {
                 c: {
                     **{k: v for k, v in asdict(DEVICE_CLASSES[c]).items() if k != "radio"},
@@ -1090,6 +1091,9 @@ def render_summary(result: FleetResult, console: Any, report_dir: Path | None = 
     engine = result.extra.get("device_backend")
     if engine:
         console.print(f"  devices ran on: {engine['kind']} ({engine['why']})", highlight=False)
+    tails = result.extra.get("cloud_tails")
+    if tails:
+        console.print(f"  cloud tails ran on: {tails['kind']} ({tails['why']})", highlight=False)
     if report_dir is not None:
         console.print(f"  report: {report_dir}")
 

@@ -367,6 +367,7 @@ async def simulate_sharded(
                     "host_prep_ms": {m: round(c.prep_ms, 4) for m, c in runner.catalogs.items()},
                     "policy_inputs": dict(runner.inputs),
                     "device_backend": {"kind": runner.engine_kind, "why": runner.engine_why},
+                    "cloud_tails": stack.tail_engine,
                     "fleet": fleet_mode(
                         sim.shards, sim.reuse, stack_config.serving.ray_address, infos, reuse, placement
                     ),

@@ -307,7 +307,12 @@ def cloud_up(
 
         asyncio.run(
             run_broker_forever(
-                broker_cfg, registry, backend, on_started=started, device_classes=tuple(cfg.planner.classes)
+                broker_cfg,
+                registry,
+                backend,
+                on_started=started,
+                device_classes=tuple(cfg.planner.classes),
+                tail_engine=serving.tail_engine,
             )
         )
     except KeyboardInterrupt:
@@ -1098,6 +1103,41 @@ def bench_window(
     err.print(
         f"full checks / quick intake: {s['full_vs_quick']}x; "
         f"the whole path {s['start_window_cpu_us_per_window']:.0f} us a window"
+    )
+
+
+@bench_app.command("tail")
+@friendly
+def bench_tail(
+    model: str = typer.Option(None, "--model", "-m", help="Model name (default: all)."),
+    batches: str = typer.Option("1,4,16,32", help="Comma-separated batch sizes."),
+    export_dir: Path = typer.Option(None, help="Root folder of the exports (default: <weights_dir>/export)."),
+    config: Path = typer.Option(None, "--config", "-c", help="Scenario file (JSON): paths.weights_dir."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object {config, results, summary}."),
+) -> None:
+    """The cloud tail's engines (serving.tail_engine): torch vs ONNX Runtime, CPU per window and logits."""
+    from rich.table import Table
+
+    from benchmarks.tail_engines import TailBenchConfig, parse_batches, rows_for_table, run_tail_bench
+
+    cfg = _load_config(config)
+    bench = TailBenchConfig(models=tuple(_model_names(model)), batches=parse_batches(batches))
+    with err.status("bench tail") as status:
+        result = run_tail_bench(bench, cfg.paths.weights_dir, export_dir, progress=status.update)
+    if as_json:
+        emit_json(result)
+        return
+    table = Table(title="bench tail: stages [cut, N) per window, one thread (CPU time)")
+    for col in ("model", "cut", "batch", "torch us", "onnx us", "onnx speed-up", "max |diff|", "argmax agree"):
+        table.add_column(col, justify="right")
+    for row in rows_for_table(result):
+        table.add_row(*row)
+    _out().print(table)
+    s = result["summary"]
+    err.print(
+        f"ONNX Runtime vs torch: {s['speedup_min']:.2f}x to {s['speedup_max']:.2f}x less CPU per window "
+        f"(median {s['speedup_median']:.2f}x); logits within {s['max_abs_diff']:.1e}, "
+        f"the same argmax on {s['argmax_agree_min']:.0%} of windows at worst"
     )
 
 

@@ -148,18 +148,17 @@ def test_an_echo_plus_the_tails_compute_bounds_what_any_broker_reaches() -> None
 
 
 def test_the_tails_cpu_per_window_is_measured_on_batches() -> None:
-    import torch
-
     from benchmarks.serving_paths import tail_cpu_ms_per_window
 
-    class Tail:
-        def run(self, x: torch.Tensor, start: int, stop: int) -> torch.Tensor:
-            return x.reshape(x.shape[0], -1).sum(dim=1, keepdim=True)
+    seen: list[tuple[int, tuple[int, ...]]] = []
 
-        n_stages = 2
+    def tail(cut: int, batch: np.ndarray) -> np.ndarray:  # a cloud.backend TailRunner
+        seen.append((cut, batch.shape))
+        return batch.reshape(batch.shape[0], -1).sum(axis=1, keepdims=True)
 
     arrays = [np.ones((1, 4, 8), dtype=np.float32) * i for i in range(3)]
-    ms = tail_cpu_ms_per_window(Tail(), 1, arrays, batch=5, seconds=0.05)
+    ms = tail_cpu_ms_per_window(tail, 1, arrays, batch=5, seconds=0.05)
+    assert seen and all(s == (1, (5, 4, 8)) for s in seen)
     assert 0 < ms < 5.0
 
 

@@ -151,10 +151,11 @@ def test_serving_config_defaults_and_checks() -> None:
         {"ray_address": "  "},
         {"handle_transport": "carrier"},
         {"handle_router": "elsewhere"},
+        {"tail_engine": "gpu"},
     ):
         with pytest.raises(ConfigError, match="serving"):
             ServingConfig(**bad)
-    assert cfg.handle_transport == "grpc" and cfg.handle_router == "caller"
+    assert cfg.handle_transport == "grpc" and cfg.handle_router == "caller" and cfg.tail_engine == "auto"
 
 
 async def test_a_handle_factory_gives_each_event_loop_handles_of_its_own() -> None:
