@@ -32,6 +32,7 @@ message says what was wrong and what to do.
 
 from __future__ import annotations
 
+import functools
 import math
 import sys
 from typing import TYPE_CHECKING
@@ -177,6 +178,17 @@ def _channel_of(shape: tuple[int, ...], prior: SymbolPrior) -> np.ndarray:
     return np.broadcast_to(view, shape).reshape(-1)
 
 
+@functools.lru_cache(maxsize=64)
+def _probs(prior: SymbolPrior, shape: tuple[int, ...]) -> np.ndarray:
+    """Each element's row of the prior (element i: its channel's pmf), (elements, symbols): what
+    constriction codes with. Built once per (prior, shape), read-only: building it was ~30% of a
+    window's ans encode or decode (a 2,000 x 31 float64 gather per call). A prior is frozen and
+    hashed by identity, so an entry never outlives what it was built from."""
+    probs = prior.pmf[_channel_of(shape, prior)]
+    probs.flags.writeable = False
+    return probs
+
+
 def _ans_model() -> object:
     try:
         import constriction
@@ -199,7 +211,7 @@ def _encode_ans(
     if not np.array_equal(symbols, flat):
         raise CodecError("the ans codec codes integer symbols; this tensor has fractional values (use int8)")
     symbols -= prior.low
-    probs = prior.pmf[_channel_of(shape, prior)]
+    probs = _probs(prior, tuple(shape))
     coder = constriction.stream.stack.AnsCoder()
     coder.encode_reverse(symbols, _ans_model(), probs)
     words = coder.get_compressed().astype("<u4", copy=False)
@@ -216,7 +228,7 @@ def _decode_ans(t: EncodedTensor, prior: SymbolPrior | None) -> np.ndarray:
             f"the ans payload was coded with symbol prior {t.prior_digest!r} but this end holds "
             f"{prior.digest!r}: device and cloud run different weights of the model"
         )
-    probs = prior.pmf[_channel_of(t.shape, prior)]
+    probs = _probs(prior, tuple(t.shape))
     words = np.frombuffer(t.data, dtype="<u4").astype(np.uint32)
     try:
         coder = constriction.stream.stack.AnsCoder(words)
