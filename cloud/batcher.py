@@ -12,9 +12,12 @@ where throughput comes from when one backend call costs ~8 ms (a Ray Serve hop).
 
 With `run_local` (the broker's in-process tail, broker.local_tail), a lane with nothing in flight
 sends its next batch of at most `local_max_batch` windows there instead: a lone window skips the
-Ray hop (~3-5 ms here against ~0.3 ms for the tail itself), while a lane under load, whose batches
-are always in flight, goes on batching into Ray. Local batches do not feed the service-time
-estimate admission control reads: that stays the Ray hop's.
+Ray hop (~3-5 ms here against ~0.3 ms for the tail itself). Without `local_when_free` a lane under
+load, whose batches are always in flight, goes on batching into Ray; with it (broker.local_tail_when
+"free") a lane also sends its next batch there whenever no batch of any lane runs on it, so the
+local tail works as one more replica, beside the broker, of one batch at a time, and its batch
+takes none of the lane's `max_inflight_batches` backend slots. Local batches do not feed the
+service-time estimate admission control reads: that stays the Ray hop's.
 
 One backend call per batch, on the stacked activations; row i of its result goes back to the
 i-th window. A failed, timed-out or malformed batch fails every waiter of it with
@@ -117,6 +120,7 @@ class MicroBatcher:
         run_local: BatchFn | None = None,
         local_max_batch: int = 1,
         refresh_after_ms: float = 1_000.0,
+        local_when_free: bool = False,
     ) -> None:
         if max_batch_size < 1 or max_inflight_batches < 1:
             raise ConfigError("max_batch_size and max_inflight_batches must be >= 1")
@@ -128,6 +132,8 @@ class MicroBatcher:
             raise ConfigError(f"batch_timeout_ms must be > 0 or None, got {batch_timeout_ms!r}")
         self._run_batch = run_batch
         self._run_local = run_local
+        self._local_when_free = local_when_free and run_local is not None
+        self._local_running = 0  # batches on run_local now, over every lane
         self._refresh_after_s = refresh_after_ms / 1000.0
         self._local_max = min(local_max_batch, max_batch_size)
         self._max_batch = max_batch_size
@@ -240,15 +246,18 @@ class MicroBatcher:
             if not lane.queue:
                 await self._wait(lane)
                 continue
-            if self._run_local is not None and lane.inflight == 0 and not self._stale(lane):
-                # An idle lane: the next few windows skip the backend hop. (Once the backend's
-                # estimate is older than refresh_after_ms, the batch goes to the backend instead:
-                # a probe that keeps the estimate admission reads true, after an outage above all.)
+            free = self._local_when_free and self._local_running == 0
+            if self._run_local is not None and (lane.inflight == 0 or free) and not self._stale(lane):
+                # An idle lane, or (local_when_free) a local tail with no batch running: the next
+                # windows skip the backend hop. (Once the backend's estimate is older than
+                # refresh_after_ms, the batch goes to the backend instead: a probe that keeps the
+                # estimate admission reads true, after an outage above all.)
                 batch = self._take(lane, self._local_max)
                 if batch:
                     self._start(lane, batch, local=True)
                 continue
-            if lane.inflight >= self._max_inflight:
+            # local_when_free: the local tail's batch takes none of the backend's slots
+            if lane.inflight - (lane.local_inflight if self._local_when_free else 0) >= self._max_inflight:
                 await self._wait(lane)  # a finished batch sets the event
                 continue
             if lane.inflight > 0 and len(lane.queue) < self._max_batch:
@@ -267,6 +276,7 @@ class MicroBatcher:
     def _start(self, lane: _Lane, batch: list[_Item], *, local: bool) -> None:
         lane.inflight += 1
         lane.local_inflight += local
+        self._local_running += local
         task = asyncio.create_task(self._dispatch(lane, batch, local), name=f"batch-{lane.model}-{lane.cut}")
         self._dispatches.add(task)
         task.add_done_callback(self._dispatches.discard)
@@ -321,6 +331,7 @@ class MicroBatcher:
             compute_s = end - start
             lane.inflight -= 1
             lane.local_inflight -= local
+            self._local_running -= local
             lane.wakeup.set()
             if timed_out and not local:
                 lane.ewma.update(compute_s * 1000)  # a timeout is service time too: admission backs off

@@ -255,6 +255,7 @@ class Broker:
             on_batch=self._on_batch,
             run_local=self._local.run_tail if self._local is not None else None,
             local_max_batch=config.local_tail_max_batch,
+            local_when_free=config.local_tail_when == "free",
             refresh_after_ms=self._policy.probe_after_ms,  # the admission's stale-estimate probe, too
         )
         self._server: grpc.aio.Server | None = None

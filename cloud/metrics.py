@@ -199,13 +199,13 @@ class BrokerMetrics:
         )
         self.local_batches = Counter(
             "local_batches",
-            "Batches of an idle lane run by the broker's own tail, not Ray (broker.local_tail), by model and cut.",
+            "Batches run by the broker's own tail, not Ray (broker.local_tail, local_tail_when), by model and cut.",
             ("model", "cut"),
             **broker,
         )
         self.local_windows = Counter(
             "local_windows",
-            "Windows of an idle lane run by the broker's own tail, not Ray (broker.local_tail), by model and cut.",
+            "Windows run by the broker's own tail, not Ray (broker.local_tail, local_tail_when), by model and cut.",
             ("model", "cut"),
             **broker,
         )

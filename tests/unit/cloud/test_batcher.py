@@ -345,6 +345,31 @@ async def test_local_batches_hold_at_most_local_max_batch_and_leave_the_estimate
     await b.close()
 
 
+async def test_when_free_the_local_tail_takes_a_busy_lanes_batch_and_leaves_the_backend_its_slots() -> None:
+    """local_when_free (broker.local_tail_when "free"): a lane with a backend batch in flight still
+    sends its next batch to the local tail when no batch runs there; while one does, the backend
+    takes the rest with all of its max_inflight_batches slots."""
+    remote, local = FakeBackend(), FakeBackend()
+    remote.gate.clear()
+    b = batcher(remote, max_inflight_batches=1, run_local=local, local_max_batch=2, local_when_free=True)
+    local.gate.clear()
+    t1 = [asyncio.create_task(b.submit("m", 1, window(float(v)))) for v in (1, 2, 3)]
+    await asyncio.sleep(0.02)
+    # the idle lane's first two windows on the local tail; the third to the backend, whose one slot
+    # the local batch does not take
+    assert local.calls == [("m", 1, 2)] and remote.calls == [("m", 1, 1)]
+    local.gate.set()  # the local tail frees while the backend batch is still out
+    await asyncio.sleep(0.02)
+    t2 = [asyncio.create_task(b.submit("m", 1, window(float(v)))) for v in (4, 5)]
+    await asyncio.sleep(0.02)
+    assert local.calls == [("m", 1, 2), ("m", 1, 2)], "a busy lane's batch went to the free local tail"
+    assert remote.calls == [("m", 1, 1)]
+    remote.gate.set()
+    results = await asyncio.gather(*t1, *t2)
+    assert [r.logits[0] for r in results] == pytest.approx([1.0, 2.0, 3.0, 4.0, 5.0])
+    await b.close()
+
+
 async def test_a_failed_local_batch_fails_its_windows_as_unavailable() -> None:
     remote, local = FakeBackend(), FakeBackend()
     local.error = RuntimeError("torch broke")
@@ -393,3 +418,12 @@ async def test_a_stale_estimate_sends_an_idle_lanes_batch_to_the_backend_and_a_g
     assert len(be.calls) == calls + 1 and len(local_calls) == 2
     assert b.load("m", 1).batch_service_ms < inflated / 2 and not lane.inflated
     await b.close()
+
+
+def test_broker_local_tail_when_is_idle_or_free() -> None:
+    from splitsense.config import BrokerConfig
+
+    assert BrokerConfig().local_tail_when == "free"
+    assert BrokerConfig(local_tail_when="idle").local_tail_when == "idle"
+    with pytest.raises(ConfigError, match="broker.local_tail_when must be 'idle' or 'free'"):
+        BrokerConfig(local_tail_when="always")
