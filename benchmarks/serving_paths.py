@@ -15,8 +15,8 @@
                            -> gRPC broker (auth, validation, admission, micro-batcher; an idle lane runs
                            the tail in the broker, broker.local_tail) -> RayTailBackend -> the deployment
     broker_ray_only        the same with broker.local_tail off: every batch through Ray
-    broker_idle_tail       the same with broker.local_tail_when "idle": only a lane with nothing in
-                           flight runs on the broker's own tail (the previous rule), busy lanes on Ray
+    broker_free_tail       the same with broker.local_tail_when "free" (and local_tail_max_batch 16): the
+                           broker's own tail also takes a busy lane's batch whenever it has none running
     broker_x2              two broker processes; each device's transport is given both addresses
                            (`ipv4:127.0.0.1:P1,127.0.0.1:P2`) with the device's default policy
                            (edge.lb_policy pick_first, the list shuffled per device: see
@@ -81,10 +81,10 @@ PATHS = (
     "naive_ray_unthrottled",
     "broker",
     "broker_ray_only",
-    "broker_idle_tail",
+    "broker_free_tail",
     "broker_x2",
 )
-BROKER_PATHS = ("broker", "broker_ray_only", "broker_idle_tail", "broker_x2")
+BROKER_PATHS = ("broker", "broker_ray_only", "broker_free_tail", "broker_x2")
 # naive_ray_unthrottled's max_ongoing_requests: above any device count measured (64 by default), so
 # that per-window callers queue inside the replica, never in Serve's router back-off.
 UNTHROTTLED_MAX_ONGOING = 256
@@ -622,12 +622,12 @@ async def _serve_main(spec: dict[str, Any]) -> None:
     brokers: dict[str, Any] = {}
     for name in spec.get("brokers", ["broker"]):
         # broker_ray_only: the same broker with every batch through Ray (broker.local_tail off)
-        # broker_idle_tail: its own tail for idle lanes only (broker.local_tail_when "idle")
+        # broker_free_tail: its own tail as a co-located replica (broker.local_tail_when "free")
         bcfg = cfg.broker
         if name == "broker_ray_only":
             bcfg = replace(cfg.broker, local_tail=False)
-        elif name == "broker_idle_tail":
-            bcfg = replace(cfg.broker, local_tail_when="idle")
+        elif name == "broker_free_tail":
+            bcfg = replace(cfg.broker, local_tail_when="free", local_tail_max_batch=16)
         brokers[name] = Broker(bcfg, registry, backend, tail_engine=cfg.serving.tail_engine)
         ports[f"{name}_port"] = await brokers[name].start()
     print(json.dumps(ports), flush=True)
@@ -691,9 +691,15 @@ def summarize(
         ("naive_ray", f"broker_vs_naive_throughput_at_{hi}"),
         ("naive_ray_unthrottled", f"broker_vs_naive_unthrottled_throughput_at_{hi}"),
         ("broker_ray_only", f"broker_vs_ray_only_throughput_at_{hi}"),
-        ("broker_idle_tail", f"broker_vs_idle_tail_throughput_at_{hi}"),
     ):
         r = ratio("broker", other, hi)
+        if r is not None:
+            out[key] = r
+    for key, (x_path, y_path) in {
+        f"free_tail_vs_naive_unthrottled_throughput_at_{hi}": ("broker_free_tail", "naive_ray_unthrottled"),
+        f"free_tail_vs_broker_throughput_at_{hi}": ("broker_free_tail", "broker"),
+    }.items():
+        r = ratio(x_path, y_path, hi)
         if r is not None:
             out[key] = r
     r = ratio("broker_x2", "broker", hi)
@@ -831,7 +837,7 @@ def run_serve_bench(
         spec_cfg = {k: full[k] for k in ("paths", "serving", "broker")}
         spec_cfg["serving"]["ray_address"] = ray.get_runtime_context().gcs_address
         say("starting the echo and broker server process")
-        brokers = [p for p in ("broker", "broker_ray_only", "broker_idle_tail") if p in bench.paths]
+        brokers = [p for p in ("broker", "broker_ray_only", "broker_free_tail") if p in bench.paths]
         if "broker_x2" in bench.paths and "broker" not in brokers:
             brokers.insert(0, "broker")
         servers.append(ServerProcess({"config": spec_cfg, "brokers": brokers}, bench.server_start_timeout_s))
@@ -972,7 +978,11 @@ def render(result: dict[str, Any], console: Any) -> None:
             "throughput_target",
         ),
         "broker_vs_ray_only_throughput_at_": ("broker / broker_ray_only throughput at {n} devices: {v:.2f}x", ""),
-        "broker_vs_idle_tail_throughput_at_": ("broker / broker_idle_tail throughput at {n} devices: {v:.2f}x", ""),
+        "free_tail_vs_naive_unthrottled_throughput_at_": (
+            "broker_free_tail / naive_ray_unthrottled throughput at {n} devices: {v:.2f}x",
+            "",
+        ),
+        "free_tail_vs_broker_throughput_at_": ("broker_free_tail / broker throughput at {n} devices: {v:.2f}x", ""),
         "raw_grpc_vs_naive_unthrottled_throughput_at_": (
             "raw_grpc (unary echo) / naive_ray_unthrottled at {n} devices: {v:.2f}x",
             "",

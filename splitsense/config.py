@@ -442,18 +442,18 @@ class BrokerConfig:
     # A (model, cut) lane with nothing in flight runs its next batch of at most local_tail_max_batch
     # windows in the broker's own process (the models it already loads to validate requests) instead
     # of calling Ray: a lone window skips the Ray hop, ~3-5 ms here against ~0.3 ms for a uci_har tail
-    # (`bench serve`, one device). local_tail_when "free" (default) also sends a lane's next batch
-    # there whenever the broker's own tail has no batch running, so under load it works as a replica
-    # co-located with the broker (one batch at a time, on one thread) and Ray Serve takes every batch
-    # it cannot: on one host that saves Ray's ~0.3 ms of host CPU per window (bench serve, 64
-    # devices: 1,843 against 1,328 windows/s, 85% of windows on the broker's tail). "idle": only a
-    # lane with nothing in flight (the lone window); under load every batch goes to Ray, which is
-    # what a broker on a small host in front of a large cluster wants. 16: a co-located batch
-    # amortises the thread hop (~0.1 ms) and stays a few ms even for the audio tails.
+    # (`bench serve`, one device); under load a lane always has a Ray batch in flight, so batches go
+    # to Ray Serve, which scales. 4: a few windows that arrive together still cost well under the hop.
+    # local_tail_when "free" also sends a lane's next batch there whenever the broker's own tail has
+    # no batch running: a replica co-located with the broker (one batch at a time, one thread), Ray
+    # taking what it cannot; raise local_tail_max_batch to 16 with it. One broker on this host: 1.14-
+    # 1.36x the "idle" rule's windows/s at 64 devices (bench serve's broker_free_tail row). Not the
+    # default: two brokers on the same two cores then missed deadlines (15 windows) and shed (193)
+    # where "idle" kept 0, as Ray only sees the overflow and its estimate inflates.
     # false: every batch goes to Ray (a broker process that must not run model code).
     local_tail: bool = True
-    local_tail_when: str = "free"
-    local_tail_max_batch: int = 16
+    local_tail_when: str = "idle"
+    local_tail_max_batch: int = 4
     # HMAC-SHA256 key of the per-device tokens (`splitsense cloud token DEVICE_ID`).
     auth_secret: str = field(default=DEV_AUTH_SECRET, repr=False)  # never printed with the config
     allowed_device_ids: tuple[str, ...] = ()  # empty: any device with a valid token

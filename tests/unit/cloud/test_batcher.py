@@ -423,7 +423,7 @@ async def test_a_stale_estimate_sends_an_idle_lanes_batch_to_the_backend_and_a_g
 def test_broker_local_tail_when_is_idle_or_free() -> None:
     from splitsense.config import BrokerConfig
 
-    assert BrokerConfig().local_tail_when == "free"
-    assert BrokerConfig(local_tail_when="idle").local_tail_when == "idle"
+    assert BrokerConfig().local_tail_when == "idle"
+    assert BrokerConfig(local_tail_when="free").local_tail_when == "free"
     with pytest.raises(ConfigError, match="broker.local_tail_when must be 'idle' or 'free'"):
         BrokerConfig(local_tail_when="always")
