@@ -458,8 +458,13 @@ async def _measure_cell(
             cpu_s = sum(a["cpu_s"] - b["cpu_s"] for a, b in zip(after, before, strict=True))
             cell = replace(cell, server_cpu_ms_per_window=round(cpu_s * 1000 / cell.ok, 3))
         if path in BROKER_PATHS and measured:
-            answered = sum(a["answered"] - b["answered"] for a, b in zip(after, before, strict=True))
-            local = sum(a["local"] - b["local"] for a, b in zip(after, before, strict=True))
+            name = "broker" if path == "broker_x2" else path  # the broker(s) this cell's devices dialled
+            pairs = [
+                (a["by"].get(name, [0.0, 0.0]), b["by"].get(name, [0.0, 0.0]))
+                for a, b in zip(after, before, strict=True)
+            ]
+            answered = sum(a[0] - b[0] for a, b in pairs)
+            local = sum(a[1] - b[1] for a, b in pairs)
             if answered > 0:
                 cell = replace(cell, local_tail_share=round(local / answered, 3))
         if path == "broker_x2":
@@ -534,15 +539,21 @@ class ServerProcess:
             raise DependencyError(f"the benchmark server process did not start; its log ends:\n{tail}")
         return {k[: -len("_port")]: int(v) for k, v in msg.items() if k.endswith("_port")}
 
-    def stats(self, timeout_s: float = 10.0) -> dict[str, float]:
-        """This process's CPU seconds so far and the windows its main broker answered."""
+    def stats(self, timeout_s: float = 10.0) -> dict[str, Any]:
+        """This process's CPU seconds so far, the windows its main broker answered and ran on its
+        own tail, and `by`: {broker name: [answered, own tail]} for each of its brokers."""
         assert self._proc.stdin is not None
         self._proc.stdin.write("stats\n")
         self._proc.stdin.flush()
         msg = self._read_line(timeout_s)
         if msg is None:
             raise DependencyError(f"the benchmark server process did not answer; its log ends:\n{self.log_tail()}")
-        return {"cpu_s": float(msg["cpu_s"]), "answered": float(msg["answered"]), "local": float(msg["local"])}
+        return {
+            "cpu_s": float(msg["cpu_s"]),
+            "answered": float(msg["answered"]),
+            "local": float(msg["local"]),
+            "by": {k: [float(v[0]), float(v[1])] for k, v in msg.get("by", {}).items()},
+        }
 
     def log_tail(self, chars: int = 2000) -> str:
         self._log.flush()
@@ -640,7 +651,10 @@ async def _serve_main(spec: dict[str, Any]) -> None:
         if line.strip() == "stats":
             answered = _answered(main) if main is not None else 0
             local = _local_windows(main) if main is not None else 0
-            print(json.dumps({"cpu_s": time.process_time(), "answered": answered, "local": local}), flush=True)
+            by = {name: [_answered(b), _local_windows(b)] for name, b in brokers.items()}
+            print(
+                json.dumps({"cpu_s": time.process_time(), "answered": answered, "local": local, "by": by}), flush=True
+            )
     for broker in brokers.values():
         await broker.stop(1.0)
     if echo is not None:

@@ -249,9 +249,10 @@ class ServingConfig:
     # "onnx": ONNX Runtime on the model's export (`splitsense models export`), stage by stage at
     # level 1.0, one intra-op thread per replica_threads; "torch": the trained weights in PyTorch;
     # "auto": onnx when onnxruntime is installed and every model has a current export, else torch.
-    # Measured here (one thread, `splitsense bench tail`): ONNX Runtime ran the audio tails from
-    # cut 1 in 0.6 ms a window against 0.8-1.0 ms in torch at batches of 16, about half at batch 1,
-    # with logits equal to 1e-6.
+    # Measured here (one thread, `splitsense bench tail`): ONNX Runtime took 1.25-3.6x less CPU per
+    # window (median 1.76x over 3 models x 2 cuts x batches of 1-32), the audio tails from cut 1
+    # 0.67-0.72 ms a window against 1.05-1.10 ms in torch at batches of 16-32 (about half at batch
+    # 1), with logits within 2.4e-6 and the same argmax on every window.
     tail_engine: str = "auto"
     # Backstop for one batch: above every device deadline (300 ms by default), so the broker's own
     # deadline handling acts first, yet a batch stuck behind a dead replica fails within 1 s.
