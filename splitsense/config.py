@@ -447,8 +447,8 @@ class BrokerConfig:
     # to Ray Serve, which scales. 4: a few windows that arrive together still cost well under the hop.
     # local_tail_when "free" also sends a lane's next batch there whenever the broker's own tail has
     # no batch running: a replica co-located with the broker (one batch at a time, one thread), Ray
-    # taking what it cannot; raise local_tail_max_batch to 16 with it. One broker on this host: 1.14-
-    # 1.36x the "idle" rule's windows/s at 64 devices (bench serve's broker_free_tail row). Not the
+    # taking what it cannot; raise local_tail_max_batch to 16 with it. One broker on this host: 1.24-
+    # 1.43x the "idle" rule's windows/s at 64 devices (bench serve's broker_free_tail row). Not the
     # default: two brokers on the same two cores then missed deadlines (15 windows) and shed (193)
     # where "idle" kept 0, as Ray only sees the overflow and its estimate inflates.
     # false: every batch goes to Ray (a broker process that must not run model code).
