@@ -284,7 +284,8 @@ def cloud_up(
                 backend = connect_serving(serving, progress=status.update)
             else:
                 backend = start_serving(serving, weights_dir=cfg.paths.weights_dir, progress=status.update)
-        err.print(f"Ray Serve tails {'joined' if join else 'running'}: {', '.join(serving.models)}")
+        engine, why = backend.tail_engine
+        err.print(f"Ray Serve tails {'joined' if join else 'running'}: {', '.join(serving.models)} on {engine} ({why})")
 
         subscribers: list[Any] = []
 
