@@ -20,7 +20,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from pipelines.artifacts import ExportedModel, check_export, model_export_dir
+from pipelines.artifacts import ExportedModel, choose_runtime, model_export_dir
 from pipelines.stages import StagedModel
 from pipelines.training import TrainedModel, load_trained
 from splitsense.config import TAIL_ENGINES
@@ -175,20 +175,7 @@ def choose_tail_engine(
     `root`: the exports' root (default `<weights_dir>/export`, where `splitsense models export` writes)."""
     if kind not in TAIL_ENGINES:
         raise ConfigError(f"serving.tail_engine must be one of {TAIL_ENGINES}, got {kind!r}")
-    if kind == "torch":
-        return "torch", "asked for"
-    problems = [p for m in models if (p := check_export(m, root, weights_dir)) is not None]
-    try:
-        import onnxruntime  # noqa: F401
-    except ImportError:
-        problems.insert(0, "onnxruntime is not installed (pip install 'splitsense[edge]')")
-    if kind == "onnx":
-        if problems:
-            raise ConfigError(f"serving.tail_engine onnx cannot run: {problems[0]}")
-        return "onnx", "asked for"
-    if problems:
-        return "torch", f"auto: {problems[0]}"
-    return "onnx", "auto: every model has a current export"
+    return choose_runtime(kind, list(models), "serving.tail_engine onnx", root, weights_dir)
 
 
 def make_tail(

@@ -44,7 +44,7 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import numpy as np
 
-from pipelines.artifacts import ExportedModel, check_export, model_export_dir
+from pipelines.artifacts import ExportedModel, choose_runtime, model_export_dir
 from pipelines.numpy_features import Preprocessor, fix_length
 from splitsense.config import EDGE_BACKENDS
 from splitsense.errors import ConfigError, DataError, ModelError
@@ -376,20 +376,7 @@ def choose_backend(
     when onnxruntime is installed and every model in `models` has a current export, else "torch"."""
     if kind not in BACKEND_CHOICES:
         raise ConfigError(f"edge backend must be one of {', '.join(BACKEND_CHOICES)}, got {kind!r}")
-    if kind == "torch":
-        return "torch", "asked for"
-    problems = [p for m in models if (p := check_export(m, root, weights_dir)) is not None]
-    try:
-        import onnxruntime  # noqa: F401
-    except ImportError:
-        problems.insert(0, "onnxruntime is not installed (pip install 'splitsense[edge]')")
-    if kind == "onnx":
-        if problems:
-            raise ConfigError(f"the onnx backend cannot run: {problems[0]}")
-        return "onnx", "asked for"
-    if problems:
-        return "torch", f"auto: {problems[0]}"
-    return "onnx", "auto: every model has a current export"
+    return choose_runtime(kind, models, "the onnx backend", root, weights_dir)
 
 
 def make_backend(

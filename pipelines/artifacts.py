@@ -51,7 +51,7 @@ from typing import Any
 import numpy as np
 
 from splitsense.config import PathsConfig
-from splitsense.errors import ModelError
+from splitsense.errors import ConfigError, ModelError
 from splitsense.kinds import SymbolPrior
 
 __all__ = [
@@ -452,6 +452,30 @@ def check_export(model: str, root: Path | None = None, weights_dir: Path | None 
             f"{weights} changed since {directory} was exported; re-export: `splitsense models export --model {model}`"
         )
     return None
+
+
+def choose_runtime(
+    kind: str, models: Sequence[str], onnx_name: str, root: Path | None = None, weights_dir: Path | None = None
+) -> tuple[str, str]:
+    """(the runtime to run, why) for a "torch" | "onnx" | "auto" setting `kind` (a device's
+    edge.backend, the cloud's serving.tail_engine; the caller checks the value): "torch" and "onnx"
+    as asked ("onnx" with onnxruntime missing or an export missing or stale: ConfigError naming
+    `onnx_name` and saying how to export), "auto": "onnx" when onnxruntime is installed and every
+    model in `models` has a current export, else "torch" with the first reason why not."""
+    if kind == "torch":
+        return "torch", "asked for"
+    problems = [p for m in models if (p := check_export(m, root, weights_dir)) is not None]
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        problems.insert(0, "onnxruntime is not installed (pip install 'splitsense[edge]')")
+    if kind == "onnx":
+        if problems:
+            raise ConfigError(f"{onnx_name} cannot run: {problems[0]}")
+        return "onnx", "asked for"
+    if problems:
+        return "torch", f"auto: {problems[0]}"
+    return "onnx", "auto: every model has a current export"
 
 
 # ---------------------------------------------------------------------------------------------
