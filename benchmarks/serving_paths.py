@@ -468,7 +468,7 @@ async def _measure_cell(
             if answered > 0:
                 cell = replace(cell, local_tail_share=round(local / answered, 3))
         if path == "broker_x2":
-            per_broker = [int(a["answered"] - b["answered"]) for a, b in zip(after, before, strict=True)]
+            per_broker = [int(a["by"]["broker"][0] - b["by"]["broker"][0]) for a, b in zip(after, before, strict=True)]
             cell = replace(cell, broker_windows=per_broker)
         return cell
     finally:
@@ -486,8 +486,8 @@ class ServerProcess:
     """`python -m benchmarks.serving_paths --server`: echo + brokers, joined to our Ray cluster.
 
     The parent talks to it over its stdin and stdout, one JSON line each way: the ports once it
-    listens, then `stats()` on demand ({"cpu_s": this process's CPU time, "answered": windows its
-    main broker answered}); closing stdin stops it gracefully."""
+    listens, then `stats()` on demand ({"cpu_s": this process's CPU time, "by": {broker name:
+    [windows answered, windows on its own tail]}}); closing stdin stops it gracefully."""
 
     def __init__(self, spec: dict[str, Any], timeout_s: float) -> None:
         self._log = tempfile.NamedTemporaryFile("w+", prefix="splitsense-bench-server-", suffix=".log")  # noqa: SIM115
@@ -540,8 +540,8 @@ class ServerProcess:
         return {k[: -len("_port")]: int(v) for k, v in msg.items() if k.endswith("_port")}
 
     def stats(self, timeout_s: float = 10.0) -> dict[str, Any]:
-        """This process's CPU seconds so far, the windows its main broker answered and ran on its
-        own tail, and `by`: {broker name: [answered, own tail]} for each of its brokers."""
+        """This process's CPU seconds so far and `by`: {broker name: [windows answered, windows on
+        its own tail]} for each of its brokers."""
         assert self._proc.stdin is not None
         self._proc.stdin.write("stats\n")
         self._proc.stdin.flush()
@@ -550,9 +550,7 @@ class ServerProcess:
             raise DependencyError(f"the benchmark server process did not answer; its log ends:\n{self.log_tail()}")
         return {
             "cpu_s": float(msg["cpu_s"]),
-            "answered": float(msg["answered"]),
-            "local": float(msg["local"]),
-            "by": {k: [float(v[0]), float(v[1])] for k, v in msg.get("by", {}).items()},
+            "by": {k: [float(v[0]), float(v[1])] for k, v in msg["by"].items()},
         }
 
     def log_tail(self, chars: int = 2000) -> str:
@@ -643,18 +641,13 @@ async def _serve_main(spec: dict[str, Any]) -> None:
         ports[f"{name}_port"] = await brokers[name].start()
     print(json.dumps(ports), flush=True)
     loop = asyncio.get_running_loop()
-    main = brokers.get("broker")
     while True:
         line = await loop.run_in_executor(None, sys.stdin.readline)  # until the parent closes our stdin
         if not line:
             break
         if line.strip() == "stats":
-            answered = _answered(main) if main is not None else 0
-            local = _local_windows(main) if main is not None else 0
             by = {name: [_answered(b), _local_windows(b)] for name, b in brokers.items()}
-            print(
-                json.dumps({"cpu_s": time.process_time(), "answered": answered, "local": local, "by": by}), flush=True
-            )
+            print(json.dumps({"cpu_s": time.process_time(), "by": by}), flush=True)
     for broker in brokers.values():
         await broker.stop(1.0)
     if echo is not None:
