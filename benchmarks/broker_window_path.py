@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from splitsense import aio
 from splitsense.config import Config
 
 __all__ = ["WindowBenchConfig", "run_window_bench"]
@@ -118,7 +119,7 @@ def run_window_bench(
         await asyncio.gather(*(device(d) for d in range(bench.devices)))
         return time.process_time() - t0
 
-    cpu_s = asyncio.run(drive())
+    cpu_s = aio.run(drive())
     windows = answered + failed
     results = [
         {"row": "full", "cpu_us_per_window": round(full_us, 2)},

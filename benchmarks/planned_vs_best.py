@@ -87,6 +87,7 @@ from cloud.controller.planner import inputs_from_config, plan_fleet
 from pipelines.catalog import ModelCatalog
 from pipelines.devices import DEVICE_CLASSES, DeviceClass
 from pipelines.power import radio_model
+from splitsense import aio
 from splitsense.config import ClassObjectiveConfig, Config, PlannerConfig
 from splitsense.errors import ConfigError, OffloadError
 from splitsense.kinds import Codec
@@ -802,7 +803,7 @@ def run_planner_bench(
     bench: PlannerBenchConfig | None = None, cfg: Config | None = None, progress: Progress | None = None
 ) -> dict[str, Any]:
     """`run_planner_bench_async` in a fresh event loop."""
-    return asyncio.run(run_planner_bench_async(bench, cfg, progress))
+    return aio.run(run_planner_bench_async(bench, cfg, progress))
 
 
 # ---------------------------------------------------------------------------------------------

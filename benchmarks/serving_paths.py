@@ -67,6 +67,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from simulators.capacity import read_host_cpu
+from splitsense import aio
 from splitsense.config import Config
 from splitsense.errors import ConfigError, DependencyError
 
@@ -658,7 +659,7 @@ async def _serve_main(spec: dict[str, Any]) -> None:
 def server_main() -> None:
     spec = json.loads(sys.stdin.readline())
     try:
-        asyncio.run(_serve_main(spec))
+        aio.run(_serve_main(spec))
     except Exception as e:
         print(json.dumps({"error": f"{type(e).__name__}: {e}"}), flush=True)
         raise SystemExit(1) from None
@@ -860,7 +861,7 @@ def run_serve_bench(
                     say(f"measuring {path} with {n} device(s)")
                     cells.append(await _measure_cell(path, n, bench, wl, tail, backends, servers))
 
-        asyncio.run(all_cells())
+        aio.run(all_cells())
         top = next((c for c in cells if c.path == "broker" and c.devices == max(bench.devices)), None)
         if top is not None and top.broker_timing:
             size = round(top.broker_timing["batch_size"])
@@ -895,6 +896,7 @@ def run_serve_bench(
             "host_cpus": os.cpu_count(),
             "torch_threads_in_process": torch.get_num_threads(),
             "tail_engine": {"kind": backend.tail_engine[0], "why": backend.tail_engine[1]},
+            "event_loop": aio.event_loop_name(),  # SPLITSENSE_EVENT_LOOP: the client's and the servers'
             "tail_cpu_ms_per_window_at_broker_batch": tail_cpu,
         },
         "results": [c.row() for c in cells],
@@ -927,6 +929,8 @@ def render(result: dict[str, Any], console: Any) -> None:
 
     c = result["config"]
     title = f"bench serve: {c['model']} cut {c['cut']} ({c['cut_name']}), {c['request_bytes']} B per request"
+    if c.get("tail_engine") and c.get("event_loop"):
+        title += f"; tails on {c['tail_engine']['kind']}, event loop {c['event_loop']}"
     table = Table(title=title)
     cols = (
         "path",

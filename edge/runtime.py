@@ -365,6 +365,7 @@ class EdgeDevice:
         self.n_stages = self.info.n_stages
         # The fronts the backend can run (cut -> levels, 1.0 first); None: it does not say (all)
         self._held = self._held_fronts(backend)
+        self._held_report: tuple[wire.HeldFronts, ...] | None = None  # held_fronts(), built once
         self.transport = transport
         self._clock = clock
         self._wall = wall_clock
@@ -451,11 +452,14 @@ class EdgeDevice:
 
     def held_fronts(self) -> tuple[wire.HeldFronts, ...]:
         """What telemetry says this device holds: the fronts of its model (a task group's by the
-        group's name, which names its plan); () when the backend does not say."""
+        group's name, which names its plan); () when the backend does not say. The backend's
+        fronts do not change while the device runs: built once, carried by every report."""
         if self._held is None:
             return ()
-        pairs = sorted(((k, lv) for k, levels in self._held.items() for lv in levels), key=lambda f: (-f[1], f[0]))
-        return (wire.HeldFronts(self.config.model, tuple(pairs[: wire.MAX_FRONTS_PER_MODEL])),)
+        if self._held_report is None:
+            pairs = sorted(((k, lv) for k, levels in self._held.items() for lv in levels), key=lambda f: (-f[1], f[0]))
+            self._held_report = (wire.HeldFronts(self.config.model, tuple(pairs[: wire.MAX_FRONTS_PER_MODEL])),)
+        return self._held_report
 
     def holds(self, cut: int, level: float) -> bool:
         """Whether the device can run the front of `cut` at compression `level` (cut 0 runs no

@@ -101,6 +101,7 @@ from simulators.policies import (
 )
 from simulators.scenario import DeviceSpec, assign_devices, select_traces
 from simulators.traces import Trace
+from splitsense import aio
 from splitsense.config import Config, EdgeConfig
 from splitsense.errors import ConfigError
 from splitsense.kinds import EncodedTensor
@@ -1096,6 +1097,7 @@ async def simulate(
             await preparing
             result = await runner.run(stack)
             result.extra["cloud_tails"] = stack.tail_engine
+            result.extra["event_loop"] = aio.running_loop_name()  # the broker's and the fleet's
             return result
     finally:
         if not preparing.done():

@@ -702,6 +702,7 @@ def write_report(result: FleetResult, directory: str | Path) -> Path:
             **{k: v for k, v in result.extra.items() if k.startswith("host_")},
             "device_backend": result.extra.get("device_backend"),  # edge.backend: what the devices ran on
             "cloud_tails": result.extra.get("cloud_tails"),  # serving.tail_engine: what ran the tails
+            "event_loop": result.extra.get("event_loop"),  # SPLITSENSE_EVENT_LOOP: the broker process's
             "classes": {
                 c: {
                     **{k: v for k, v in asdict(DEVICE_CLASSES[c]).items() if k != "radio"},
@@ -1094,6 +1095,9 @@ def render_summary(result: FleetResult, console: Any, report_dir: Path | None = 
     tails = result.extra.get("cloud_tails")
     if tails:
         console.print(f"  cloud tails ran on: {tails['kind']} ({tails['why']})", highlight=False)
+    loop = result.extra.get("event_loop")
+    if loop:
+        console.print(f"  event loop (broker process): {loop}", highlight=False)
     if report_dir is not None:
         console.print(f"  report: {report_dir}")
 

@@ -53,6 +53,7 @@ from simulators.fleet import (
     device_windows,
 )
 from simulators.policies import Policy
+from splitsense import aio
 from splitsense.config import Config
 from splitsense.errors import ConfigError, DependencyError
 
@@ -368,6 +369,7 @@ async def simulate_sharded(
                     "policy_inputs": dict(runner.inputs),
                     "device_backend": {"kind": runner.engine_kind, "why": runner.engine_why},
                     "cloud_tails": stack.tail_engine,
+                    "event_loop": aio.running_loop_name(),  # the broker's (the shards': Ray's choice)
                     "fleet": fleet_mode(
                         sim.shards, sim.reuse, stack_config.serving.ray_address, infos, reuse, placement
                     ),

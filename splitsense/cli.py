@@ -246,10 +246,10 @@ def cloud_up(
     others `--join` them on the same Ray cluster; all follow the same Redis plan store, and
     devices spread over them with gRPC's round_robin (edge.lb_policy) given every broker's address
     (`ipv4:H1:P1,H2:P2` or a DNS name with several records)."""
-    import asyncio
     from dataclasses import replace
 
     from cloud.wiring import check_broker_exposure
+    from splitsense import aio
 
     cfg = _load_config(config)
     given = {
@@ -306,7 +306,7 @@ def cloud_up(
                 err.print("plans: static (set broker.redis_url or controller.redis_url to follow a controller)")
             err.print("Ctrl-C or SIGTERM stops it")
 
-        asyncio.run(
+        aio.run(
             run_broker_forever(
                 broker_cfg,
                 registry,
@@ -541,7 +541,6 @@ def edge_run(
     ),
 ) -> None:
     """Replay a real recording through preprocessing, the front, and offload (or local) per window."""
-    import asyncio
     from dataclasses import replace
 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -555,6 +554,7 @@ def edge_run(
     from pipelines.codecs import parse_codec
     from pipelines.groups import group_members
     from pipelines.specs import get_spec
+    from splitsense import aio
     from splitsense.errors import ConfigError, DataError
 
     cfg = _load_config(config)
@@ -661,7 +661,7 @@ def edge_run(
                 if transport is not None:
                     await transport.close()
 
-    summary, task_right = asyncio.run(go())
+    summary, task_right = aio.run(go())
     task_accuracy = {m: (sum(v) / len(v) if v else None) for m, v in task_right.items()}
     if as_json:
         emit_json({**summary.to_dict(), "task_accuracy": task_accuracy, "backend": kind})
@@ -905,12 +905,11 @@ def controller_run(
     config: Path = typer.Option(None, "--config", "-c", help="Scenario file (JSON) overriding the defaults."),
 ) -> None:
     """Replan every period until Ctrl-C: a live status line per pass, a summary on exit."""
-    import asyncio
-
     from rich.table import Table
 
     from cloud.controller.loop import PassReport
     from cloud.stack import run_controller_forever
+    from splitsense import aio
 
     cfg = _controller_config(config, prometheus_url=prometheus, redis_url=redis, period_s=period)
     _cli_logging(verbose)
@@ -939,7 +938,7 @@ def controller_run(
 
     port = None if metrics_port < 0 else metrics_port
     try:
-        controller = asyncio.run(run_controller_forever(cfg, metrics_port=port, on_started=started, on_pass=on_pass))
+        controller = aio.run(run_controller_forever(cfg, metrics_port=port, on_started=started, on_pass=on_pass))
     finally:
         if live is not None:
             live.stop()
@@ -1271,7 +1270,6 @@ def bench_planner(
 def _run_fleet(cfg: Any, *, as_json: bool, report_dir: Path | None, with_ray: bool, what: str) -> None:
     """Start the cloud, run the fleet of `cfg.simulator`, write the report, print the summary
     (stdout: one JSON object with --json, the table on stderr); stop everything, on Ctrl-C too."""
-    import asyncio
     import contextlib
     import time
 
@@ -1279,6 +1277,7 @@ def _run_fleet(cfg: Any, *, as_json: bool, report_dir: Path | None, with_ray: bo
     from simulators.fleet import simulate
     from simulators.report import ConsoleProgress, render_summary, summarize, write_report
     from simulators.shards import simulate_sharded
+    from splitsense import aio
 
     out_dir = report_dir or cfg.paths.reports_dir / time.strftime("%Y%m%d-%H%M%S")
     sim = cfg.simulator
@@ -1297,9 +1296,7 @@ def _run_fleet(cfg: Any, *, as_json: bool, report_dir: Path | None, with_ray: bo
             err.print(f"[dim]cloud:[/] {step}", highlight=False)
 
         try:
-            result = asyncio.run(
-                fleet(cfg, with_ray=with_ray, progress=ConsoleProgress(err), stack_progress=stack_step)
-            )
+            result = aio.run(fleet(cfg, with_ray=with_ray, progress=ConsoleProgress(err), stack_progress=stack_step))
         except KeyboardInterrupt:
             err.print("interrupted: the fleet and the cloud were stopped")
             raise typer.Exit(130) from None

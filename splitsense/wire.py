@@ -29,6 +29,7 @@ with INVALID_ARGUMENT. This module imports protobuf, never grpc.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -727,8 +728,14 @@ def _report_to_pb(x: TelemetryReport) -> pb.ReportTelemetryRequest:
         period_start_unix_ms=x.period_start_unix_ms,
         period_end_unix_ms=x.period_end_unix_ms,
         observations=[_observation_to_pb(o) for o in x.observations],
-        held_fronts=[_held_to_pb(h) for h in x.held_fronts],
+        held_fronts=[_held_to_pb_shared(h) for h in x.held_fronts],
     )
+
+
+# A device's held fronts are the same in every report it sends (~20 pairs, a FrontRef each):
+# their message is built once per HeldFronts value and copied into each report's repeated field
+# (the constructor copies it; the shared one is never handed out).
+_held_to_pb_shared = functools.lru_cache(maxsize=4096)(_held_to_pb)
 
 
 def _report_from_pb(msg: pb.ReportTelemetryRequest, path: str = "ReportTelemetryRequest") -> TelemetryReport:
