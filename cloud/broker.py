@@ -785,12 +785,15 @@ class _OffloadServicer(pb_grpc.OffloadServiceServicer):
         self, request: pb.ReportTelemetryRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.ReportTelemetryResponse:
         b = self._b
+        received = time.monotonic()
         try:
             version = b.telemetry(request, _caller(context))
         except Exception as e:
             code, message, _ = b._failed(e, "", request.device_class)
         else:
-            return pb.ReportTelemetryResponse(plan_version=version)
+            # how long it took here: the device times its link by the rest of the call (no ping)
+            handling_ms = (time.monotonic() - received) * 1000.0
+            return pb.ReportTelemetryResponse(plan_version=version, handling_ms=handling_ms)
         await context.abort(code, message)
         raise AssertionError("unreachable: abort raises")
 

@@ -102,7 +102,6 @@ log = logging.getLogger(__name__)
 # for it: a well-behaved transport raises at the deadline; this only bounds a broken one.
 _TRANSPORT_GRACE_S = 0.05
 _TELEMETRY_TIMEOUT_S = 2.0
-_TELEMETRY_ANSWER_BYTES = 8  # ReportTelemetryResponse: the newest plan version
 _PING_VERSION = 2**62  # a plan version no plan set reaches: the broker answers GetPlan with nothing
 _PING_BYTES = 48  # GetPlanRequest: device class, model, version
 _PING_ANSWER_BYTES = 2  # an empty GetPlanResponse
@@ -1371,7 +1370,10 @@ class EdgeDevice:
 
     async def _send_report(self) -> None:
         """One telemetry report, on the radio like any other call: it may pay a promotion, its
-        energy is charged (TrafficKind.TELEMETRY), and its time is a (small) sample of the link."""
+        energy is charged (TrafficKind.TELEMETRY), and its time is a (small) sample of the link:
+        the call's time less the broker's handling of it (the answer's handling_ms), as an
+        offload's is less its queue and compute. A broker that does not say how long it took
+        gets a ping after the report instead (`_ping`)."""
         assert self.transport is not None
         end_ms = int(self._wall() * 1000)
         report = self.metrics.drain_report(
@@ -1388,9 +1390,10 @@ class EdgeDevice:
         up_bytes = wire.to_pb(report).ByteSize()
         ticket = self.radio.begin(TrafficKind.TELEMETRY)
         call = _Call()
+        ack: wire.TelemetryAck | None = None
         try:
             await self.hardware.promote(ticket.promotion_s)
-            await self.transport.report_telemetry(report, _TELEMETRY_TIMEOUT_S)
+            ack = await self.transport.report_telemetry(report, _TELEMETRY_TIMEOUT_S)
         except asyncio.CancelledError:
             self._end_call(call, ticket, up_bytes, 0, answered=False)
             self.metrics.restore(report)
@@ -1400,9 +1403,18 @@ class EdgeDevice:
             self._end_call(call, ticket, up_bytes, 0, answered=False)
             self.metrics.restore(report)
         else:
-            # Not a link sample: the broker's handling of a report (it updates its metrics) is
-            # unknown time; the ping below is one, on the radio this report just woke.
-            self._end_call(call, ticket, up_bytes, _TELEMETRY_ANSWER_BYTES, answered=True)
+            elapsed = self._clock() - ticket.start_s
+            answer_bytes = wire.to_pb(ack).ByteSize()
+            self._end_call(call, ticket, up_bytes, answer_bytes, answered=True)
+            if ack.handling_ms is not None:
+                changed = self.radio.link_changed_s
+                if changed is None or changed < ticket.start_s:
+                    self.estimator.record_transfer(
+                        up_bytes, answer_bytes, elapsed, ack.handling_ms / 1000.0, ticket.promotion_s
+                    )
+                return
+        # The broker's handling of the report is unknown time: a ping is the link sample, on the
+        # radio this report just woke.
         await self._ping()
 
     async def _ping(self) -> None:

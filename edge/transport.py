@@ -143,8 +143,9 @@ class OffloadTransport(Protocol):
         """Every plan set newer than `known_version`, as it is published; ends with an error."""
         ...
 
-    async def report_telemetry(self, report: wire.TelemetryReport, timeout_s: float = 5.0) -> int:
-        """Push one telemetry report; returns the newest plan version the broker knows."""
+    async def report_telemetry(self, report: wire.TelemetryReport, timeout_s: float = 5.0) -> wire.TelemetryAck:
+        """Push one telemetry report; returns the broker's answer: the newest plan version it
+        knows, and how long it took to handle the report (when it says)."""
         ...
 
     async def close(self) -> None: ...
@@ -672,13 +673,16 @@ class GrpcTransport:
             finally:
                 call.cancel()
 
-    async def report_telemetry(self, report: wire.TelemetryReport, timeout_s: float = 5.0) -> int:
+    async def report_telemetry(self, report: wire.TelemetryReport, timeout_s: float = 5.0) -> wire.TelemetryAck:
         stub, _ = self._stubs()
         try:
             resp = await stub.ReportTelemetry(wire.to_pb(report), timeout=timeout_s, metadata=self._metadata)
         except grpc.aio.AioRpcError as e:
             raise _from_rpc_error(e) from None
-        return int(resp.plan_version)
+        try:
+            return wire.from_pb(resp)
+        except WireError as e:
+            raise BrokerUnavailableError(f"malformed answer to a telemetry report from the broker: {e}") from None
 
 
 def _plan_set(msg: pb.PlanSet) -> PlanSet:

@@ -1080,13 +1080,13 @@ class ShapedTransport:
             answer,
         )
 
-    async def report_telemetry(self, report: wire.TelemetryReport, timeout_s: float = 5.0) -> int:
+    async def report_telemetry(self, report: wire.TelemetryReport, timeout_s: float = 5.0) -> wire.TelemetryAck:
         return await self._unary(
             "ReportTelemetry",
             wire.to_pb(report).ByteSize(),
             timeout_s,
             lambda left: self.inner.report_telemetry(report, left),
-            lambda version: pb.ReportTelemetryResponse(plan_version=version).ByteSize(),
+            lambda ack: wire.to_pb(ack).ByteSize(),
         )
 
     async def watch_plans(

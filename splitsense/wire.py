@@ -14,6 +14,7 @@ which travel on the same wire):
     TelemetryObservation           TelemetryObservation
     HeldFronts                     HeldFronts (its fronts: FrontRef)
     TelemetryReport                ReportTelemetryRequest
+    TelemetryAck                   ReportTelemetryResponse
     PlanRequest                    GetPlanRequest, WatchPlanRequest   plan_request_from_pb
     PlanRow, Plan, PlanSet         PlanRow, Plan, PlanSet
 
@@ -56,6 +57,7 @@ __all__ = [
     "PlanRequest",
     "RadioKind",
     "TaskResult",
+    "TelemetryAck",
     "TelemetryObservation",
     "TelemetryReport",
     "Timing",
@@ -386,6 +388,22 @@ class HeldFronts:
         if cut == 0 and level >= 1.0 - tol:
             return True
         return any(k == cut and abs(lv - level) <= tol for k, lv in self.fronts)
+
+
+@dataclass(frozen=True)
+class TelemetryAck:
+    """The broker's answer to a telemetry report (ReportTelemetryResponse)."""
+
+    plan_version: int  # the newest plan set version the broker knows
+    # How long the broker took to handle the report (ms); None: a broker that does not say (the
+    # device then pings for its link sample instead of timing the report)
+    handling_ms: float | None = None
+
+    def __post_init__(self) -> None:
+        o = "TelemetryAck"
+        _check_int(o, "plan_version", self.plan_version, 0, _INT64_MAX)
+        if self.handling_ms is not None:
+            object.__setattr__(self, "handling_ms", _check_float(o, "handling_ms", self.handling_ms))
 
 
 @dataclass(frozen=True)
@@ -732,6 +750,15 @@ def _report_to_pb(x: TelemetryReport) -> pb.ReportTelemetryRequest:
     )
 
 
+def _ack_to_pb(x: TelemetryAck) -> pb.ReportTelemetryResponse:
+    return pb.ReportTelemetryResponse(plan_version=x.plan_version, handling_ms=x.handling_ms)
+
+
+def _ack_from_pb(msg: pb.ReportTelemetryResponse, path: str = "ReportTelemetryResponse") -> TelemetryAck:
+    handling = msg.handling_ms if msg.HasField("handling_ms") else None
+    return _build(path, TelemetryAck, plan_version=msg.plan_version, handling_ms=handling)
+
+
 # A device's held fronts are the same in every report it sends (~20 pairs, a FrontRef each):
 # their message is built once per HeldFronts value and copied into each report's repeated field
 # (the constructor copies it; the shared one is never handed out).
@@ -906,6 +933,7 @@ _TO_PB: dict[type, Callable[[Any], Any]] = {
     TelemetryObservation: _observation_to_pb,
     HeldFronts: _held_to_pb,
     TelemetryReport: _report_to_pb,
+    TelemetryAck: _ack_to_pb,
     PlanRow: _row_to_pb,
     Plan: _plan_to_pb,
     PlanSet: _plan_set_to_pb,
@@ -920,6 +948,7 @@ _FROM_PB: dict[type, Callable[[Any], Any]] = {
     pb.TelemetryObservation: _observation_from_pb,
     pb.HeldFronts: _held_from_pb,
     pb.ReportTelemetryRequest: _report_from_pb,
+    pb.ReportTelemetryResponse: _ack_from_pb,
     pb.PlanRow: _row_from_pb,
     pb.Plan: _plan_from_pb,
     pb.PlanSet: _plan_set_from_pb,
@@ -942,6 +971,8 @@ def to_pb(x: TelemetryObservation) -> pb.TelemetryObservation: ...
 def to_pb(x: HeldFronts) -> pb.HeldFronts: ...
 @overload
 def to_pb(x: TelemetryReport) -> pb.ReportTelemetryRequest: ...
+@overload
+def to_pb(x: TelemetryAck) -> pb.ReportTelemetryResponse: ...
 @overload
 def to_pb(x: PlanRow) -> pb.PlanRow: ...
 @overload
@@ -972,6 +1003,8 @@ def from_pb(msg: pb.TelemetryObservation) -> TelemetryObservation: ...
 def from_pb(msg: pb.HeldFronts) -> HeldFronts: ...
 @overload
 def from_pb(msg: pb.ReportTelemetryRequest) -> TelemetryReport: ...
+@overload
+def from_pb(msg: pb.ReportTelemetryResponse) -> TelemetryAck: ...
 @overload
 def from_pb(msg: pb.PlanRow) -> PlanRow: ...
 @overload

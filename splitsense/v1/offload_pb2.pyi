@@ -766,18 +766,28 @@ class ReportTelemetryResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     PLAN_VERSION_FIELD_NUMBER: _builtins.int
+    HANDLING_MS_FIELD_NUMBER: _builtins.int
     plan_version: _builtins.int
     """The newest plan set version the broker knows, so a device without a watch can see it is stale."""
+    handling_ms: _builtins.float
+    """How long the broker took to handle the report, in milliseconds, from reading it to answering.
+    The device takes the rest of the call's time as a sample of its link, as it does with an
+    offload's timing, instead of a separate ping. Brokers before it leave it unset (the device
+    pings then).
+    """
     def __init__(
         self,
         *,
         plan_version: _builtins.int = ...,
+        handling_ms: _builtins.float | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_handling_ms", b"_handling_ms", "handling_ms", b"handling_ms"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["plan_version", b"plan_version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_handling_ms", b"_handling_ms", "handling_ms", b"handling_ms", "plan_version", b"plan_version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__handling_ms: _TypeAlias = _typing.Literal["handling_ms"]  # noqa: Y015
+    _WhichOneofArgType__handling_ms: _TypeAlias = _typing.Literal["_handling_ms", b"_handling_ms"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__handling_ms) -> _WhichOneofReturnType__handling_ms | None: ...
 
 Global___ReportTelemetryResponse: _TypeAlias = ReportTelemetryResponse  # noqa: Y015
 

@@ -685,6 +685,8 @@ async def test_report_telemetry_updates_metrics(broker: Broker, stub: pb_grpc.Of
     )
     resp = await stub.ReportTelemetry(report, metadata=creds("dev-t"), timeout=5)
     assert resp.plan_version == broker.plans.version
+    # how long the broker took with it: the device's link sample is the call less this
+    assert resp.HasField("handling_ms") and 0.0 < resp.handling_ms < 1000.0
     v = broker.metrics.registry.get_sample_value
     labels = {"model": "uci_har", "device_class": "watch", "cut": "6", "mode": "local"}
     assert v("splitsense_device_windows_total", labels) == 5

@@ -25,7 +25,7 @@ from pipelines.models import get_spec
 from pipelines.training import load_trained
 from splitsense.config import BreakerConfig, EdgeConfig
 from splitsense.errors import ConfigError
-from splitsense.wire import OffloadRequest, OffloadResponse, TelemetryReport, Timing
+from splitsense.wire import OffloadRequest, OffloadResponse, TelemetryAck, TelemetryReport, Timing
 
 MODEL = "uci_har"
 LEVEL = 0.98  # tests/unit/conftest.py
@@ -109,8 +109,8 @@ class CloudTwin:
         return
         yield
 
-    async def report_telemetry(self, report: TelemetryReport, timeout_s: float = 5.0) -> int:
-        return 0
+    async def report_telemetry(self, report: TelemetryReport, timeout_s: float = 5.0) -> TelemetryAck:
+        return TelemetryAck(0)
 
     async def close(self) -> None:
         pass

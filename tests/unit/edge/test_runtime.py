@@ -31,7 +31,7 @@ from pipelines.training import TrainedModel, load_trained
 from splitsense.config import BreakerConfig, EdgeConfig
 from splitsense.errors import BrokerUnavailableError, ShedError
 from splitsense.plan import BatteryState, Objective, Plan, PlanRow, PlanSet
-from splitsense.wire import ExecutionMode, OffloadRequest, OffloadResponse, TelemetryReport, Timing
+from splitsense.wire import ExecutionMode, OffloadRequest, OffloadResponse, TelemetryAck, TelemetryReport, Timing
 
 MODEL = "uci_har"  # small and fast; the audio model is checked too where it matters
 N = 6  # stages of every shipped model: encoder, decoder, conv4, fc1, fc2, classifier
@@ -80,6 +80,8 @@ class FakeTransport:
         self.hook: Callable[[OffloadRequest], None] | None = None
         self.logits_override: tuple[float, ...] | None = None
         self.activations: list[Any] = []  # every activation as decoded here
+        self.handling_ms: float | None = None  # what its telemetry answers say (None: a broker that does not)
+        self.plan_calls: list[int] = []  # known_version of each GetPlan (2**62: the device's ping)
 
     async def offload(self, request: OffloadRequest, timeout_s: float) -> OffloadResponse:
         self.requests.append(request)
@@ -95,16 +97,19 @@ class FakeTransport:
             return OffloadResponse(request.window_id, self.logits_override, 0, Timing(0.1, 0.4, 1))
         return OffloadResponse(request.window_id, tuple(float(v) for v in y), int(y.argmax()), Timing(0.1, 0.4, 1))
 
-    async def get_plan(self, *args: Any, **kwargs: Any) -> PlanSet | None:
+    async def get_plan(
+        self, device_class: str, models: Any = (), known_version: int = 0, timeout_s: float = 5.0
+    ) -> PlanSet | None:
+        self.plan_calls.append(known_version)
         return None
 
     async def watch_plans(self, *args: Any, **kwargs: Any) -> AsyncIterator[PlanSet]:
         return
         yield  # an async generator that ends at once
 
-    async def report_telemetry(self, report: TelemetryReport, timeout_s: float = 5.0) -> int:
+    async def report_telemetry(self, report: TelemetryReport, timeout_s: float = 5.0) -> TelemetryAck:
         self.reports.append(report)
-        return 0
+        return TelemetryAck(0, self.handling_ms)
 
     async def close(self) -> None:
         pass
@@ -439,6 +444,35 @@ async def test_telemetry_reports_add_up_to_the_windows_and_metrics_count_modes()
     assert value("splitsense_edge_breaker_state") == 0
     assert value("splitsense_edge_window_latency_seconds_count", mode="offloaded") == 8
     assert value("splitsense_edge_sent_bytes_total", cut="5", codec="fp32") == summary.bytes_sent
+
+
+@pytest.mark.parametrize("handling_ms", [None, 0.3])
+async def test_a_timed_telemetry_answer_is_the_link_sample_and_replaces_the_ping(handling_ms: float | None) -> None:
+    """A broker that says how long it took to handle a report: the report's own round trip, less
+    that, is a sample of the link, and no ping follows it. One that does not: a ping per report."""
+    transport = FakeTransport()
+    transport.handling_ms = handling_ms
+    device = EdgeDevice(config(default_cut=5, telemetry_period_s=1e-6), trained(MODEL), transport)
+    samples: list[tuple[int, int, float]] = []
+    record = device.estimator.record_transfer
+
+    def spy(up: int, down: int, elapsed_s: float, server_s: float = 0.0, promotion_s: float = 0.0) -> Any:
+        if server_s != pytest.approx(0.5 / 1000):  # not an offload's (FakeTransport's Timing: 0.1 + 0.4 ms)
+            samples.append((up, down, server_s))
+        return record(up, down, elapsed_s, server_s, promotion_s)
+
+    device.estimator.record_transfer = spy  # type: ignore[method-assign]
+    await device.run(source(windows(MODEL, 6)))
+    pings = [v for v in transport.plan_calls if v == 2**62]
+    assert transport.reports
+    if handling_ms is None:
+        assert len(pings) == len(transport.reports)
+        assert samples and all(up < 100 and server_s == 0.0 for up, _, server_s in samples)  # the pings
+    else:
+        assert pings == []
+        assert len(samples) == len(transport.reports)
+        for up, down, server_s in samples:
+            assert up > 100 and down > 0 and server_s == pytest.approx(handling_ms / 1000)
 
 
 async def test_jsonl_sink_writes_one_parseable_line_per_window() -> None:

@@ -18,7 +18,7 @@ from pipelines.models import get_spec
 from pipelines.training import TrainedModel, load_trained
 from splitsense.config import BreakerConfig, EdgeConfig
 from splitsense.errors import BrokerUnavailableError, ConfigError
-from splitsense.wire import OffloadRequest, OffloadResponse, TaskResult, Timing
+from splitsense.wire import OffloadRequest, OffloadResponse, TaskResult, TelemetryAck, Timing
 
 MAIN, TASK = "fsdd_speaker", "fsdd_digit"
 GROUP = f"{MAIN}+{TASK}"
@@ -70,8 +70,8 @@ class TaskTransport:
         return
         yield
 
-    async def report_telemetry(self, report: Any, timeout_s: float = 5.0) -> int:
-        return 0
+    async def report_telemetry(self, report: Any, timeout_s: float = 5.0) -> TelemetryAck:
+        return TelemetryAck(0)
 
     async def close(self) -> None:
         pass

@@ -30,7 +30,15 @@ from simulators.traces import Trace
 from splitsense import wire
 from splitsense.errors import ConfigError, OffloadDeadlineError, ShedError
 from splitsense.plan import BatteryState, Objective, Plan, PlanRow, PlanSet
-from splitsense.wire import DeviceEstimates, OffloadRequest, OffloadResponse, RadioKind, TelemetryReport, Timing
+from splitsense.wire import (
+    DeviceEstimates,
+    OffloadRequest,
+    OffloadResponse,
+    RadioKind,
+    TelemetryAck,
+    TelemetryReport,
+    Timing,
+)
 
 MBIT = 1e6 / 8
 # 1 Mbit/s for 2 s, then 4 Mbit/s for 2 s; loops every 4 s.
@@ -234,9 +242,9 @@ class Fake:
         finally:
             self.watch_closed = True
 
-    async def report_telemetry(self, report: TelemetryReport, timeout_s: float = 5.0) -> int:
+    async def report_telemetry(self, report: TelemetryReport, timeout_s: float = 5.0) -> TelemetryAck:
         self._seen("telemetry", timeout_s)
-        return 7
+        return TelemetryAck(7, 0.5)
 
     async def close(self) -> None:
         self.closed = True
@@ -337,7 +345,7 @@ async def test_plan_and_telemetry_calls_are_shaped_too() -> None:
     ping = loop.time() - t
     assert 0.05 <= ping <= 0.05 + (UNARY_CALL_BYTES[0] + UNARY_CALL_BYTES[1] + 64) * 8 / 0.5e6 + SLACK_S
     report = TelemetryReport("dev", "phone", None, 1, 1, 2, ())
-    assert await link.report_telemetry(report, 2.0) == 7
+    assert await link.report_telemetry(report, 2.0) == TelemetryAck(7, 0.5)
     assert [c[0] for c in fake.calls] == ["get_plan", "telemetry"]
     assert link.counters.bytes_up >= 2 * UNARY_CALL_BYTES[0] + wire.to_pb(report).ByteSize()
     with pytest.raises(OffloadDeadlineError):
