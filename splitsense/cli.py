@@ -1141,6 +1141,26 @@ def bench_tail(
     )
 
 
+@bench_app.command("loop")
+@friendly
+def bench_loop(
+    rounds: int = typer.Option(5, "--rounds", help="Rounds per event loop (they alternate)."),
+    devices: int = typer.Option(64, "--devices", help="gRPC streams at once, a channel each."),
+    round_trips: int = typer.Option(20_000, "--round-trips", help="Round trips per round, over all streams."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object {config, results, summary}."),
+) -> None:
+    """The event loop under grpc.aio (splitsense/aio.py): asyncio vs uvloop, CPU per stream round trip."""
+    from benchmarks.event_loops import LoopBenchConfig, render, run_loop_bench
+
+    bench = LoopBenchConfig(rounds=rounds, devices=devices, round_trips=round_trips)
+    with err.status("bench loop") as status:
+        result = run_loop_bench(bench, progress=status.update)
+    if as_json:
+        emit_json(result)
+        return
+    render(result, _out())
+
+
 @bench_app.command("edge")
 @friendly
 def bench_edge(
