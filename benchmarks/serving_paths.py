@@ -5,6 +5,11 @@
     raw_grpc_stream        the same echo over one bidirectional stream per device (a window written, its
                            echo read, in turn): the wire floor of the broker's own transport, the stream
                            every device holds (GrpcTransport): ~2.5x a unary echo's throughput here
+    transport_echo         the device's own transport (GrpcTransport, one per device) against an
+                           OffloadStream in the echo's process that answers each window at once with a
+                           fixed result (it parses the request for its window id, nothing else): beside
+                           raw_grpc_stream, its client CPU per window is what the device's transport
+                           itself costs (the conversions, the stream's reader, the write task, the checks)
     in_process             the tail on the window in this process (serving.tail_engine, as the replicas
                            run it): the compute floor
     naive_ray              one Ray Serve handle call per window (batch of 1), same deployment and config
@@ -77,6 +82,7 @@ if TYPE_CHECKING:
 PATHS = (
     "raw_grpc",
     "raw_grpc_stream",
+    "transport_echo",
     "in_process",
     "naive_ray",
     "naive_ray_unthrottled",
@@ -390,10 +396,13 @@ async def _measure_cell(
             if out is eof or len(out) != len(payload):
                 raise RuntimeError("the stream echo ended or answered other bytes")
 
-    elif path in BROKER_PATHS:
+    elif path in BROKER_PATHS or path == "transport_echo":
         # Each simulated device drives the broker as a device does: its own GrpcTransport (one
         # channel; one OffloadStream, or unary calls), typed errors, answers checked by window id.
-        if path == "broker_x2":
+        if path == "transport_echo":
+            measured = [servers[0]]
+            target = f"127.0.0.1:{servers[0].ports['echo']}"
+        elif path == "broker_x2":
             measured = servers[:2]
             target = "ipv4:" + ",".join(f"127.0.0.1:{s.ports['broker']}" for s in measured)
         else:
@@ -414,8 +423,9 @@ async def _measure_cell(
 
         async def call(d: int, i: int) -> None:
             resp = await transports[d].offload(wl.requests[d][i % k], bench.call_timeout_s)
-            t = resp.timing
-            timings.append((t.batch_size, t.queue_ms, t.compute_ms))
+            if path != "transport_echo":
+                t = resp.timing
+                timings.append((t.batch_size, t.queue_ms, t.compute_ms))
 
     else:
         raise ConfigError(f"unknown path {path!r}; paths: {', '.join(PATHS)}")
@@ -587,6 +597,22 @@ async def _echo(request: bytes, context: Any) -> bytes:
     return request
 
 
+def _answer_at_once() -> Callable[[Any, Any], Any]:
+    """transport_echo's OffloadStream: each window answered at once with a fixed result."""
+    from splitsense.v1 import offload_pb2 as pb
+
+    fixed = pb.OffloadResponse(logits=[0.0], prediction=0, timing=pb.Timing(batch_size=1))
+
+    async def stream(requests: Any, context: Any) -> Any:
+        async for request in requests:
+            result = pb.OffloadResponse()
+            result.CopyFrom(fixed)
+            result.window_id = request.request.window_id
+            yield pb.OffloadStreamResponse(window_id=result.window_id, result=result)
+
+    return stream
+
+
 def _summed(metric: Any, suffix: str) -> int:
     """The sum over every label set of a metric's samples whose name ends with `suffix`."""
     return int(sum(s.value for family in metric.collect() for s in family.samples if s.name.endswith(suffix)))
@@ -624,6 +650,16 @@ async def _serve_main(spec: dict[str, Any]) -> None:
                     },
                 ),
             )
+        )
+        from splitsense.v1 import offload_pb2 as pb
+
+        answer = grpc.stream_stream_rpc_method_handler(
+            _answer_at_once(),
+            request_deserializer=pb.OffloadStreamRequest.FromString,
+            response_serializer=pb.OffloadStreamResponse.SerializeToString,
+        )
+        echo.add_generic_rpc_handlers(
+            (grpc.method_handlers_generic_handler("splitsense.v1.OffloadService", {"OffloadStream": answer}),)
         )
         ports["echo_port"] = echo.add_insecure_port("127.0.0.1:0")
         await echo.start()
@@ -743,6 +779,11 @@ def summarize(
         c = by.get((path, hi))
         if c is not None and c.server_cpu_ms_per_window is not None:
             out[f"{path}_server_cpu_ms_per_window_at_{hi}"] = c.server_cpu_ms_per_window
+    tc, ec = by.get(("transport_echo", hi)), by.get(("raw_grpc_stream", hi))
+    if tc and ec and tc.client_cpu_ms_per_window is not None and ec.client_cpu_ms_per_window is not None:
+        # what the device's transport costs beyond the bare stream it runs on, on the client
+        out[f"transport_client_cpu_ms_per_window_at_{hi}"] = tc.client_cpu_ms_per_window
+        out[f"raw_grpc_stream_client_cpu_ms_per_window_at_{hi}"] = ec.client_cpu_ms_per_window
     b, n = by.get(("broker", lo)), by.get(("naive_ray", lo))
     if b and n:
         out[f"broker_minus_naive_p50_ms_at_{lo}"] = round(b.p50_ms - n.p50_ms, 3)
@@ -1009,6 +1050,14 @@ def render(result: dict[str, Any], console: Any) -> None:
             "",
         ),
         "broker_p50_budget_ms_at_": ("broker p50 budget at {n} device(s): {v:.2f} ms", "p50_target"),
+        "transport_client_cpu_ms_per_window_at_": (
+            "the device's transport (transport_echo): client CPU {v:.3f} ms per window at {n} devices",
+            "",
+        ),
+        "raw_grpc_stream_client_cpu_ms_per_window_at_": (
+            "the bare stream under it (raw_grpc_stream): client CPU {v:.3f} ms per window at {n} devices",
+            "",
+        ),
     }
     for key, value in s.items():
         for prefix, (text, target) in labels.items():

@@ -29,7 +29,7 @@ def test_bench_serve_runs_end_to_end_and_prints_its_schema(ray_cluster: str) -> 
         assert r["errors"] == 0, r
         assert r["ok"] >= 1 and r["throughput_rps"] > 0
         assert 0 < r["p50_ms"] <= r["p99_ms"]
-        if r["path"] in ("raw_grpc", "broker", "broker_ray_only", "broker_free_tail", "broker_x2"):
+        if r["path"] in ("raw_grpc", "transport_echo", "broker", "broker_ray_only", "broker_free_tail", "broker_x2"):
             assert r["server_cpu_ms_per_window"] > 0, r
     # broker_x2: two broker processes, both answered (each device picks one at random: the two
     # devices may pick the same one), and together every window
@@ -39,5 +39,8 @@ def test_bench_serve_runs_end_to_end_and_prints_its_schema(ray_cluster: str) -> 
     assert "broker_vs_naive_unthrottled_throughput_at_2" in summary and "broker_x2_vs_broker_throughput_at_2" in summary
     assert "broker_minus_naive_p50_ms_at_1" in summary and "broker_ray_only_minus_broker_p50_ms_at_1" in summary
     assert "free_tail_vs_broker_throughput_at_2" in summary
+    # the device's transport against an OffloadStream that answers at once, beside the bare stream
+    assert summary["transport_client_cpu_ms_per_window_at_2"] > 0
+    assert summary["raw_grpc_stream_client_cpu_ms_per_window_at_2"] > 0
     assert "throughput_target" not in summary, "the throughput target is judged at 64 devices only"
     assert summary["p50_target"]["devices"] == 1 and isinstance(summary["p50_target"]["met"], bool)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -88,6 +89,17 @@ def test_summary_ratios_and_targets() -> None:
     s = summarize([c for c in cells if c.devices == 1], (1,))
     assert "throughput_target" not in s, "judged at 64 devices only"
     assert summarize(cells, (1, 64))["throughput_target"]["feasible"] is None, "no echo cell at 64: unknown"
+
+
+def test_the_device_transports_own_cost_is_its_client_cpu_beside_the_bare_streams() -> None:
+    cells = [
+        replace(_cell("raw_grpc_stream", 64, 12.0, 4300.0), client_cpu_ms_per_window=0.22),
+        replace(_cell("transport_echo", 64, 16.0, 3000.0), client_cpu_ms_per_window=0.35),
+    ]
+    s = summarize(cells, (64,))
+    assert s["transport_client_cpu_ms_per_window_at_64"] == 0.35
+    assert s["raw_grpc_stream_client_cpu_ms_per_window_at_64"] == 0.22
+    assert "transport_client_cpu_ms_per_window_at_64" not in summarize(cells[1:], (64,))
 
 
 def test_a_throughput_target_above_the_echo_servers_ceiling_is_infeasible() -> None:
