@@ -498,11 +498,12 @@ class GrpcTransport:
         stream.pending[window_id] = fut
         # The write runs in its own task: a write cancelled half-way cancels the whole call in
         # grpc.aio, so a window's deadline must not cancel it; a late write only makes a late answer.
-        write = asyncio.ensure_future(self._write(stream, pb.OffloadStreamRequest(request=msg)))
+        # The window waits on its answer alone: a failed write fails it through `fut` too (the
+        # stream breaks and fails every window on it, or, not sent, `_write` fails this one).
+        write = asyncio.ensure_future(self._write(stream, pb.OffloadStreamRequest(request=msg), fut))
         write.add_done_callback(_consume_exception)
         try:
             async with asyncio.timeout(timeout_s):
-                await asyncio.shield(write)
                 return await fut
         except TimeoutError:
             raise OffloadDeadlineError(
@@ -515,12 +516,20 @@ class GrpcTransport:
             elif not fut.cancelled():
                 fut.exception()  # seen: the error that reached the caller came from the write
 
-    async def _write(self, stream: _Stream, req: pb.OffloadStreamRequest) -> None:
+    async def _write(
+        self, stream: _Stream, req: pb.OffloadStreamRequest, fut: asyncio.Future[wire.OffloadResponse]
+    ) -> None:
+        """Write one window on `stream`; on failure, `fut` (its answer) gets the error."""
         async with stream.write_lock:
+            not_sent = None
             if stream.broken:
-                raise _NotSent("the offload stream broke before this window was sent")
-            if stream.retired:  # the others on it are still answered: it is not broken
-                raise _NotSent("the offload stream was retired (its connection left) before this window was sent")
+                not_sent = _NotSent("the offload stream broke before this window was sent")
+            elif stream.retired:  # the others on it are still answered: it is not broken
+                not_sent = _NotSent("the offload stream was retired (its connection left) before this window was sent")
+            if not_sent is not None:
+                if not fut.done():
+                    fut.set_exception(not_sent)
+                return
             try:
                 await stream.call.write(req)
             except grpc.aio.AioRpcError as e:
@@ -531,8 +540,9 @@ class GrpcTransport:
                 return
         # A failed write may still have reached the broker: this window counts as sent, like the
         # others on the stream (no answer can come twice: the stream's reader is done with them).
-        self._break(stream, err)
-        raise err
+        self._break(stream, err)  # fails every window waiting on it, this one included
+        if not fut.done():
+            fut.set_exception(err)
 
     def _open_stream(self) -> _Stream:
         if self._stream is not None and not self._stream.broken:
