@@ -494,22 +494,21 @@ class GrpcTransport:
         stream = self._open_stream()
         if any(window_id in s.pending for s in (stream, *self._retired)):
             raise RejectedError(f"window {window_id} is already in flight on this stream", code="ALREADY_EXISTS")
-        fut: asyncio.Future[wire.OffloadResponse] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[wire.OffloadResponse] = loop.create_future()
         stream.pending[window_id] = fut
         # The write runs in its own task: a write cancelled half-way cancels the whole call in
         # grpc.aio, so a window's deadline must not cancel it; a late write only makes a late answer.
         # The window waits on its answer alone: a failed write fails it through `fut` too (the
-        # stream breaks and fails every window on it, or, not sent, `_write` fails this one).
+        # stream breaks and fails every window on it, or, not sent, `_write` fails this one), and
+        # so does its deadline (a timer, not a cancellation of this task).
         write = asyncio.ensure_future(self._write(stream, pb.OffloadStreamRequest(request=msg), fut))
         write.add_done_callback(_consume_exception)
+        timer = loop.call_later(timeout_s, _expire, fut, window_id, timeout_s)
         try:
-            async with asyncio.timeout(timeout_s):
-                return await fut
-        except TimeoutError:
-            raise OffloadDeadlineError(
-                f"window {window_id}: no answer within its deadline of {timeout_s * 1000:.0f} ms"
-            ) from None
+            return await fut
         finally:
+            timer.cancel()
             stream.pending.pop(window_id, None)
             if not fut.done():
                 fut.cancel()
@@ -716,6 +715,14 @@ async def _read_unless(call: Any, lost: asyncio.Event) -> Any:
             read.cancel()  # cancels the call too (grpc.aio); the caller opens the next one
             read.add_done_callback(_consume_exception)
     return read.result() if read.done() and not read.cancelled() else None
+
+
+def _expire(fut: asyncio.Future[Any], window_id: str, timeout_s: float) -> None:
+    """A window's deadline: its answer fails with OffloadDeadlineError unless it came."""
+    if not fut.done():
+        fut.set_exception(
+            OffloadDeadlineError(f"window {window_id}: no answer within its deadline of {timeout_s * 1000:.0f} ms")
+        )
 
 
 def _consume_exception(task: asyncio.Future[Any]) -> None:
