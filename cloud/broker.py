@@ -239,6 +239,7 @@ class Broker:
             max_batch_wait_ms=config.max_batch_wait_ms,
             max_inflight_batches=config.max_inflight_batches,
             max_queue_depth=config.max_queue_depth,
+            probe_after_ms=config.admission_probe_after_ms,
         )
         # broker.local_tail: the models are loaded here anyway (validation); an idle lane runs them.
         self._local: InProcessTailBackend | None = (

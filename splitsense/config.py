@@ -439,6 +439,10 @@ class BrokerConfig:
     # handle call (~8 ms p50 here) plus a small tail.
     initial_batch_service_ms: float = 10.0
     service_ewma_alpha: float = 0.2  # weight of the newest batch: settles in ~10 batches
+    # A lane with no batch on the backend whose estimate is this old admits a window as a probe
+    # even when the estimate predicts a miss (cloud/admission.py): an outage's timeouts inflate the
+    # estimate, and a lane that sheds on it runs nothing that could correct it.
+    admission_probe_after_ms: float = 1000.0
     max_stream_windows_in_flight: int = 64  # per OffloadStream: back-pressure on one device
     # A (model, cut) lane with nothing in flight runs its next batch of at most local_tail_max_batch
     # windows in the broker's own process (the models it already loads to validate requests) instead
@@ -518,6 +522,7 @@ class BrokerConfig:
             "default_deadline_ms",
             "backend_timeout_ms",
             "initial_batch_service_ms",
+            "admission_probe_after_ms",
             "max_stream_windows_in_flight",
             "shutdown_grace_s",
         ):

@@ -50,7 +50,7 @@ TIME_LIMIT_S = 170.0  # the whole test: ~30 s here, 60 s on a loaded machine
 class SlowTail:
     """The in-process tails, `SLOW_MODEL`'s slower than any deadline. Its first window misses its
     deadline; the lane's batch-time estimate then predicts a miss, so the next windows are shed until
-    the estimate is old enough for a probe (AdmissionPolicy.probe_after_ms), which misses again."""
+    the estimate is old enough for a probe (broker.admission_probe_after_ms), which misses again."""
 
     def __init__(self, inner: InProcessTailBackend) -> None:
         self.inner = inner
@@ -137,8 +137,14 @@ async def test_every_dashboard_query_runs_against_a_scraped_fleet(prometheus_ser
     overrides = {
         "simulator": {"policies": ["all_cloud", "adaptive"], "outages": []},
         # local_tail off: the slow tail must be what the phone's windows meet (an idle lane would
-        # otherwise run them in the broker and nothing would be shed)
-        "broker": {"auth_secret": "dashboard-integration-secret-0123", "local_tail": False},
+        # otherwise run them in the broker and nothing would be shed); a probe only every 30 s:
+        # after the first miss the lane sheds (with the default 1 s, phones every 2.56 s could each
+        # meet a stale estimate and probe instead: a CI run once shed nothing)
+        "broker": {
+            "auth_secret": "dashboard-integration-secret-0123",
+            "local_tail": False,
+            "admission_probe_after_ms": 30_000.0,
+        },
     }
     config = with_ports(load_scenario("smoke", overrides))
     runner = FleetRunner(config, backend="in_process")

@@ -161,3 +161,15 @@ def test_ewma_prior_then_first_sample_then_blend() -> None:
 def test_ewma_checks_alpha() -> None:
     with pytest.raises(ConfigError):
         Ewma(alpha=0.0, initial=1.0)
+
+
+def test_the_probe_interval_is_the_brokers_to_set() -> None:
+    from splitsense.config import BrokerConfig
+
+    assert BrokerConfig().admission_probe_after_ms == AdmissionPolicy(1, 0.0, 1, 1).probe_after_ms
+    with pytest.raises(ConfigError, match="broker.admission_probe_after_ms"):
+        BrokerConfig(admission_probe_after_ms=0.0)
+    stale = LaneLoad(queued=0, inflight_batches=0, batch_service_ms=900.0, estimate_age_ms=5_000.0)
+    assert admit(stale, 300.0, POLICY).admitted  # a probe after 1 s (the default)
+    patient = AdmissionPolicy(8, 2.0, 2, 100, probe_after_ms=30_000.0)
+    assert not admit(stale, 300.0, patient).admitted  # shed until 30 s have passed
