@@ -25,6 +25,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from splitsense import aio
 from splitsense.errors import ConfigError
 
 Progress = Callable[[str], None]
@@ -48,17 +49,6 @@ class LoopBenchConfig:
         for name in ("rounds", "devices", "round_trips", "request_bytes"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"bench loop: {name} must be >= 1, got {getattr(self, name)}")
-
-
-def _loop_factory(kind: str) -> Callable[[], asyncio.AbstractEventLoop]:
-    if kind == "uvloop":
-        try:
-            import uvloop
-        except ImportError:
-            raise ConfigError("bench loop: uvloop is not installed (`pip install uvloop`)") from None
-        factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
-        return factory
-    return asyncio.new_event_loop
 
 
 def _cpu_s(pid: int) -> float:
@@ -139,7 +129,7 @@ def _round(kind: str, bench: LoopBenchConfig) -> dict[str, Any]:
             raise RuntimeError(f"bench loop: the {kind} echo server did not start (printed {line!r})")
         port = int(line)
         server_cpu0 = _cpu_s(server.pid)
-        with asyncio.Runner(loop_factory=_loop_factory(kind)) as runner:
+        with asyncio.Runner(loop_factory=aio.loop_factory(kind)) as runner:
             client_cpu, wall = runner.run(_drive(port, bench))
         server_cpu = _cpu_s(server.pid) - server_cpu0
     finally:
@@ -158,7 +148,7 @@ def _round(kind: str, bench: LoopBenchConfig) -> dict[str, Any]:
 def run_loop_bench(bench: LoopBenchConfig | None = None, progress: Progress | None = None) -> dict[str, Any]:
     bench = bench or LoopBenchConfig()
     say = progress or (lambda _m: None)
-    _loop_factory("uvloop")  # a clear error now if it is missing, not after the first rounds
+    aio.loop_factory("uvloop")  # a clear error now if it is missing, not after the first rounds
     results: list[dict[str, Any]] = []
     for r in range(1, bench.rounds + 1):
         for kind in LOOPS:
@@ -179,13 +169,10 @@ def summarize(results: list[dict[str, Any]]) -> dict[str, Any]:
         a, u = out["asyncio"], out["uvloop"]
         out["uvloop_vs_asyncio_cpu"] = round(u["total_us"] / a["total_us"], 3)
         out["uvloop_vs_asyncio_rate"] = round(u["rate_per_s"] / a["rate_per_s"], 3)
-        pairs = [
-            (x, y)
-            for x in results
-            for y in results
-            if x["loop"] == "asyncio" and y["loop"] == "uvloop" and x["round"] == y["round"]
-        ]
-        out["rounds_uvloop_used_less_cpu"] = f"{sum(y['total_us'] < x['total_us'] for x, y in pairs)}/{len(pairs)}"
+        by = {(r["loop"], r["round"]): r["total_us"] for r in results}
+        rounds = [n for (kind, n) in by if kind == "asyncio" and ("uvloop", n) in by]
+        less = sum(by[("uvloop", n)] < by[("asyncio", n)] for n in rounds)
+        out["rounds_uvloop_used_less_cpu"] = f"{less}/{len(rounds)}"
     return out
 
 
@@ -220,7 +207,7 @@ def render(result: dict[str, Any], console: Any) -> None:
 
 def main() -> None:
     if len(sys.argv) == 3 and sys.argv[1] == "--server" and sys.argv[2] in LOOPS:
-        with asyncio.Runner(loop_factory=_loop_factory(sys.argv[2])) as runner:
+        with asyncio.Runner(loop_factory=aio.loop_factory(sys.argv[2])) as runner:
             runner.run(_serve())
         return
     raise SystemExit("usage: python -m benchmarks.event_loops --server {asyncio|uvloop} (run `splitsense bench loop`)")

@@ -22,7 +22,15 @@ from typing import Any, TypeVar
 
 from splitsense.errors import ConfigError
 
-__all__ = ["EVENT_LOOP_ENV", "EVENT_LOOPS", "event_loop_factory", "event_loop_name", "run", "running_loop_name"]
+__all__ = [
+    "EVENT_LOOP_ENV",
+    "EVENT_LOOPS",
+    "event_loop_factory",
+    "event_loop_name",
+    "loop_factory",
+    "run",
+    "running_loop_name",
+]
 
 EVENT_LOOP_ENV = "SPLITSENSE_EVENT_LOOP"
 EVENT_LOOPS = ("auto", "uvloop", "asyncio")
@@ -30,16 +38,11 @@ EVENT_LOOPS = ("auto", "uvloop", "asyncio")
 _T = TypeVar("_T")
 
 
-def _choice() -> str:
-    value = os.environ.get(EVENT_LOOP_ENV, "auto").strip().lower() or "auto"
-    if value not in EVENT_LOOPS:
-        raise ConfigError(f"{EVENT_LOOP_ENV} must be one of {', '.join(EVENT_LOOPS)}, got {value!r}")
-    return value
-
-
-def event_loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
-    """The loop factory SPLITSENSE_EVENT_LOOP asks for; None: asyncio's default loop."""
-    choice = _choice()
+def loop_factory(choice: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """The loop factory of `choice` (one of EVENT_LOOPS); None: asyncio's default loop. "uvloop"
+    without uvloop installed is a ConfigError; "auto" then falls back to asyncio's loop."""
+    if choice not in EVENT_LOOPS:
+        raise ConfigError(f"{EVENT_LOOP_ENV} must be one of {', '.join(EVENT_LOOPS)}, got {choice!r}")
     if choice == "asyncio":
         return None
     try:
@@ -53,6 +56,11 @@ def event_loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
         return None
     factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
     return factory
+
+
+def event_loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """The loop factory SPLITSENSE_EVENT_LOOP asks for; None: asyncio's default loop."""
+    return loop_factory(os.environ.get(EVENT_LOOP_ENV, "auto").strip().lower() or "auto")
 
 
 def event_loop_name() -> str:
