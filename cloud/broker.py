@@ -53,7 +53,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from typing import Any, NamedTuple
 
 import grpc
@@ -110,6 +110,7 @@ SERVICE_NAMES = (
     pb.DESCRIPTOR.services_by_name["OffloadService"].full_name,
     pb.DESCRIPTOR.services_by_name["PlanService"].full_name,
 )
+_MAX_SELECTIONS = 1024  # (class, models) selections of one publication kept on the wire
 _HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
 
 
@@ -206,6 +207,8 @@ class Broker:
         self._lanes_followed: set[tuple[str, int]] = set()  # lanes whose queue depth the gauge reads
         self._backend = backend
         self._plans: PlanSet = plans if plans is not None else static_plan_set(config, self._models)
+        self._selected_of: PlanSet | None = None  # the publication `_selected` holds selections of
+        self._selected: dict[tuple[str, tuple[str, ...]], pb.PlanSet] = {}
         # What a device may report telemetry for: a served model, or a task group of served models
         # ("fsdd_speaker+fsdd_digit": one window, one front, several tails; its stages are its first
         # member's), which the controller plans as one (pipelines/groups.py).
@@ -342,6 +345,21 @@ class Broker:
     @property
     def plans(self) -> PlanSet:
         return self._plans
+
+    def plan_set_pb(self, device_class: str, models: Sequence[str]) -> pb.PlanSet:
+        """The current plan set for one class and these models, on the wire: built once per
+        (publication, class, models) and shared by every GetPlan and WatchPlan of it (each
+        publication reaches every device of a class, and a fleet has thousands)."""
+        plans = self._plans
+        if self._selected_of is not plans:
+            self._selected_of, self._selected = plans, {}
+        key = (device_class, tuple(models))
+        msg = self._selected.get(key)
+        if msg is None:
+            if len(self._selected) >= _MAX_SELECTIONS:
+                self._selected.clear()
+            msg = self._selected[key] = to_pb(plans.select(device_class, models))
+        return msg
 
     def set_plans(self, plans: PlanSet) -> bool:
         """Serve a newer plan set and push it to every WatchPlan stream; False (and a warning)
@@ -821,7 +839,7 @@ class _PlanServicer(pb_grpc.PlanServiceServicer):
         plans = self._b.plans
         if q.known_version >= plans.version:
             return pb.GetPlanResponse()  # the caller is up to date: it keeps its plan
-        return pb.GetPlanResponse(plan_set=to_pb(plans.select(q.device_class, q.models)))
+        return pb.GetPlanResponse(plan_set=self._b.plan_set_pb(q.device_class, q.models))
 
     async def WatchPlan(  # noqa: N802
         self, request: pb.WatchPlanRequest, context: grpc.aio.ServicerContext[Any, Any]
@@ -836,7 +854,7 @@ class _PlanServicer(pb_grpc.PlanServiceServicer):
                 changed.clear()  # before reading the plans: a set_plans from now on wakes us
                 plans = b.plans
                 if plans.version > sent:
-                    yield pb.WatchPlanResponse(plan_set=to_pb(plans.select(q.device_class, q.models)))
+                    yield pb.WatchPlanResponse(plan_set=b.plan_set_pb(q.device_class, q.models))
                     sent = plans.version
                     continue
                 if b._closing.is_set():

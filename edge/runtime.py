@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import math
 import random
@@ -253,6 +254,7 @@ class _Held:
     bytes_sent: int  # so far: every attempt that carried it
     why: str  # why it was stored
     future: asyncio.Future[WindowResult]
+    kind: FallbackKind | None = None  # why it was stored, typed (its result's `kind`)
     attempts: int = 0  # sends that carried it (the live one included)
     radio_mj: float = 0.0  # radio energy of every attempt that carried it (in energy_mj too)
     estimate_mbps: float | None = None  # the bandwidth estimate when its row was chosen
@@ -393,8 +395,11 @@ class EdgeDevice:
         self._choose_hook = choose
         self._telemetry_task: asyncio.Task[None] | None = None
         self._period_start_ms = int(self._wall() * 1000)
-        self._period_start_t = clock()
-        self._reported = False  # the first report goes after the first window (the cloud hears early)
+        # When the next report is due (on `clock`); None until the first window, within
+        # edge.telemetry_jitter x period of which the first goes (the cloud hears early). Its own
+        # random stream, seeded by the device's id: the reports' schedule changes no other draw.
+        self._report_due: float | None = None
+        self._report_rng = random.Random(f"{config.device_id}/telemetry")
         self.local_fallback = local_fallback
         if local_fallback:
             if max_cut is not None:
@@ -1054,12 +1059,12 @@ class EdgeDevice:
                 self.metrics.set_state(self.breaker.state, self.estimates())
                 return result
             assert attempt.kind is not None
-            why = f"{attempt.kind.value}: {attempt.detail}"
+            why, stored_kind = f"{attempt.kind.value}: {attempt.detail}", FallbackKind.of_failure(attempt.kind)
             if attempt.kind is FailureKind.REJECTED:  # the broker refuses this window: no retry helps
                 future.set_exception(self._unanswered(window.window_id, "rejected", why, encoded.nbytes))
                 return future
-        else:
-            why = decision.reason
+        else:  # not sent now: a route other than OFFLOAD, or the breaker took its grant back
+            why, stored_kind = decision.reason, decision.kind or FallbackKind.BREAKER
         compact = await self._compact(act, choice, encoded, stage_ms)
         if compact is not None:  # kept as the bottleneck's code: the store holds ~10x more windows
             encoded, choice, extra_ms = compact
@@ -1068,6 +1073,7 @@ class EdgeDevice:
             self.battery.drain(more)
             energy += more
         held = _Held(window, choice, encoded, t_ready, front_ms, tuple(stage_ms), energy, bytes_sent, why, future)
+        held.kind = stored_kind
         held.radio_mj = radio
         held.estimate_mbps = estimate
         held.attempts = 1 if bytes_sent else 0
@@ -1117,23 +1123,29 @@ class EdgeDevice:
         if not self._sync_link():  # nothing gets through: look again when the link may be back
             await self._wait_wake(self.config.breaker.backoff_base_s)
             return
+        closed = self.breaker.state is BreakerState.CLOSED
         self.breaker.allow_offload(now)  # grants the probe when open: this window is the probe
-        h = head.item
-        attempt = await self._offload(h.window, h.choice, h.encoded)
-        radio = attempt.radio_mj  # drained from the battery as the call ended
-        h.energy_mj += radio
-        h.radio_mj += radio
-        h.bytes_sent += h.encoded.nbytes
-        h.attempts += 1
-        if attempt.response is not None:
-            self.store.pop()
-            self._resolve(head, result=self._deferred_result(head, attempt.response))
-        elif attempt.kind is FailureKind.REJECTED:
-            self.store.pop()
-            what = f"{attempt.detail} (after {head.age_s(self._clock()):.1f} s in the store)"
-            self._resolve(head, error=self._unanswered(h.window.window_id, "rejected", what, head.nbytes))
-        # any other failure: it stays at the head, and the breaker (told by _offload) says when
-        # the next try may go
+        # Closed: the oldest store_drain_burst go together (a round trip for all of them, not one
+        # each); open or half open: the head alone, the breaker's probe. They stay in the store
+        # until answered: a device stopped meanwhile reports them pending, none lost.
+        burst = list(itertools.islice(self.store, self.config.store_drain_burst)) if closed else [head]
+        attempts = await asyncio.gather(*(self._offload(s.item.window, s.item.choice, s.item.encoded) for s in burst))
+        for stored, attempt in zip(burst, attempts, strict=True):
+            h = stored.item
+            radio = attempt.radio_mj  # drained from the battery as the call ended
+            h.energy_mj += radio
+            h.radio_mj += radio
+            h.bytes_sent += h.encoded.nbytes
+            h.attempts += 1
+            if attempt.response is not None:
+                self.store.remove(stored)
+                self._resolve(stored, result=self._deferred_result(stored, attempt.response))
+            elif attempt.kind is FailureKind.REJECTED:
+                self.store.remove(stored)
+                what = f"{attempt.detail} (after {stored.age_s(self._clock()):.1f} s in the store)"
+                self._resolve(stored, error=self._unanswered(h.window.window_id, "rejected", what, stored.nbytes))
+            # any other failure: it stays where it is, and the breaker (told by _offload) says when
+            # the next try may go
 
     def _breaker_wait_s(self, now: float) -> float:
         """How long until the breaker may allow the next send (on `clock`, read as seconds)."""
@@ -1174,6 +1186,7 @@ class EdgeDevice:
             tasks=_answered_tasks(h.window, response),
             radio_mj=h.radio_mj,
             estimate_mbps=h.estimate_mbps,
+            kind=h.kind,
         )
 
     def _resolve(
@@ -1364,8 +1377,12 @@ class EdgeDevice:
     def _maybe_report(self) -> None:
         if self.transport is None or (self._telemetry_task is not None and not self._telemetry_task.done()):
             return
-        if not self._reported or self._clock() - self._period_start_t >= self.config.telemetry_period_s:
-            self._reported = True
+        now, c = self._clock(), self.config
+        if self._report_due is None:
+            self._report_due = now + c.telemetry_period_s * c.telemetry_jitter * self._report_rng.random()
+        if now >= self._report_due:
+            j = c.telemetry_jitter
+            self._report_due = now + c.telemetry_period_s * self._report_rng.uniform(1 - j, 1 + j)
             self._telemetry_task = asyncio.ensure_future(self._send_report())
 
     async def _send_report(self) -> None:
@@ -1384,7 +1401,7 @@ class EdgeDevice:
             end_ms,
             held_fronts=self.held_fronts(),
         )
-        self._period_start_ms, self._period_start_t = end_ms, self._clock()
+        self._period_start_ms = end_ms
         if not report.observations:
             return
         up_bytes = wire.to_pb(report).ByteSize()

@@ -51,7 +51,9 @@ class WindowResult:
     # the shared front run once on the device); empty for a single-task window
     tasks: tuple[tuple[str, int, int], ...] = ()
     task_ms: float = 0.0  # on-device time of the extra tasks' tails that ran here
-    kind: FallbackKind | None = None  # why the cloud did not answer it (None: it did)
+    # why the cloud did not answer it at once: a fallback's kind, or why a deferred window was
+    # stored (None: the cloud answered it at once)
+    kind: FallbackKind | None = None
     radio_mj: float = 0.0  # radio energy of this window's own transfers (included in energy_mj)
     estimate_mbps: float | None = None  # the device's bandwidth estimate when it chose this window's row
 

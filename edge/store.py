@@ -4,7 +4,9 @@ A device that cannot hold its whole model (`EdgeDevice(local_fallback=False)`, e
 `sensor_node` class, which holds only the front up to the bottleneck) has no way to finish a window
 by itself. When the cloud cannot answer one (a failed offload of any kind, the circuit breaker
 open), the device keeps the window's encoded activation here and forwards it, oldest first, when
-the link is back; its result then arrives late, with mode DEFERRED and the delay reported.
+the link is back; its result then arrives late, with mode DEFERRED and the delay reported. The
+runtime forwards `edge.store_drain_burst` windows at a time while its breaker is closed, each
+taken out (`remove`) once answered: a backlog drains in a round trip per burst, not per window.
 
 Pure: no I/O, no asyncio, no clock of its own (every call that needs time takes `now`, seconds on
 the caller's monotonic clock). Items are opaque to the store; each comes with its size.
@@ -158,6 +160,17 @@ class ForwardStore(Generic[T]):
         self._bytes -= s.nbytes
         self.popped_total += 1
         return s
+
+    def remove(self, stored: Stored[T]) -> bool:
+        """Take out this window, wherever it is (forwarded as one of a burst); False if it is not
+        stored. Searches from the oldest: a burst is taken from there."""
+        for i, s in enumerate(self._items):
+            if s is stored:
+                del self._items[i]
+                self._bytes -= s.nbytes
+                self.popped_total += 1
+                return True
+        return False
 
     def expire(self, now: float) -> list[Stored[T]]:
         """Remove and return the windows stored longer than `max_age_s` at `now`, oldest first."""

@@ -348,6 +348,18 @@ class GrpcTransport:
         assert self._offload_stub is not None and self._plan_stub is not None
         return self._offload_stub, self._plan_stub
 
+    async def connect(self, timeout_s: float) -> bool:
+        """Open the channel and wait, at most `timeout_s`, for its connection to be READY, as a
+        device does when it boots, before its first window; False if it is not ready by then (calls
+        connect on their own later, as they always do)."""
+        self._stubs()
+        assert self._channel is not None
+        try:
+            await asyncio.wait_for(self._channel.channel_ready(), timeout=max(timeout_s, 0.0))
+        except TimeoutError:
+            return False
+        return True
+
     async def _follow(self, channel: grpc.aio.Channel) -> None:
         """Follow the channel's connectivity: each time it leaves READY, its connection is gone or
         going (a GOAWAY, a broker stopping or dead) and the next calls get a new one."""
@@ -433,10 +445,18 @@ class GrpcTransport:
         if not timeout_s > 0:
             raise OffloadDeadlineError(f"window {request.window_id}: no time left before its deadline")
         msg = wire.to_pb(request)
-        size = msg.ByteSize()
+        return await self.offload_message(request.window_id, msg, msg.ByteSize(), timeout_s)
+
+    async def offload_message(
+        self, window_id: str, msg: pb.OffloadRequest, size: int, timeout_s: float
+    ) -> wire.OffloadResponse:
+        """`offload` of a request already on the wire (`size`: its ByteSize): for a wrapper that
+        built the message to measure it (simulators/link.py's ShapedTransport)."""
+        if not timeout_s > 0:
+            raise OffloadDeadlineError(f"window {window_id}: no time left before its deadline")
         if size > self.max_message_bytes:
             raise RejectedError(
-                f"window {request.window_id}: request is {size} bytes, over the "
+                f"window {window_id}: request is {size} bytes, over the "
                 f"{self.max_message_bytes}-byte message limit; choose a later cut or a smaller codec",
                 code="INVALID_ARGUMENT",
             )
@@ -444,10 +464,10 @@ class GrpcTransport:
         deadline = loop.time() + timeout_s
         if self.use_stream and self._stream_supported:
             try:
-                return await self._offload_stream(request.window_id, msg, timeout_s)
+                return await self._offload_stream(window_id, msg, timeout_s)
             except _StreamUnsupported:
                 log.info("broker at %s has no OffloadStream; using unary calls", self.address)
-        return await self._offload_unary(request.window_id, msg, deadline - loop.time())
+        return await self._offload_unary(window_id, msg, deadline - loop.time())
 
     async def _offload_unary(self, window_id: str, msg: pb.OffloadRequest, timeout_s: float) -> wire.OffloadResponse:
         if not timeout_s > 0:
@@ -683,9 +703,13 @@ class GrpcTransport:
                 call.cancel()
 
     async def report_telemetry(self, report: wire.TelemetryReport, timeout_s: float = 5.0) -> wire.TelemetryAck:
+        return await self.report_message(wire.to_pb(report), timeout_s)
+
+    async def report_message(self, msg: pb.ReportTelemetryRequest, timeout_s: float = 5.0) -> wire.TelemetryAck:
+        """`report_telemetry` of a report already on the wire (as `offload_message`)."""
         stub, _ = self._stubs()
         try:
-            resp = await stub.ReportTelemetry(wire.to_pb(report), timeout=timeout_s, metadata=self._metadata)
+            resp = await stub.ReportTelemetry(msg, timeout=timeout_s, metadata=self._metadata)
         except grpc.aio.AioRpcError as e:
             raise _from_rpc_error(e) from None
         try:
@@ -694,11 +718,26 @@ class GrpcTransport:
             raise BrokerUnavailableError(f"malformed answer to a telemetry report from the broker: {e}") from None
 
 
+_MAX_PLAN_SETS = 256
+_plan_sets: dict[bytes, PlanSet] = {}  # a plan set's wire bytes -> the PlanSet they decode to
+
+
 def _plan_set(msg: pb.PlanSet) -> PlanSet:
+    """The PlanSet of a message from the broker. Decoded once per distinct message in a process:
+    every device of a class gets the same bytes at each publication (a simulated fleet holds
+    thousands in one process), and a PlanSet is immutable, so they share one."""
+    key = msg.SerializeToString()
+    out = _plan_sets.get(key)
+    if out is not None:
+        return out
     try:
-        return wire.from_pb(msg)
+        out = wire.from_pb(msg)
     except WireError as e:
         raise BrokerUnavailableError(f"malformed plan set from the broker: {e}") from None
+    if len(_plan_sets) >= _MAX_PLAN_SETS:
+        _plan_sets.clear()
+    _plan_sets[key] = out
+    return out
 
 
 async def _read_unless(call: Any, lost: asyncio.Event) -> Any:

@@ -183,7 +183,7 @@ class WindowRecord:
     true_mbps: float  # the link's real bandwidth when the window started (0 in an outage)
     estimate_mbps: float  # the device's own estimate then (what it chose its plan row by)
     plan_version: int
-    reason: str  # why local or fallback: the result's typed kind ("" when the cloud answered)
+    reason: str  # why local, fallback or stored (deferred): the result's typed kind ("" when answered at once)
     tasks_correct: tuple[tuple[str, bool], ...] = ()  # (model, correct) of each extra task of the window
 
     @property
@@ -855,7 +855,7 @@ class FleetRunner:
                     address, token, device_id=spec.device_id, max_message_bytes=cfg.edge.max_message_bytes
                 )
                 shaped = ShapedTransport(direct, spec.trace, **shaping)
-                transport = shaped
+                transport, dialled = shaped, direct
                 await shaped.start()
                 uplink, zero = shaped.uplink, shaped.started_at
             else:  # a shaping TCP proxy in front of the broker: the real bytes cross it
@@ -864,7 +864,7 @@ class FleetRunner:
                 await link.start()
                 address = link.address
                 uplink, zero = link.uplink, link.started_at
-                transport = GrpcTransport(
+                transport = dialled = GrpcTransport(
                     address, token, device_id=spec.device_id, max_message_bytes=cfg.edge.max_message_bytes
                 )
             assert uplink is not None
@@ -933,6 +933,9 @@ class FleetRunner:
             )
             ledger.device = device
             windows = device_windows(self.recordings[spec.model], spec.recording_offset, sim.duration_s, spec.phase_s)
+            # A device connects when it boots, not at its first window: its channel gets READY in
+            # the lead time before the clock origin (if not by then, its calls connect as ever).
+            await dialled.connect(t0 - loop.time())
             await asyncio.sleep(max(0.0, t0 + spec.phase_s - loop.time()))
             source = ReplaySource(windows, speed=1.0)
             summary = await device.run(ledger.watch(source), progress=ledger.on_result)

@@ -152,6 +152,23 @@ _QUEUE_CHUNKS = 4096  # chunks in flight per direction and connection (delay x r
 
 Outage = tuple[float, float]
 _T = TypeVar("_T")
+_MAX_SIZES = 256
+_plan_sizes: dict[tuple[int, type], tuple[PlanSet, int]] = {}  # (id, answer type) -> (the set, bytes)
+
+
+def _plan_answer_bytes(plan_set: PlanSet, answer: type[pb.GetPlanResponse] | type[pb.WatchPlanResponse]) -> int:
+    """The wire size of an answer carrying `plan_set`, worked out once per plan set object: the
+    devices of a class share the one their transport decoded (edge/transport.py), and each
+    publication reaches them all."""
+    key = (id(plan_set), answer)
+    hit = _plan_sizes.get(key)
+    if hit is not None and hit[0] is plan_set:
+        return hit[1]
+    size = answer(plan_set=wire.to_pb(plan_set)).ByteSize()
+    if len(_plan_sizes) >= _MAX_SIZES:
+        _plan_sizes.clear()
+    _plan_sizes[key] = (plan_set, size)
+    return size
 
 
 def merge_outages(outages: Sequence[Outage]) -> tuple[Outage, ...]:
@@ -1016,16 +1033,25 @@ class ShapedTransport:
     async def offload(self, request: wire.OffloadRequest, timeout_s: float) -> wire.OffloadResponse:
         if not timeout_s > 0:
             raise OffloadDeadlineError(f"window {request.window_id}: no time left before its deadline")
-        size = wire.to_pb(request).ByteSize()
+        msg = wire.to_pb(request)
+        size = msg.ByteSize()
+        # the message is built once: a transport that takes it as built (GrpcTransport) gets it
+        send_message = getattr(self.inner, "offload_message", None)
+
+        def send(left_s: float) -> Awaitable[wire.OffloadResponse]:
+            if send_message is not None:
+                return send_message(request.window_id, msg, size, left_s)
+            return self.inner.offload(request, left_s)
+
         if size > getattr(self.inner, "max_message_bytes", math.inf):
-            return await self.inner.offload(request, timeout_s)  # refused before a byte goes
+            return await send(timeout_s)  # refused before a byte goes
         up, down = self._offload_bytes()
         deadline = asyncio.get_running_loop().time() + timeout_s
         try:
             async with asyncio.timeout(timeout_s):
                 await self._cross(self._up, size + up)
                 try:
-                    response = await self.inner.offload(request, self._left(deadline, f"window {request.window_id}"))
+                    response = await send(self._left(deadline, f"window {request.window_id}"))
                 except OffloadDeadlineError:
                     raise
                 except OffloadError:  # the broker's refusal (or a reset) crosses the downlink too
@@ -1070,7 +1096,7 @@ class ShapedTransport:
         req = pb.GetPlanRequest(device_class=device_class, models=list(models), known_version=known_version)
 
         def answer(plan_set: PlanSet | None) -> int:
-            return 0 if plan_set is None else pb.GetPlanResponse(plan_set=wire.to_pb(plan_set)).ByteSize()
+            return 0 if plan_set is None else _plan_answer_bytes(plan_set, pb.GetPlanResponse)
 
         return await self._unary(
             "GetPlan",
@@ -1081,11 +1107,15 @@ class ShapedTransport:
         )
 
     async def report_telemetry(self, report: wire.TelemetryReport, timeout_s: float = 5.0) -> wire.TelemetryAck:
+        msg = wire.to_pb(report)
+        send_message = getattr(self.inner, "report_message", None)  # built once, as for offload
         return await self._unary(
             "ReportTelemetry",
-            wire.to_pb(report).ByteSize(),
+            msg.ByteSize(),
             timeout_s,
-            lambda left: self.inner.report_telemetry(report, left),
+            (lambda left: send_message(msg, left))
+            if send_message is not None
+            else (lambda left: self.inner.report_telemetry(report, left)),
             lambda ack: wire.to_pb(ack).ByteSize(),
         )
 
@@ -1098,7 +1128,7 @@ class ShapedTransport:
         plans = self.inner.watch_plans(device_class, models, known_version)
         try:
             async for plan_set in plans:
-                size = pb.WatchPlanResponse(plan_set=wire.to_pb(plan_set)).ByteSize()
+                size = _plan_answer_bytes(plan_set, pb.WatchPlanResponse)
                 await self._cross(self._down, size + STREAM_CALL_BYTES[1])
                 yield plan_set
         except OffloadError:  # the stream's end (its status) crosses the downlink too

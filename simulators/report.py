@@ -30,7 +30,10 @@ Which mechanisms were really used, per policy and class (N: the model's number o
                          nothing was), "level" (front compression, energy kept), and "fallback"
                          (per typed kind, edge.route.FallbackKind: windows whose choice offloaded
                          but that ran on the device, e.g. "deadline", "late" (hedged: the local tail
-                         answered first), "link_down", "breaker", "probing")
+                         answered first), "link_down", "breaker", "probing"), and "stored"
+                         (per typed kind: windows of a device without local fallback that were
+                         stored and forwarded later, by why they were stored, e.g. "deadline",
+                         "breaker")
     estimate_error       the device's own bandwidth estimate against the link's true bandwidth when
                          the window ran, estimate / true, over the windows the cloud answered that
                          sent something on a live link (true > 0): {median_ratio, p10_ratio,
@@ -101,7 +104,7 @@ CLASS_KEYS = (
     "estimate_error",
     "radio_overhead_mj_per_window",  # set by the policy tables from PolicyRun.radio_overhead_mj
 )
-MECHANISM_KEYS = ("mode", "cut", "codec", "level", "fallback")
+MECHANISM_KEYS = ("mode", "cut", "codec", "level", "fallback", "stored")
 BASELINES = ("all_local", "all_cloud", "cloud_input")  # what adaptive is compared with, besides the oracle
 PLOTS = ("latency_cdf.png", "energy_per_window.png", "device_timeline.png")
 # A tie with a baseline: the oracle chose that baseline's choice for at least TIE_SHARE of the
@@ -200,7 +203,8 @@ def _shares(keys: Iterable[str | None], n: int, order: Any = None) -> dict[str, 
 
 
 def mechanisms(records: Sequence[WindowRecord]) -> dict[str, dict[str, float]]:
-    """Shares of `records` per mode, cut, codec sent, front level and fallback kind (MECHANISM_KEYS)."""
+    """Shares of `records` per mode, cut, codec sent, front level, fallback kind and why a deferred
+    window was stored (MECHANISM_KEYS)."""
     n = len(records)
     if n == 0:
         return {k: {} for k in MECHANISM_KEYS}
@@ -210,6 +214,7 @@ def mechanisms(records: Sequence[WindowRecord]) -> dict[str, dict[str, float]]:
         "codec": _shares((r.codec or "none" for r in records), n, lambda k: (k == "none", k)),
         "level": _shares((f"{r.level:g}" for r in records), n, lambda k: -float(k)),
         "fallback": _shares((_fallback_kind(r) for r in records), n),
+        "stored": _shares(((r.reason or "unknown") if r.mode == "deferred" else None for r in records), n),
     }
 
 

@@ -708,6 +708,14 @@ class EdgeConfig:
     replay_speed: float = 1.0
     audio_frame_ms: float = 80.0  # the microphone delivers 640-sample frames at 8 kHz
     telemetry_period_s: float = 10.0  # devices push telemetry (NAT: they cannot be scraped)
+    # Each period is telemetry_period_s x uniform(1 - j, 1 + j), and a device's first report goes
+    # within j x telemetry_period_s of its first window: a fleet that boots together does not
+    # report together (1,000 reports in one second every 10 s starved the windows' answers).
+    telemetry_jitter: float = 0.2
+    # A device without local fallback forwards its stored windows, oldest first, this many at a
+    # time while its breaker is closed (one radio wake, the answers awaited together); the probe
+    # of an open breaker is one window. 1: one at a time, a round trip each.
+    store_drain_burst: int = 8
     # The device's own power figures; the defaults are the "phone" class of pipelines/devices.py
     # (Pixel 3: ~2 W busy, LTE, 2915 mAh x 3.85 V); `splitsense edge run --device-class` fills them.
     active_mw: float = 2000.0
@@ -760,6 +768,11 @@ class EdgeConfig:
             raise ConfigError("edge.hedge_factor and edge.hedge_margin_ms must be >= 0")
         for name in ("deadline_ms", "audio_frame_ms", "telemetry_period_s", "max_message_bytes"):
             _positive(f"edge.{name}", getattr(self, name))
+        burst = self.store_drain_burst
+        if isinstance(burst, bool) or not isinstance(burst, int) or burst < 1:
+            raise ConfigError(f"edge.store_drain_burst must be an int >= 1, got {burst!r}")
+        if not 0 <= self.telemetry_jitter < 1:
+            raise ConfigError(f"edge.telemetry_jitter must be in [0, 1), got {self.telemetry_jitter!r}")
         _positive("edge.battery_mwh", self.battery_mwh)
         cut = self.default_cut
         if cut is not None and (isinstance(cut, bool) or not isinstance(cut, int) or cut < 0):

@@ -773,6 +773,18 @@ async def test_watch_plan_sends_the_current_set_then_every_change(broker: Broker
     call.cancel()
 
 
+async def test_a_publication_goes_on_the_wire_once_per_class_and_models(broker: Broker) -> None:
+    phone = broker.plan_set_pb("phone", ("uci_har",))
+    assert broker.plan_set_pb("phone", ("uci_har",)) is phone  # every device of the class shares it
+    assert from_pb(phone) == broker.plans.select("phone", ("uci_har",))
+    watch = broker.plan_set_pb("watch", ())
+    assert watch is not phone and from_pb(watch) == broker.plans.select("watch", ())
+    assert broker.set_plans(_plan_set(2, cut=3))
+    newer = broker.plan_set_pb("phone", ("uci_har",))
+    assert newer is not phone and from_pb(newer) == broker.plans.select("phone", ("uci_har",))
+    assert from_pb(newer).version == 2
+
+
 async def test_set_plans_from_another_thread_reaches_watchers(broker: Broker, channel: grpc.aio.Channel) -> None:
     plans = pb_grpc.PlanServiceStub(channel)
     call = plans.WatchPlan(pb.WatchPlanRequest(device_class="phone", known_version=1), metadata=creds("d"), timeout=10)

@@ -29,7 +29,8 @@ from pipelines.codecs import Codec, decode
 from pipelines.models import MODEL_SPECS, get_spec
 from pipelines.training import TrainedModel, load_trained
 from splitsense.config import BreakerConfig, EdgeConfig
-from splitsense.errors import BrokerUnavailableError, ShedError
+from splitsense.errors import BrokerUnavailableError, ConfigError, ShedError
+from splitsense.kinds import FallbackKind
 from splitsense.plan import BatteryState, Objective, Plan, PlanRow, PlanSet
 from splitsense.wire import ExecutionMode, OffloadRequest, OffloadResponse, TelemetryAck, TelemetryReport, Timing
 
@@ -446,6 +447,46 @@ async def test_telemetry_reports_add_up_to_the_windows_and_metrics_count_modes()
     assert value("splitsense_edge_sent_bytes_total", cut="5", codec="fp32") == summary.bytes_sent
 
 
+async def _report_times(device_id: str, jitter: float, n: int = 60) -> list[float]:
+    """When (on the device's clock) each report of a run of `n` windows, one a second, went."""
+    clock, transport, at = Clock(), FakeTransport(), []
+    report = transport.report_telemetry
+
+    async def spy(r: TelemetryReport, timeout_s: float = 5.0) -> TelemetryAck:
+        at.append(clock.t)
+        return await report(r, timeout_s)
+
+    transport.report_telemetry = spy  # type: ignore[method-assign]
+    cfg = config(default_cut=5, device_id=device_id, telemetry_period_s=10.0, telemetry_jitter=jitter)
+    device = EdgeDevice(cfg, trained(MODEL), transport, clock=clock)
+
+    async def paced() -> AsyncIterator[SensorWindow]:
+        for t, w in enumerate(windows(MODEL, n)):
+            clock.t = float(t)
+            for _ in range(3):
+                await asyncio.sleep(0)  # the report task's turn
+            yield replace(w, t_emit=clock.t)
+
+    await device.run(paced())
+    return at[:-1]  # the last is the final report, as the run ends
+
+
+async def test_telemetry_reports_are_spread_so_a_fleet_does_not_report_together() -> None:
+    # (a report's task runs as the next window comes: one second after it was due)
+    assert await _report_times("edge-a", 0.0) == [1.0, 11.0, 21.0, 31.0, 41.0, 51.0]  # no jitter: every period
+    a, b = await _report_times("edge-a", 0.2), await _report_times("edge-b", 0.2)
+    for times in (a, b):
+        assert 1.0 <= times[0] <= 3.0  # within jitter x period of the first window
+        assert all(
+            8.0 <= y - x < 13.0 for x, y in zip(times, times[1:], strict=False)
+        )  # 10 s +-20% (a window a second)
+    assert a != b  # two devices that boot together report apart
+    assert a == await _report_times("edge-a", 0.2)  # each device's schedule is its own, and repeatable
+    for bad in (-0.1, 1.0, math.nan):
+        with pytest.raises(ConfigError, match=r"edge.telemetry_jitter must be in \[0, 1\)"):
+            config(telemetry_jitter=bad)
+
+
 @pytest.mark.parametrize("handling_ms", [None, 0.3])
 async def test_a_timed_telemetry_answer_is_the_link_sample_and_replaces_the_ping(handling_ms: float | None) -> None:
     """A broker that says how long it took to handle a report: the report's own round trip, less
@@ -504,6 +545,65 @@ def sf_device(transport: FakeTransport, breaker: BreakerConfig, **kw: Any) -> Ed
     return EdgeDevice(cfg, trained(MODEL), transport, local_fallback=False, **kw)
 
 
+@pytest.mark.parametrize("burst", [1, 4])
+async def test_a_closed_breaker_forwards_the_store_in_bursts(burst: int) -> None:
+    """After an outage, the stored windows go `edge.store_drain_burst` at a time (their answers
+    awaited together), oldest first; the open breaker's probe is one window."""
+
+    class Slow(FakeTransport):
+        """Answers after a few loop turns, counting the calls in flight."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.in_flight = self.most = 0
+
+        async def offload(self, request: OffloadRequest, timeout_s: float) -> OffloadResponse:
+            self.in_flight += 1
+            self.most = max(self.most, self.in_flight)
+            try:
+                for _ in range(5):
+                    await asyncio.sleep(0)
+                return await super().offload(request, timeout_s)
+            finally:
+                self.in_flight -= 1
+
+    clock, transport = Clock(), Slow()
+    down = False
+
+    def fail(request: OffloadRequest) -> None:
+        if down:
+            raise BrokerUnavailableError("broker unavailable (UNAVAILABLE: connection refused)")
+
+    transport.fail = fail
+    breaker = BreakerConfig(failure_threshold=1, backoff_base_s=5.0, backoff_factor=1.0, backoff_jitter=0.0)
+    device = sf_device(transport, breaker, clock=clock, cfg={"store_drain_burst": burst})
+    ws = windows(MODEL, 12)
+
+    async def paced() -> AsyncIterator[SensorWindow]:  # one window per second; down at 2 <= t < 3
+        nonlocal down
+        for t, w in enumerate(ws):
+            clock.t, down = float(t), t == 2
+            for _ in range(3):
+                await asyncio.sleep(0)
+            yield replace(w, t_emit=clock.t)
+
+    sink = MemorySink()
+    summary = await device.run(paced(), sink)
+    # t 2: fails, open until 7 | 3-8: stored (the probe, window 2, is out at 7) | then the drain
+    # forwards 3..8: one a round trip (burst 1), the last of them only in the flush after window 11;
+    # or four at a time (burst 4): the backlog gone before window 11 is
+    assert summary.lost == 0 and summary.pending == 0 and not device.store
+    got = sorted(r.window_id for r in sink.results)
+    assert got == [w.window_id for w in ws]  # each once
+    deferred = [i for i, r in enumerate(sink.results) if r.mode is ExecutionMode.DEFERRED]
+    eleven = next(i for i, r in enumerate(sink.results) if r.window_id == ws[11].window_id)
+    assert len(deferred) == 7  # windows 2..8
+    if burst == 4:
+        assert max(deferred) < eleven and transport.most >= 4  # four of the drain's calls at once
+    else:
+        assert max(deferred) > eleven and transport.most <= 2  # the drain's one, and a live window's
+
+
 async def test_without_local_fallback_an_outage_is_stored_then_forwarded_in_order_and_none_is_lost() -> None:
     from prometheus_client import CollectorRegistry
 
@@ -523,8 +623,8 @@ async def test_without_local_fallback_an_outage_is_stored_then_forwarded_in_orde
         nonlocal down
         for t, w in enumerate(ws):
             clock.t, down = float(t), 3 <= t < 8
-            for _ in range(3):
-                await asyncio.sleep(0)  # the drain task's turn
+            for _ in range(12):
+                await asyncio.sleep(0)  # the drain task's turns (a burst's calls gather: a few each)
             yield replace(w, t_emit=clock.t)
 
     sink, order = MemorySink(), []
@@ -540,6 +640,9 @@ async def test_without_local_fallback_an_outage_is_stored_then_forwarded_in_orde
     assert [r.prediction for r in sink.results] == await run_local(MODEL, ws)
     deferred = sink.results[3:13]
     assert [r.latency_ms for r in deferred] == [(13 - i) * 1000.0 for i in range(3, 13)]  # the true delay
+    # why each was stored, typed: window 3's own failed send, then the open breaker's
+    assert deferred[0].kind is FallbackKind.UNAVAILABLE and all(r.kind is FallbackKind.BREAKER for r in deferred[5:])
+    assert all(r.kind is None for r in sink.results if r.mode is ExecutionMode.OFFLOADED)
     assert all(r.latency_ms == 0.0 for r in sink.results[13:])  # later windows never wait for stored ones
     nbytes = sink.results[0].bytes_sent
     assert deferred[0].bytes_sent == 4 * nbytes  # sent at t 3, 4, 7 and 13

@@ -33,6 +33,17 @@ def test_fifo_and_byte_accounting() -> None:
         store.pop()
 
 
+def test_a_window_of_a_burst_is_removed_wherever_it_is() -> None:
+    store: ForwardStore[str] = ForwardStore(capacity_bytes=100)
+    for name, n in (("a", 10), ("b", 20), ("c", 30)):
+        assert store.put(name, n, 0.0)
+    b = list(store)[1]
+    assert store.remove(b) and [s.item for s in store] == ["a", "c"]
+    assert store.nbytes == 40 and store.popped_total == 1
+    assert not store.remove(b)  # gone already: nothing changes
+    assert store.nbytes == 40 and store.popped_total == 1 and len(store) == 2
+
+
 def test_a_full_store_refuses_the_new_window_with_a_reason_and_keeps_the_old_ones() -> None:
     store: ForwardStore[int] = ForwardStore(capacity_bytes=1000)
     assert store.put(1, 400, 0.0) and store.put(2, 400, 1.0)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import time
 
 import numpy as np
 import pytest
@@ -107,6 +108,14 @@ def test_device_time_uses_the_reference_time_or_the_speed_factor() -> None:
     assert SimulatedHardware(speed_factor=12.5).device_ms(3, 1.0, 2.0) == pytest.approx(25.0)
     assert SimulatedHardware().device_ms(3, 1.0, 2.0) == 2.0
     assert Hardware().device_ms(3, 1.0, 2.0) == 2.0  # a real device: what it took
+
+
+def test_the_host_cpu_clock_is_read_only_when_the_device_time_depends_on_it() -> None:
+    measured = SimulatedHardware(speed_factor=2.0)
+    assert measured.compute_clock is time.thread_time  # "measured": host CPU time x the factor
+    reference = SimulatedHardware(device_time_ms=lambda stage, level, host_ms: 5.0)
+    assert reference.compute_clock() == 0.0  # "reference": no system call per stage
+    assert reference.device_ms(1, 1.0, reference.compute_clock() - reference.compute_clock()) == 5.0
 
 
 async def test_promote_sleeps_the_promotion() -> None:

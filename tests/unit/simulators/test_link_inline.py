@@ -353,6 +353,43 @@ async def test_plan_and_telemetry_calls_are_shaped_too() -> None:
         await link.report_telemetry(report, 0.1)
 
 
+class WireFake(Fake):
+    """An inner transport that takes messages as built, as GrpcTransport does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.messages: list[tuple[Any, int | None]] = []
+
+    async def offload_message(self, window_id: str, msg: Any, size: int, timeout_s: float) -> OffloadResponse:
+        self.messages.append((msg, size))
+        self._seen("offload", timeout_s)
+        return response(window_id)
+
+    async def report_message(self, msg: Any, timeout_s: float = 5.0) -> TelemetryAck:
+        self.messages.append((msg, None))
+        self._seen("telemetry", timeout_s)
+        return TelemetryAck(7, 0.5)
+
+
+async def test_a_message_built_to_measure_it_is_the_one_sent() -> None:
+    fake = WireFake()
+    link = await ShapedTransport(fake, rtt_ms=10).start()
+    req = request()
+    assert (await link.offload(req, 2.0)).window_id == "w"
+    report = TelemetryReport("dev", "phone", None, 1, 1, 2, ())
+    assert await link.report_telemetry(report, 2.0) == TelemetryAck(7, 0.5)
+    (sent, size), (reported, _) = fake.messages
+    assert sent == wire.to_pb(req) and size == sent.ByteSize()
+    assert reported == wire.to_pb(report)
+    assert link.counters.bytes_up == size + STREAM_CALL_BYTES[0] + reported.ByteSize() + UNARY_CALL_BYTES[0]
+    fake.max_message_bytes = 100  # refused before a byte goes: the inner transport says why
+    await link.offload(req, 2.0)
+    assert (
+        len(fake.messages) == 3
+        and link.counters.bytes_up == size + STREAM_CALL_BYTES[0] + reported.ByteSize() + UNARY_CALL_BYTES[0]
+    )
+
+
 async def test_watch_plans_shapes_each_plan_set_and_closes_the_inner_watch() -> None:
     fake = Fake()
     link = await ShapedTransport(fake, rtt_ms=60).start()

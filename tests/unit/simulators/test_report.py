@@ -289,10 +289,19 @@ def test_mechanisms_are_shares_per_cut_codec_level_and_fallback() -> None:
     assert m["codec"] == {"ans": 0.1, "fp16": 0.1, "fp32": 0.1, "int8": 0.4, "none": 0.3}
     assert m["level"] == {"1": 0.8, "0.7": 0.2}
     assert m["fallback"] == {"circuit breaker open": 0.1, "deadline": 0.1}  # plan-local windows are not one
+    assert m["stored"] == {}  # no deferred window
     for shares in m.values():
         assert all(0 <= v <= 1 for v in shares.values())
     for key in ("mode", "cut", "codec", "level"):
         assert sum(m[key].values()) == pytest.approx(1.0)
+    stored = [
+        _window(1, "deferred", "ans", reason="deadline"),
+        _window(1, "deferred", "ans", reason="breaker"),
+        _window(1, "deferred", "ans", reason="breaker"),
+        _window(1, "offloaded", "ans"),
+    ]
+    sm = class_stats(stored, 4)["mechanisms"]
+    assert sm["stored"] == {"breaker": 0.5, "deadline": 0.25} and sm["fallback"] == {}
     empty = class_stats([], 3)
     assert empty["split_ratio"] is None and empty["mechanisms"] == dict.fromkeys(MECHANISM_KEYS, {})
     assert tuple(empty) == CLASS_KEYS
