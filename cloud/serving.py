@@ -383,6 +383,7 @@ def start_serving(
                 include_dashboard=False,
                 log_to_driver=False,
                 logging_level=logging.WARNING,
+                **ray_system_config(cfg),
             )
         except Exception as e:  # ConnectionError, RuntimeError, ValueError, ...
             raise DependencyError(f"cannot start or join Ray ({cfg.ray_address or 'local'}): {_short(e)}") from e
@@ -412,6 +413,14 @@ def start_serving(
     backend = RayTailBackend(handles, cfg.request_timeout_s, factory=handle_factory(cfg))
     backend.tail_engine = engine
     return backend
+
+
+def ray_system_config(cfg: ServingConfig) -> dict[str, Any]:
+    """ray.init's extra arguments for a Ray started here (none when joining a cluster, whose
+    raylets fixed their config at `ray start`): the workers' nice value (serving.worker_niceness)."""
+    if cfg.ray_address is not None or cfg.worker_niceness is None:
+        return {}
+    return {"_system_config": {"worker_niceness": cfg.worker_niceness}}
 
 
 def connect_serving(cfg: ServingConfig, progress: ProgressFn | None = None) -> RayTailBackend:

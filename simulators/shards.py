@@ -54,7 +54,7 @@ from simulators.fleet import (
 )
 from simulators.policies import Policy
 from splitsense import aio
-from splitsense.config import Config
+from splitsense.config import Config, ServingConfig
 from splitsense.errors import ConfigError, DependencyError
 
 __all__ = ["FleetShard", "ShardCloud", "merge_runs", "shard_of", "simulate_sharded"]
@@ -267,17 +267,20 @@ def merge_runs(
     )
 
 
-def _ray(address: str | None, namespace: str) -> tuple[Any, bool]:
-    """Ray, joined or started here (True: this process started it and shuts it down)."""
+def _ray(serving: ServingConfig) -> tuple[Any, bool]:
+    """Ray, joined or started here (True: this process started it and shuts it down); one started
+    here has the config's worker nice value, as the cloud's (cloud.serving.ray_system_config)."""
     try:
         import ray
     except ImportError as e:  # pragma: no cover - ray is a dependency
         raise DependencyError(f"a sharded fleet runs its shards as Ray actors: {e}") from e
     if ray.is_initialized():
         return ray, False
+    from cloud.serving import ray_system_config  # the cloud's own rule (imported late, as CloudStack is)
+
     ray.init(
-        address=address or "local", namespace=namespace, include_dashboard=False, log_to_driver=False,
-        logging_level=logging.WARNING,
+        address=serving.ray_address or "local", namespace=serving.namespace, include_dashboard=False,
+        log_to_driver=False, logging_level=logging.WARNING, **ray_system_config(serving),
     )  # fmt: skip
     return ray, True
 
@@ -310,7 +313,7 @@ async def simulate_sharded(
     own_ray = False
     try:
         async with CloudStack(stack_config, with_ray=with_ray, progress=stack_progress) as stack:
-            ray_mod, own_ray = _ray(stack_config.serving.ray_address, stack_config.serving.namespace)
+            ray_mod, own_ray = _ray(stack_config.serving)
             await preparing
             runner.cloud = stack
             runner._prepare_policies(stack.catalogs)

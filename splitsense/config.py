@@ -258,6 +258,12 @@ class ServingConfig:
     # deadline handling acts first, yet a batch stuck behind a dead replica fails within 1 s.
     request_timeout_s: float = 1.0
     startup_timeout_s: float = 120.0  # ray.init 5-12 s + replicas importing torch on busy cores
+    # The nice value of a local Ray's workers (the replicas, a simulator's shards); null: Ray's
+    # default, 15: on a busy host its workers yield to the driver, here the broker (which then
+    # admits or sheds at once). 0 puts them level with it; at 1,000 simulated devices on 2 cores
+    # that changed nothing measurable (README). A cluster started with `ray start` takes
+    # RAY_worker_niceness from its environment.
+    worker_niceness: int | None = None
     namespace: str = "splitsense"  # Ray namespace of the driver (Serve keeps its own, "serve")
     # How the broker's DeploymentHandles reach a replica (cloud/serving.py). "grpc": Serve's
     # by-value path (handle.options(_by_reference=False)), the batch pickled straight to the
@@ -335,6 +341,9 @@ class ServingConfig:
                 raise ConfigError(f"serving.{name} must be an int >= 1, got {value!r}")
         for name in ("replica_cpus", "request_timeout_s", "startup_timeout_s"):
             _positive(f"serving.{name}", getattr(self, name))
+        nice = self.worker_niceness
+        if nice is not None and (isinstance(nice, bool) or not isinstance(nice, int) or not 0 <= nice <= 19):
+            raise ConfigError(f"serving.worker_niceness must be null or an int in 0..19, got {nice!r}")
         if self.ray_address is not None and not str(self.ray_address).strip():
             raise ConfigError("serving.ray_address must be null (local Ray) or an address such as 'auto'")
         if self.tail_engine not in TAIL_ENGINES:

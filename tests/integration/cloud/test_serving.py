@@ -4,8 +4,12 @@ recovers. One Ray for the whole session (tests/integration/conftest.py)."""
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -102,3 +106,22 @@ async def test_killed_replica_fails_within_the_timeout_then_recovers(
     assert replica_actor_names(MODEL) != [name]
     record_property("replica_recovery_s", round(recovered_s, 2))
     print(f"\nafter ray.kill: {outcome} in {failed_after_s:.2f} s, recovered in {recovered_s:.2f} s")
+
+
+def test_serving_worker_niceness_reaches_the_workers_of_a_ray_started_here(tmp_path: Path) -> None:
+    """serving.worker_niceness 0 reaches Ray's workers (a fresh local Ray, in a process of its own;
+    Ray's default would be 15)."""
+    script = tmp_path / "nice.py"
+    script.write_text(
+        "import logging, os, ray\n"
+        "from cloud.serving import ray_system_config\n"
+        "from splitsense.config import ServingConfig\n"
+        "ray.init(address='local', include_dashboard=False, logging_level=logging.ERROR,\n"
+        "         **ray_system_config(ServingConfig(worker_niceness=0)))\n"
+        "nice = ray.remote(lambda: os.nice(0))\n"
+        "print('worker nice', ray.get(nice.remote()))\n"
+        "ray.shutdown()\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120, env=env)
+    assert "worker nice 0" in out.stdout, out.stderr[-2000:]

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from cloud.backend import TailUnavailableError, run_tail_sync
-from cloud.serving import RayTailBackend, TailReplica
+from cloud.serving import RayTailBackend, TailReplica, ray_system_config
 from splitsense.config import Config, ServingConfig
 from splitsense.errors import ConfigError, ModelError
 
@@ -178,3 +178,12 @@ async def test_a_handle_factory_gives_each_event_loop_handles_of_its_own() -> No
     assert [m for m, _ in made] == ["m", "m"] and made[0][1] is not made[1][1]
     with pytest.raises(ModelError, match="unknown model"):
         await backend.run_tail("x", 1, np.zeros((1, 2), np.float32))
+
+
+def test_a_local_ray_runs_its_workers_at_the_configured_nice_value() -> None:
+    assert ray_system_config(ServingConfig()) == {}  # Ray's default: 15, its workers yield to the broker
+    assert ray_system_config(ServingConfig(worker_niceness=0)) == {"_system_config": {"worker_niceness": 0}}
+    assert ray_system_config(ServingConfig(ray_address="auto")) == {}  # a cluster's raylets fixed theirs
+    for bad in (-1, 20, True, 1.5):
+        with pytest.raises(ConfigError, match="serving.worker_niceness must be null or an int in 0..19"):
+            ServingConfig(worker_niceness=bad)  # type: ignore[arg-type]
