@@ -116,6 +116,17 @@ class FakeTransport:
         pass
 
 
+class LinkSwitch:
+    """A FakeTransport.fail that refuses every call while `down` (the broker unreachable)."""
+
+    def __init__(self) -> None:
+        self.down = False
+
+    def __call__(self, request: OffloadRequest) -> None:
+        if self.down:
+            raise BrokerUnavailableError("broker unavailable (UNAVAILABLE: connection refused)")
+
+
 def config(name: str = MODEL, **kw: Any) -> EdgeConfig:
     kw.setdefault("replay_speed", 0)
     kw.setdefault("breaker", BreakerConfig(backoff_jitter=0.0))
@@ -231,20 +242,14 @@ async def test_compressed_front_offloaded_equals_the_same_front_run_locally() ->
 async def test_failures_mid_run_fall_back_then_local_until_a_probe_succeeds() -> None:
     clock = Clock()
     transport = FakeTransport()
-    down = False
-
-    def fail(request: OffloadRequest) -> None:
-        if down:
-            raise BrokerUnavailableError("broker unavailable (UNAVAILABLE: connection refused)")
-
-    transport.fail = fail
+    link = transport.fail = LinkSwitch()
     breaker = BreakerConfig(failure_threshold=2, backoff_base_s=4.0, backoff_factor=1.6, backoff_jitter=0.0)
     device = EdgeDevice(config(default_cut=5, breaker=breaker), trained(MODEL), transport, clock=clock)
     ws = windows(MODEL, 18)
     modes, calls = [], []
     for t, w in enumerate(ws):  # one window per second
         clock.t = float(t)
-        down = 2 <= t < 10
+        link.down = 2 <= t < 10
         before = len(transport.requests)
         result = await device.process(replace(w, t_emit=clock.t))
         for _ in range(3):
@@ -568,21 +573,14 @@ async def test_a_closed_breaker_forwards_the_store_in_bursts(burst: int) -> None
                 self.in_flight -= 1
 
     clock, transport = Clock(), Slow()
-    down = False
-
-    def fail(request: OffloadRequest) -> None:
-        if down:
-            raise BrokerUnavailableError("broker unavailable (UNAVAILABLE: connection refused)")
-
-    transport.fail = fail
+    link = transport.fail = LinkSwitch()
     breaker = BreakerConfig(failure_threshold=1, backoff_base_s=5.0, backoff_factor=1.0, backoff_jitter=0.0)
     device = sf_device(transport, breaker, clock=clock, cfg={"store_drain_burst": burst})
     ws = windows(MODEL, 12)
 
     async def paced() -> AsyncIterator[SensorWindow]:  # one window per second; down at 2 <= t < 3
-        nonlocal down
         for t, w in enumerate(ws):
-            clock.t, down = float(t), t == 2
+            clock.t, link.down = float(t), t == 2
             for _ in range(3):
                 await asyncio.sleep(0)
             yield replace(w, t_emit=clock.t)
@@ -608,21 +606,14 @@ async def test_without_local_fallback_an_outage_is_stored_then_forwarded_in_orde
     from prometheus_client import CollectorRegistry
 
     clock, transport, registry = Clock(), FakeTransport(), CollectorRegistry()
-    down = False
-
-    def fail(request: OffloadRequest) -> None:
-        if down:
-            raise BrokerUnavailableError("broker unavailable (UNAVAILABLE: connection refused)")
-
-    transport.fail = fail
+    link = transport.fail = LinkSwitch()
     breaker = BreakerConfig(failure_threshold=2, backoff_base_s=3.0, backoff_factor=2.0, backoff_jitter=0.0)
     device = sf_device(transport, breaker, clock=clock, metrics=EdgeMetrics(MODEL, "sensor_node", registry=registry))
     ws = windows(MODEL, 20)
 
     async def paced() -> AsyncIterator[SensorWindow]:  # one window per second; the link is down 3 <= t < 8
-        nonlocal down
         for t, w in enumerate(ws):
-            clock.t, down = float(t), 3 <= t < 8
+            clock.t, link.down = float(t), 3 <= t < 8
             for _ in range(12):
                 await asyncio.sleep(0)  # the drain task's turns (a burst's calls gather: a few each)
             yield replace(w, t_emit=clock.t)
