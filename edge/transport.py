@@ -442,9 +442,7 @@ class GrpcTransport:
     # --- offload ----------------------------------------------------------------------------
 
     async def offload(self, request: wire.OffloadRequest, timeout_s: float) -> wire.OffloadResponse:
-        if not timeout_s > 0:
-            raise OffloadDeadlineError(f"window {request.window_id}: no time left before its deadline")
-        msg = wire.to_pb(request)
+        msg = wire.to_pb(request)  # offload_message checks the deadline and the size
         return await self.offload_message(request.window_id, msg, msg.ByteSize(), timeout_s)
 
     async def offload_message(
